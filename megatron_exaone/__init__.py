@@ -1,0 +1,1 @@
+"""megatron-exaone: Megatron-style pretraining for the EXAONE-MoE architecture."""

@@ -1,0 +1,1 @@
+"""Conversion between training checkpoints and Hugging Face format."""

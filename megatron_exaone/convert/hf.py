@@ -1,0 +1,264 @@
+"""Hugging Face format <-> our full state dict.
+
+Our names equal transformers' on-disk names except for the routed experts, which we keep stacked
+(`mlp.experts.{gate,up,down}_proj` of shape [E, ...]) and HF stores per expert
+(`mlp.experts.{e}.{gate,up,down}_proj.weight`). `from_hf` also reads the fused layout transformers keeps in memory
+(`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I], `mlp.gate.e_score_correction_bias`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from megatron_exaone.model import ExaoneMoeForCausalLM, ModelConfig
+from megatron_exaone.model.config import ConfigError
+
+_STACKED = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_proj|up_proj|down_proj)$")
+_PER_EXPERT = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+_FUSED_GATE_UP = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.gate_up_proj$")
+_BIAS_IN_GATE = re.compile(r"^(?P<prefix>.*\.mlp)\.gate\.e_score_correction_bias$")
+_BIAS = "e_score_correction_bias"
+
+
+class HFFormatError(ValueError):
+    """A Hugging Face directory or state dict that does not describe this model."""
+
+
+# ---------------------------------------------------------------------------------------------- key mapping
+def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
+    """Our full state dict's keys and shapes for `config` (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = ExaoneMoeForCausalLM(config)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def to_hf_tensors(state_dict: Mapping[str, torch.Tensor], tie_word_embeddings: bool = False
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF key, tensor) pairs one at a time: stacked experts become per-expert keys."""
+    for key, tensor in state_dict.items():
+        if tie_word_embeddings and key == "lm_head.weight":
+            continue
+        match = _STACKED.match(key)
+        if match:
+            for e in range(tensor.shape[0]):
+                yield f"{match['prefix']}.{e}.{match['proj']}.weight", tensor[e]
+        else:
+            yield key, tensor
+
+
+def from_hf_tensors(hf: Mapping[str, torch.Tensor], config: ModelConfig, source: str = "state dict"
+                    ) -> dict[str, torch.Tensor]:
+    """Our full state dict from HF tensors (per-expert or fused layout), checked against `config`."""
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for key, tensor in hf.items():
+        if m := _PER_EXPERT.match(key):
+            experts.setdefault((m["prefix"], m["proj"]), {})[int(m["e"])] = tensor
+        elif m := _FUSED_GATE_UP.match(key):
+            gate, up = tensor.chunk(2, dim=1)
+            out[f"{m['prefix']}.gate_proj"], out[f"{m['prefix']}.up_proj"] = gate, up
+        elif m := _BIAS_IN_GATE.match(key):
+            out[f"{m['prefix']}.{_BIAS}"] = tensor
+        else:
+            out[key] = tensor
+    for (prefix, proj), by_index in experts.items():
+        count = config.num_experts
+        missing = sorted(set(range(count)) - set(by_index))
+        if missing:
+            raise HFFormatError(f"{source}: {prefix}.{{e}}.{proj}.weight is missing for experts {missing[:8]}"
+                                f"{'...' if len(missing) > 8 else ''} (config has num_experts={count}).")
+        extra = sorted(set(by_index) - set(range(count)))
+        if extra:
+            raise HFFormatError(f"{source}: unexpected expert indices {extra[:8]} for {prefix}.*.{proj} "
+                                f"(config has num_experts={count}).")
+        out[f"{prefix}.{proj}"] = torch.stack([by_index[e] for e in range(count)])
+    if config.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    check_state_dict(out, config, source)
+    return out
+
+
+def check_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig, source: str) -> None:
+    """Raise HFFormatError naming missing keys, unexpected keys or shape mismatches."""
+    want = expected_shapes(config)
+    missing = sorted(set(want) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(want))
+    if missing:
+        raise HFFormatError(f"{source}: missing {len(missing)} tensor(s), e.g. {missing[:5]}. The weights do not "
+                            "match config.json (wrong number of layers or experts, or an incomplete checkpoint?).")
+    if unexpected:
+        raise HFFormatError(f"{source}: {len(unexpected)} unexpected tensor(s), e.g. {unexpected[:5]}. The weights "
+                            "do not match config.json.")
+    for key, shape in want.items():
+        if tuple(state_dict[key].shape) != tuple(shape):
+            raise HFFormatError(f"{source}: {key} has shape {tuple(state_dict[key].shape)}, config.json implies "
+                                f"{tuple(shape)}.")
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def parse_size(size: int | str) -> int:
+    """'5GB' -> 5e9 bytes, '500MiB' -> 500 * 2**20, ints pass through."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size={size!r}: use a number of bytes or a size like '5GB' or '500MiB'.")
+    unit = (m[2] or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(float(m[1]) * scale)
+
+
+def generation_config(config: ModelConfig) -> dict:
+    return {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+            "pad_token_id": config.pad_token_id, "_from_model_config": True}
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def _hf_dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def write_hf_dir(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | os.PathLike,
+                 max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None,
+                 extra_files: Iterable[Path] = ()) -> Path:
+    """Stream (HF key, tensor) pairs into safetensors shards of at most `max_shard_size` (a single tensor larger
+    than that gets a shard of its own). Written into a temporary directory next to `out_dir` and renamed into place
+    only when complete; an existing `out_dir` is refused rather than overwritten."""
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose a new output directory or remove it first.")
+    limit = parse_size(max_shard_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        shards: list[list[str]] = []
+        pending: dict[str, torch.Tensor] = {}
+        pending_bytes = 0
+        total_bytes = 0
+        weights_dtype = dtype
+        written: list[str] = []
+
+        def flush() -> None:
+            nonlocal pending, pending_bytes
+            if pending:
+                name = f"shard-{len(written):05d}.safetensors"
+                save_file(pending, str(tmp / name), metadata={"format": "pt"})
+                written.append(name)
+                shards.append(list(pending))
+                pending, pending_bytes = {}, 0
+
+        for key, tensor in tensors:
+            target = torch.float32 if key.endswith(_BIAS) else (dtype or tensor.dtype)
+            tensor = tensor.detach().to("cpu", target).contiguous()
+            weights_dtype = weights_dtype or tensor.dtype
+            size = tensor.numel() * tensor.element_size()
+            if pending and pending_bytes + size > limit:
+                flush()
+            pending[key] = tensor
+            pending_bytes += size
+            total_bytes += size
+        flush()
+
+        weight_map: dict[str, str] = {}
+        if len(written) == 1:
+            os.replace(tmp / written[0], tmp / "model.safetensors")
+        else:
+            for i, (name, keys) in enumerate(zip(written, shards)):
+                final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+                os.replace(tmp / name, tmp / final)
+                weight_map.update({k: final for k in keys})
+            write_json(tmp / "model.safetensors.index.json",
+                       {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))})
+        hf_config = config.to_hf_config()
+        hf_config["dtype"] = _hf_dtype_name(weights_dtype or torch.float32)
+        write_json(tmp / "config.json", hf_config)
+        write_json(tmp / "generation_config.json", generation_config(config))
+        for extra in extra_files:
+            shutil.copy2(extra, tmp / Path(extra).name)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def to_hf(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], out_dir: str | os.PathLike,
+          max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None) -> Path:
+    """Write a full state dict of `ExaoneMoeForCausalLM` as a Hugging Face model directory."""
+    check_state_dict({k: v for k, v in state_dict.items()
+                      if not (config.tie_word_embeddings and k == "lm_head.weight")}, config, "state dict")
+    return write_hf_dir(config, to_hf_tensors(state_dict, config.tie_word_embeddings), out_dir,
+                        max_shard_size=max_shard_size, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_hf_config(hf_dir: str | os.PathLike, **overrides) -> ModelConfig:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise HFFormatError(f"{path} not found: an HF model directory needs config.json next to its safetensors.")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise HFFormatError(f"{path}: not valid JSON ({exc}).") from exc
+    try:
+        return ModelConfig.from_hf_config(data, **overrides)
+    except (ConfigError, TypeError) as exc:
+        raise HFFormatError(f"{path}: {exc}") from exc
+
+
+def safetensors_files(hf_dir: str | os.PathLike) -> list[Path]:
+    """The weight files of an HF directory, from its index when sharded; every listed shard must exist."""
+    root = Path(hf_dir)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise HFFormatError(f"{index}: not a valid safetensors index ({exc}).") from exc
+        files = [root / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise HFFormatError(f"{f} is listed in {index.name} but missing: the download or copy is incomplete.")
+        return files
+    single = root / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise HFFormatError(f"{root}: no model.safetensors or model.safetensors.index.json found.")
+
+
+def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) from safetensors files, naming the file on a truncated or corrupt one."""
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    yield key, handle.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise HFFormatError(f"{path}: cannot read safetensors ({exc}); the file is truncated or corrupt.") from exc
+
+
+def from_hf(hf_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read an HF directory (per-expert or fused expert layout) into (ModelConfig, our full state dict).
+
+    `mtp.*` tensors are required when config.json has num_nextn_predict_layers > 0.
+    """
+    config = read_hf_config(hf_dir)
+    tensors = dict(iter_safetensors(safetensors_files(hf_dir)))
+    return config, from_hf_tensors(tensors, config, source=str(hf_dir))

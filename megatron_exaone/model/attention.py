@@ -1,0 +1,68 @@
+"""Grouped-query attention with per-head QK RMSNorm, RoPE on sliding layers only, and document-aware masks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .norms import RMSNorm
+from .rope import apply_rope
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """A position id of 0 starts a new document; tokens before the first 0 form a document of their own."""
+    return torch.cumsum((position_ids == 0).to(torch.int32), dim=-1)
+
+
+def attention_mask(position_ids: torch.Tensor | None, window: int | None) -> torch.Tensor | None:
+    """Boolean [B, 1, S, S] mask (True = attend): causal, same document, and within `window` if given.
+
+    Returns None for a plain causal mask (one document per row, no window), which lets SDPA use its causal kernel.
+    Window semantics as transformers: query i sees key j when i - window < j <= i.
+    """
+    if position_ids is None:
+        return None
+    packed = bool((position_ids[:, 1:] == 0).any())
+    if not packed and window is None:
+        return None
+    seq = position_ids.shape[-1]
+    idx = torch.arange(seq, device=position_ids.device)
+    allowed = idx[None, :] <= idx[:, None]
+    if window is not None:
+        allowed = allowed & (idx[:, None] - idx[None, :] < window)
+    allowed = allowed.unsqueeze(0)
+    if packed:
+        docs = document_ids(position_ids)
+        allowed = allowed & (docs[:, :, None] == docs[:, None, :])
+    return allowed.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    """Head counts are read from the projection shapes, so tensor-parallel passes can shard them freely."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
+                 use_rope: bool) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.q_norm = RMSNorm(head_dim, eps)
+        self.k_norm = RMSNorm(head_dim, eps)
+        self.head_dim = head_dim
+        self.use_rope = use_rope
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None
+                ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.head_dim ** -0.5,
+            enable_gqa=q.shape[1] != k.shape[1])
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))

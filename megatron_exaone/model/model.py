@@ -1,0 +1,105 @@
+"""`ExaoneMoeForCausalLM`: the single-device EXAONE-MoE model with HF weight names and an MTP head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attention_mask
+from .config import FULL, SLIDING, ModelConfig
+from .layers import DecoderLayer
+from .mtp import MultiTokenPredictor, shift_left
+from .norms import RMSNorm
+from .rope import rope_cos_sin
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of token losses over valid labels (not -100) divided by their number, in fp32."""
+    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                             reduction="sum")
+    return losses / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def default_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+
+
+class AttentionInputs:
+    """Per-forward attention inputs shared by every layer: RoPE cos/sin and one mask per attention type."""
+
+    def __init__(self, config: ModelConfig, position_ids: torch.Tensor, dtype: torch.dtype) -> None:
+        self.rope = rope_cos_sin(position_ids, config.head_dim, config.rope_theta, dtype)
+        self.masks = {FULL: attention_mask(position_ids, None),
+                      SLIDING: attention_mask(position_ids, config.sliding_window) if config.sliding_window else None}
+
+
+class ExaoneMoeModel(nn.Module):
+    """`model.*`: embedding, decoder layers, final norm."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, config.layer_types[i], config.mlp_layer_types[i])
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, attn: AttentionInputs,
+                aux_losses: list[torch.Tensor] | None = None) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, attn.rope, attn.masks, aux_losses)
+        return self.norm(hidden)
+
+
+class ExaoneMoeForCausalLM(nn.Module):
+    """forward(input_ids, labels=None, position_ids=None) -> CausalLMOutput.
+
+    `position_ids` that restart at 0 mark packed documents: no token attends across a document boundary and RoPE
+    positions restart. `loss` = lm_loss + mtp_loss_weight * mtp_loss + aux_loss.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = ExaoneMoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.mtp = MultiTokenPredictor(config) if config.num_nextn_predict_layers > 0 else None
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> CausalLMOutput:
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids)
+        attn = AttentionInputs(self.config, position_ids, self.model.embed_tokens.weight.dtype)
+        aux_losses: list[torch.Tensor] = []
+        hidden = self.model(input_ids, attn, aux_losses)
+        logits = self.lm_head(hidden)
+        if labels is None:
+            return CausalLMOutput(logits=logits)
+
+        lm_loss = cross_entropy(logits, labels)
+        zero = lm_loss.new_zeros(())
+        aux_loss = torch.stack(aux_losses).sum() if aux_losses else zero
+        mtp_loss = zero
+        if self.mtp is not None and self.config.mtp_loss_weight > 0:
+            mtp_hidden = self.mtp(hidden, input_ids, self.model.embed_tokens, attn.rope, attn.masks)
+            mtp_loss = torch.stack([
+                cross_entropy(self.lm_head(h), shift_left(labels, depth + 1, fill=IGNORE_INDEX))
+                for depth, h in enumerate(mtp_hidden)]).mean()
+        loss = lm_loss + self.config.mtp_loss_weight * mtp_loss + aux_loss
+        return CausalLMOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, aux_loss=aux_loss)

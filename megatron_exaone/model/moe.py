@@ -1,0 +1,188 @@
+"""Mixture of experts: sigmoid router with aux-loss-free bias, stacked experts run by a grouped matmul, shared
+experts, the sequence-level auxiliary loss and the expert-bias update."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mlp import SwiGLUMLP
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    top_k: int
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+
+
+def route(logits: torch.Tensor, bias: torch.Tensor, s: RouterSettings
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """transformers' ExaoneMoeTopkRouter on fp32 logits [T, E].
+
+    Returns (sigmoid scores [T, E], gate weights [T, k], expert indices [T, k]). The correction bias only steers
+    the choice; gate weights come from the unbiased scores.
+    """
+    num_tokens, num_experts = logits.shape
+    scores = logits.sigmoid()
+    choice = scores + bias.float()
+    if s.n_group > 1:
+        group_scores = choice.view(num_tokens, s.n_group, -1).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=s.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        expert_mask = group_mask.unsqueeze(-1).expand(-1, -1, num_experts // s.n_group).reshape(num_tokens, -1)
+        choice = choice.masked_fill(~expert_mask.bool(), float("-inf"))
+    indices = torch.topk(choice, k=s.top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, indices)
+    if s.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return scores, weights * s.routed_scaling_factor, indices
+
+
+def sequence_aux_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, top_k: int) -> torch.Tensor:
+    """DeepSeek-V3 sequence-level balance loss (without its coefficient), averaged over sequences.
+
+    Per sequence: f_i = E / (k * T) * count_i, P_i = mean_t of the scores normalised over experts;
+    loss = sum_i f_i * P_i.
+    """
+    num_experts = scores.shape[-1]
+    scores = scores.view(batch, -1, num_experts)
+    seq = scores.shape[1]
+    counts = torch.zeros(batch, num_experts, device=scores.device, dtype=scores.dtype)
+    counts.scatter_add_(1, indices.view(batch, -1), torch.ones(batch, seq * top_k, device=scores.device,
+                                                               dtype=scores.dtype))
+    f = counts * (num_experts / (top_k * seq))
+    p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
+    return (f * p).sum(dim=-1).mean()
+
+
+def _loop_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Reference grouped matmul: x [N, K] split in expert-major groups, w [E, K, M]."""
+    chunks = torch.split(x, counts)
+    return torch.cat([chunk @ w[e] for e, chunk in enumerate(chunks)], dim=0)
+
+
+@functools.lru_cache(maxsize=None)
+def grouped_mm_usable(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm runs here and agrees with the reference loop (checked once per device/dtype)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(48, 32, generator=gen).to(device_type, dtype)
+        w = torch.randn(3, 32, 16, generator=gen).to(device_type, dtype)
+        counts = [16, 0, 32]
+        offs = torch.tensor(counts, device=device_type).cumsum(0).to(torch.int32)
+        got = torch._grouped_mm(x, w, offs=offs)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        return torch.allclose(got.float(), _loop_mm(x, w, counts).float(), atol=tol, rtol=tol)
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x [N, K] sorted by expert, w [E, K, M] (a transposed view is fine), counts [E] rows per expert."""
+    if grouped_mm_usable(x.device.type, x.dtype):
+        return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
+    return _loop_mm(x, w, counts.tolist())
+
+
+class GroupedExperts(nn.Module):
+    """Routed experts as stacked weights: gate/up_proj [E, I, H], down_proj [E, H, I] (HF per-expert layout)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: tokens already permuted to expert-major order; counts: tokens per local expert."""
+        gate = grouped_mm(x, self.gate_proj.transpose(1, 2), counts)
+        up = grouped_mm(x, self.up_proj.transpose(1, 2), counts)
+        return grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), counts)
+
+
+class Router(nn.Module):
+    """`mlp.gate`: the router projection, always computed in fp32."""
+
+    def __init__(self, num_experts: int, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())
+
+
+def permute_by_expert(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable expert-major order of the T*k (token, slot) pairs, and tokens per expert."""
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    return order, torch.bincount(flat, minlength=num_experts)
+
+
+def combine(expert_out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Undo the permutation and sum the k expert outputs of each token, weighted by the gates (deterministic)."""
+    num_tokens, top_k = weights.shape
+    unsorted = torch.empty_like(expert_out)
+    unsorted[order] = expert_out
+    weighted = unsorted.view(num_tokens, top_k, -1).float() * weights.unsqueeze(-1)
+    return weighted.sum(dim=1).to(expert_out.dtype)
+
+
+class MoEBlock(nn.Module):
+    """`mlp` of a sparse layer: router `gate`, `experts`, `shared_experts`, fp32 `e_score_correction_bias`.
+
+    `tokens_per_expert` accumulates routing counts over the micro-batches of a step; `update_expert_bias` consumes
+    it at the optimizer step.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, moe_intermediate_size: int, num_shared_experts: int,
+                 router: RouterSettings, aux_loss_coeff: float) -> None:
+        super().__init__()
+        self.gate = Router(num_experts, hidden_size)
+        self.experts = GroupedExperts(num_experts, hidden_size, moe_intermediate_size)
+        self.shared_experts = (SwiGLUMLP(hidden_size, moe_intermediate_size * num_shared_experts)
+                               if num_shared_experts > 0 else None)
+        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
+        self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
+        self.router = router
+        self.aux_loss_coeff = aux_loss_coeff
+
+    def forward(self, x: torch.Tensor, aux_losses: list[torch.Tensor] | None = None) -> torch.Tensor:
+        batch, seq, hidden = x.shape
+        flat = x.reshape(-1, hidden)
+        scores, weights, indices = route(self.gate(flat), self.e_score_correction_bias, self.router)
+        order, counts = permute_by_expert(indices, scores.shape[-1])
+        with torch.no_grad():
+            self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
+        if aux_losses is not None and self.aux_loss_coeff > 0:
+            aux_losses.append(self.aux_loss_coeff * sequence_aux_loss(scores, indices, batch, self.router.top_k))
+        token_of_slot = order // self.router.top_k
+        out = combine(self.experts(flat[token_of_slot], counts), order, weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(batch, seq, hidden)
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module, rate: float, reduce_counts=None) -> None:
+    """Aux-loss-free balancing (DeepSeek-V3): bias += rate * sign(mean_count - count), then reset the counts.
+
+    `reduce_counts(tensor)` sums the counts in place over every rank holding a share of the tokens (TP x CP x DP);
+    leave it None in a single process. Runs outside autograd, at the optimizer step.
+    """
+    for module in model.modules():
+        if isinstance(module, MoEBlock):
+            counts = module.tokens_per_expert
+            if reduce_counts is not None:
+                reduce_counts(counts)
+            if rate > 0 and counts.sum() > 0:
+                module.e_score_correction_bias += rate * torch.sign(counts.mean() - counts)
+            counts.zero_()
