@@ -149,13 +149,10 @@ class ModelConfig:
     def rope_theta(self) -> float:
         return float(self.rope_parameters["rope_theta"])
 
-    @property
-    def has_sliding_layers(self) -> bool:
-        return SLIDING in self.layer_types
-
     def uses_rope(self, layer_type: str) -> bool:
-        """HF semantics: RoPE on sliding layers only (NoPE globals); everywhere if the model has no sliding layers."""
-        return layer_type == SLIDING or not self.has_sliding_layers
+        """transformers' semantics: RoPE on sliding layers only (global layers are NoPE); on every layer only when
+        `sliding_window` is None."""
+        return layer_type == SLIDING or self.sliding_window is None
 
     # ------------------------------------------------------------------ HF config.json
     @classmethod
@@ -176,6 +173,8 @@ class ModelConfig:
             elif key not in _HF_BOOKKEEPING_KEYS and key not in _HF_MTP_PASSTHROUGH_KEYS:
                 raise ConfigError(f"config.json key {key!r} is not understood by megatron-exaone's ExaoneMoe model; "
                                   "remove it or file an issue if it changes the model.")
+        # transformers' config has no MTP field: a config.json without one describes a model without MTP.
+        kwargs.setdefault("num_nextn_predict_layers", 0)
         kwargs.update(overrides)
         return cls(**kwargs)
 

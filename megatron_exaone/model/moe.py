@@ -88,7 +88,8 @@ def grouped_mm_usable(device_type: str, dtype: torch.dtype) -> bool:
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x [N, K] sorted by expert, w [E, K, M] (a transposed view is fine), counts [E] rows per expert."""
-    if grouped_mm_usable(x.device.type, x.dtype):
+    aligned = all(dim * x.element_size() % 16 == 0 for dim in (x.shape[-1], w.shape[-1]))  # kernel requirement
+    if aligned and grouped_mm_usable(x.device.type, x.dtype):
         return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
     return _loop_mm(x, w, counts.tolist())
 
