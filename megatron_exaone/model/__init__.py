@@ -2,11 +2,12 @@
 
 from .config import ConfigError, ModelConfig, PRESETS, k_exaone_236b, tiny
 from .init import init_weights
-from .model import CausalLMOutput, ExaoneMoeForCausalLM, cross_entropy
+from .loss import cross_entropy, linear_cross_entropy
+from .model import CausalLMOutput, ExaoneMoeForCausalLM
 from .moe import update_expert_bias
 
 __all__ = ["ConfigError", "ModelConfig", "PRESETS", "k_exaone_236b", "tiny", "init_weights", "CausalLMOutput",
-           "ExaoneMoeForCausalLM", "cross_entropy", "update_expert_bias", "build_model"]
+           "ExaoneMoeForCausalLM", "cross_entropy", "linear_cross_entropy", "update_expert_bias", "build_model"]
 
 
 def build_model(config: ModelConfig, seed: int = 0, device: str = "cpu") -> ExaoneMoeForCausalLM:

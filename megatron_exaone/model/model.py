@@ -5,33 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention_mask
 from .config import FULL, SLIDING, ModelConfig
 from .layers import DecoderLayer
+from .loss import IGNORE_INDEX, cross_entropy, linear_cross_entropy
 from .mtp import MultiTokenPredictor, shift_left
 from .norms import RMSNorm
 from .rope import rope_cos_sin
 
-IGNORE_INDEX = -100
-
-
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of token losses over valid labels (not -100) divided by their number, in fp32."""
-    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                             reduction="sum")
-    return losses / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def default_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
@@ -82,24 +72,32 @@ class ExaoneMoeForCausalLM(nn.Module):
         self.mtp = MultiTokenPredictor(config) if config.num_nextn_predict_layers > 0 else None
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> CausalLMOutput:
+                position_ids: torch.Tensor | None = None, return_logits: bool = True) -> CausalLMOutput:
+        """With labels and `return_logits=False` (the training path) the output projection is fused with the loss
+        and no [B, S, vocab] logits are materialised."""
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
         attn = AttentionInputs(self.config, position_ids, self.model.embed_tokens.weight.dtype)
         aux_losses: list[torch.Tensor] = []
         hidden = self.model(input_ids, attn, aux_losses)
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(hidden) if return_logits or labels is None else None
         if labels is None:
             return CausalLMOutput(logits=logits)
 
-        lm_loss = cross_entropy(logits, labels)
+        def loss_of(h: torch.Tensor, targets: torch.Tensor, full_logits: torch.Tensor | None = None) -> torch.Tensor:
+            if full_logits is not None:
+                return cross_entropy(full_logits, targets)
+            return linear_cross_entropy(h, self.lm_head.weight, targets)
+
+        lm_loss = loss_of(hidden, labels, logits)
         zero = lm_loss.new_zeros(())
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else zero
         mtp_loss = zero
         if self.mtp is not None and self.config.mtp_loss_weight > 0:
             mtp_hidden = self.mtp(hidden, input_ids, self.model.embed_tokens, attn.rope, attn.masks)
             mtp_loss = torch.stack([
-                cross_entropy(self.lm_head(h), shift_left(labels, depth + 1, fill=IGNORE_INDEX))
+                loss_of(h, shift_left(labels, depth + 1, fill=IGNORE_INDEX),
+                        self.lm_head(h) if return_logits else None)
                 for depth, h in enumerate(mtp_hidden)]).mean()
         loss = lm_loss + self.config.mtp_loss_weight * mtp_loss + aux_loss
         return CausalLMOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, aux_loss=aux_loss)

@@ -1,0 +1,72 @@
+"""Loading Hugging Face `tokenizer.json` files and resolving their special-token roles."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+# Tried in order when neither the caller nor tokenizer_config.json names an end-of-document token.
+COMMON_EOD_TOKENS = ("<|endoftext|>", "<|endofdocument|>", "<|end_of_text|>", "</s>", "[EOS]", "<eos>")
+
+
+def tokenizer_json_path(path: str | os.PathLike) -> Path:
+    """The `tokenizer.json` named by `path`: the file itself or a directory holding one."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no tokenizer.json here; pass a tokenizer.json file or a directory holding one "
+                                "(for example a downloaded Hugging Face model directory)")
+    return p
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    return Tokenizer.from_file(str(tokenizer_json_path(path)))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_config(path: str | os.PathLike) -> dict:
+    """tokenizer_config.json beside the tokenizer.json (empty when absent)."""
+    cfg = tokenizer_json_path(path).with_name("tokenizer_config.json")
+    return json.loads(cfg.read_text(encoding="utf-8")) if cfg.is_file() else {}
+
+
+def _token_content(value: object) -> str | None:
+    # tokenizer_config.json stores a token either as a string or as an AddedToken dict.
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def resolve_eod(path: str | os.PathLike, tokenizer: Tokenizer, eod_token: str | None = None) -> tuple[str, int]:
+    """(token, id) appended after every document.
+
+    Order: the explicit `eod_token`; `eod_token` then `eos_token` of tokenizer_config.json; the first of
+    COMMON_EOD_TOKENS the vocabulary holds.
+    """
+    if eod_token is not None:
+        candidates = [eod_token]
+    else:
+        cfg = tokenizer_config(path)
+        candidates = [t for t in (_token_content(cfg.get("eod_token")), _token_content(cfg.get("eos_token"))) if t]
+        candidates += COMMON_EOD_TOKENS
+    for token in candidates:
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return token, token_id
+    if eod_token is not None:
+        raise ValueError(f"end-of-document token {eod_token!r} is not in the vocabulary of {tokenizer_json_path(path)}")
+    raise ValueError(f"{tokenizer_json_path(path)}: cannot tell which token ends a document (no eos_token in "
+                     f"tokenizer_config.json and none of {', '.join(COMMON_EOD_TOKENS)} in the vocabulary); "
+                     "pass --eod-token TOKEN, or --no-eod")

@@ -1,0 +1,72 @@
+"""Language-model losses. CE = sum of token losses over valid labels (not -100) / number of valid labels.
+
+`linear_cross_entropy` fuses the output projection with the loss and never materialises the [tokens, vocab]
+logits (their gradient is computed chunk by chunk during the forward pass): the training path for large vocabularies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token loss over valid labels, computed in fp32 from full logits [..., V]."""
+    losses = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
+                             reduction="sum")
+    return losses / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum over valid rows of CE(hidden @ weight.T, labels) / normalizer, with gradients computed in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor,
+                chunk_size: int) -> torch.Tensor:
+        needs_grad = hidden.requires_grad or weight.requires_grad
+        grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start:start + chunk_size]
+            y = labels[start:start + chunk_size]
+            valid = y != IGNORE_INDEX
+            safe_y = torch.where(valid, y, 0)
+            logits = (h @ weight.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            target = logits.gather(1, safe_y[:, None]).squeeze(1)
+            total += ((lse - target) * valid).sum()
+            if needs_grad:
+                # d(CE)/d(logits) = softmax - onehot, zero on ignored rows.
+                grad = torch.softmax(logits, dim=-1)
+                grad.scatter_add_(1, safe_y[:, None], -torch.ones_like(lse)[:, None])
+                grad.mul_(valid[:, None])
+                grad = grad.to(hidden.dtype)
+                grad_hidden[start:start + chunk_size] = grad @ weight
+                grad_weight += (grad.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight, normalizer)
+        ctx.weight_dtype = weight.dtype
+        return total / normalizer
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_hidden, grad_weight, normalizer = ctx.saved_tensors
+        scale = grad_out / normalizer
+        return (grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype),
+                None, None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         normalizer: torch.Tensor | None = None, chunk_size: int = 1024) -> torch.Tensor:
+    """CE of `hidden @ weight.T` against `labels` without keeping the logits; hidden [..., H], labels [...].
+
+    `normalizer` defaults to the number of valid labels (pass a global token count for data-parallel training).
+    """
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    if normalizer is None:
+        normalizer = (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
+    normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=hidden.device)
+    return _LinearCrossEntropy.apply(flat_hidden, weight, flat_labels, normalizer, chunk_size)
