@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 IGNORE_INDEX = -100
 
@@ -70,3 +71,18 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         normalizer = (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
     normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=hidden.device)
     return _LinearCrossEntropy.apply(flat_hidden, weight, flat_labels, normalizer, chunk_size)
+
+
+class OutputHead(nn.Linear):
+    """`lm_head`: the output projection, and the loss computed from hidden states through it.
+
+    Parallel passes replace this module (vocab-parallel head) without touching the model code.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int) -> None:
+        super().__init__(hidden_size, vocab_size, bias=False)
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor | float | None = None
+             ) -> torch.Tensor:
+        """Sum of token CE over valid labels / `normalizer` (default: the number of valid labels)."""
+        return linear_cross_entropy(hidden, self.weight, labels, normalizer)

@@ -10,7 +10,7 @@ from torch import nn
 from .attention import attention_mask
 from .config import FULL, SLIDING, ModelConfig
 from .layers import DecoderLayer
-from .loss import IGNORE_INDEX, cross_entropy, linear_cross_entropy
+from .loss import IGNORE_INDEX, OutputHead, cross_entropy
 from .mtp import MultiTokenPredictor, shift_left
 from .norms import RMSNorm
 from .rope import rope_cos_sin
@@ -66,15 +66,17 @@ class ExaoneMoeForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = ExaoneMoeModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = OutputHead(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.mtp = MultiTokenPredictor(config) if config.num_nextn_predict_layers > 0 else None
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, return_logits: bool = True) -> CausalLMOutput:
+                position_ids: torch.Tensor | None = None, return_logits: bool = True,
+                loss_normalizer: torch.Tensor | float | None = None) -> CausalLMOutput:
         """With labels and `return_logits=False` (the training path) the output projection is fused with the loss
-        and no [B, S, vocab] logits are materialised."""
+        and no [B, S, vocab] logits are materialised. `loss_normalizer` replaces the local count of valid labels
+        as the CE denominator (the trainer passes the global count over micro-batches and data-parallel ranks)."""
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
         attn = AttentionInputs(self.config, position_ids, self.model.embed_tokens.weight.dtype)
@@ -84,10 +86,12 @@ class ExaoneMoeForCausalLM(nn.Module):
         if labels is None:
             return CausalLMOutput(logits=logits)
 
-        def loss_of(h: torch.Tensor, targets: torch.Tensor, full_logits: torch.Tensor | None = None) -> torch.Tensor:
-            if full_logits is not None:
-                return cross_entropy(full_logits, targets)
-            return linear_cross_entropy(h, self.lm_head.weight, targets)
+        fused = not return_logits or loss_normalizer is not None
+
+        def loss_of(h: torch.Tensor, targets: torch.Tensor, h_logits: torch.Tensor | None = None) -> torch.Tensor:
+            if fused:
+                return self.lm_head.loss(h, targets, loss_normalizer)
+            return cross_entropy(h_logits if h_logits is not None else self.lm_head(h), targets)
 
         lm_loss = loss_of(hidden, labels, logits)
         zero = lm_loss.new_zeros(())
@@ -95,9 +99,7 @@ class ExaoneMoeForCausalLM(nn.Module):
         mtp_loss = zero
         if self.mtp is not None and self.config.mtp_loss_weight > 0:
             mtp_hidden = self.mtp(hidden, input_ids, self.model.embed_tokens, attn.rope, attn.masks)
-            mtp_loss = torch.stack([
-                loss_of(h, shift_left(labels, depth + 1, fill=IGNORE_INDEX),
-                        self.lm_head(h) if return_logits else None)
-                for depth, h in enumerate(mtp_hidden)]).mean()
+            mtp_loss = torch.stack([loss_of(h, shift_left(labels, depth + 1, fill=IGNORE_INDEX))
+                                    for depth, h in enumerate(mtp_hidden)]).mean()
         loss = lm_loss + self.config.mtp_loss_weight * mtp_loss + aux_loss
         return CausalLMOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, aux_loss=aux_loss)

@@ -1,0 +1,1 @@
+"""Reshardable DCP checkpoints with atomic visibility."""

@@ -1,0 +1,1 @@
+"""Training loop pieces: optimizer, LR schedules, the quick-start job."""
