@@ -4,6 +4,7 @@ experts, the sequence-level auxiliary loss and the expert-bias update."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .mlp import SwiGLUMLP
+
+
+# (counts [B, E], prob_sums [B, E], tokens per sequence []) -> the same, summed over sequence shards.
+StatsReducer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -45,11 +50,13 @@ def route(logits: torch.Tensor, bias: torch.Tensor, s: RouterSettings
     return scores, weights * s.routed_scaling_factor, indices
 
 
-def sequence_aux_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, top_k: int) -> torch.Tensor:
+def sequence_aux_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, top_k: int,
+                      reduce_stats: StatsReducer | None = None) -> torch.Tensor:
     """DeepSeek-V3 sequence-level balance loss (without its coefficient), averaged over sequences.
 
     Per sequence: f_i = E / (k * T) * count_i, P_i = mean_t of the scores normalised over experts;
-    loss = sum_i f_i * P_i.
+    loss = sum_i f_i * P_i. `reduce_stats(counts, prob_sums, tokens)` sums the per-sequence statistics over ranks
+    that each hold part of every sequence (sequence parallel); None in a single process.
     """
     num_experts = scores.shape[-1]
     scores = scores.view(batch, -1, num_experts)
@@ -57,9 +64,12 @@ def sequence_aux_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, t
     counts = torch.zeros(batch, num_experts, device=scores.device, dtype=scores.dtype)
     counts.scatter_add_(1, indices.view(batch, -1), torch.ones(batch, seq * top_k, device=scores.device,
                                                                dtype=scores.dtype))
-    f = counts * (num_experts / (top_k * seq))
-    p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
-    return (f * p).sum(dim=-1).mean()
+    prob_sums = (scores / scores.sum(dim=-1, keepdim=True)).sum(dim=1)
+    tokens = torch.tensor(float(seq), device=scores.device)
+    if reduce_stats is not None:
+        counts, prob_sums, tokens = reduce_stats(counts, prob_sums, tokens)
+    f = counts * (num_experts / (top_k * tokens))
+    return (f * prob_sums / tokens).sum(dim=-1).mean()
 
 
 def _loop_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -141,7 +151,7 @@ class MoEBlock(nn.Module):
     """`mlp` of a sparse layer: router `gate`, `experts`, `shared_experts`, fp32 `e_score_correction_bias`.
 
     `tokens_per_expert` accumulates routing counts over the micro-batches of a step; `update_expert_bias` consumes
-    it at the optimizer step.
+    it at the optimizer step. `reduce_aux_stats` is set by the sequence-parallel pass (see `sequence_aux_loss`).
     """
 
     def __init__(self, hidden_size: int, num_experts: int, moe_intermediate_size: int, num_shared_experts: int,
@@ -155,6 +165,7 @@ class MoEBlock(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
         self.router = router
         self.aux_loss_coeff = aux_loss_coeff
+        self.reduce_aux_stats: StatsReducer | None = None
 
     def forward(self, x: torch.Tensor, aux_losses: list[torch.Tensor] | None = None) -> torch.Tensor:
         batch, seq, hidden = x.shape
@@ -164,7 +175,8 @@ class MoEBlock(nn.Module):
         with torch.no_grad():
             self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
         if aux_losses is not None and self.aux_loss_coeff > 0:
-            aux_losses.append(self.aux_loss_coeff * sequence_aux_loss(scores, indices, batch, self.router.top_k))
+            aux_losses.append(self.aux_loss_coeff * sequence_aux_loss(scores, indices, batch, self.router.top_k,
+                                                                      self.reduce_aux_stats))
         token_of_slot = order // self.router.top_k
         out = combine(self.experts(flat[token_of_slot], counts), order, weights)
         if self.shared_experts is not None:
