@@ -73,10 +73,13 @@ class ExaoneMoeForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, return_logits: bool = True,
-                loss_normalizer: torch.Tensor | float | None = None) -> CausalLMOutput:
+                loss_normalizer: torch.Tensor | float | None = None, aux_loss_scale: float = 1.0) -> CausalLMOutput:
         """With labels and `return_logits=False` (the training path) the output projection is fused with the loss
-        and no [B, S, vocab] logits are materialised. `loss_normalizer` replaces the local count of valid labels
-        as the CE denominator (the trainer passes the global count over micro-batches and data-parallel ranks)."""
+        and no [B, S, vocab] logits are materialised.
+
+        Gradient accumulation and data parallelism sum the losses of micro-batches: `loss_normalizer` replaces the
+        local count of valid labels as the CE denominator (pass the global count), and `aux_loss_scale` weights
+        this micro-batch's mean sequence aux loss (pass local sequences / global sequences)."""
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
         attn = AttentionInputs(self.config, position_ids, self.model.embed_tokens.weight.dtype)
@@ -95,7 +98,7 @@ class ExaoneMoeForCausalLM(nn.Module):
 
         lm_loss = loss_of(hidden, labels, logits)
         zero = lm_loss.new_zeros(())
-        aux_loss = torch.stack(aux_losses).sum() if aux_losses else zero
+        aux_loss = torch.stack(aux_losses).sum() * aux_loss_scale if aux_losses else zero
         mtp_loss = zero
         if self.mtp is not None and self.config.mtp_loss_weight > 0:
             mtp_hidden = self.mtp(hidden, input_ids, self.model.embed_tokens, attn.rope, attn.masks)
