@@ -1,0 +1,130 @@
+"""Vocabulary-parallel embedding and output head; the loss never materialises full-vocabulary logits."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_exaone.model.loss import IGNORE_INDEX
+
+from . import comm
+
+
+def _vocab_range(local_rows: int, group: dist.ProcessGroup) -> tuple[int, int]:
+    start = dist.get_rank(group) * local_rows
+    return start, start + local_rows
+
+
+class VocabParallelEmbedding(nn.Module):
+    """`embed_tokens` holding rows [start, end) of the vocabulary; other ids contribute zeros and the partial
+    embeddings are summed over TP (reduce-scattered along the sequence under SP)."""
+
+    def __init__(self, local_weight: torch.Tensor, group: dist.ProcessGroup, sequence_parallel: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(local_weight)
+        self.group = group
+        self.sequence_parallel = sequence_parallel
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, group: dist.ProcessGroup, sequence_parallel: bool
+                       ) -> "VocabParallelEmbedding":
+        rows = embedding.weight.shape[0] // dist.get_world_size(group)
+        start, end = _vocab_range(rows, group)
+        return cls(torch.empty_like(embedding.weight[start:end]), group, sequence_parallel)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        start, end = _vocab_range(self.weight.shape[0], self.group)
+        outside = (input_ids < start) | (input_ids >= end)
+        local = F.embedding(torch.where(outside, 0, input_ids - start), self.weight)
+        local = local.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return comm.reduce_scatter_to_sp(local, self.group, dim=1)
+        return comm.reduce_from_tp(local, self.group)
+
+
+class _VocabParallelLinearCE(torch.autograd.Function):
+    """Sum over valid rows of CE(hidden @ W.T) with W split by vocabulary rows over `group`, / normalizer.
+
+    Logits exist only per chunk and per rank; the softmax statistics and the target logit are all-reduced.
+    Gradients are computed in the forward pass (as in `linear_cross_entropy`); the hidden-state gradient is
+    partial per rank and is summed by the collective that produced the replicated `hidden`.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, normalizer, group, chunk_size):
+        start, end = _vocab_range(weight.shape[0], group)
+        needs_grad = hidden.requires_grad or weight.requires_grad
+        grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for first in range(0, hidden.shape[0], chunk_size):
+            h = hidden[first:first + chunk_size]
+            y = labels[first:first + chunk_size]
+            valid = y != IGNORE_INDEX
+            mine = valid & (y >= start) & (y < end)
+            local_y = torch.where(mine, y - start, 0)
+            logits = (h @ weight.T).float()
+            row_max = logits.max(dim=-1).values
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+            exp = torch.exp(logits - row_max[:, None])
+            sum_exp = exp.sum(dim=-1)
+            target = logits.gather(1, local_y[:, None]).squeeze(1) * mine
+            stats = torch.stack([sum_exp, target])
+            dist.all_reduce(stats, group=group)
+            sum_exp, target = stats
+            total += ((torch.log(sum_exp) + row_max - target) * valid).sum()
+            if needs_grad:
+                grad = exp / sum_exp[:, None]
+                grad.scatter_add_(1, local_y[:, None], -mine.to(grad.dtype)[:, None])
+                grad.mul_(valid[:, None])
+                grad = grad.to(hidden.dtype)
+                grad_hidden[first:first + chunk_size] = grad @ weight
+                grad_weight += (grad.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight, normalizer)
+        ctx.weight_dtype = weight.dtype
+        return total / normalizer
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_hidden, grad_weight, normalizer = ctx.saved_tensors
+        scale = grad_out / normalizer
+        return (grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype),
+                None, None, None, None)
+
+
+class VocabParallelOutputHead(nn.Module):
+    """`lm_head` holding vocabulary rows [start, end): `forward` gathers full logits (evaluation only);
+    `loss` computes the cross entropy from the local logits."""
+
+    def __init__(self, local_weight: torch.Tensor, group: dist.ProcessGroup, sequence_parallel: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(local_weight)
+        self.group = group
+        self.sequence_parallel = sequence_parallel
+
+    @classmethod
+    def from_head(cls, head: nn.Linear, group: dist.ProcessGroup, sequence_parallel: bool
+                  ) -> "VocabParallelOutputHead":
+        rows = head.weight.shape[0] // dist.get_world_size(group)
+        return cls(torch.empty_like(head.weight[:rows]), group, sequence_parallel)
+
+    def _replicated_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            return comm.gather_from_sp(hidden, self.group, dim=1)
+        return comm.copy_to_tp(hidden, self.group)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        local = F.linear(self._replicated_input(hidden), self.weight)
+        return comm.all_gather_along(local, self.group, dim=-1)
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor | float | None = None,
+             chunk_size: int = 1024) -> torch.Tensor:
+        hidden = self._replicated_input(hidden)
+        flat_labels = labels.reshape(-1)
+        if normalizer is None:
+            normalizer = (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
+        normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=hidden.device)
+        return _VocabParallelLinearCE.apply(hidden.reshape(-1, hidden.shape[-1]), self.weight, flat_labels,
+                                            normalizer, self.group, chunk_size)
