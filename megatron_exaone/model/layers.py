@@ -38,9 +38,9 @@ class DecoderLayer(nn.Module):
         return self.attention_type == SLIDING
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], masks: dict[str, torch.Tensor | None],
-                aux_losses: list[torch.Tensor] | None = None) -> torch.Tensor:
+                aux_loss_scale: float = 1.0) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), rope, masks[self.attention_type])
         normed = self.post_attention_layernorm(h)
         if isinstance(self.mlp, MoEBlock):
-            return h + self.mlp(normed, aux_losses)
+            return h + self.mlp(normed, aux_loss_scale)
         return h + self.mlp(normed)

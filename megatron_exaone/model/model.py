@@ -11,6 +11,7 @@ from .attention import attention_mask
 from .config import FULL, SLIDING, ModelConfig
 from .layers import DecoderLayer
 from .loss import IGNORE_INDEX, OutputHead, cross_entropy
+from .moe import MoEBlock
 from .mtp import MultiTokenPredictor, shift_left
 from .norms import RMSNorm
 from .rope import rope_cos_sin
@@ -47,11 +48,10 @@ class ExaoneMoeModel(nn.Module):
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, attn: AttentionInputs,
-                aux_losses: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attn: AttentionInputs, aux_loss_scale: float = 1.0) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         for layer in self.layers:
-            hidden = layer(hidden, attn.rope, attn.masks, aux_losses)
+            hidden = layer(hidden, attn.rope, attn.masks, aux_loss_scale)
         return self.norm(hidden)
 
 
@@ -83,8 +83,7 @@ class ExaoneMoeForCausalLM(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
         attn = AttentionInputs(self.config, position_ids, self.model.embed_tokens.weight.dtype)
-        aux_losses: list[torch.Tensor] = []
-        hidden = self.model(input_ids, attn, aux_losses)
+        hidden = self.model(input_ids, attn, aux_loss_scale)
         logits = self.lm_head(hidden) if return_logits or labels is None else None
         if labels is None:
             return CausalLMOutput(logits=logits)
@@ -98,7 +97,10 @@ class ExaoneMoeForCausalLM(nn.Module):
 
         lm_loss = loss_of(hidden, labels, logits)
         zero = lm_loss.new_zeros(())
-        aux_loss = torch.stack(aux_losses).sum() * aux_loss_scale if aux_losses else zero
+        # The aux loss already sends its gradient through the MoE outputs; here it only adds its value.
+        aux_values = [m.last_aux_loss for m in self.modules() if isinstance(m, MoEBlock) and
+                      m.last_aux_loss is not None]
+        aux_loss = torch.stack(aux_values).sum() if aux_values else zero
         mtp_loss = zero
         if self.mtp is not None and self.config.mtp_loss_weight > 0:
             mtp_hidden = self.mtp(hidden, input_ids, self.model.embed_tokens, attn.rope, attn.masks)

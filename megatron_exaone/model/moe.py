@@ -72,6 +72,27 @@ def sequence_aux_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, t
     return (f * prob_sums / tokens).sum(dim=-1).mean()
 
 
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on `hidden`; in backward, also sends gradient `scale` into `aux_loss` (Megatron's aux-loss
+    auto-scaler). The aux loss thus trains the router through any wrapper, pipeline stage boundary or recompute
+    without travelling with the activations."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(aux_loss)
+        ctx.scale = scale
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (aux_loss,) = ctx.saved_tensors
+        return grad, torch.full_like(aux_loss, ctx.scale), None
+
+
+def attach_aux_loss(hidden: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
+    return _AttachAuxLoss.apply(hidden, aux_loss, scale)
+
+
 def _loop_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Reference grouped matmul: x [N, K] split in expert-major groups, w [E, K, M]."""
     chunks = torch.split(x, counts)
@@ -151,7 +172,9 @@ class MoEBlock(nn.Module):
     """`mlp` of a sparse layer: router `gate`, `experts`, `shared_experts`, fp32 `e_score_correction_bias`.
 
     `tokens_per_expert` accumulates routing counts over the micro-batches of a step; `update_expert_bias` consumes
-    it at the optimizer step. `reduce_aux_stats` is set by the sequence-parallel pass (see `sequence_aux_loss`).
+    it at the optimizer step (`count_routed_tokens` is switched off while activation checkpointing recomputes).
+    The sequence aux loss (times `aux_loss_scale`) is attached to the output's backward, and its value is kept in
+    `last_aux_loss` for logging. `reduce_aux_stats` is set by the sequence-parallel pass.
     """
 
     def __init__(self, hidden_size: int, num_experts: int, moe_intermediate_size: int, num_shared_experts: int,
@@ -166,22 +189,30 @@ class MoEBlock(nn.Module):
         self.router = router
         self.aux_loss_coeff = aux_loss_coeff
         self.reduce_aux_stats: StatsReducer | None = None
+        self.count_routed_tokens = True
+        self.last_aux_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, aux_losses: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, aux_loss_scale: float = 1.0) -> torch.Tensor:
         batch, seq, hidden = x.shape
         flat = x.reshape(-1, hidden)
         scores, weights, indices = route(self.gate(flat), self.e_score_correction_bias, self.router)
         order, counts = permute_by_expert(indices, scores.shape[-1])
-        with torch.no_grad():
-            self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
-        if aux_losses is not None and self.aux_loss_coeff > 0:
-            aux_losses.append(self.aux_loss_coeff * sequence_aux_loss(scores, indices, batch, self.router.top_k,
-                                                                      self.reduce_aux_stats))
+        if self.count_routed_tokens:
+            with torch.no_grad():
+                self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
         token_of_slot = order // self.router.top_k
         out = combine(self.experts(flat[token_of_slot], counts), order, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
-        return out.view(batch, seq, hidden)
+        out = out.view(batch, seq, hidden)
+        self.last_aux_loss = None
+        if self.aux_loss_coeff > 0:
+            aux = self.aux_loss_coeff * sequence_aux_loss(scores, indices, batch, self.router.top_k,
+                                                          self.reduce_aux_stats)
+            self.last_aux_loss = aux.detach() * aux_loss_scale
+            if torch.is_grad_enabled():
+                out = attach_aux_loss(out, aux, aux_loss_scale)
+        return out
 
 
 @torch.no_grad()

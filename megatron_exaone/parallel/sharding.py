@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from megatron_exaone.model.config import ModelConfig
 from megatron_exaone.model.init import full_init, is_stacked_experts
@@ -83,6 +84,11 @@ def shard_parameter(root: nn.Module, name: str, shard: Shard) -> None:
     local = param.detach().chunk(shard.count, dim=shard.dim)[shard.index]
     setattr(module, attr, nn.Parameter(local.clone() if local.device.type != "meta" else
                                        torch.empty_like(local), requires_grad=param.requires_grad))
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of an FSDP2 DTensor, or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def layout_of(root: nn.Module, name: str, param: torch.Tensor) -> ParamLayout:

@@ -30,7 +30,7 @@ from megatron_exaone.model.mtp import MultiTokenPredictor
 from megatron_exaone.model.norms import RMSNorm
 
 from . import comm
-from .sharding import ParamLayout, Shard, plan_of, shard_parameter
+from .sharding import ParamLayout, Shard, local_tensor, plan_of, shard_parameter
 from .vocab_parallel import VocabParallelEmbedding, VocabParallelOutputHead
 
 
@@ -169,7 +169,7 @@ def reduce_tp_partial_grads(root: nn.Module, group: dist.ProcessGroup) -> None:
     if dist.get_world_size(group) == 1:
         return
     partial = plan_of(root).tp_partial_grads
-    grads = [p.grad for n, p in root.named_parameters() if n in partial and p.grad is not None]
+    grads = [local_tensor(p.grad) for n, p in root.named_parameters() if n in partial and p.grad is not None]
     if grads:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=group)

@@ -140,3 +140,29 @@ def test_bf16_forward_runs_and_is_close_to_fp32():
         ref = model(x).logits
         low = model.to(torch.bfloat16)(x).logits.float()
     assert (low - ref).abs().max() < 0.05
+
+
+def test_aux_loss_gradient_is_attached_to_the_moe_output():
+    """The block's backward adds d(coeff * aux)/d(inputs) to whatever flows through its output."""
+    from megatron_exaone.model.layers import router_settings
+
+    config = tiny(vocab_size=64, aux_loss_coeff=0.3)
+    block = MoEBlock(config.hidden_size, config.num_experts, config.moe_intermediate_size, 1,
+                     router_settings(config), config.aux_loss_coeff)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    x = torch.randn(2, 5, config.hidden_size, generator=gen, requires_grad=True)
+    upstream = torch.randn(2, 5, config.hidden_size, generator=gen)
+    (block(x, aux_loss_scale=0.5) * upstream).sum().backward()
+    got = x.grad.clone(), block.gate.weight.grad.clone()
+    x.grad, block.gate.weight.grad = None, None
+    block.aux_loss_coeff = 0.0
+    y = block(x)
+    scores, _, indices = route(block.gate(x.reshape(-1, config.hidden_size)), block.e_score_correction_bias,
+                               block.router)
+    manual = 0.5 * 0.3 * sequence_aux_loss(scores, indices, 2, config.num_experts_per_tok)
+    ((y * upstream).sum() + manual).backward()
+    torch.testing.assert_close(got[0], x.grad)
+    torch.testing.assert_close(got[1], block.gate.weight.grad)
