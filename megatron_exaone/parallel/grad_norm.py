@@ -1,0 +1,65 @@
+"""Gradient clipping by the global norm over every mesh (tp, pp, ep, dp, FSDP shards).
+
+Each rank adds the squared norms of its local gradient tensors, each divided by how many ranks hold an
+identical copy of that tensor, and one all-reduce over the whole world gives the global squared norm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from .mesh import ParallelMesh
+from .sharding import local_tensor, plan_of
+
+
+def _replicas(name: str, grad: torch.Tensor, tp_sharded: bool, mesh: ParallelMesh, embedding_copies: int) -> int:
+    """How many ranks hold exactly this local gradient tensor."""
+    fsdp_sharded = isinstance(grad, DTensor)
+    dims = mesh.dims
+    if ".experts." in name:
+        return 1 if fsdp_sharded else dims.edp
+    copies = 1 if tp_sharded else dims.tp
+    if not fsdp_sharded:
+        copies *= dims.dp * dims.cp
+    if name.endswith("embed_tokens.weight"):
+        copies *= embedding_copies
+    return copies
+
+
+def clip_grad_norm_(chunks: Iterable[nn.Module], max_norm: float, mesh: ParallelMesh,
+                    embedding_copies: int = 1) -> torch.Tensor:
+    """Scale all gradients so that their global L2 norm is at most `max_norm`; return the norm before clipping.
+
+    `chunks` are this rank's model chunks (pipeline stages); `embedding_copies` is 2 when the first and last
+    pipeline stages both hold the (synchronised) embedding.
+    """
+    chunks = list(chunks)
+    grads: list[torch.Tensor] = []
+    total = None
+    for chunk in chunks:
+        sharded = plan_of(chunk).layouts
+        for name, param in chunk.named_parameters():
+            if param.grad is None:
+                continue
+            local = local_tensor(param.grad)
+            weight = 1.0 / _replicas(name, param.grad, name in sharded and ".experts." not in name, mesh,
+                                     embedding_copies)
+            sq = local.detach().float().pow(2).sum() * weight
+            total = sq if total is None else total + sq
+            grads.append(local)
+    if total is None:
+        total = torch.zeros((), device=mesh.dense.device_type)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)
+    norm = total.sqrt()
+    if max_norm > 0 and math.isfinite(norm.item()):
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(scale.to(g.dtype))
+    return norm
