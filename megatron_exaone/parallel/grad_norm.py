@@ -18,13 +18,13 @@ from .mesh import ParallelMesh
 from .sharding import local_tensor, plan_of
 
 
-def _replicas(name: str, grad: torch.Tensor, tp_sharded: bool, mesh: ParallelMesh, embedding_copies: int) -> int:
-    """How many ranks hold exactly this local gradient tensor."""
+def _replicas(name: str, grad: torch.Tensor, tp_copies: int, mesh: ParallelMesh, embedding_copies: int) -> int:
+    """How many ranks hold exactly this local gradient tensor (`tp_copies`: how many TP ranks hold it)."""
     fsdp_sharded = isinstance(grad, DTensor)
     dims = mesh.dims
     if ".experts." in name:
         return 1 if fsdp_sharded else dims.edp
-    copies = 1 if tp_sharded else dims.tp
+    copies = tp_copies
     if not fsdp_sharded:
         copies *= dims.dp * dims.cp
     if name.endswith("embed_tokens.weight"):
@@ -43,13 +43,16 @@ def clip_grad_norm_(chunks: Iterable[nn.Module], max_norm: float, mesh: Parallel
     grads: list[torch.Tensor] = []
     total = None
     for chunk in chunks:
-        sharded = plan_of(chunk).layouts
+        plan = plan_of(chunk)
         for name, param in chunk.named_parameters():
             if param.grad is None:
                 continue
             local = local_tensor(param.grad)
-            weight = 1.0 / _replicas(name, param.grad, name in sharded and ".experts." not in name, mesh,
-                                     embedding_copies)
+            if name in plan.tp_replicated_kv:
+                tp_copies = mesh.dims.tp // plan.layouts[name].shards[0].count
+            else:
+                tp_copies = 1 if name in plan.layouts else mesh.dims.tp
+            weight = 1.0 / _replicas(name, param.grad, tp_copies, mesh, embedding_copies)
             sq = local.detach().float().pow(2).sum() * weight
             total = sq if total is None else total + sq
             grads.append(local)

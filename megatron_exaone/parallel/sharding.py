@@ -57,10 +57,14 @@ class ParamLayout:
 
 @dataclass
 class ParallelPlan:
-    """Per-model record written by the passes: parameter layouts and which gradients need a TP all-reduce."""
+    """Per-model record written by the passes: parameter layouts and which gradients need a TP all-reduce.
+
+    `tp_replicated_kv`: k/v projections when tp exceeds the KV head count; tp / kv_heads ranks hold the same
+    head, each with part of its gradient."""
 
     layouts: dict[str, ParamLayout] = field(default_factory=dict)
     tp_partial_grads: set[str] = field(default_factory=set)
+    tp_replicated_kv: set[str] = field(default_factory=set)
 
 
 def plan_of(model: nn.Module) -> ParallelPlan:

@@ -78,14 +78,21 @@ def _shard_mlp(root: nn.Module, name: str, rank: int, size: int) -> None:
 
 
 def _shard_attention(root: nn.Module, name: str, attn: Attention, rank: int, size: int) -> None:
+    """Query heads split over tp; KV heads split too, or, when tp exceeds their count, each KV head replicated
+    on the tp / kv ranks whose query heads use it."""
     heads = attn.q_proj.out_features // attn.head_dim
     kv_heads = attn.k_proj.out_features // attn.head_dim
-    if heads % size or kv_heads % size:
+    if heads % size or (kv_heads % size and size % kv_heads):
         raise TensorParallelError(f"{name}: {heads} query / {kv_heads} key-value heads do not split over tp={size};"
-                                  " choose a tp that divides the key-value head count.")
-    for proj in ("q_proj", "k_proj", "v_proj"):
-        _column(root, f"{name}.{proj}", rank, size)
+                                  " tp must divide the query heads and divide or be a multiple of the KV heads.")
+    _column(root, f"{name}.q_proj", rank, size)
     _row(root, f"{name}.o_proj", rank, size)
+    for proj in ("k_proj", "v_proj"):
+        if kv_heads % size == 0:
+            _column(root, f"{name}.{proj}", rank, size)
+        else:
+            shard_parameter(root, f"{name}.{proj}.weight", Shard(0, rank // (size // kv_heads), kv_heads))
+            plan_of(root).tp_replicated_kv.add(f"{name}.{proj}.weight")
 
 
 def apply_tensor_parallel(root: nn.Module, group: dist.ProcessGroup, sequence_parallel: bool) -> None:
@@ -165,15 +172,24 @@ def _swap(root: nn.Module, name: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def reduce_tp_partial_grads(root: nn.Module, group: dist.ProcessGroup) -> None:
-    """Sum, over TP, the gradients of replicated parameters that each TP rank computed from part of the data."""
+    """Sum, over TP, the gradients of replicated parameters that each TP rank computed from part of the data
+    (and, for replicated KV heads, over the ranks sharing each head)."""
     if dist.get_world_size(group) == 1:
         return
-    partial = plan_of(root).tp_partial_grads
-    grads = [local_tensor(p.grad) for n, p in root.named_parameters() if n in partial and p.grad is not None]
-    if grads:
-        flat = torch.cat([g.reshape(-1) for g in grads])
+    plan = plan_of(root)
+    grads = {n: local_tensor(p.grad) for n, p in root.named_parameters() if p.grad is not None}
+    partial = [g for n, g in grads.items() if n in plan.tp_partial_grads]
+    if partial:
+        flat = torch.cat([g.reshape(-1) for g in partial])
         dist.all_reduce(flat, group=group)
         offset = 0
-        for g in grads:
+        for g in partial:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+    for name in sorted(plan.tp_replicated_kv & grads.keys()):
+        # Each rank adds its share into the slot of its KV head; the sum over TP lands per head.
+        shard = plan.layouts[name].shards[0]
+        slots = grads[name].new_zeros((shard.count, *grads[name].shape))
+        slots[shard.index] = grads[name]
+        dist.all_reduce(slots, group=group)
+        grads[name].copy_(slots[shard.index])

@@ -28,12 +28,14 @@ LAYOUTS = {
         "tp2_ep2_sp": (dict(tp=2, ep=2), True, False, "full"), "dp2_selective_ac": (dict(dp=2), True, True,
                                                                                     "selective")},
     4: {"ep4": (dict(ep=4), True, True, "none"), "tp2_dp2_ep2_fsdp": (dict(tp=2, dp=2, ep=2), True, True, "full"),
-        "tp4_sp": (dict(tp=4), True, False, "none")},
+        "tp4_sp": (dict(tp=4), True, False, "none"), "tp4_replicated_kv": (dict(tp=4), True, False, "none")},
 }
 
 
-def config():
-    return tiny(vocab_size=128, aux_loss_coeff=0.01, sliding_window=4, num_attention_heads=4, num_key_value_heads=4)
+def config(name: str = ""):
+    kv_heads = 2 if name.endswith("replicated_kv") else 4  # tp4 over 2 KV heads: each KV head on 2 ranks
+    return tiny(vocab_size=128, aux_loss_coeff=0.01, sliding_window=4, num_attention_heads=4,
+                num_key_value_heads=kv_heads)
 
 
 def batch():
@@ -43,8 +45,8 @@ def batch():
     return x, positions, shift_left(x, 1, -100)
 
 
-def reference():
-    model = build_model(config(), seed=SEED)
+def reference(name: str):
+    model = build_model(config(name), seed=SEED)
     x, positions, labels = batch()
     out = model(x, labels=labels, position_ids=positions, loss_normalizer=(labels != -100).sum())
     out.loss.backward()
@@ -54,8 +56,8 @@ def reference():
 
 def run_layout(rank, world, name, dims_kw, sequence_parallel, fsdp, recompute):
     mesh = build_mesh(ParallelDims(**dims_kw), "cpu")
-    ref, ref_out, ref_norm = reference()
-    model = build_parallel_model(config(), mesh, seed=SEED, device="cpu", sequence_parallel=sequence_parallel)
+    ref, ref_out, ref_norm = reference(name)
+    model = build_parallel_model(config(name), mesh, seed=SEED, device="cpu", sequence_parallel=sequence_parallel)
     layouts = {n: layout_of(model, n, p) for n, p in model.named_parameters()}
     ref_params = dict(ref.named_parameters())
     init_err = max((p - layouts[n].slice_of(ref_params[n])).abs().max().item() for n, p in model.named_parameters())
