@@ -32,15 +32,3 @@ def test_incomplete_newest_is_skipped_with_a_warning(tmp_path, caplog):
     assert "step_00000002" in caplog.text and "incomplete" in caplog.text
     shutil.rmtree(root / "step_00000001")
     assert find_checkpoint(root) is None
-
-
-@pytest.mark.parametrize("kind", ["wsd", "cosine", "constant"])
-def test_lr_schedules_warm_up_and_end_where_expected(kind):
-    from megatron_exaone.training.schedule import lr_multiplier
-
-    values = [lr_multiplier(s, 100, 10, kind=kind, min_ratio=0.1) for s in range(100)]
-    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
-    assert max(values) == pytest.approx(1.0)
-    assert values[-1] == pytest.approx(1.0 if kind == "constant" else 0.1)
-    if kind == "wsd":
-        assert values[79] == pytest.approx(1.0) and values[80] < 1.0

@@ -1,0 +1,5 @@
+"""Curriculum stages by token budget: data mixture, sequence length, batch size, LR phase and loss weights."""
+
+from .schedule import Curriculum, CurriculumError, LRPhase, Stage, StepPlan
+
+__all__ = ["Curriculum", "CurriculumError", "LRPhase", "Stage", "StepPlan"]
