@@ -1,0 +1,64 @@
+"""Model FLOPs per token (forward + backward) for MFU, counting what the model really computes.
+
+Matrix multiplies cost 6 FLOPs per weight per token (2 forward, 4 backward), over the *active* weights: attention
+projections, the dense MLP or the k routed experts plus the shared experts, the router, the output head and the
+MTP layers. Attention scores and values cost 12 * heads * head_dim FLOPs per token per attended key (QK^T and PV,
+forward and backward): on average (S + 1) / 2 keys for causal global layers and min(W, ~S) for sliding layers of
+window W. Recompute is not counted (model FLOPs, as in MFU).
+"""
+
+from __future__ import annotations
+
+from megatron_exaone.model.config import DENSE, SLIDING, ModelConfig
+
+H100_BF16_DENSE_PEAK = 989e12  # FLOP/s, H100 SXM dense BF16
+
+
+def attended_keys(layer_type: str, seq_len: int, window: int | None) -> float:
+    """Average number of keys a query attends to in a causal sequence of `seq_len` tokens."""
+    full = (seq_len + 1) / 2
+    if layer_type != SLIDING or window is None or window >= seq_len:
+        return full
+    # the first `window` queries see 1..window keys, the rest see exactly `window`
+    return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
+
+
+def _attention_weights(c: ModelConfig) -> int:
+    q = c.num_attention_heads * c.head_dim
+    kv = c.num_key_value_heads * c.head_dim
+    return c.hidden_size * (2 * q + 2 * kv)
+
+
+def _moe_active_weights(c: ModelConfig) -> int:
+    per_expert = 3 * c.hidden_size * c.moe_intermediate_size
+    router = c.num_experts * c.hidden_size
+    return per_expert * (c.num_experts_per_tok + c.num_shared_experts) + router
+
+
+def active_matmul_weights(c: ModelConfig) -> int:
+    """Weights touched by one token (embedding lookup excluded, output head included)."""
+    dense_mlp = 3 * c.hidden_size * c.intermediate_size
+    total = c.hidden_size * c.vocab_size
+    for mlp_type in c.mlp_layer_types:
+        total += _attention_weights(c) + (dense_mlp if mlp_type == DENSE else _moe_active_weights(c))
+    if c.num_nextn_predict_layers and c.mtp_loss_weight > 0:
+        per_mtp = 2 * c.hidden_size * c.hidden_size + _attention_weights(c) + dense_mlp + c.hidden_size * c.vocab_size
+        total += per_mtp * c.num_nextn_predict_layers
+    return total
+
+
+def flops_per_token(c: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) at sequence length `seq_len`."""
+    attn_per_key = 12 * c.num_attention_heads * c.head_dim
+    attention = sum(attn_per_key * attended_keys(t, seq_len, c.sliding_window) for t in c.layer_types)
+    if c.num_nextn_predict_layers and c.mtp_loss_weight > 0:
+        attention += sum(attn_per_key * attended_keys(t, seq_len, c.sliding_window) for t in c.mtp_layer_types)
+    return 6 * active_matmul_weights(c) + attention
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Dense BF16 peak of one device, when known (H100/H200: 989 TFLOP/s); None on CPU or unknown devices."""
+    name = device_name.lower()
+    if "h100" in name or "h200" in name:
+        return H100_BF16_DENSE_PEAK
+    return None
