@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -9,30 +11,66 @@ from torch import nn
 from megatron_exaone.model import ExaoneMoeForCausalLM, ModelConfig
 
 from .expert_parallel import apply_expert_parallel
-from .mesh import ParallelMesh
+from .mesh import LayoutError, ParallelMesh
+from .pipeline import PipelineChunk, local_stage_indices, pipeline_layout, sync_embedding_grads
 from .sharding import materialize
 from .tensor_parallel import apply_tensor_parallel, reduce_tp_partial_grads
 
 
+def _apply_passes(root: nn.Module, config: ModelConfig, mesh: ParallelMesh, seed: int, device: torch.device | str,
+                  sequence_parallel: bool) -> None:
+    """The passes after the pipeline split, in the design's order, on a meta-device model or pipeline chunk."""
+    apply_tensor_parallel(root, mesh.tp_group, sequence_parallel)
+    apply_expert_parallel(root, mesh.ep_group)
+    # Precision (fp8) goes here, on the meta device. Activation checkpointing (parallel/checkpointing.py) and data
+    # parallel (FSDP2, parallel/data_parallel.py) wrap the materialized model or each chunk; under a pipeline, FSDP2
+    # must keep parameters unsharded between forward and backward (reshard_after_forward=False) for ZBV/DualPipeV.
+    materialize(root, config, seed, device)
+
+
 def build_parallel_model(config: ModelConfig, mesh: ParallelMesh, seed: int, device: torch.device | str,
                          sequence_parallel: bool = True) -> ExaoneMoeForCausalLM:
-    """This rank's shard of the model, initialized to the same full weights as `build_model(config, seed)`."""
+    """This rank's shard of the model (pp == 1), initialized to the same full weights as `build_model(config, seed)`."""
+    if mesh.dims.pp > 1:
+        raise LayoutError(f"pp={mesh.dims.pp}: build the pipeline chunks with build_pipeline_chunks.")
     with torch.device("meta"):
         model = ExaoneMoeForCausalLM(config)
-    apply_tensor_parallel(model, mesh.tp_group, sequence_parallel)
-    apply_expert_parallel(model, mesh.ep_group)
-    materialize(model, config, seed, device)
+    _apply_passes(model, config, mesh, seed, device, sequence_parallel)
     return model
 
 
+def build_pipeline_chunks(config: ModelConfig, mesh: ParallelMesh, seed: int, device: torch.device | str,
+                          schedule: str, layout: str | None = None, sequence_parallel: bool = True
+                          ) -> list[PipelineChunk]:
+    """This rank's model chunks (one per virtual stage, in the order `schedule` runs them), each sharded and
+    initialized to its part of `build_model(config, seed)`. `layout`: see `pipeline_layout`. Run them with
+    `pipeline.PipelineRunner` (which builds the torch `PipelineStage`s and the schedule per micro-batch shape)."""
+    dims = mesh.dims
+    specs = pipeline_layout(config, dims.pp, dims.vpp, layout)
+    indices = local_stage_indices(schedule, mesh.pp_rank, dims.pp, dims.vpp)
+    with torch.device("meta"):
+        full = ExaoneMoeForCausalLM(config)
+    sequence_shards = dims.tp if sequence_parallel else 1
+    chunks = []
+    for index in indices:
+        chunk = PipelineChunk(full, specs[index], index, len(specs), sequence_shards)
+        _apply_passes(chunk, config, mesh, seed, device, sequence_parallel)
+        chunks.append(chunk)
+    return chunks
+
+
 @torch.no_grad()
-def all_reduce_grads(model: nn.Module, mesh: ParallelMesh) -> None:
-    """Gradient reduction without sharded data parallel: TP-partial gradients over tp, routed experts over edp,
-    everything else over dp x cp. Losses are normalised by the global token count, so gradients are summed."""
-    reduce_tp_partial_grads(model, mesh.tp_group)
-    for name, param in model.named_parameters():
-        if param.grad is None:
-            continue
-        group = mesh.edp_group if ".experts." in name else mesh.dp_cp_group
-        if dist.get_world_size(group) > 1:
-            dist.all_reduce(param.grad, group=group)
+def all_reduce_grads(model: nn.Module | Sequence[nn.Module], mesh: ParallelMesh) -> None:
+    """Gradient reduction without sharded data parallel, for a model or this rank's pipeline chunks: TP-partial
+    gradients over tp, routed experts over edp, everything else over dp x cp, then the pipeline's two embedding
+    copies summed. Losses are normalised by the global token count, so gradients are summed."""
+    chunks = [model] if isinstance(model, nn.Module) else list(model)
+    for chunk in chunks:
+        reduce_tp_partial_grads(chunk, mesh.tp_group)
+        for name, param in chunk.named_parameters():
+            if param.grad is None:
+                continue
+            group = mesh.edp_group if ".experts." in name else mesh.dp_cp_group
+            if dist.get_world_size(group) > 1:
+                dist.all_reduce(param.grad, group=group)
+    sync_embedding_grads(chunks, mesh)

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -17,16 +15,20 @@ from megatron_exaone.model.moe import MoEBlock
 SELECTIVE_KINDS = {"attention": Attention, "mlp": SwiGLUMLP, "moe": MoEBlock}
 
 
-@contextlib.contextmanager
-def _not_counting_tokens(module: nn.Module) -> Iterator[None]:
-    """A recomputed MoE forward must not count its routed tokens a second time."""
-    blocks = [m for m in module.modules() if isinstance(m, MoEBlock)]
-    for block in blocks:
-        block.count_routed_tokens = False
-    try:
-        yield
-    finally:
-        for block in blocks:
+class _NotCountingTokens:
+    """While active, MoE blocks do not count routed tokens: a recomputed forward must not count them twice.
+    A class, not a generator: zero-bubble schedules recompute twice (input and weight gradients), entering the
+    same context object again."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.blocks = [m for m in module.modules() if isinstance(m, MoEBlock)]
+
+    def __enter__(self) -> None:
+        for block in self.blocks:
+            block.count_routed_tokens = False
+
+    def __exit__(self, *exc) -> None:
+        for block in self.blocks:
             block.count_routed_tokens = True
 
 
@@ -35,7 +37,7 @@ def _recompute_in_backward(module: nn.Module) -> None:
 
     def forward(*args, **kwargs):
         return checkpoint(original, *args, use_reentrant=False,
-                          context_fn=lambda: (contextlib.nullcontext(), _not_counting_tokens(module)), **kwargs)
+                          context_fn=lambda: (contextlib.nullcontext(), _NotCountingTokens(module)), **kwargs)
 
     module.forward = forward
 

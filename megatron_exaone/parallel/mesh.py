@@ -221,6 +221,9 @@ class ParallelMesh:
     dense_fsdp_mesh: DeviceMesh  # 1-D: dp, or dp x cp flattened when cp > 1 (FSDP2 of dense params)
     expert_fsdp_mesh: DeviceMesh  # 1-D: edp (FSDP2 of expert params)
     stage_mesh: DeviceMesh  # 1-D: dp x cp x tp, all ranks of one pipeline stage
+    # {first, last} pipeline rank at this rank's (dp, cp, tp) position: they hold the two copies of the embedding
+    # (the last stage's MTP reads it). None when pp == 1 or on a middle pipeline rank.
+    embedding_group: ProcessGroup | None = None
 
     tp_group = _group("dense", "tp")
     cp_group = _group("dense", "cp")
@@ -284,4 +287,16 @@ def build_mesh(dims: ParallelDims, device_type: str, timeout: timedelta | None =
             dist.distributed_c10d._set_pg_timeout(timeout, group)
     rank = dist.get_rank()
     return ParallelMesh(dims=dims, rank=rank, coords=rank_coordinates(rank, dims), dense=dense, sparse=sparse,
-                        dense_fsdp_mesh=dense_fsdp, expert_fsdp_mesh=sparse["edp"], stage_mesh=stage)
+                        dense_fsdp_mesh=dense_fsdp, expert_fsdp_mesh=sparse["edp"], stage_mesh=stage,
+                        embedding_group=_embedding_group(dims, timeout))
+
+
+def _embedding_group(dims: ParallelDims, timeout: timedelta | None) -> ProcessGroup | None:
+    """For every (dp, cp, tp) position the group {pp rank 0, pp rank pp-1}; this rank's one, if it is in any."""
+    if dims.pp == 1:
+        return None
+    grid = _mesh_tensor(dims, DENSE_DIMS)  # [pp, dp, cp, tp]
+    pairs = torch.stack([grid[0], grid[-1]], dim=-1).reshape(-1, 2).tolist()
+    # Creates every pair's group on every rank, in the same order.
+    group, _ = dist.new_subgroups_by_enumeration(pairs, timeout=timeout)
+    return group

@@ -1,22 +1,65 @@
-"""Optimizer construction: AdamW with weight decay on matrices only (norm gains and biases are not decayed)."""
+"""Optimizers: AdamW, or Muon for hidden weight matrices with AdamW for the rest (embeddings, output head, router,
+norm gains), as in Moonlight / Kimi K2. Weight decay applies to matrices, not to norm gains."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from megatron_exaone.parallel.sharding import layout_of
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+from .muon import Muon, ShardedMatrix
+
+_ADAMW_ONLY = ("embed_tokens.weight", "lm_head.weight", "mlp.gate.weight")
 
 
-def build_adamw(model: nn.Module, lr: float, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
-                eps: float = 1e-8) -> torch.optim.AdamW:
-    """torch's fused AdamW where the parameters live on a GPU, the foreach implementation otherwise."""
-    on_gpu = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
-                             fused=True if on_gpu else None)
+def _named_params(chunks: Iterable[nn.Module]) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    return [(chunk, name, p) for chunk in chunks for name, p in chunk.named_parameters() if p.requires_grad]
+
+
+class Optimizers:
+    """One or two torch optimizers stepped together; the learning rate is set each step from the curriculum."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+
+def build_optimizer(chunks: Iterable[nn.Module], name: str = "adamw", lr: float = 3e-4, weight_decay: float = 0.1,
+                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, muon_momentum: float = 0.95,
+                    muon_nesterov: bool = True, muon_ns_steps: int = 5, muon_adjust_lr: str = "match_rms_adamw",
+                    tp_group=None, tp_size: int = 1) -> Optimizers:
+    """AdamW over everything (`name="adamw"`), or Muon over hidden matrices plus AdamW (`name="muon"`)."""
+    if name not in ("adamw", "muon"):
+        raise ValueError(f"optimizer {name!r}: use 'adamw' or 'muon'.")
+    named = _named_params(chunks)
+    muon = [(c, n, p) for c, n, p in named if name == "muon" and p.ndim >= 2 and not n.endswith(_ADAMW_ONLY)]
+    in_muon = {id(p) for _, _, p in muon}
+    decay = [p for _, _, p in named if p.ndim >= 2 and id(p) not in in_muon]
+    no_decay = [p for _, _, p in named if p.ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+              if g["params"]]
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)]
+    if muon:
+        matrices = {p: ShardedMatrix(p, layout_of(c, n, p), tp_group, tp_size) for c, n, p in muon}
+        optimizers.append(Muon([p for _, _, p in muon], matrices, lr=lr, weight_decay=weight_decay,
+                               momentum=muon_momentum, nesterov=muon_nesterov, ns_steps=muon_ns_steps,
+                               adjust_lr=muon_adjust_lr))
+    return Optimizers(optimizers)

@@ -24,7 +24,7 @@ from megatron_exaone.convert.hf import to_hf
 from megatron_exaone.data.loader import MixtureLoader
 from megatron_exaone.data.tokenizer import load_tokenizer
 from megatron_exaone.model import build_model, tiny, update_expert_bias
-from megatron_exaone.training.optim import build_adamw
+from megatron_exaone.training.optim import build_optimizer
 from megatron_exaone.curriculum import LRPhase
 
 log = logging.getLogger("quickstart")
@@ -65,7 +65,7 @@ def run(run_dir: Path, steps: int = 40, seq_len: int = 128, global_batch: int = 
              config.num_experts_per_tok, steps, global_batch, seq_len)
     loader = MixtureLoader(datasets={"sample": str(data_prefix)}, stages=[{"sample": 1.0}], seq_len=seq_len,
                            global_batch_size=global_batch, seed=seed)
-    optimizer = build_adamw(model, lr=lr, weight_decay=0.1)
+    optimizer = build_optimizer([model], "adamw", lr=lr, weight_decay=0.1)
     lr_phase = LRPhase("wsd", peak_lr=lr, min_lr=lr / 10, warmup_tokens=max(1, steps // 10), decay_fraction=0.2)
     metrics_path = run_dir / "metrics.jsonl"
     tokens = 0
@@ -73,8 +73,7 @@ def run(run_dir: Path, steps: int = 40, seq_len: int = 128, global_batch: int = 
     with metrics_path.open("w") as metrics:
         for step in range(1, steps + 1):
             current_lr = lr_phase.lr_at(step - 1, steps)  # the phase is unit-free: here, in steps
-            for group in optimizer.param_groups:
-                group["lr"] = current_lr
+            optimizer.set_lr(current_lr)
             batch = loader.next_batch()
             out = model(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
                         return_logits=False)
@@ -82,7 +81,7 @@ def run(run_dir: Path, steps: int = 40, seq_len: int = 128, global_batch: int = 
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             update_expert_bias(model, config.bias_update_rate)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             tokens += batch["input_ids"].numel()
             record = {"step": step, "loss": out.loss.item(), "lm_loss": out.lm_loss.item(),
                       "mtp_loss": out.mtp_loss.item(), "aux_loss": out.aux_loss.item(),
@@ -97,7 +96,7 @@ def run(run_dir: Path, steps: int = 40, seq_len: int = 128, global_batch: int = 
     log.info("step 4/5: writing a checkpoint")
     checkpoint = save_checkpoint(
         run_dir / "checkpoints", steps,
-        {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer),
+        {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer.optimizers[0]),
          "loader": loader.state_dict()},
         meta={"tokens": tokens, "model_config": dataclasses.asdict(config), "layout": {"world_size": 1}})
 

@@ -112,6 +112,8 @@ def _build_all(rank: int, world: int) -> dict:
             "expert_fsdp": mesh.expert_fsdp_mesh.mesh.flatten().tolist(),
             "coords": mesh.coords,
             "stages": (mesh.is_first_pp_stage, mesh.is_last_pp_stage),
+            "embedding": (dist.get_process_group_ranks(mesh.embedding_group), int(_all_reduce_ones(
+                mesh.embedding_group))) if mesh.embedding_group is not None else None,
             "describe": mesh.describe(),
         }
     return out
@@ -142,5 +144,9 @@ def test_groups_match_rank_coordinates(built, name):
         assert r["dense_fsdp"] == expected_members(rank, "dp_cp", d)
         assert r["expert_fsdp"] == expected_members(rank, "edp", d)
         assert r["stages"] == (r["coords"]["pp"] == 0, r["coords"]["pp"] == d.pp - 1)
+        ends = (0, d.pp - 1)
+        want_embedding = [m for m in expected_members(rank, "pp", d) if rank_coordinates(m, d)["pp"] in ends]
+        expected = (want_embedding, 2) if d.pp > 1 and r["coords"]["pp"] in ends else None
+        assert r["embedding"] == expected, f"rank {rank} embedding group"
         assert "\n" not in r["describe"] and f"rank {rank}/8" in r["describe"] and f"tp={r['coords']['tp']}/2" in \
             r["describe"]

@@ -1,0 +1,79 @@
+"""Where a step's numbers go: the console (a line a person can read), run_dir/metrics.jsonl (one JSON object per
+optimizer step) and, optionally, Weights & Biases (offline unless an API key is configured). Rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("megatron_exaone.train")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool, total_tokens: int, wandb_settings: dict | None = None,
+                 run_config: dict | None = None) -> None:
+        self.enabled = enabled
+        self.total_tokens = total_tokens
+        self.start = time.perf_counter()
+        self.start_tokens: int | None = None
+        self.file = None
+        self.wandb = None
+        if not enabled:
+            return
+        path = Path(run_dir) / "metrics.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = path.open("a")
+        if wandb_settings and wandb_settings.get("enabled"):
+            self.wandb = _start_wandb(wandb_settings, run_config or {}, Path(run_dir))
+
+    def log(self, record: dict[str, Any], stage_name: str) -> None:
+        """Write one optimizer step; `record` has at least step, loss, lm_loss, mtp_loss, aux_loss, grad_norm, lr,
+        tokens, stage and tokens_per_s."""
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+        if self.start_tokens is None:
+            self.start_tokens = record["tokens"] - record.get("step_tokens", 0)
+        rate = record.get("tokens_per_s") or 0.0
+        eta = (self.total_tokens - record["tokens"]) / rate if rate else float("nan")
+        mfu = f"{100 * record['mfu']:.1f}%" if record.get("mfu") is not None else "n/a"
+        log.info("step %d | stage %d %s | loss %.4f (lm %.4f, mtp %.4f, aux %.2e) | grad norm %.3f | lr %.2e | "
+                 "%.0f tok/s | MFU %s | %s tokens | ETA %s%s", record["step"], record["stage"], stage_name,
+                 record["loss"], record["lm_loss"], record["mtp_loss"], record["aux_loss"], record["grad_norm"],
+                 record["lr"], rate, mfu, f"{record['tokens']:,}", _duration(eta) if eta == eta else "?",
+                 " | step skipped (non-finite)" if record.get("skipped") else "")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _start_wandb(settings: dict, run_config: dict, run_dir: Path):
+    """W&B run; offline when no API key is configured. Only the resolved training config is sent, never the
+    environment (which may hold secrets)."""
+    try:
+        import wandb
+    except ImportError as exc:
+        raise RuntimeError("wandb.enabled=true but the wandb package is not installed: `pip install wandb` or set "
+                           "wandb.enabled=false.") from exc
+    mode = settings.get("mode") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        log.warning("wandb: no WANDB_API_KEY configured; logging offline to %s/wandb", run_dir)
+        mode = "offline"
+    return wandb.init(project=settings.get("project"), entity=settings.get("entity"), name=settings.get("name"),
+                      group=settings.get("group"), tags=settings.get("tags") or None, mode=mode,
+                      dir=str(run_dir), config=run_config)
