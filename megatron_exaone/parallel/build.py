@@ -11,15 +11,26 @@ from torch import nn
 from megatron_exaone.model import ExaoneMoeForCausalLM, ModelConfig
 
 from .expert_parallel import apply_expert_parallel
-from .mesh import LayoutError, ParallelMesh
+from .mesh import LayoutError, ParallelDims, ParallelMesh
 from .pipeline import PipelineChunk, local_stage_indices, pipeline_layout, sync_embedding_grads
 from .sharding import materialize
 from .tensor_parallel import apply_tensor_parallel, reduce_tp_partial_grads
 
 
+def check_supported(dims: ParallelDims) -> None:
+    """Layouts the mesh can describe but the passes do not implement yet fail here, before any group exists."""
+    if dims.cp > 1:
+        raise LayoutError(f"cp={dims.cp}: context parallelism is not implemented yet; use cp=1 (sequence parallel "
+                          "within tensor parallel splits activations along the sequence).")
+    if dims.etp > 1:
+        raise LayoutError(f"etp={dims.etp}: expert tensor parallelism is not implemented yet; use etp=1 (experts "
+                          "whole, spread by ep; the K-EXAONE layouts use ETP1).")
+
+
 def _apply_passes(root: nn.Module, config: ModelConfig, mesh: ParallelMesh, seed: int, device: torch.device | str,
                   sequence_parallel: bool) -> None:
     """The passes after the pipeline split, in the design's order, on a meta-device model or pipeline chunk."""
+    check_supported(mesh.dims)
     apply_tensor_parallel(root, mesh.tp_group, sequence_parallel)
     apply_expert_parallel(root, mesh.ep_group)
     # Precision (fp8) goes here, on the meta device. Activation checkpointing (parallel/checkpointing.py) and data
