@@ -147,8 +147,11 @@ class MixtureLoader:
     def __next__(self) -> dict[str, torch.Tensor]:
         return self.next_batch()
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        seq_len, batch = self.seq_len, self.global_batch_size
+    def next_batch(self, global_batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        """This rank's rows of the next global batch (`global_batch_size` overrides the stage's, for a batch ramp)."""
+        seq_len, batch = self.seq_len, global_batch_size or self.global_batch_size
+        if batch % self.dp_size:
+            raise ValueError(f"global batch size {batch} is not a multiple of dp_size {self.dp_size}")
         consumed = self.tokens_consumed - self.stage_start_tokens
         if consumed % seq_len:
             raise RuntimeError(f"{consumed} tokens consumed in stage {self.stage} is not a multiple of its "

@@ -216,17 +216,22 @@ class MoEBlock(nn.Module):
 
 
 @torch.no_grad()
-def update_expert_bias(model: nn.Module, rate: float, reduce_counts=None) -> None:
+def update_expert_bias(model: nn.Module, rate: float, reduce_counts=None) -> dict[str, float]:
     """Aux-loss-free balancing (DeepSeek-V3): bias += rate * sign(mean_count - count), then reset the counts.
 
     `reduce_counts(tensor)` sums the counts in place over every rank holding a share of the tokens (TP x CP x DP);
-    leave it None in a single process. Runs outside autograd, at the optimizer step.
+    leave it None in a single process. Runs outside autograd, at the optimizer step. Returns each MoE block's load
+    imbalance (max / mean routed tokens per expert) for logging.
     """
-    for module in model.modules():
+    imbalance = {}
+    for name, module in model.named_modules():
         if isinstance(module, MoEBlock):
             counts = module.tokens_per_expert
             if reduce_counts is not None:
                 reduce_counts(counts)
-            if rate > 0 and counts.sum() > 0:
-                module.e_score_correction_bias += rate * torch.sign(counts.mean() - counts)
+            if counts.sum() > 0:
+                imbalance[name] = (counts.max() / counts.mean()).item()
+                if rate > 0:
+                    module.e_score_correction_bias += rate * torch.sign(counts.mean() - counts)
             counts.zero_()
+    return imbalance

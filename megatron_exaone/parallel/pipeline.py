@@ -418,12 +418,16 @@ class PipelineRunner:
         param = next(self.chunks[0].parameters())
         self.activation_dtype = activation_dtype or param.dtype
         self.device = param.device
-        self._schedules: dict[tuple[int, int], Any] = {}  # (micro-batch, seq_len) -> torch schedule
+        self._schedules: dict[tuple[int, int, int], Any] = {}  # (micro-batch, seq_len, count) -> schedule
 
-    def step(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None
-             ) -> dict[str, float]:
+    def step(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
+             n_microbatches: int | None = None) -> dict[str, float]:
         """Run forward and backward for this rank's [batch, seq] share; returns the step's global losses
-        (`loss`, `lm_loss`, `mtp_loss`, `aux_loss`), the same on every rank."""
+        (`loss`, `lm_loss`, `mtp_loss`, `aux_loss`), the same on every rank. `n_microbatches` overrides the
+        constructor's for this step (a growing global batch)."""
+        if n_microbatches is not None and n_microbatches != self.n_microbatches:
+            check_schedule(self.schedule, self.mesh.dims.pp, self.mesh.dims.vpp, n_microbatches)
+            self.n_microbatches = n_microbatches
         batch, seq_len = input_ids.shape
         if batch % self.n_microbatches:
             raise ValueError(f"the local batch of {batch} sequences does not split into {self.n_microbatches} "
@@ -448,7 +452,7 @@ class PipelineRunner:
         return LossScaling(valid_tokens=valid.clamp(min=1), sequences=labels.shape[0] * self.mesh.dims.dp)
 
     def _schedule_for(self, micro_batch: int, seq_len: int) -> Any:
-        key = (micro_batch, seq_len)
+        key = (micro_batch, seq_len, self.n_microbatches)
         if key not in self._schedules:
             stages = make_pipeline_stages(self.chunks, self.mesh, micro_batch, seq_len, self.activation_dtype)
             self._schedules[key] = build_pipeline_schedule(stages, self.mesh, self.n_microbatches, self.schedule)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Run exaone-train on N local processes (CPU/gloo, or one GPU each) with torchrun's standalone rendezvous.
+#   launch/local.sh 4 experiment=cpu_tiny run_dir=runs/demo
+set -euo pipefail
+if [ $# -lt 1 ]; then
+  echo "usage: launch/local.sh NPROC [HYDRA OVERRIDES...]" >&2
+  exit 2
+fi
+nproc=$1; shift
+here=$(cd "$(dirname "$0")/.." && pwd)
+python=${PYTHON:-$here/.venv/bin/python}
+[ -x "$python" ] || python=python3
+# One thread per rank on CPU: the ranks already share the cores.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec "$python" -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node "$nproc" \
+  -m megatron_exaone.cli.train "$@"

@@ -1,0 +1,365 @@
+"""The typed training configuration: one dataclass per recipe group, composed into `TrainConfig`.
+
+These are OmegaConf structured configs (`config.load` merges the Hydra recipes onto them, so an unknown key is an
+error), but the classes themselves are plain dataclasses: the trainer and every library module receive them, or
+the library objects they build (`ParallelDims`, `Curriculum`, `ModelConfig`), and never see Hydra or OmegaConf.
+
+Each `__post_init__` checks what a field can be checked against on its own (allowed names, signs); checks that
+need several groups or the world size live in `config.load.validate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from megatron_exaone.curriculum import Curriculum, LRPhase, Stage
+from megatron_exaone.parallel.mesh import ParallelDims
+
+# OmegaConf resolves the annotations of structured configs at runtime and does not understand PEP 604 unions, so
+# this module spells types with `typing` (Optional, List, Dict) rather than `X | None` / `list[X]`.
+
+PIPELINE_SCHEDULES = ("1f1b", "interleaved_1f1b", "zbv", "dualpipev")
+RECOMPUTE_MODES = ("none", "full", "selective")
+RECOMPUTE_MODULES = ("attention", "mlp", "moe", "norm")
+# Precision name -> FP8 recipes it accepts (the first is used when `recipe` is left out). bf16 and fp32 take none.
+PRECISIONS: Dict[str, tuple] = {
+    "fp32": (),
+    "bf16": (),
+    "fp8_te_delayed": ("delayed",),
+    "fp8_te_tensorwise": ("tensorwise",),
+    "fp8_te_blockwise": ("blockwise",),
+    "fp8_te_mxfp8": ("mxfp8",),
+    "fp8_torch": ("tensorwise", "rowwise"),
+    "fp8_emulated": ("tensorwise", "rowwise"),
+}
+PACKING_MODES = ("concat", "best_fit")
+DEVICES = ("auto", "cpu", "cuda")
+WANDB_MODES = ("online", "offline", "disabled")
+# Where `data.prepare_sample` writes the bundled corpus's tokenizer and shards, relative to run_dir.
+SAMPLE_TOKENIZER = "tokenizer"
+SAMPLE_PREFIX = "data/sample"
+
+
+def _one_of(where: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{where}={value!r}: use one of {', '.join(map(str, allowed))}.")
+
+
+def _at_least(where: str, value: Optional[int], low: int) -> None:
+    if value is not None and value < low:
+        raise ValueError(f"{where}={value}: must be >= {low}.")
+
+
+# ---------------------------------------------------------------------------------------------- parallel
+@dataclass
+class ParallelConfig:
+    """Parallel layout and the memory/speed switches that go with it.
+
+    `dp=None` derives data parallel from the world size. `ep` folds into tp*cp*dp (MoE parallel folding), so it
+    does not multiply the world size. `fsdp`: shard parameters, gradients and optimizer state over dp (FSDP2, the
+    distributed-optimizer equivalent); False replicates them. `pipeline_layout`: an explicit stage split in
+    `parallel.pipeline.pipeline_layout` syntax (e.g. "Et|tt|tL"); None splits evenly.
+    """
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    ep: int = 1
+    etp: int = 1
+    dp: Optional[int] = None
+    cp: int = 1
+    sequence_parallel: bool = True
+    pipeline_schedule: str = "1f1b"
+    pipeline_layout: Optional[str] = None
+    fsdp: bool = True
+    recompute: str = "none"
+    recompute_modules: List[str] = field(default_factory=lambda: ["attention"])
+
+    def __post_init__(self) -> None:
+        _one_of("parallel.pipeline_schedule", self.pipeline_schedule, PIPELINE_SCHEDULES)
+        _one_of("parallel.recompute", self.recompute, RECOMPUTE_MODES)
+        for module in self.recompute_modules:
+            _one_of("parallel.recompute_modules entry", module, RECOMPUTE_MODULES)
+
+    def to_dims(self) -> ParallelDims:
+        return ParallelDims(tp=self.tp, pp=self.pp, vpp=self.vpp, ep=self.ep, etp=self.etp, dp=self.dp, cp=self.cp)
+
+    def with_overrides(self, overrides: Dict[str, Any]) -> ParallelConfig:
+        """This layout with a curriculum stage's `parallel` overrides applied.
+
+        When the overrides change a size but do not name `dp`, dp is derived again from the world size: a stage
+        that raises cp (or changes tp/pp) takes the ranks from data parallelism instead of failing.
+        """
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(f"parallel overrides {unknown} are not parallel settings; use some of {sorted(names)}.")
+        changes = dict(overrides)
+        if {"tp", "pp", "cp"} & changes.keys() and "dp" not in changes:
+            changes["dp"] = None
+        return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------------------------- precision
+@dataclass
+class PrecisionConfig:
+    """Numerics of the compute path.
+
+    `name`: fp32, bf16 (bf16 compute with fp32 master weights, optimizer state and gradient reduction; on CPU the
+    trainer computes in fp32, because CPU bf16 matmuls are slow and not what a GPU run computes), or an FP8 mode:
+    fp8_te_* (Transformer Engine on CUDA: delayed, tensorwise = current scaling, blockwise, mxfp8 on Blackwell),
+    fp8_torch (torch-native scaled matmuls, CUDA compute capability >= 8.9), fp8_emulated (FP8 quantize /
+    dequantize with high-precision matmuls, runs anywhere: for tests). Whether this build and device can run the
+    mode is `config.precision.validate_precision`.
+
+    `recipe`: FP8 scaling recipe (see `PRECISIONS`; None = the mode's default). `fp8_format`: "hybrid" (E4M3
+    forward, E5M2 gradients) or "e4m3". `amax_history_len` / `amax_compute_algo`: delayed scaling only.
+    `keep_bf16_first_layers` / `keep_bf16_last_layers`: decoder layers kept in bf16 at each end (the usual
+    stability choice, as Megatron's `--first-last-layers-bf16`).
+    """
+
+    name: str = "bf16"
+    recipe: Optional[str] = None
+    fp8_format: str = "hybrid"
+    amax_history_len: int = 1024
+    amax_compute_algo: str = "max"
+    keep_bf16_first_layers: int = 1
+    keep_bf16_last_layers: int = 1
+
+    def __post_init__(self) -> None:
+        _one_of("precision.name", self.name, tuple(PRECISIONS))
+        allowed = PRECISIONS[self.name]
+        if self.recipe is not None:
+            if not allowed:
+                raise ValueError(f"precision.recipe={self.recipe!r} but precision {self.name} uses no FP8 recipe; "
+                                 "remove precision.recipe or pick an fp8_* precision.")
+            _one_of(f"precision.recipe (for {self.name})", self.recipe, allowed)
+        _one_of("precision.fp8_format", self.fp8_format, ("hybrid", "e4m3"))
+        _one_of("precision.amax_compute_algo", self.amax_compute_algo, ("max", "most_recent"))
+        _at_least("precision.amax_history_len", self.amax_history_len, 1)
+        _at_least("precision.keep_bf16_first_layers", self.keep_bf16_first_layers, 0)
+        _at_least("precision.keep_bf16_last_layers", self.keep_bf16_last_layers, 0)
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.name.startswith("fp8_")
+
+    @property
+    def fp8_recipe(self) -> Optional[str]:
+        """The FP8 recipe in effect (None for fp32/bf16)."""
+        allowed = PRECISIONS[self.name]
+        return self.recipe or (allowed[0] if allowed else None)
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
+@dataclass
+class OptimConfig:
+    """Optimizer settings; the learning rate itself comes from the curriculum stage's `lr`.
+
+    `muon`: Muon on hidden weight matrices with AdamW (these betas/eps) on embeddings, lm_head, router and norm
+    gains, as in Moonlight / Kimi K2. `muon_adjust_lr`: "match_rms_adamw" scales the update by
+    0.2 * sqrt(max(A, B)) so AdamW's LR and weight decay carry over (Moonlight); "original" by sqrt(max(1, A/B)).
+    `clip_grad`: global gradient-norm clip (0 = off).
+    """
+
+    name: str = "adamw"
+    weight_decay: float = 0.1
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5
+    muon_adjust_lr: str = "match_rms_adamw"
+
+    def __post_init__(self) -> None:
+        _one_of("optim.name", self.name, ("adamw", "muon"))
+        _one_of("optim.muon_adjust_lr", self.muon_adjust_lr, ("match_rms_adamw", "original"))
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas={list(self.betas)}: give two values in [0, 1), e.g. [0.9, 0.95].")
+        if self.weight_decay < 0 or self.eps <= 0 or self.clip_grad < 0:
+            raise ValueError("optim: weight_decay and clip_grad must be >= 0 and eps > 0.")
+        _at_least("optim.muon_ns_steps", self.muon_ns_steps, 1)
+
+    def optimizer_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments of `training.optim.build_optimizer` (everything but the LR and the clip)."""
+        kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "clip_grad"}
+        kwargs["betas"] = tuple(self.betas)
+        return kwargs
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    """Training data: named datasets (the names the curriculum mixtures refer to) and how they are read.
+
+    `datasets`: name -> shard prefixes (`PREFIX.bin/.idx`, as written by `exaone-data tokenize`); several prefixes
+    are read as one dataset. Relative prefixes, `tokenizer` and `cache_dir` resolve against `run_dir`, so a run
+    directory is self-contained and does not depend on where the job was launched; use absolute paths for shared
+    data. `cache_dir`: where packing indices are cached (None = `index-cache/` beside each dataset).
+    `prepare_sample`: the trainer first trains a SuperBPE tokenizer (vocab = model.vocab_size) on the bundled
+    sample corpus into run_dir/`SAMPLE_TOKENIZER` and tokenizes the corpus into run_dir/`SAMPLE_PREFIX`.
+    """
+
+    datasets: Dict[str, List[str]] = field(default_factory=dict)
+    packing: str = "concat"
+    cache_dir: Optional[str] = None
+    tokenizer: Optional[str] = None
+    prepare_sample: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of("data.packing", self.packing, PACKING_MODES)
+        empty = sorted(name for name, prefixes in self.datasets.items() if not prefixes)
+        if empty:
+            raise ValueError(f"data.datasets {empty} list no shard prefix; give each dataset at least one.")
+
+    def resolved_datasets(self, run_dir: str | os.PathLike) -> Dict[str, List[str]]:
+        """Dataset name -> absolute shard prefixes."""
+        return {name: [_under(run_dir, p) for p in prefixes] for name, prefixes in self.datasets.items()}
+
+    def resolved_path(self, path: Optional[str], run_dir: str | os.PathLike) -> Optional[str]:
+        """`tokenizer` or `cache_dir` made absolute (None stays None)."""
+        return None if path is None else _under(run_dir, path)
+
+
+def _under(run_dir: str | os.PathLike, path: str) -> str:
+    return str((Path(run_dir) / Path(path).expanduser()).absolute())
+
+
+# ---------------------------------------------------------------------------------------------- curriculum
+@dataclass
+class LRConfig:
+    """`curriculum.LRPhase`, field for field."""
+
+    kind: str = "wsd"
+    peak_lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_tokens: int = 0
+    decay_fraction: float = 0.2
+    decay_shape: str = "linear"
+
+
+@dataclass
+class StageConfig:
+    """`curriculum.Stage`, field for field (its docstring explains them). `parallel` keys are `ParallelConfig`
+    fields applied with `ParallelConfig.with_overrides` for this stage."""
+
+    name: str
+    tokens: int
+    seq_len: int
+    global_batch_size: int
+    mixture: Dict[str, float] = field(default_factory=dict)
+    lr: LRConfig = field(default_factory=LRConfig)
+    mtp_loss_weight: float = 0.05
+    aux_loss_coeff: float = 1e-4
+    bias_update_rate: float = 1e-4
+    batch_ramp_start: Optional[int] = None
+    batch_ramp_increment: int = 0
+    batch_ramp_tokens: int = 0
+    checkpoint_at_end: bool = True
+    eval_hooks: List[str] = field(default_factory=list)
+    parallel: Dict[str, Any] = field(default_factory=dict)
+
+    def to_stage(self) -> Stage:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values.update(lr=LRPhase(**dataclasses.asdict(self.lr)), mixture=dict(self.mixture),
+                      eval_hooks=list(self.eval_hooks), parallel=dict(self.parallel))
+        return Stage(**values)
+
+
+@dataclass
+class CurriculumConfig:
+    stages: List[StageConfig] = field(default_factory=list)
+
+    def build(self, batch_multiple: int = 1) -> Curriculum:
+        """The validated `Curriculum`; every global batch must be a multiple of `batch_multiple` (mbs x dp)."""
+        return Curriculum([s.to_stage() for s in self.stages], batch_multiple=batch_multiple)
+
+
+# ---------------------------------------------------------------------------------------------- run control
+@dataclass
+class TrainerConfig:
+    """`max_steps`: stop after this many optimizer steps (None = when the curriculum's tokens are consumed).
+    `device`: auto = CUDA when available, else CPU. `max_skipped_steps`: steps with a NaN/Inf loss or gradient
+    are skipped (no update); more than this many in a row stop the run. `loss_spike_factor`: a loss above this
+    multiple of the recent mean is reported as a spike (0 = off). `stop_at_stage_end`: end the launch at the next
+    stage boundary (also happens by itself when the next stage changes the parallel layout)."""
+
+    max_steps: Optional[int] = None
+    seed: int = 1234
+    micro_batch_size: int = 1
+    device: str = "auto"
+    log_interval: int = 1
+    max_skipped_steps: int = 10
+    loss_spike_factor: float = 3.0
+    stop_at_stage_end: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of("trainer.device", self.device, DEVICES)
+        _at_least("trainer.max_steps", self.max_steps, 1)
+        _at_least("trainer.seed", self.seed, 0)
+        _at_least("trainer.micro_batch_size", self.micro_batch_size, 1)
+        _at_least("trainer.log_interval", self.log_interval, 1)
+        _at_least("trainer.max_skipped_steps", self.max_skipped_steps, 0)
+        if self.loss_spike_factor != 0 and self.loss_spike_factor <= 1:
+            raise ValueError(f"trainer.loss_spike_factor={self.loss_spike_factor}: use a factor > 1, or 0 for off.")
+
+
+@dataclass
+class CheckpointConfig:
+    """`interval`: save every N optimizer steps (0 = only at stage ends / on SIGTERM). `keep_last`: how many
+    interval checkpoints to keep (0 = all). `load`: a run's checkpoints/ folder or one checkpoint to start from;
+    None resumes from run_dir/checkpoints when it holds one."""
+
+    interval: int = 1000
+    keep_last: int = 3
+    async_save: bool = False
+    load: Optional[str] = None
+    save_at_stage_end: bool = True
+
+    def __post_init__(self) -> None:
+        _at_least("checkpoint.interval", self.interval, 0)
+        _at_least("checkpoint.keep_last", self.keep_last, 0)
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging (optional dependency). `mode`: None lets the trainer decide with
+    `resolved_mode`: online when WANDB_API_KEY is set, offline otherwise (sync later with `wandb sync`)."""
+
+    enabled: bool = False
+    project: str = "megatron-exaone"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    mode: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.mode is not None:
+            _one_of("wandb.mode", self.mode, WANDB_MODES)
+
+    def resolved_mode(self, environ: Optional[Dict[str, str]] = None) -> str:
+        environ = os.environ if environ is None else environ
+        return self.mode or ("online" if environ.get("WANDB_API_KEY") else "offline")
+
+
+@dataclass
+class TrainConfig:
+    """A whole run. `model`: `ModelConfig` fields by their Hugging Face names (checked by building the
+    `ModelConfig`). `run_dir` holds config.yaml (resolved), metrics.jsonl and checkpoints/."""
+
+    run_dir: str = "runs/default"
+    model: Dict[str, Any] = field(default_factory=dict)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
