@@ -55,8 +55,10 @@ class LRPhase:
         return self.min_lr + (self.peak_lr - self.min_lr) * frac
 
     def lr_at(self, tokens: int, stage_tokens: int) -> float:
+        """The LR of the step that brings the stage to `tokens` consumed tokens (so the first step of a warmup
+        is not 0 and the last step of a decay reaches `min_lr`)."""
         if self.kind != "decay" and tokens < self.warmup_tokens:
-            return self.peak_lr * (tokens + 1) / self.warmup_tokens
+            return self.peak_lr * tokens / self.warmup_tokens
         if self.kind == "constant":
             return self.peak_lr
         if self.kind == "decay":
@@ -175,8 +177,9 @@ class Curriculum:
         i = self.stage_index_at(tokens_consumed)
         stage = self.stages[i]
         into = tokens_consumed - self.starts[i]
-        return StepPlan(stage_index=i, stage=stage, tokens_into_stage=into, global_batch_size=stage.batch_at(into),
-                        seq_len=stage.seq_len, lr=stage.lr.lr_at(into, stage.tokens))
+        batch = stage.batch_at(into)
+        return StepPlan(stage_index=i, stage=stage, tokens_into_stage=into, global_batch_size=batch,
+                        seq_len=stage.seq_len, lr=stage.lr.lr_at(into + batch * stage.seq_len, stage.tokens))
 
     def is_finished(self, tokens_consumed: int) -> bool:
         return tokens_consumed >= self.total_tokens

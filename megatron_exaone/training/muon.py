@@ -104,9 +104,9 @@ class Muon(torch.optim.Optimizer):
                 matrix = self.matrices[p]
                 grad = _local(p.grad)
                 state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(grad)
-                buf = state["momentum_buffer"]
+                if "momentum_buffer" not in state:  # same type and layout as the parameter (checkpointable)
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = _local(state["momentum_buffer"])
                 buf.mul_(group["momentum"]).add_(grad)
                 update = grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
                 full = newton_schulz(matrix.full(update), group["ns_steps"])

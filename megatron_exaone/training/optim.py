@@ -3,7 +3,7 @@ norm gains), as in Moonlight / Kimi K2. Weight decay applies to matrices, not to
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, MutableMapping
 
 import torch
 from torch import nn
@@ -19,11 +19,39 @@ def _named_params(chunks: Iterable[nn.Module]) -> list[tuple[nn.Module, str, nn.
     return [(chunk, name, p) for chunk in chunks for name, p in chunk.named_parameters() if p.requires_grad]
 
 
+class _StateView(MutableMapping):
+    """`optimizer.state` across several optimizers: each parameter's state lives in the optimizer that owns it."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self._owner = {id(p): opt for opt in optimizers for g in opt.param_groups for p in g["params"]}
+        self._optimizers = optimizers
+
+    def __getitem__(self, param: torch.Tensor) -> dict:
+        state = self._owner[id(param)].state
+        if param not in state:
+            raise KeyError(param)
+        return state[param]
+
+    def __setitem__(self, param: torch.Tensor, value: dict) -> None:
+        self._owner[id(param)].state[param] = value
+
+    def __delitem__(self, param: torch.Tensor) -> None:
+        del self._owner[id(param)].state[param]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (p for opt in self._optimizers for p in opt.state)
+
+    def __len__(self) -> int:
+        return sum(len(opt.state) for opt in self._optimizers)
+
+
 class Optimizers:
-    """One or two torch optimizers stepped together; the learning rate is set each step from the curriculum."""
+    """One or two torch optimizers stepped together, seen as one (`param_groups`, `state`, `step`); the learning
+    rate is set each step from the curriculum."""
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
         self.optimizers = optimizers
+        self.state = _StateView(optimizers)
 
     @property
     def param_groups(self) -> list[dict]:

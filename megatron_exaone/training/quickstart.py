@@ -72,7 +72,7 @@ def run(run_dir: Path, steps: int = 40, seq_len: int = 128, global_batch: int = 
     start = time.perf_counter()
     with metrics_path.open("w") as metrics:
         for step in range(1, steps + 1):
-            current_lr = lr_phase.lr_at(step - 1, steps)  # the phase is unit-free: here, in steps
+            current_lr = lr_phase.lr_at(step, steps)  # the phase is unit-free: here, in steps
             optimizer.set_lr(current_lr)
             batch = loader.next_batch()
             out = model(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],

@@ -1,9 +1,17 @@
+import math
 import shutil
 
 import pytest
 import torch
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor import Shard as DShard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from megatron_exaone.checkpoint.store import find_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from megatron_exaone.checkpoint.state import (CheckpointLayoutError, _mesh_view, axis_index, init_optimizer_state,
+                                              view_grid)
+from megatron_exaone.checkpoint.store import (async_save_checkpoint, find_checkpoint, load_checkpoint, read_meta,
+                                              save_checkpoint)
+from megatron_exaone.parallel.mesh import ParallelDims, rank_coordinates
 
 
 def state(value: float) -> dict:
@@ -32,3 +40,79 @@ def test_incomplete_newest_is_skipped_with_a_warning(tmp_path, caplog):
     assert "step_00000002" in caplog.text and "incomplete" in caplog.text
     shutil.rmtree(root / "step_00000001")
     assert find_checkpoint(root) is None
+
+
+# ---------------------------------------------------------------------------------------------- async saves
+@pytest.mark.filterwarnings("ignore:.*assuming the intent is to save in a single process")  # background thread
+def test_async_save_keeps_the_values_of_the_call_and_publishes_on_wait(tmp_path):
+    root = tmp_path / "ckpt"
+    live = state(5.0)
+    pending = async_save_checkpoint(root, 5, live, meta={"tokens": 50}, keep_last=1)
+    live["model"]["w"].fill_(-1.0)  # training goes on: the checkpoint holds the staged copy
+    path = pending.wait()
+    assert path == root / "step_00000005" and find_checkpoint(root) == path and pending.done()
+    assert (root / "latest").read_text().strip() == "step_00000005" and read_meta(path)["tokens"] == 50
+    target = state(0.0)
+    load_checkpoint(path, target)
+    assert torch.equal(target["model"]["w"], torch.full((3, 2), 5.0))
+
+
+# ---------------------------------------------------------------------------------------------- mesh views
+
+def test_view_grid_orders_ranks_by_cut_then_replica():
+    tp2_dp2 = ParallelDims(tp=2, dp=2)  # rank = tp + 2 dp
+    assert view_grid(tp2_dp2, 0, ("tp", "dp_cp")).tolist() == [[0, 2], [1, 3]]
+    assert view_grid(tp2_dp2, 0, ("tp",)).tolist() == [[0, 2], [1, 3]]  # dp ranks are replicas
+    assert view_grid(ParallelDims(tp=4, dp=1), 0, ("tp/2",)).tolist() == [[0, 1], [2, 3]]  # KV head on 2 ranks
+    assert view_grid(ParallelDims(ep=2, dp=4), 0, ("ep", "edp")).tolist() == [[0, 2], [1, 3]]
+    assert view_grid(ParallelDims(cp=2, dp=2), 0, ("dp_cp",)).tolist() == [0, 1, 2, 3]  # cp fastest
+    assert view_grid(ParallelDims(tp=2, pp=2, dp=1), 1, ("tp",)).tolist() == [2, 3]  # second pipeline stage
+    with pytest.raises(CheckpointLayoutError, match="do not tile"):
+        view_grid(tp2_dp2, 0, ("tp", "tp"))
+
+
+@pytest.mark.parametrize("dims,axes,rows", [
+    (ParallelDims(tp=2, dp=2), ("tp", "dp_cp"), 12),
+    (ParallelDims(tp=2, dp=2), ("tp", "dp_cp"), 6),  # 3 rows per TP rank: FSDP chunks of 2 and 1
+    (ParallelDims(tp=4, dp=2), ("tp/2", "dp_cp"), 8),
+    (ParallelDims(tp=2, dp=4, ep=4), ("ep", "edp"), 8),
+])
+def test_mesh_view_boxes_are_the_chunks_the_passes_take(dims, axes, rows):
+    """For every rank: DCP's box of the view equals torch.chunk applied cut after cut, as the passes and FSDP2
+    cut the tensor; the boxes of distinct pieces tile the tensor."""
+    full = torch.arange(rows * 3).reshape(rows, 3)
+    seen = {}
+    for rank in range(dims.world_size):
+        coords = rank_coordinates(rank, dims)
+        piece = full
+        for axis in axes:
+            index, count = axis_index(axis, coords, dims)
+            chunks = piece.chunk(count, dim=0)  # fewer than `count` when the rows run out (FSDP2: empty shards)
+            piece = chunks[index] if index < len(chunks) else piece[:0]
+        view = _mesh_view(dims, 0, axes, "cpu", rank)
+        placements = [DShard(0)] * len(axes) + [Replicate()] * (view.ndim - len(axes))
+        shape, offset = compute_local_shape_and_global_offset(full.shape, view, placements)
+        assert torch.equal(full[offset[0]:offset[0] + shape[0]], piece), (rank, shape, offset)
+        seen[tuple(offset)] = tuple(shape)
+    assert sum(math.prod(s) for s in seen.values()) == full.numel()
+
+
+def test_init_optimizer_state_creates_zero_state_and_leaves_everything_else_alone():
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))
+    optimizer = torch.optim.AdamW([a, b], lr=0.1, weight_decay=0.1)
+    a.grad = torch.randn(3, 2)
+    optimizer.step()  # `a` has state, `b` has none
+    before = {k: v.clone() for k, v in optimizer.state[a].items()}
+    values = a.detach().clone(), b.detach().clone()
+    init_optimizer_state(optimizer)
+    assert torch.equal(a, values[0]) and torch.equal(b, values[1])
+    assert all(torch.equal(before[k], optimizer.state[a][k]) for k in before)
+    assert optimizer.state[b]["step"].item() == 0 and not optimizer.state[b]["exp_avg"].any()
+    assert optimizer.param_groups[0]["lr"] == 0.1 and a.grad is not None and b.grad is None
+    # A state created this way behaves as a fresh optimizer's: the next step is bit-identical.
+    fresh = torch.optim.AdamW([c := torch.nn.Parameter(values[1].clone())], lr=0.1, weight_decay=0.1)
+    b.grad = c.grad = torch.randn(4)
+    optimizer.step()
+    fresh.step()
+    assert torch.equal(b, c)

@@ -1,0 +1,109 @@
+"""`exaone-train [HYDRA OVERRIDES...]`: compose a recipe, validate it, and train (directly, or under torchrun).
+
+Examples:
+  exaone-train experiment=cpu_tiny run_dir=runs/demo            # needs the layout's number of processes:
+  torchrun --nproc-per-node 4 -m megatron_exaone.cli.train experiment=cpu_tiny
+  launch/local.sh 4 experiment=cpu_tiny trainer.max_steps=10     # CPU/gloo, one machine
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from megatron_exaone.checkpoint.store import find_checkpoint, read_meta
+from megatron_exaone.config.load import RecipeError, load_config, save_resolved, validate
+from megatron_exaone.config.precision import resolve_device
+from megatron_exaone.parallel.build import check_supported
+from megatron_exaone.parallel.mesh import LayoutError
+
+log = logging.getLogger("megatron_exaone.train")
+
+
+def _split_args(argv: list[str]) -> tuple[list[str], str | None]:
+    """Hydra-style overrides, plus an optional `--config-dir DIR` (or `-cd DIR`)."""
+    overrides, config_dir, i = [], None, 0
+    while i < len(argv):
+        if argv[i] in ("--config-dir", "-cd") and i + 1 < len(argv):
+            config_dir, i = argv[i + 1], i + 2
+        elif argv[i] in ("-h", "--help"):
+            print(__doc__)
+            raise SystemExit(0)
+        else:
+            overrides.append(argv[i])
+            i += 1
+    return overrides, config_dir
+
+
+def _starting_stage(cfg, validated) -> int:
+    """The curriculum stage this launch starts in (from the newest checkpoint), which decides its layout."""
+    checkpoint = find_checkpoint(cfg.checkpoint.load or os.path.join(cfg.run_dir, "checkpoints"))
+    if checkpoint is None:
+        return 0
+    tokens = int(read_meta(checkpoint).get("tokens", 0))
+    if validated.curriculum.is_finished(tokens):
+        return len(validated.curriculum.stages) - 1
+    return validated.curriculum.stage_index_at(tokens)
+
+
+def main(argv: list[str] | None = None) -> int:
+    overrides, config_dir = _split_args(sys.argv[1:] if argv is None else argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    # Rank 0 tells the story; the other ranks only speak up with warnings and errors.
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(overrides, config_dir)
+        device_type = resolve_device(cfg.trainer.device)
+        validated = validate(cfg, world, device_type)
+        stage = _starting_stage(cfg, validated)
+        layout = validated.stage_parallel[stage] if validated.stage_parallel else cfg.parallel
+        cfg = dataclasses.replace(cfg, parallel=layout)
+        dims = layout.to_dims().validate(world, validated.model)
+        check_supported(dims)
+    except (RecipeError, LayoutError) as exc:
+        if rank == 0:
+            print(f"exaone-train: {exc}", file=sys.stderr)
+        return 2
+
+    # Imported here so that `--help` and config errors stay fast.
+    import torch
+
+    from megatron_exaone.training.trainer import Trainer, default_device
+
+    device = default_device(cfg.trainer.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if world == 1:  # a plain single-process launch: a local one-rank group keeps one code path
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=timedelta(minutes=30))
+    try:
+        if rank == 0:
+            path = save_resolved(cfg)
+            log.info("resolved config written to %s", path)
+        trainer = Trainer(cfg, validated.model, dims, validated.curriculum, device)
+        trainer.run()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,386 @@
+"""The training loop: curriculum -> batch -> forward/backward (pipeline schedule or micro-batch accumulation) ->
+gradient reduction -> NaN guard -> clipping -> expert-bias update -> optimizer step -> metrics -> checkpoints.
+
+One `Trainer` per rank. Everything the step needs comes from the curriculum's plan at the current token count, so
+a run resumed from a checkpoint (same or different layout) continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_exaone.checkpoint import state as ckpt
+from megatron_exaone.checkpoint.store import find_checkpoint, read_meta
+from megatron_exaone.config.schema import TrainConfig
+from megatron_exaone.curriculum import Curriculum, Stage, StepPlan
+from megatron_exaone.data.loader import DataStage, MixtureLoader
+from megatron_exaone.model import ModelConfig, update_expert_bias
+from megatron_exaone.model.moe import MoEBlock
+from megatron_exaone.parallel.build import all_reduce_grads, build_parallel_model, build_pipeline_chunks
+from megatron_exaone.parallel.checkpointing import apply_activation_checkpointing
+from megatron_exaone.parallel.data_parallel import apply_data_parallel
+from megatron_exaone.parallel.grad_norm import clip_grad_norm_
+from megatron_exaone.parallel.mesh import ParallelDims, ParallelMesh, build_mesh
+from megatron_exaone.parallel.pipeline import (PipelineRunner, embedding_copies, splits_weight_backward,
+                                               sync_embedding_grads)
+from megatron_exaone.parallel.tensor_parallel import reduce_tp_partial_grads
+
+from .flops import flops_per_token, peak_flops
+from .metrics import MetricsLogger
+from .optim import build_optimizer
+from .sample_data import prepare_sample_data
+
+log = logging.getLogger("megatron_exaone.train")
+
+# Evaluation gates run when a stage ends (e.g. a needle-in-a-haystack check before the next context extension):
+# name -> fn(trainer, stage) -> dict of metrics. Register with `register_eval_hook`.
+EVAL_HOOKS: dict[str, Callable[["Trainer", Stage], dict[str, float]]] = {}
+
+
+def register_eval_hook(name: str, fn: Callable[["Trainer", Stage], dict[str, float]]) -> None:
+    EVAL_HOOKS[name] = fn
+
+
+class TrainingAborted(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+@dataclasses.dataclass
+class Progress:
+    step: int = 0
+    tokens: int = 0
+    skipped_steps: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model_config: ModelConfig, dims: ParallelDims, curriculum: Curriculum,
+                 device: torch.device) -> None:
+        self.cfg, self.model_config, self.curriculum, self.device = cfg, model_config, curriculum, device
+        self.run_dir = Path(cfg.run_dir)
+        self.mesh: ParallelMesh = build_mesh(dims, device.type)
+        self.rank = dist.get_rank()
+        self.progress = Progress()
+        self.stop_requested = False
+        self._loss_ema: float | None = None
+        self._install_signal_handlers()
+        self._prepare_data()
+        self.chunks = self._build_model()
+        self.optimizer = build_optimizer(
+            self.chunks, cfg.optim.name, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas),
+            eps=cfg.optim.eps, muon_momentum=cfg.optim.muon_momentum, muon_nesterov=cfg.optim.muon_nesterov,
+            muon_ns_steps=cfg.optim.muon_ns_steps, muon_adjust_lr=cfg.optim.muon_adjust_lr,
+            tp_group=self.mesh.tp_group, tp_size=dims.tp)
+        self.loader = self._build_loader()
+        self.runner = (PipelineRunner(self.chunks, self.mesh, cfg.parallel.pipeline_schedule, self._microbatches(),
+                                      activation_dtype=self._compute_dtype()) if dims.pp > 1 else None)
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.rank == 0, total_tokens=curriculum.total_tokens,
+                                     wandb_settings={**dataclasses.asdict(cfg.wandb),
+                                                     "mode": cfg.wandb.resolved_mode()},
+                                     run_config=_plain(cfg))
+        self._resume()
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM (Slurm preemption) and SIGUSR1 (Slurm's warning signal): checkpoint after this step and exit."""
+        def request_stop(signum, _frame):
+            log.warning("received %s: saving a checkpoint after the current step, then exiting",
+                        signal.Signals(signum).name)
+            self.stop_requested = True
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    def _prepare_data(self) -> None:
+        data = self.cfg.data
+        self.datasets = data.resolved_datasets(self.run_dir)
+        tokenizer = data.resolved_path(data.tokenizer, self.run_dir)
+        self.tokenizer_dir: Path | None = Path(tokenizer) if tokenizer else None
+        if data.prepare_sample:  # the embedded default: build the tokenizer and shards once, on rank 0
+            data_dir = self.run_dir / "data"
+            if self.rank == 0:
+                prepare_sample_data(data_dir, self.model_config.vocab_size)
+            dist.barrier()
+
+    def _compute_dtype(self) -> torch.dtype:
+        bf16 = self.cfg.precision.name != "fp32" and self.device.type == "cuda"
+        return torch.bfloat16 if bf16 else torch.float32
+
+    def _build_model(self) -> list[nn.Module]:
+        p, seed = self.cfg.parallel, self.cfg.trainer.seed
+        if self.mesh.dims.pp > 1:
+            chunks = build_pipeline_chunks(self.model_config, self.mesh, seed, self.device, p.pipeline_schedule,
+                                           p.pipeline_layout, p.sequence_parallel)
+        else:
+            chunks = [build_parallel_model(self.model_config, self.mesh, seed, self.device, p.sequence_parallel)]
+        for chunk in chunks:
+            apply_activation_checkpointing(chunk, p.recompute, tuple(p.recompute_modules))
+            if p.fsdp:
+                apply_data_parallel(chunk, self.mesh, bf16=self._compute_dtype() == torch.bfloat16,
+                                    reshard_after_forward=not splits_weight_backward(p.pipeline_schedule))
+        params = sum(param.numel() for chunk in chunks for param in chunk.parameters())
+        log.info("rank %d: %s; %d model chunk(s), %.2fM local parameters", self.rank, self.mesh.describe(),
+                 len(chunks), params / 1e6)
+        return chunks
+
+    def _build_loader(self) -> MixtureLoader:
+        stages = [DataStage(dict(s.mixture) or {name: 1.0 for name in self.datasets}, s.seq_len,
+                            s.global_batch_size) for s in self.curriculum.stages]
+        first = self.curriculum.stages[0]
+        return MixtureLoader(self.datasets, stages, seq_len=first.seq_len, global_batch_size=first.global_batch_size,
+                             dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dims.dp * self.mesh.dims.cp,
+                             seed=self.cfg.trainer.seed, packing=self.cfg.data.packing,
+                             pad_token_id=self.model_config.pad_token_id or 0,
+                             cache_dir=self.cfg.data.resolved_path(self.cfg.data.cache_dir, self.run_dir))
+
+    def _microbatches(self, global_batch: int | None = None) -> int:
+        global_batch = global_batch or self.curriculum.stages[0].global_batch_size
+        return global_batch // (self.mesh.dims.dp * self.cfg.trainer.micro_batch_size)
+
+    def _resume(self) -> None:
+        source = self.cfg.checkpoint.load or self.run_dir / "checkpoints"
+        checkpoint = find_checkpoint(source)
+        if checkpoint is None:
+            if self.cfg.checkpoint.load:
+                raise FileNotFoundError(f"checkpoint.load={self.cfg.checkpoint.load}: no complete checkpoint there.")
+            log.info("starting from the initial weights (seed %d)", self.cfg.trainer.seed)
+            return
+        meta = read_meta(checkpoint)
+        extra = ckpt.load(checkpoint, self.chunks, self.optimizer, self.mesh) or {}
+        if "progress" in extra:  # a training checkpoint; an HF import starts its step and optimizer fresh
+            self.progress = Progress(**extra["progress"])
+            self.loader.load_state_dict(extra["loader"])
+        log.info("resumed from %s (step %d, %s tokens, saved with layout %s)", checkpoint, self.progress.step,
+                 f"{self.progress.tokens:,}", meta.get("layout"))
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def run(self) -> str:
+        """Train until the curriculum is done, max_steps, a stop signal, or a stage that needs another layout.
+        Returns the reason."""
+        reason = "curriculum finished"
+        stage_index = None
+        while not self.curriculum.is_finished(self.progress.tokens):
+            if self.cfg.trainer.max_steps is not None and self.progress.step >= self.cfg.trainer.max_steps:
+                reason = f"trainer.max_steps={self.cfg.trainer.max_steps} reached"
+                break
+            plan = self.curriculum.plan(self.progress.tokens)
+            if plan.stage_index != stage_index:
+                stage_index = plan.stage_index
+                if not self._enter_stage(plan):
+                    reason = f"stage {plan.stage_index} ({plan.stage.name}) needs layout {plan.stage.parallel}"
+                    break
+            self._step(plan)
+            stop = self._all_agree(self.stop_requested)
+            if plan.ends_stage:
+                self._finish_stage(plan, force_save=stop)
+                if self.cfg.trainer.stop_at_stage_end:
+                    reason = f"stage {plan.stage_index} ({plan.stage.name}) finished (trainer.stop_at_stage_end)"
+                    break
+            elif stop or self._interval_due():
+                self._save()
+            if stop:
+                reason = "stop signal received"
+                break
+        if not self._latest_is_current():
+            self._save()
+        ckpt.wait_pending_save()
+        self.metrics.close()
+        log.info("training stopped: %s (step %d, %s tokens)", reason, self.progress.step,
+                 f"{self.progress.tokens:,}")
+        return reason
+
+    def _enter_stage(self, plan: StepPlan) -> bool:
+        stage = plan.stage
+        wanted = {k: v for k, v in stage.parallel.items() if getattr(self.cfg.parallel, k, None) != v}
+        if wanted:
+            log.warning("stage %d (%s) asks for parallel settings %s: saving a checkpoint; relaunch with those "
+                        "overrides to continue (the checkpoint reshards to the new layout)", plan.stage_index,
+                        stage.name, wanted)
+            self._save()
+            return False
+        self.loader.set_stage(plan.stage_index)
+        for chunk in self.chunks:
+            for module in chunk.modules():
+                if isinstance(module, MoEBlock):
+                    module.aux_loss_coeff = stage.aux_loss_coeff
+            _set_mtp_weight(chunk, stage.mtp_loss_weight)
+        log.info("entering curriculum stage %d (%s) at %s tokens: seq_len %d, global batch %d, mixture %s, "
+                 "mtp weight %g, aux coeff %g, bias rate %g", plan.stage_index, stage.name,
+                 f"{self.progress.tokens:,}", stage.seq_len, stage.global_batch_size, stage.mixture or "uniform",
+                 stage.mtp_loss_weight, stage.aux_loss_coeff, stage.bias_update_rate)
+        return True
+
+    def _step(self, plan: StepPlan) -> None:
+        start = time.perf_counter()
+        self.optimizer.set_lr(plan.lr)
+        batch = {k: v.to(self.device) for k, v in self.loader.next_batch(plan.global_batch_size).items()}
+        losses = self._forward_backward(batch, plan)
+        self._reduce_grads()
+        grad_norm = clip_grad_norm_(self.chunks, self.cfg.optim.clip_grad, self.mesh,
+                                    embedding_copies(self.model_config, self.mesh.dims.pp)).item()
+        finite = math.isfinite(grad_norm) and math.isfinite(losses["loss"])
+        if finite:
+            imbalance = self._update_expert_bias(plan.stage.bias_update_rate)
+            self.optimizer.step()
+        else:
+            imbalance = {}
+            self._discard_step()
+        self.optimizer.zero_grad()
+        self.progress.step += 1
+        self.progress.tokens += plan.tokens
+        elapsed = time.perf_counter() - start
+        self._log(plan, losses, grad_norm, elapsed, imbalance, skipped=not finite)
+
+    def _forward_backward(self, batch: dict[str, torch.Tensor], plan: StepPlan) -> dict[str, float]:
+        if self.runner is not None:
+            return self.runner.step(batch["input_ids"], batch["labels"], batch["position_ids"],
+                                    n_microbatches=self._microbatches(plan.global_batch_size))
+        (model,) = self.chunks
+        labels = batch["labels"]
+        valid = (labels != -100).sum().to(torch.float32)
+        dist.all_reduce(valid, group=self.mesh.dp_cp_group)
+        micro = self.cfg.trainer.micro_batch_size
+        rows = labels.shape[0]
+        totals = {"lm_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
+        for first in range(0, rows, micro):
+            last_micro = first + micro >= rows
+            if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once, after the last one
+                model.set_requires_gradient_sync(last_micro)
+            part = slice(first, first + micro)
+            out = model(batch["input_ids"][part], labels=labels[part], position_ids=batch["position_ids"][part],
+                        return_logits=False, loss_normalizer=valid, aux_loss_scale=micro / plan.global_batch_size)
+            out.loss.backward()
+            for key in totals:
+                totals[key] += getattr(out, key).item()
+        summed = torch.tensor(list(totals.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(summed, group=self.mesh.dp_cp_group)
+        totals = dict(zip(totals, summed.tolist()))
+        totals["loss"] = totals["lm_loss"] + _mtp_weight(model) * totals["mtp_loss"] + totals["aux_loss"]
+        return totals
+
+    def _reduce_grads(self) -> None:
+        if self.cfg.parallel.fsdp:  # FSDP2 reduced dense grads over dp x cp and experts over edp in backward
+            for chunk in self.chunks:
+                reduce_tp_partial_grads(chunk, self.mesh.tp_group)
+            sync_embedding_grads(self.chunks, self.mesh)
+        else:
+            all_reduce_grads(self.chunks, self.mesh)
+
+    def _update_expert_bias(self, rate: float) -> dict[str, float]:
+        group = self.mesh.tp_cp_dp_group
+        imbalance: dict[str, float] = {}
+        for chunk in self.chunks:
+            imbalance.update(update_expert_bias(chunk, rate, lambda t: dist.all_reduce(t, group=group)))
+        if self.mesh.dims.pp > 1:  # each pipeline stage holds different layers; rank 0 logs them all
+            gathered: list[dict[str, float] | None] = [None] * self.mesh.dims.pp
+            dist.all_gather_object(gathered, imbalance, group=self.mesh.pp_group)
+            imbalance = {k: v for part in gathered for k, v in part.items()}
+        return imbalance
+
+    def _discard_step(self) -> None:
+        self.progress.skipped_steps += 1
+        for chunk in self.chunks:
+            for module in chunk.modules():
+                if isinstance(module, MoEBlock):
+                    module.tokens_per_expert.zero_()
+        limit = self.cfg.trainer.max_skipped_steps
+        log.warning("non-finite loss or gradient norm at step %d: update skipped (%d skipped so far, limit %d)",
+                    self.progress.step + 1, self.progress.skipped_steps, limit)
+        if self.progress.skipped_steps > limit:
+            raise TrainingAborted(f"{self.progress.skipped_steps} steps had non-finite gradients (limit "
+                                  f"trainer.max_skipped_steps={limit}); check the learning rate and the data.")
+
+    def _log(self, plan: StepPlan, losses: dict[str, float], grad_norm: float, elapsed: float,
+             imbalance: dict[str, float], skipped: bool) -> None:
+        tokens_per_s = plan.tokens / elapsed
+        peak = peak_flops(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu")
+        mfu = (flops_per_token(self.model_config, plan.seq_len) * tokens_per_s / (peak * dist.get_world_size())
+               if peak else None)
+        loss = losses["loss"]
+        if self._loss_ema is not None and math.isfinite(loss) and loss > self.cfg.trainer.loss_spike_factor * \
+                self._loss_ema and self.rank == 0:
+            log.warning("loss spike at step %d: %.4f is more than %gx the running average %.4f", self.progress.step,
+                        loss, self.cfg.trainer.loss_spike_factor, self._loss_ema)
+        if math.isfinite(loss):
+            self._loss_ema = loss if self._loss_ema is None else 0.9 * self._loss_ema + 0.1 * loss
+        record = {"step": self.progress.step, "loss": loss, "lm_loss": losses["lm_loss"],
+                  "mtp_loss": losses["mtp_loss"], "aux_loss": losses["aux_loss"], "grad_norm": grad_norm,
+                  "lr": plan.lr, "tokens": self.progress.tokens, "stage": plan.stage_index,
+                  "stage_name": plan.stage.name, "seq_len": plan.seq_len, "global_batch_size": plan.global_batch_size,
+                  "tokens_per_s": tokens_per_s, "step_tokens": plan.tokens, "mfu": mfu, "skipped": skipped,
+                  "skipped_steps": self.progress.skipped_steps,
+                  "expert_imbalance_max": max(imbalance.values()) if imbalance else None,
+                  "expert_imbalance": imbalance}
+        if self.progress.step % self.cfg.trainer.log_interval == 0 or plan.ends_stage or skipped:
+            self.metrics.log(record, plan.stage.name)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _interval_due(self) -> bool:
+        interval = self.cfg.checkpoint.interval
+        return bool(interval) and self.progress.step % interval == 0
+
+    def _finish_stage(self, plan: StepPlan, force_save: bool) -> None:
+        stage = plan.stage
+        log.info("curriculum stage %d (%s) finished at %s tokens", plan.stage_index, stage.name,
+                 f"{self.progress.tokens:,}")
+        if force_save or (stage.checkpoint_at_end and self.cfg.checkpoint.save_at_stage_end):
+            self._save()
+        for name in stage.eval_hooks:
+            if name not in EVAL_HOOKS:
+                raise KeyError(f"stage {stage.name!r} names eval hook {name!r}, which is not registered; known: "
+                               f"{sorted(EVAL_HOOKS)}")
+            results = EVAL_HOOKS[name](self, stage)
+            log.info("eval hook %s after stage %s: %s", name, stage.name, results)
+
+    def _save(self) -> None:
+        extra = {"progress": dataclasses.asdict(self.progress), "loader": self.loader.state_dict()}
+        meta = {"tokens": self.progress.tokens,
+                "stage": self.curriculum.stage_index_at(min(self.progress.tokens, self.curriculum.total_tokens - 1)),
+                "tokenizer": str(self.tokenizer_dir.resolve()) if self.tokenizer_dir else None}
+        result = ckpt.save(self.run_dir / "checkpoints", self.progress.step, self.chunks, self.optimizer, self.mesh,
+                           extra=extra, keep_last=self.cfg.checkpoint.keep_last, meta=meta,
+                           model_config=self.model_config, async_save=self.cfg.checkpoint.async_save)
+        if self.rank == 0:
+            done = "started (asynchronous)" if self.cfg.checkpoint.async_save else f"written to {result}"
+            log.info("checkpoint for step %d %s", self.progress.step, done)
+        self._last_saved_step = self.progress.step
+
+    def _latest_is_current(self) -> bool:
+        return getattr(self, "_last_saved_step", None) == self.progress.step
+
+    def _all_agree(self, flag: bool) -> bool:
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+
+def _set_mtp_weight(chunk: nn.Module, weight: float) -> None:
+    config = getattr(chunk, "config", None)
+    if config is not None:
+        chunk.config = dataclasses.replace(config, mtp_loss_weight=weight)
+
+
+def _mtp_weight(model: nn.Module) -> float:
+    return model.config.mtp_loss_weight
+
+
+def _plain(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def default_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
