@@ -25,6 +25,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from megatron_exaone.checkpoint.store import find_checkpoint, read_meta
 from megatron_exaone.curriculum import Curriculum, CurriculumError
 from megatron_exaone.model.config import ConfigError, ModelConfig
 from megatron_exaone.parallel.mesh import LayoutError, ParallelDims
@@ -119,8 +120,8 @@ def _composed_from(choices: Any, primary: Path) -> str:
 
 def _check_model_keys(fields: dict[str, Any], source: str, overrides: Sequence[str] = ()) -> None:
     """`model` is a free-form map in the schema (ModelConfig has union-typed fields OmegaConf cannot express), so
-    its names are checked here against ModelConfig."""
-    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(ModelConfig)})
+    its names are checked here against ModelConfig (plus `from_checkpoint`, see `model_fields`)."""
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(ModelConfig)} - {"from_checkpoint"})
     if unknown:
         key = f"model.{unknown[0]}"
         override = next((o for o in overrides if o.lstrip("+~").split("=", 1)[0] == key), None)
@@ -202,7 +203,7 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str | None = None) 
     will run on; None skips the checks that depend on the machine (FP8 libraries and GPU capability), so a recipe
     for a GPU cluster can be checked anywhere.
     """
-    model = build_model_config(cfg.model)
+    model = build_model_config(model_fields(cfg))
     try:
         dims = cfg.parallel.to_dims().validate(world_size, model)
     except LayoutError as exc:
@@ -216,6 +217,36 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str | None = None) 
         raise RecipeError(f"{exc} Change the curriculum recipe (or the override of that stage).") from None
     _check_precision(cfg, model, device_type)
     return ValidatedConfig(config=cfg, model=model, dims=dims, curriculum=curriculum, stage_parallel=stage_parallel)
+
+
+def resume_checkpoint(cfg: TrainConfig) -> Path | None:
+    """The checkpoint a launch starts from: the run's own newest complete checkpoint (a restart), else
+    `checkpoint.load` (an initial checkpoint, such as an imported HF model), else None (fresh weights)."""
+    own = find_checkpoint(Path(cfg.run_dir) / "checkpoints")
+    if own is not None or not cfg.checkpoint.load:
+        return own
+    found = find_checkpoint(cfg.checkpoint.load)
+    if found is None:
+        raise RecipeError(f"checkpoint.load={cfg.checkpoint.load}: no complete checkpoint there (a checkpoint "
+                          "directory holds .metadata and meta.json, a run's checkpoints/ folder step_* folders).")
+    return found
+
+
+def model_fields(cfg: TrainConfig) -> dict[str, Any]:
+    """The model recipe, or with `model=from_checkpoint` the model config saved in the starting checkpoint's
+    meta.json (other keys of the recipe override it, e.g. mtp_loss_weight)."""
+    fields = dict(cfg.model)
+    if not fields.pop("from_checkpoint", False):
+        return fields
+    checkpoint = resume_checkpoint(cfg)
+    if checkpoint is None:
+        raise RecipeError("model=from_checkpoint needs a checkpoint: set checkpoint.load=PATH (for example the "
+                          "output of `exaone-convert from-hf`).")
+    saved = read_meta(checkpoint).get("model_config")
+    if not saved:
+        raise RecipeError(f"{checkpoint}/meta.json has no model_config; use a model recipe instead of "
+                          "model=from_checkpoint.")
+    return {**saved, **fields}
 
 
 def build_model_config(fields: dict[str, Any]) -> ModelConfig:

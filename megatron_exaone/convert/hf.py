@@ -45,10 +45,11 @@ def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
     return shapes
 
 
-def to_hf_tensors(state_dict: Mapping[str, torch.Tensor], tie_word_embeddings: bool = False
+def to_hf_tensors(tensors: Iterable[tuple[str, torch.Tensor]], tie_word_embeddings: bool = False
                   ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF key, tensor) pairs one at a time: stacked experts become per-expert keys."""
-    for key, tensor in state_dict.items():
+    """(HF key, tensor) pairs from (our key, tensor) pairs, one at a time: stacked experts become per-expert
+    keys. Works on a lazy stream, so a converter never needs the whole model at once."""
+    for key, tensor in tensors:
         if tie_word_embeddings and key == "lm_head.weight":
             continue
         match = _STACKED.match(key)
@@ -145,6 +146,9 @@ def write_hf_dir(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose a new output directory or remove it first.")
     limit = parse_size(max_shard_size)
+    existing = next(p for p in out.parents if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise NotADirectoryError(f"cannot create {out}: {existing} is not a writable directory.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -204,7 +208,7 @@ def to_hf(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], out_dir: 
     """Write a full state dict of `ExaoneMoeForCausalLM` as a Hugging Face model directory."""
     check_state_dict({k: v for k, v in state_dict.items()
                       if not (config.tie_word_embeddings and k == "lm_head.weight")}, config, "state dict")
-    return write_hf_dir(config, to_hf_tensors(state_dict, config.tie_word_embeddings), out_dir,
+    return write_hf_dir(config, to_hf_tensors(state_dict.items(), config.tie_word_embeddings), out_dir,
                         max_shard_size=max_shard_size, dtype=dtype)
 
 

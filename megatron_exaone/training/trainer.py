@@ -22,7 +22,8 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_exaone.checkpoint import state as ckpt
-from megatron_exaone.checkpoint.store import find_checkpoint, read_meta
+from megatron_exaone.checkpoint.store import read_meta
+from megatron_exaone.config.load import resume_checkpoint
 from megatron_exaone.config.schema import TrainConfig
 from megatron_exaone.curriculum import Curriculum, Stage, StepPlan
 from megatron_exaone.data.loader import DataStage, MixtureLoader
@@ -148,11 +149,8 @@ class Trainer:
         return global_batch // (self.mesh.dims.dp * self.cfg.trainer.micro_batch_size)
 
     def _resume(self) -> None:
-        source = self.cfg.checkpoint.load or self.run_dir / "checkpoints"
-        checkpoint = find_checkpoint(source)
+        checkpoint = resume_checkpoint(self.cfg)
         if checkpoint is None:
-            if self.cfg.checkpoint.load:
-                raise FileNotFoundError(f"checkpoint.load={self.cfg.checkpoint.load}: no complete checkpoint there.")
             log.info("starting from the initial weights (seed %d)", self.cfg.trainer.seed)
             return
         meta = read_meta(checkpoint)

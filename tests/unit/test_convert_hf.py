@@ -125,7 +125,7 @@ def test_failed_write_leaves_nothing_and_existing_output_is_refused(tmp_path, ti
         to_hf(config, model.state_dict(), existing)
 
     def fails_midway():
-        yield from list(to_hf_tensors(model.state_dict()))[:3]
+        yield from list(to_hf_tensors(model.state_dict().items()))[:3]
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):

@@ -1,0 +1,160 @@
+"""Training checkpoints (DCP, any layout) <-> Hugging Face directories, streamed.
+
+`checkpoint_to_hf` never holds the model: it reads the checkpoint's metadata, then loads groups of full tensors of
+about one output shard at a time (DCP assembles each from however many ranks' pieces wrote it), converts them and
+writes the shard. Peak memory is about one shard (plus the largest tensor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from tqdm import tqdm
+
+from megatron_exaone.checkpoint.store import find_checkpoint, read_meta, save_checkpoint
+from megatron_exaone.model import ModelConfig
+from megatron_exaone.model.config import ConfigError
+
+from .hf import HFFormatError, expected_shapes, from_hf, parse_size, to_hf_tensors, write_hf_dir
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointFormatError(ValueError):
+    """A training checkpoint that cannot be converted."""
+
+
+@dataclasses.dataclass
+class CheckpointInfo:
+    path: Path
+    meta: dict[str, Any]
+    config: ModelConfig
+    tensors: dict[str, TensorStorageMetadata]  # model tensors only (no optimizer state, RNG or extras)
+
+
+def open_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
+    """The newest complete checkpoint under `path` (a run's checkpoints/ folder) or `path` itself."""
+    checkpoint = find_checkpoint(path)
+    if checkpoint is None:
+        raise CheckpointFormatError(f"{path}: no complete checkpoint found (a checkpoint directory holds .metadata "
+                                    "and meta.json; a run's checkpoints/ folder holds step_* directories).")
+    meta = read_meta(checkpoint)
+    if "model_config" not in meta:
+        raise CheckpointFormatError(f"{checkpoint / 'meta.json'} has no model_config; it was not written by "
+                                    "exaone-train or exaone-convert.")
+    try:
+        config = ModelConfig(**meta["model_config"])
+    except (TypeError, ConfigError) as exc:
+        raise CheckpointFormatError(f"{checkpoint / 'meta.json'}: model_config is not valid: {exc}") from exc
+    metadata = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    wanted = expected_shapes(config)
+    tensors = {k: v for k, v in metadata.items() if k in wanted}
+    missing = sorted(set(wanted) - set(tensors))
+    if missing:
+        raise CheckpointFormatError(f"{checkpoint}: {len(missing)} model tensor(s) missing, e.g. {missing[:4]}.")
+    for key, md in tensors.items():
+        if tuple(md.size) != tuple(wanted[key]):
+            raise CheckpointFormatError(f"{checkpoint}: {key} has shape {tuple(md.size)}, the model config implies "
+                                        f"{tuple(wanted[key])}.")
+    return CheckpointInfo(checkpoint, meta, config, tensors)
+
+
+def _load(checkpoint: Path, metadata: dict[str, TensorStorageMetadata], keys: list[str]) -> dict[str, torch.Tensor]:
+    state = {k: torch.empty(tuple(metadata[k].size), dtype=metadata[k].properties.dtype) for k in keys}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        dcp.load(state, storage_reader=FileSystemReader(str(checkpoint)))
+    return state
+
+
+def stream_model_tensors(info: CheckpointInfo, group_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) in the model's order, loaded from the checkpoint in groups of about `group_bytes`."""
+    order = [k for k in expected_shapes(info.config) if k in info.tensors]
+    total = sum(info.tensors[k].size.numel() * info.tensors[k].properties.dtype.itemsize for k in order)
+    progress = tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=None)
+    group: list[str] = []
+    size = 0
+    for i, key in enumerate(order):
+        md = info.tensors[key]
+        group.append(key)
+        size += md.size.numel() * md.properties.dtype.itemsize
+        if size >= group_bytes or i == len(order) - 1:
+            loaded = _load(info.path, info.tensors, group)
+            for name in group:
+                yield name, loaded.pop(name)
+            progress.update(size)
+            group, size = [], 0
+    progress.close()
+
+
+def checkpoint_to_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+                     max_shard_size: int | str = "5GB", tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """Write a training checkpoint of any layout as an HF directory (per-expert keys, `mtp.*`, fp32 correction
+    bias, config.json, generation_config.json, tokenizer files), streamed tensor group by tensor group."""
+    info = open_checkpoint(checkpoint)
+    log.info("converting %s (step %s, %s tokens, saved with layout %s) to %s", info.path, info.meta.get("step"),
+             info.meta.get("tokens"), info.meta.get("layout"), out_dir)
+    tokenizer = tokenizer_dir or info.meta.get("tokenizer")
+    extra = _tokenizer_files(tokenizer) if tokenizer else []
+    limit = parse_size(max_shard_size)
+    tensors = to_hf_tensors(stream_model_tensors(info, limit), info.config.tie_word_embeddings)
+    return write_hf_dir(info.config, tensors, out_dir, max_shard_size=limit, dtype=dtype, extra_files=extra)
+
+
+def _tokenizer_files(tokenizer_dir: str | os.PathLike) -> list[Path]:
+    root = Path(tokenizer_dir)
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    files = [root / n for n in names if (root / n).is_file()]
+    if not files:
+        log.warning("no tokenizer files in %s; the export has none", root)
+    return files
+
+
+def hf_to_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """An HF directory (per-expert or fused expert layout) as a training checkpoint OUT_DIR/step_00000000 that
+    exaone-train loads under any layout (`checkpoint.load=OUT_DIR`; optimizer and step start fresh)."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new output directory.")
+    config, state = from_hf(hf_dir)
+    log.info("writing %d tensors of %s as a training checkpoint under %s", len(state), hf_dir, out)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
+        return save_checkpoint(out, 0, state, meta={"tokens": 0, "source": str(Path(hf_dir).resolve()),
+                                                    "model_config": dataclasses.asdict(config),
+                                                    "layout": None, "world_size": 1})
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """Summary of a training checkpoint or an HF directory: config, step, tokens, layout, parameter counts."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        from .hf import read_hf_config
+        config, kind, meta = read_hf_config(p), "Hugging Face directory", {}
+    else:
+        info = open_checkpoint(p)
+        config, kind, meta = info.config, f"training checkpoint {info.path.name}", info.meta
+    total = sum(torch.Size(s).numel() for s in expected_shapes(config).values())
+    moe_layers = sum(t == "sparse" for t in config.mlp_layer_types)
+    idle_experts = config.num_experts - config.num_experts_per_tok
+    active = total - moe_layers * idle_experts * 3 * config.hidden_size * config.moe_intermediate_size
+    return {"kind": kind, "path": str(p), "step": meta.get("step"), "tokens": meta.get("tokens"),
+            "layout": meta.get("layout"), "world_size": meta.get("world_size"),
+            "layers": config.num_hidden_layers, "mtp_layers": config.num_nextn_predict_layers,
+            "hidden_size": config.hidden_size, "experts": f"{config.num_experts} (top-{config.num_experts_per_tok}, "
+            f"{config.num_shared_experts} shared)", "vocab_size": config.vocab_size,
+            "total_parameters": total, "active_parameters_per_token": active}
+
+
+__all__ = ["CheckpointFormatError", "checkpoint_to_hf", "hf_to_checkpoint", "describe", "open_checkpoint",
+           "HFFormatError"]

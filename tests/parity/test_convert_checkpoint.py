@@ -1,0 +1,163 @@
+"""exaone-convert against transformers: a tp2 x pp2 x ep2 training checkpoint exports to a directory that
+transformers loads with our logits; an HF directory imports into a checkpoint exaone-train resumes from with
+transformers' loss; HF -> checkpoint -> HF is lossless; bad inputs give clear errors and leave nothing behind."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, ExaoneMoeConfig
+from transformers import ExaoneMoeForCausalLM as HFModel
+
+from megatron_exaone.checkpoint import state as ckpt
+from megatron_exaone.cli.convert import main as convert
+from megatron_exaone.model import ExaoneMoeForCausalLM, tiny
+from megatron_exaone.model.mtp import shift_left
+from megatron_exaone.parallel.build import build_pipeline_chunks
+from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
+from megatron_exaone.parallel.pipeline import PipelineRunner
+from megatron_exaone.parallel.testing import run_distributed
+from megatron_exaone.training.optim import build_optimizer
+
+CONFIG = tiny(vocab_size=128, num_attention_heads=4, num_key_value_heads=4)
+
+
+def train_and_save(rank, world, root):
+    """One optimizer step under tp2 x pp2 x ep2 (4 ranks), then a checkpoint."""
+    mesh = build_mesh(ParallelDims(tp=2, pp=2, ep=2), "cpu")
+    chunks = build_pipeline_chunks(CONFIG, mesh, 11, "cpu", "1f1b")
+    opt = build_optimizer(chunks, "adamw", lr=1e-2)
+    x = torch.randint(1, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    PipelineRunner(chunks, mesh, "1f1b", 2).step(x, shift_left(x, 1, -100))
+    from megatron_exaone.parallel.build import all_reduce_grads
+    all_reduce_grads(chunks, mesh)
+    opt.step()
+    ckpt.save(root, 1, chunks, opt, mesh, extra={"tokens": 64}, model_config=CONFIG)
+
+
+@pytest.fixture(scope="module")
+def parallel_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run") / "checkpoints"
+    run_distributed(train_and_save, 4, str(root), timeout_s=120)
+    return root
+
+
+def full_state(hf_dir: Path) -> dict:
+    index = hf_dir / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
+        "model.safetensors"]
+    return {k: v for f in files for k, v in load_file(hf_dir / f).items()}
+
+
+def test_parallel_checkpoint_exports_to_transformers(parallel_checkpoint, tmp_path):
+    out = tmp_path / "hf"
+    assert convert(["to-hf", str(parallel_checkpoint), str(out), "--dtype", "fp32", "--max-shard-size", "60KB"]) == 0
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    hf, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    assert all(k.startswith("mtp.") for k in info["unexpected_keys"])
+    assert any(k.startswith("mtp.") for k in full_state(out))
+    ours = ExaoneMoeForCausalLM(CONFIG).eval()
+    from megatron_exaone.convert.checkpoint import open_checkpoint, stream_model_tensors
+    ours.load_state_dict(dict(stream_model_tensors(open_checkpoint(parallel_checkpoint), 1 << 30)))
+    x = torch.randint(1, 128, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (ours(x).logits - hf.eval()(x).logits).abs().max() <= 1e-5
+
+
+def test_bf16_export_and_inspect(parallel_checkpoint, tmp_path, capsys):
+    out = tmp_path / "hf16"
+    assert convert(["to-hf", str(parallel_checkpoint), str(out)]) == 0
+    tensors = full_state(out)
+    assert tensors["lm_head.weight"].dtype == torch.bfloat16
+    assert tensors["model.layers.1.mlp.e_score_correction_bias"].dtype == torch.float32
+    capsys.readouterr()
+    assert convert(["inspect", str(parallel_checkpoint), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["step"] == 1 and summary["layout"]["tp"] == 2 and summary["total_parameters"] > 0
+
+
+def hf_loss_per_document(hf, batch):
+    """transformers' loss on a packed batch, running each packed document on its own."""
+    logits = []
+    for row, positions in zip(batch["input_ids"], batch["position_ids"]):
+        starts = (positions == 0).nonzero().flatten().tolist() + [len(row)]
+        starts = ([0] if starts[0] != 0 else []) + starts
+        pieces = [hf(row[a:b][None]).logits[0] for a, b in zip(starts, starts[1:]) if b > a]
+        logits.append(torch.cat(pieces))
+    logits = torch.stack(logits)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+
+
+def test_hf_import_resumes_in_the_trainer_with_transformers_loss(tmp_path):
+    from megatron_exaone.config.load import load_config
+    from megatron_exaone.training.sample_data import prepare_sample_data
+
+    tokenizer_dir, prefix = prepare_sample_data(tmp_path / "data", 512)
+    hf_config = ExaoneMoeConfig(
+        vocab_size=512, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=12, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+        layer_types=["sliding_attention", "full_attention"], sliding_window=8, first_k_dense_replace=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    torch.manual_seed(0)
+    hf = HFModel(hf_config).eval()
+    hf.save_pretrained(tmp_path / "released")
+    assert convert(["from-hf", str(tmp_path / "released"), str(tmp_path / "imported")]) == 0
+
+    from megatron_exaone.cli.train import main as train
+    run_dir = tmp_path / "run"
+    overrides = ["experiment=cpu_tiny", "parallel=single", f"run_dir={run_dir}", "model=from_checkpoint",
+                 f"checkpoint.load={tmp_path / 'imported'}", "trainer.max_steps=1", "data.prepare_sample=false",
+                 f"data.datasets.sample=[{prefix}]", f"data.tokenizer={tokenizer_dir}", "optim.clip_grad=0"]
+    assert train(overrides) == 0
+    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    cfg = load_config(overrides)
+    from megatron_exaone.data.loader import MixtureLoader
+    stage = cfg.curriculum.stages[0]
+    batch = MixtureLoader({"sample": [str(prefix)]}, [{"sample": 1.0}], stage.seq_len, stage.global_batch_size,
+                          seed=cfg.trainer.seed).next_batch()
+    with torch.no_grad():
+        want = hf_loss_per_document(hf, batch).item()
+    assert abs(first["lm_loss"] - want) <= 1e-5, (first["lm_loss"], want)
+
+
+def test_hf_checkpoint_hf_round_trip_is_identical(tmp_path):
+    hf_config = ExaoneMoeConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        layer_types=["sliding_attention", "full_attention"], sliding_window=4,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    HFModel(hf_config).save_pretrained(tmp_path / "a")
+    assert convert(["from-hf", str(tmp_path / "a"), str(tmp_path / "ckpt")]) == 0
+    assert convert(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "b"), "--dtype", "fp32"]) == 0
+    a, b = full_state(tmp_path / "a"), full_state(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_inputs_fail_clearly_and_leave_nothing(parallel_checkpoint, tmp_path, capsys):
+    HFModel(ExaoneMoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=2,
+                            num_experts_per_tok=1, moe_intermediate_size=8, layer_types=["full_attention"],
+                            rope_parameters={"rope_type": "default", "rope_theta": 1e4})).save_pretrained(
+        tmp_path / "hf")
+    cases = []
+    wrong_type = tmp_path / "wrong_type"
+    wrong_type.mkdir()
+    (wrong_type / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    cases.append((["from-hf", str(wrong_type), str(tmp_path / "o1")], "model_type='llama'", tmp_path / "o1"))
+    truncated = tmp_path / "hf" / "model.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    cases.append((["from-hf", str(tmp_path / "hf"), str(tmp_path / "o2")], "truncated or corrupt", tmp_path / "o2"))
+    cases.append((["to-hf", str(tmp_path / "nowhere"), str(tmp_path / "o3")], "no complete checkpoint",
+                  tmp_path / "o3"))
+    not_a_dir = tmp_path / "a_file"
+    not_a_dir.write_text("")  # an output path below a regular file cannot be created, even by root
+    cases.append((["to-hf", str(parallel_checkpoint), str(not_a_dir / "out")], "is not a writable directory",
+                  not_a_dir / "out"))
+    for argv, needle, out in cases:
+        assert convert(argv) == 2, argv
+        assert needle in capsys.readouterr().err, (argv, needle)
+        assert not out.exists(), out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "hf", "wrong_type"]
