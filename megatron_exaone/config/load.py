@@ -25,7 +25,8 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from megatron_exaone.checkpoint.store import find_checkpoint, read_meta
+from megatron_exaone.checkpoint.resume import resume_checkpoint
+from megatron_exaone.checkpoint.store import read_meta
 from megatron_exaone.curriculum import Curriculum, CurriculumError
 from megatron_exaone.model.config import ConfigError, ModelConfig
 from megatron_exaone.parallel.mesh import LayoutError, ParallelDims
@@ -219,26 +220,16 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str | None = None) 
     return ValidatedConfig(config=cfg, model=model, dims=dims, curriculum=curriculum, stage_parallel=stage_parallel)
 
 
-def resume_checkpoint(cfg: TrainConfig) -> Path | None:
-    """The checkpoint a launch starts from: the run's own newest complete checkpoint (a restart), else
-    `checkpoint.load` (an initial checkpoint, such as an imported HF model), else None (fresh weights)."""
-    own = find_checkpoint(Path(cfg.run_dir) / "checkpoints")
-    if own is not None or not cfg.checkpoint.load:
-        return own
-    found = find_checkpoint(cfg.checkpoint.load)
-    if found is None:
-        raise RecipeError(f"checkpoint.load={cfg.checkpoint.load}: no complete checkpoint there (a checkpoint "
-                          "directory holds .metadata and meta.json, a run's checkpoints/ folder step_* folders).")
-    return found
-
-
 def model_fields(cfg: TrainConfig) -> dict[str, Any]:
     """The model recipe, or with `model=from_checkpoint` the model config saved in the starting checkpoint's
     meta.json (other keys of the recipe override it, e.g. mtp_loss_weight)."""
     fields = dict(cfg.model)
     if not fields.pop("from_checkpoint", False):
         return fields
-    checkpoint = resume_checkpoint(cfg)
+    try:
+        checkpoint = resume_checkpoint(cfg.run_dir, cfg.checkpoint.load)
+    except FileNotFoundError as exc:
+        raise RecipeError(str(exc)) from None
     if checkpoint is None:
         raise RecipeError("model=from_checkpoint needs a checkpoint: set checkpoint.load=PATH (for example the "
                           "output of `exaone-convert from-hf`).")

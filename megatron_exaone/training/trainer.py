@@ -23,7 +23,7 @@ from torch import nn
 
 from megatron_exaone.checkpoint import state as ckpt
 from megatron_exaone.checkpoint.store import read_meta
-from megatron_exaone.config.load import resume_checkpoint
+from megatron_exaone.checkpoint.resume import resume_checkpoint
 from megatron_exaone.config.schema import TrainConfig
 from megatron_exaone.curriculum import Curriculum, Stage, StepPlan
 from megatron_exaone.data.loader import DataStage, MixtureLoader
@@ -149,7 +149,7 @@ class Trainer:
         return global_batch // (self.mesh.dims.dp * self.cfg.trainer.micro_batch_size)
 
     def _resume(self) -> None:
-        checkpoint = resume_checkpoint(self.cfg)
+        checkpoint = resume_checkpoint(self.cfg.run_dir, self.cfg.checkpoint.load)
         if checkpoint is None:
             log.info("starting from the initial weights (seed %d)", self.cfg.trainer.seed)
             return
