@@ -4,6 +4,10 @@ Layout: ROOT/step_00000040/ (DCP files + meta.json), ROOT/latest (the name of th
 written last and atomically). DCP writes into ROOT/.step_00000040.tmp; rank 0 adds meta.json, renames it and
 rewrites `latest` only when every rank's data and DCP's .metadata are on disk. Works in one process (no process
 group) and on every rank of a job (all ranks call save; rank 0 alone touches directories and pointers).
+
+meta.json lists every file of the checkpoint with its size (`files`); `find_checkpoint` skips a checkpoint whose
+files are missing or have another size (a copy cut short, a full disk, a damaged file system) and falls back to
+the previous complete one. Checkpoints written before the manifest existed are accepted as they are.
 """
 
 from __future__ import annotations
@@ -31,8 +35,38 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+MANIFEST = "files"  # the meta.json key of the manifest: file name (relative to the checkpoint) -> size in bytes
+
+
 def is_complete(path: Path) -> bool:
     return (path / ".metadata").is_file() and (path / META).is_file()
+
+
+def _manifest(directory: Path) -> dict[str, int]:
+    """Every file under `directory` (meta.json excepted) -> its size in bytes."""
+    return {p.relative_to(directory).as_posix(): p.stat().st_size for p in sorted(directory.rglob("*"))
+            if p.is_file() and p != directory / META}
+
+
+def verify(path: str | os.PathLike) -> str | None:
+    """Why checkpoint `path` cannot be used (missing .metadata / meta.json, a file of its manifest missing or of
+    another size), or None when it is complete. A checkpoint without a manifest (older ones) is checked for
+    .metadata and meta.json only."""
+    path = Path(path)
+    if not is_complete(path):
+        return "it is incomplete (no .metadata or meta.json)"
+    try:
+        files = read_meta(path).get(MANIFEST)
+    except (OSError, ValueError) as exc:
+        return f"its {META} cannot be read ({exc})"
+    for name, size in (files or {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"file {name} is missing"
+        actual = file.stat().st_size
+        if actual != size:
+            return f"file {name} is {'truncated' if actual < size else 'the wrong size'} ({actual} of {size} bytes)"
+    return None
 
 
 def _rank_world() -> tuple[int, int]:
@@ -73,8 +107,12 @@ def _prepare(root: str | os.PathLike, step: int) -> tuple[Path, Path, Path]:
 
 def _publish(root: Path, final: Path, tmp: Path, step: int, meta: dict[str, Any] | None,
              keep_last: int | None) -> None:
-    """Rank 0, once the DCP files are complete: meta.json, rename, `latest`, retention."""
-    (tmp / META).write_text(json.dumps({"step": step, **(meta or {})}, indent=2) + "\n")
+    """Rank 0, once the DCP files are complete: meta.json (with the manifest of the files), rename, `latest`,
+    retention. Every rank's files are complete here: DCP's coordinator (rank 0) writes .metadata and returns only
+    after every rank has reported its data files written (and fsynced); the same holds when an async save's future
+    completes on rank 0."""
+    record = {"step": step, **(meta or {}), MANIFEST: _manifest(tmp)}
+    (tmp / META).write_text(json.dumps(record, indent=2) + "\n")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -180,21 +218,29 @@ def wait_pending() -> Path | None:
 
 def find_checkpoint(path: str | os.PathLike) -> Path | None:
     """A checkpoint directory itself, or the newest complete one under a root (following `latest`, and falling
-    back past an incomplete or corrupt newest one with a warning)."""
+    back past an incomplete, truncated or corrupt newest one with a warning). None when there is none."""
     path = Path(path)
-    if is_complete(path):
-        return path
+    if (path / META).is_file() or (path / ".metadata").is_file():  # one checkpoint, named directly
+        problem = verify(path)
+        if problem is None:
+            return path
+        log.warning("cannot use checkpoint %s: %s", path, problem)
+        return None
     if not path.is_dir():
         return None
     candidates = sorted((p for p in path.glob("step_*") if p.is_dir()), reverse=True)
     pointer = path / LATEST
     if pointer.is_file():
         named = path / pointer.read_text().strip()
-        candidates = [named] + [p for p in candidates if p != named]
+        if named.is_dir():
+            candidates = [named] + [p for p in candidates if p != named]
     for candidate in candidates:
-        if is_complete(candidate):
+        problem = verify(candidate)
+        if problem is None:
             return candidate
-        log.warning("skipping %s: it is incomplete (no .metadata or meta.json); using an older checkpoint", candidate)
+        log.warning("skipping checkpoint %s: %s; using the previous complete checkpoint instead", candidate, problem)
+    if candidates:
+        log.warning("no complete checkpoint under %s (%d incomplete one(s) skipped)", path, len(candidates))
     return None
 
 

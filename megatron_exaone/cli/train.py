@@ -16,11 +16,13 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from megatron_exaone.checkpoint.store import find_checkpoint, read_meta
-from megatron_exaone.config.load import RecipeError, load_config, save_resolved, validate
+from megatron_exaone.checkpoint.resume import resume_checkpoint
+from megatron_exaone.checkpoint.store import read_meta
+from megatron_exaone.config.load import RecipeError, ValidatedConfig, load_config, save_resolved, validate
 from megatron_exaone.config.precision import resolve_device
+from megatron_exaone.config.schema import TrainConfig
 from megatron_exaone.parallel.build import check_supported
-from megatron_exaone.parallel.mesh import LayoutError
+from megatron_exaone.parallel.mesh import LayoutError, ParallelDims
 
 log = logging.getLogger("megatron_exaone.train")
 
@@ -41,14 +43,52 @@ def _split_args(argv: list[str]) -> tuple[list[str], str | None]:
 
 
 def _starting_stage(cfg, validated) -> int:
-    """The curriculum stage this launch starts in (from the newest checkpoint), which decides its layout."""
-    checkpoint = find_checkpoint(cfg.checkpoint.load or os.path.join(cfg.run_dir, "checkpoints"))
+    """The curriculum stage this launch starts in (from the checkpoint it resumes), which decides its layout."""
+    checkpoint = resume_checkpoint(cfg.run_dir, cfg.checkpoint.load)
     if checkpoint is None:
         return 0
-    tokens = int(read_meta(checkpoint).get("tokens", 0))
+    tokens = int(read_meta(checkpoint).get("tokens") or 0)
     if validated.curriculum.is_finished(tokens):
         return len(validated.curriculum.stages) - 1
     return validated.curriculum.stage_index_at(tokens)
+
+
+def prepare(overrides: list[str], config_dir: str | None = None, world_size: int = 1
+            ) -> tuple[TrainConfig, ValidatedConfig, ParallelDims]:
+    """Compose and validate the recipe for `world_size` ranks, with the layout of the curriculum stage this launch
+    starts in (from the newest checkpoint). Needs no process group; raises RecipeError / LayoutError."""
+    cfg = load_config(overrides, config_dir)
+    p = cfg.parallel
+    needed = p.tp * p.cp * p.pp * (p.dp or 1)
+    if world_size == 1 and needed > 1:
+        raise RecipeError(f"this recipe's layout (tp={p.tp} pp={p.pp} cp={p.cp} dp={p.dp or 1}, ep={p.ep}) needs "
+                          f"{needed} processes and this is a single process: launch with `launch/local.sh {needed} "
+                          f"...` (CPU) or `torchrun --nproc-per-node {needed} -m megatron_exaone.cli.train ...`, "
+                          "or add parallel=single.")
+    device_type = resolve_device(cfg.trainer.device)
+    validated = validate(cfg, world_size, device_type)
+    stage = _starting_stage(cfg, validated)
+    layout = validated.stage_parallel[stage] if validated.stage_parallel else cfg.parallel
+    cfg = dataclasses.replace(cfg, parallel=layout)
+    dims = layout.to_dims().validate(world_size, validated.model)
+    check_supported(dims)
+    return cfg, validated, dims
+
+
+def train(cfg: TrainConfig, validated: ValidatedConfig, dims: ParallelDims) -> str:
+    """Train on every rank of the initialized process group (`prepare`'s results); returns why training stopped."""
+    from megatron_exaone.training.trainer import Trainer, default_device
+
+    if dist.get_rank() == 0:
+        path = save_resolved(cfg)
+        log.info("resolved config written to %s", path)
+    trainer = Trainer(cfg, validated.model, dims, validated.curriculum, default_device(cfg.trainer.device))
+    return trainer.run()
+
+
+def run_training(overrides: list[str], config_dir: str | None = None) -> str:
+    """`prepare` + `train` inside an already initialized process group (tests, notebooks); returns the reason."""
+    return train(*prepare(overrides, config_dir, dist.get_world_size()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,15 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        cfg = load_config(overrides, config_dir)
-        device_type = resolve_device(cfg.trainer.device)
-        validated = validate(cfg, world, device_type)
-        stage = _starting_stage(cfg, validated)
-        layout = validated.stage_parallel[stage] if validated.stage_parallel else cfg.parallel
-        cfg = dataclasses.replace(cfg, parallel=layout)
-        dims = layout.to_dims().validate(world, validated.model)
-        check_supported(dims)
-    except (RecipeError, LayoutError) as exc:
+        cfg, validated, dims = prepare(overrides, config_dir, world)
+    except (RecipeError, LayoutError, FileNotFoundError) as exc:  # FileNotFoundError: checkpoint.load finds none
         if rank == 0:
             print(f"exaone-train: {exc}", file=sys.stderr)
         return 2
@@ -75,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here so that `--help` and config errors stay fast.
     import torch
 
-    from megatron_exaone.training.trainer import Trainer, default_device
+    from megatron_exaone.training.trainer import default_device
 
     device = default_device(cfg.trainer.device)
     if device.type == "cuda":
@@ -87,11 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 timeout=timedelta(minutes=30))
     try:
-        if rank == 0:
-            path = save_resolved(cfg)
-            log.info("resolved config written to %s", path)
-        trainer = Trainer(cfg, validated.model, dims, validated.curriculum, device)
-        trainer.run()
+        train(cfg, validated, dims)
     finally:
         dist.destroy_process_group()
     return 0

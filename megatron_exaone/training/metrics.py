@@ -32,6 +32,8 @@ class MetricsLogger:
         path = Path(run_dir) / "metrics.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = path.open("a")
+        if self.file.tell() and not _ends_with_newline(path):  # a process killed mid-line: start a fresh line
+            self.file.write("\n")
         if wandb_settings and wandb_settings.get("enabled"):
             self.wandb = _start_wandb(wandb_settings, run_config or {}, Path(run_dir))
 
@@ -60,6 +62,12 @@ class MetricsLogger:
             self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def _start_wandb(settings: dict, run_config: dict, run_dir: Path):

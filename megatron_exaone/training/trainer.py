@@ -158,6 +158,8 @@ class Trainer:
         if "progress" in extra:  # a training checkpoint; an HF import starts its step and optimizer fresh
             self.progress = Progress(**extra["progress"])
             self.loader.load_state_dict(extra["loader"])
+            if checkpoint.parent == self.run_dir / "checkpoints":
+                self._last_saved_step = self.progress.step  # a finished run relaunched has nothing new to save
         log.info("resumed from %s (step %d, %s tokens, saved with layout %s)", checkpoint, self.progress.step,
                  f"{self.progress.tokens:,}", meta.get("layout"))
 

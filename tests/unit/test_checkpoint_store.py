@@ -1,4 +1,6 @@
+import json
 import math
+import os
 import shutil
 
 import pytest
@@ -24,7 +26,8 @@ def test_save_find_load_and_retention(tmp_path):
         save_checkpoint(root, step, state(float(step)), meta={"tokens": step * 10}, keep_last=2)
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000002", "step_00000003"]
     found = find_checkpoint(root)
-    assert found.name == "step_00000003" and read_meta(found) == {"step": 3, "tokens": 30}
+    meta = read_meta(found)
+    assert found.name == "step_00000003" and meta.pop("files") and meta == {"step": 3, "tokens": 30}
     target = state(0.0)
     load_checkpoint(found, target)
     assert torch.equal(target["model"]["w"], torch.full((3, 2), 3.0)) and target["step"] == 3
@@ -42,6 +45,66 @@ def test_incomplete_newest_is_skipped_with_a_warning(tmp_path, caplog):
     assert find_checkpoint(root) is None
 
 
+# ---------------------------------------------------------------------------------------------- the manifest
+def test_meta_lists_every_file_with_its_size(tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt", 1, state(1.0), meta={"tokens": 10})
+    files = read_meta(path)["files"]
+    assert files == {f.name: f.stat().st_size for f in path.iterdir() if f.name != "meta.json"}
+    assert ".metadata" in files and any(name.endswith(".distcp") for name in files) and all(files.values())
+
+
+def _data_file(checkpoint):
+    return next(f for f in checkpoint.iterdir() if f.name.endswith(".distcp"))
+
+
+def test_truncated_newest_is_skipped_for_the_previous_one(tmp_path, caplog):
+    root = tmp_path / "ckpt"
+    save_checkpoint(root, 1, state(1.0))
+    save_checkpoint(root, 2, state(2.0))
+    newest = save_checkpoint(root, 3, state(3.0))
+    data = _data_file(newest)
+    size = data.stat().st_size
+    os.truncate(data, size // 2)
+    with caplog.at_level("WARNING"):
+        found = find_checkpoint(root)
+    assert found.name == "step_00000002"  # `latest` names step 3; the previous complete one is used
+    assert f"skipping checkpoint {newest}: file {data.name} is truncated ({size // 2} of {size} bytes)" in caplog.text
+    assert "previous complete checkpoint" in caplog.text
+    target = state(0.0)
+    load_checkpoint(found, target)
+    assert torch.equal(target["model"]["w"], torch.full((3, 2), 2.0))
+
+    # A missing file, or one that grew, fails the same way; with nothing complete left there is no checkpoint.
+    data2 = _data_file(root / "step_00000002")
+    data2.unlink()
+    with open(_data_file(root / "step_00000001"), "ab") as f:
+        f.write(b"x")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert find_checkpoint(root) is None
+    assert f"file {data2.name} is missing" in caplog.text and "wrong size" in caplog.text
+    assert "no complete checkpoint" in caplog.text
+
+
+def test_a_checkpoint_named_directly_is_verified_too(tmp_path, caplog):
+    path = save_checkpoint(tmp_path / "ckpt", 1, state(1.0))
+    assert find_checkpoint(path) == path
+    os.truncate(path / ".metadata", 1)
+    with caplog.at_level("WARNING"):
+        assert find_checkpoint(path) is None
+    assert "file .metadata is truncated" in caplog.text
+
+
+def test_a_checkpoint_without_manifest_is_still_accepted(tmp_path):
+    root = tmp_path / "ckpt"
+    path = save_checkpoint(root, 4, state(4.0), meta={"tokens": 40})
+    meta = read_meta(path)
+    del meta["files"]  # as written before the manifest existed
+    (path / "meta.json").write_text(json.dumps(meta))
+    os.truncate(_data_file(path), 1)  # not detectable without a manifest
+    assert find_checkpoint(root) == path and find_checkpoint(path) == path
+
+
 # ---------------------------------------------------------------------------------------------- async saves
 @pytest.mark.filterwarnings("ignore:.*assuming the intent is to save in a single process")  # background thread
 def test_async_save_keeps_the_values_of_the_call_and_publishes_on_wait(tmp_path):
@@ -52,6 +115,7 @@ def test_async_save_keeps_the_values_of_the_call_and_publishes_on_wait(tmp_path)
     path = pending.wait()
     assert path == root / "step_00000005" and find_checkpoint(root) == path and pending.done()
     assert (root / "latest").read_text().strip() == "step_00000005" and read_meta(path)["tokens"] == 50
+    assert read_meta(path)["files"] == {f.name: f.stat().st_size for f in path.iterdir() if f.name != "meta.json"}
     target = state(0.0)
     load_checkpoint(path, target)
     assert torch.equal(target["model"]["w"], torch.full((3, 2), 5.0))

@@ -1,0 +1,243 @@
+"""exaone-train is resumable: a run killed (SIGKILL) or stopped (SIGTERM) and relaunched continues with exactly the
+losses of an uninterrupted run, across a curriculum stage boundary too; a checkpoint resumed under another layout
+continues within fp32 tolerance; a truncated newest checkpoint is skipped for the previous complete one.
+
+Every run goes through the `exaone-train` code (`cli.train.main` in a forked process, `cli.train.run_training` on
+forked gloo ranks) with the cpu_tiny experiment: 30 steps, stage `short` for steps 1-20, `long` for 21-30.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_exaone.checkpoint.store import find_checkpoint, read_meta, verify
+from megatron_exaone.cli.train import main, run_training
+from megatron_exaone.config.load import load_config, validate
+from megatron_exaone.parallel.testing import run_distributed
+from megatron_exaone.training.sample_data import prepare_sample_data
+
+STEPS, SWITCH = 30, 20  # cpu_tiny: 30 steps, the second stage starts at step 21
+# Loss of a resumed run under another layout: fp32 sums in another order.
+RESHARD_RTOL = 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module")
+def data_overrides(tmp_path_factory) -> list[str]:
+    """The sample corpus's tokenizer and shards, built once; every run reads them (no tokenizer training)."""
+    vocab = validate(load_config(["experiment=cpu_tiny", "parallel=single"]), 1, "cpu").model.vocab_size
+    tokenizer, prefix = prepare_sample_data(tmp_path_factory.mktemp("sample_data"), vocab)
+    return ["data.prepare_sample=false", f"data.datasets.sample=[{prefix}]", f"data.tokenizer={tokenizer}"]
+
+
+def overrides(run_dir: Path, data: list[str], *extra: str) -> list[str]:
+    return ["experiment=cpu_tiny", "parallel=single", f"run_dir={run_dir}", "trainer.device=cpu",
+            "wandb.enabled=false", *data, *extra]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(argv: list[str]) -> None:
+    """The body of `exaone-train ARGV` as one process (forked: no interpreter start-up, same thread count)."""
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
+        os.environ.pop(key, None)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    torch.set_num_threads(1)  # as on run_distributed's ranks: the same kernels, bit for bit
+    logging.getLogger().handlers.clear()
+    sys.exit(main(argv))
+
+
+def start(argv: list[str]) -> multiprocessing.Process:
+    process = multiprocessing.get_context("fork").Process(target=_cli, args=(argv,))
+    process.start()
+    return process
+
+
+def train(argv: list[str], timeout: float = 120) -> None:
+    process = start(argv)
+    process.join(timeout)
+    if process.is_alive():
+        process.kill()
+        process.join()
+    assert process.exitcode == 0, f"exaone-train {' '.join(argv)} exited with {process.exitcode}"
+
+
+def _train_rank(rank: int, world: int, argv: list[str]) -> str:
+    return run_training(argv)
+
+
+def train_ranks(world: int, argv: list[str]) -> str:
+    return run_distributed(_train_rank, world, argv, timeout_s=120)[0]
+
+
+def records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl's records in file order (a line cut short by a kill is skipped)."""
+    path = run_dir / "metrics.jsonl"
+    out = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def by_step(run_dir: Path) -> dict[int, dict]:
+    """The last record of each step (a resumed run appends the steps it repeats)."""
+    return {r["step"]: r for r in records(run_dir)}
+
+
+def wait_for_step(process: multiprocessing.Process, run_dir: Path, step: int, timeout: float = 90) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.is_alive():
+        steps = [r["step"] for r in records(run_dir)]
+        if steps and max(steps) >= step:
+            return max(steps)
+        time.sleep(0.01)
+    process.kill()
+    raise AssertionError(f"the run in {run_dir} did not reach step {step} (exit code {process.exitcode})")
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_overrides) -> tuple[Path, dict[int, dict]]:
+    """The uninterrupted single-process run, every 5th step's checkpoint kept."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    train(overrides(run_dir, data_overrides, "checkpoint.interval=5", "checkpoint.keep_last=0"))
+    metrics = by_step(run_dir)
+    assert sorted(metrics) == list(range(1, STEPS + 1))
+    assert [metrics[s]["stage"] for s in (SWITCH, SWITCH + 1)] == [0, 1]
+    assert checkpoint_steps(run_dir) == list(range(5, STEPS + 1, 5))
+    return run_dir, metrics
+
+
+def assert_same_losses(metrics: dict[int, dict], expected: dict[int, dict], steps, rtol: float = 0.0) -> None:
+    for step in steps:
+        for key in ("loss", "lm_loss", "mtp_loss", "aux_loss", "tokens", "stage", "lr"):
+            got, want = metrics[step][key], expected[step][key]
+            assert abs(got - want) <= rtol * abs(want), (step, key, got, want)
+
+
+# ---------------------------------------------------------------------------------------------- SIGKILL
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory, data_overrides, reference) -> tuple[Path, int, int]:
+    """A run with checkpoints every 5 steps, SIGKILLed once step 17 is logged (steps 16-17 lost), then relaunched
+    in the same run_dir to the end. Returns (run_dir, last step logged before the kill, resumed checkpoint step)."""
+    run_dir = tmp_path_factory.mktemp("killed")
+    argv = overrides(run_dir, data_overrides, "checkpoint.interval=5")
+    process = start(argv)
+    killed_at = wait_for_step(process, run_dir, 17)
+    process.kill()
+    process.join()
+    assert process.exitcode == -signal.SIGKILL
+    resumed_from = int(read_meta(find_checkpoint(run_dir / "checkpoints"))["step"])
+    assert resumed_from == 15 and killed_at < SWITCH, (resumed_from, killed_at)  # the kill came before step 20
+    train(argv)
+    return run_dir, killed_at, resumed_from
+
+
+def test_sigkill_and_resume_gives_the_uninterrupted_losses(reference, killed_and_resumed):
+    _, expected = reference
+    run_dir, killed_at, resumed_from = killed_and_resumed
+    logged = [r["step"] for r in records(run_dir)]
+    # The relaunch appended steps resumed_from+1..30 after the killed run's 1..killed_at.
+    assert logged == list(range(1, killed_at + 1)) + list(range(resumed_from + 1, STEPS + 1))
+    metrics = by_step(run_dir)
+    assert_same_losses(metrics, expected, range(1, STEPS + 1))  # exactly (==), the repeated steps included
+    relaunched = {r["step"]: r for r in records(run_dir)[killed_at:]}
+    assert [relaunched[s]["stage_name"] for s in (SWITCH, SWITCH + 1)] == ["short", "long"]  # switched after step 20
+    assert read_meta(find_checkpoint(run_dir / "checkpoints"))["step"] == STEPS
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, data_overrides, reference,
+                                                                    killed_and_resumed, caplog):
+    _, expected = reference
+    source, _, _ = killed_and_resumed
+    run_dir = tmp_path / "run"
+    shutil.copytree(source / "checkpoints", run_dir / "checkpoints")
+    assert checkpoint_steps(run_dir) == [25, 30]  # keep_last=2
+    newest = run_dir / "checkpoints" / "step_00000030"
+    data_file = max((f for f in newest.iterdir() if f.suffix == ".distcp"), key=lambda f: f.stat().st_size)
+    os.truncate(data_file, data_file.stat().st_size // 3)
+    with caplog.at_level(logging.WARNING):
+        assert find_checkpoint(run_dir / "checkpoints").name == "step_00000025"
+    assert f"file {data_file.name} is truncated" in caplog.text
+    train(overrides(run_dir, data_overrides, "checkpoint.interval=5"))
+    assert [r["step"] for r in records(run_dir)] == list(range(26, STEPS + 1))  # resumed from step 25
+    assert_same_losses(by_step(run_dir), expected, range(26, STEPS + 1))
+    newest = find_checkpoint(run_dir / "checkpoints")
+    assert newest.name == "step_00000030" and verify(newest) is None  # rewritten, complete
+
+
+# ---------------------------------------------------------------------------------------------- SIGTERM
+def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path, data_overrides, reference):
+    _, expected = reference
+    run_dir = tmp_path / "run"
+    argv = overrides(run_dir, data_overrides, "checkpoint.interval=0")  # no interval checkpoints
+    process = start(argv)
+    wait_for_step(process, run_dir, 3)
+    os.kill(process.pid, signal.SIGTERM)
+    process.join(60)
+    assert process.exitcode == 0
+    stopped = max(r["step"] for r in records(run_dir))  # the step it was in when SIGTERM came, finished
+    assert checkpoint_steps(run_dir) == [stopped] and stopped < SWITCH
+    checkpoint = find_checkpoint(run_dir / "checkpoints")
+    assert verify(checkpoint) is None and read_meta(checkpoint)["step"] == stopped
+    train(argv + [f"trainer.max_steps={stopped + 1}"])
+    assert [r["step"] for r in records(run_dir)][-1:] == [stopped + 1]
+    assert_same_losses(by_step(run_dir), expected, range(1, stopped + 2))
+
+
+# ---------------------------------------------------------------------------------------------- resharding
+def test_resume_tp2_pp2_checkpoint_under_ep2_dp2(tmp_path, data_overrides):
+    """Layout A = tp2 x pp2 (ep2 folded into each stage's tp x dp ranks), 4 ranks; layout B = ep2 x dp2, 2 ranks."""
+    first, more = 2, 2
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    layout_a = ["parallel=cpu_4proc"]
+    train_ranks(4, overrides(a_dir, data_overrides, *layout_a, f"trainer.max_steps={first + more}",
+                             f"checkpoint.interval={first}"))
+    expected = by_step(a_dir)
+    assert sorted(expected) == list(range(1, first + more + 1))
+    layout_b = ["parallel.tp=1", "parallel.pp=1", "parallel.ep=2", "parallel.dp=2", "parallel.sequence_parallel=false"]
+    train_ranks(2, overrides(b_dir, data_overrides, *layout_b, f"trainer.max_steps={first + more}",
+                             f"checkpoint.load={a_dir}/checkpoints/step_{first:08d}"))
+    metrics = by_step(b_dir)
+    assert sorted(metrics) == list(range(first + 1, first + more + 1))
+    assert_same_losses(metrics, expected, range(first + 1, first + more + 1), RESHARD_RTOL)
+    assert read_meta(find_checkpoint(b_dir / "checkpoints"))["layout"]["ep"] == 2
+
+
+def test_resume_single_process_checkpoint_under_tp2_across_the_stage_switch(tmp_path, data_overrides, reference):
+    """The reference run's step-20 checkpoint (one process) continues on 2 ranks with tensor + sequence parallel
+    into the second stage (longer sequences)."""
+    ref_dir, expected = reference
+    run_dir = tmp_path / "tp2"
+    argv = overrides(run_dir, data_overrides, "parallel=cpu_tp2", f"checkpoint.load={ref_dir}/checkpoints/step_"
+                     f"{SWITCH:08d}")
+    train_ranks(2, argv + [f"trainer.max_steps={SWITCH + 2}"])
+    metrics = by_step(run_dir)
+    assert sorted(metrics) == [SWITCH + 1, SWITCH + 2] and metrics[SWITCH + 1]["stage"] == 1
+    assert_same_losses(metrics, expected, [SWITCH + 1, SWITCH + 2], RESHARD_RTOL)
+    # Relaunched with the same command, the run continues from its own step-22 checkpoint, not checkpoint.load.
+    train_ranks(2, argv + [f"trainer.max_steps={SWITCH + 3}"])
+    assert [r["step"] for r in records(run_dir)] == [SWITCH + 1, SWITCH + 2, SWITCH + 3]
+    assert_same_losses(by_step(run_dir), expected, [SWITCH + 3], RESHARD_RTOL)
