@@ -1,7 +1,22 @@
 #!/usr/bin/env bash
-# The main job end to end on the embedded default: train a SuperBPE tokenizer on the bundled sample corpus,
-# tokenize it into Megatron shards, train the tiny EXAONE-MoE model on CPU, checkpoint, export to Hugging Face.
+# The main job end to end on the embedded default, on CPU: train a SuperBPE tokenizer on the bundled sample corpus
+# and tokenize it into Megatron shards, train the tiny EXAONE-MoE model on 4 processes (tensor + sequence,
+# pipeline and expert parallel) through two curriculum stages, checkpoint, export to Hugging Face format and check
+# the export with transformers. Extra arguments are Hydra overrides for exaone-train (e.g. trainer.max_steps=10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-exec .venv/bin/python -m megatron_exaone.cli.quickstart "$@"
+run_dir=${RUN_DIR:-runs/quickstart-$(date +%Y%m%d-%H%M%S)}
+echo "Training the tiny model on 4 CPU processes (tp2 x pp2 x ep2) into $run_dir"
+launch/local.sh 4 experiment=cpu_tiny run_dir="$run_dir" "$@"
+echo "Exporting the newest checkpoint to Hugging Face format"
+.venv/bin/exaone-convert to-hf "$run_dir/checkpoints" "$run_dir/hf" --dtype fp32 --verify
+cat <<TXT
+
+Done. Everything is under $run_dir:
+  config       $run_dir/config.yaml        (the resolved recipe)
+  metrics      $run_dir/metrics.jsonl      (one line per optimizer step)
+  data         $run_dir/data/              (SuperBPE tokenizer and the Megatron .bin/.idx shards)
+  checkpoints  $run_dir/checkpoints/       (DCP, reshardable; 'latest' names the newest)
+  hf           $run_dir/hf/                (transformers: AutoModelForCausalLM.from_pretrained("$run_dir/hf"))
+TXT

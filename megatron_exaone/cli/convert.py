@@ -14,7 +14,8 @@ import sys
 
 import torch
 
-from megatron_exaone.convert.checkpoint import CheckpointFormatError, checkpoint_to_hf, describe, hf_to_checkpoint
+from megatron_exaone.convert.checkpoint import (CheckpointFormatError, checkpoint_to_hf, describe,
+                                                hf_to_checkpoint, verify_with_transformers)
 from megatron_exaone.convert.hf import HFFormatError
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -31,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weight dtype (the expert-score correction bias stays fp32)")
     to_hf.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB, 2GiB")
     to_hf.add_argument("--tokenizer", help="directory with tokenizer.json to copy (default: the run's tokenizer)")
+    to_hf.add_argument("--verify", action="store_true",
+                       help="load the export with transformers and compare its logits with the checkpoint's "
+                            "(loads both models whole: for small models)")
     from_hf = sub.add_parser("from-hf", help="an HF directory -> a training checkpoint for continued pretraining")
     from_hf.add_argument("hf_dir")
     from_hf.add_argument("out_dir")
@@ -48,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
             out = checkpoint_to_hf(args.checkpoint, args.out_dir, DTYPES[args.dtype], args.max_shard_size,
                                    args.tokenizer)
             print(f"wrote {out} (transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+            if args.verify:
+                diff = verify_with_transformers(args.checkpoint, out)
+                print(f"verified: transformers' ExaoneMoeForCausalLM loads it; max |logit difference| vs the "
+                      f"checkpoint's model: {diff:.2e} (weights stored as {args.dtype})")
         elif args.command == "from-hf":
             out = hf_to_checkpoint(args.hf_dir, args.out_dir)
             print(f"wrote {out}; continue pretraining with: exaone-train ... model=from_checkpoint "

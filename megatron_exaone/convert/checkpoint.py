@@ -111,6 +111,22 @@ def checkpoint_to_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
     return write_hf_dir(info.config, tensors, out_dir, max_shard_size=limit, dtype=dtype, extra_files=extra)
 
 
+@torch.no_grad()
+def verify_with_transformers(checkpoint: str | os.PathLike, hf_dir: str | os.PathLike, tokens: int = 32) -> float:
+    """Load the export with transformers' ExaoneMoeForCausalLM and our model from the checkpoint (both whole, in
+    fp32: meant for small models and tests) and return the largest logit difference on random tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_exaone.model import ExaoneMoeForCausalLM
+
+    info = open_checkpoint(checkpoint)
+    ours = ExaoneMoeForCausalLM(info.config).eval()
+    ours.load_state_dict(dict(stream_model_tensors(info, 1 << 62)), strict=not info.config.tie_word_embeddings)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids = torch.randint(0, info.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    return (hf(ids).logits - ours(ids).logits).abs().max().item()
+
+
 def _tokenizer_files(tokenizer_dir: str | os.PathLike) -> list[Path]:
     root = Path(tokenizer_dir)
     names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
