@@ -20,8 +20,39 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return losses / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """sum over valid rows of CE(hidden @ weight.T, labels) / normalizer, with gradients computed in forward."""
+def accumulate_logit_grads(probs: torch.Tensor, targets: torch.Tensor, is_target: torch.Tensor, valid: torch.Tensor,
+                           h: torch.Tensor, weight: torch.Tensor, grad_hidden_rows: torch.Tensor,
+                           grad_weight: torch.Tensor) -> None:
+    """Turn a chunk's softmax `probs` into d(CE)/d(logits) = softmax - onehot (zero on ignored rows; `is_target`
+    marks rows whose target column is in this weight, for vocab-parallel heads) and add its contributions to the
+    hidden-state rows and to the weight gradient."""
+    probs.scatter_add_(1, targets[:, None], -is_target.to(probs.dtype)[:, None])
+    probs.mul_(valid[:, None])
+    grad = probs.to(h.dtype)
+    grad_hidden_rows.copy_(grad @ weight)
+    grad_weight += (grad.T @ h).float()
+
+
+class GradientsInForward(torch.autograd.Function):
+    """Base of the fused losses: forward computes the loss sum and, chunk by chunk, the gradients of `hidden` and
+    `weight` (saved with `save_grads`); backward only scales them by grad_out / normalizer."""
+
+    @staticmethod
+    def save_grads(ctx, grad_hidden, grad_weight, normalizer, weight_dtype, other_inputs: int) -> None:
+        ctx.save_for_backward(grad_hidden, grad_weight, normalizer)
+        ctx.weight_dtype = weight_dtype
+        ctx.other_inputs = other_inputs
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_hidden, grad_weight, normalizer = ctx.saved_tensors
+        scale = grad_out / normalizer
+        return (grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype),
+                *([None] * ctx.other_inputs))
+
+
+class _LinearCrossEntropy(GradientsInForward):
+    """sum over valid rows of CE(hidden @ weight.T, labels) / normalizer."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor,
@@ -40,23 +71,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             target = logits.gather(1, safe_y[:, None]).squeeze(1)
             total += ((lse - target) * valid).sum()
             if needs_grad:
-                # d(CE)/d(logits) = softmax - onehot, zero on ignored rows.
-                grad = torch.softmax(logits, dim=-1)
-                grad.scatter_add_(1, safe_y[:, None], -torch.ones_like(lse)[:, None])
-                grad.mul_(valid[:, None])
-                grad = grad.to(hidden.dtype)
-                grad_hidden[start:start + chunk_size] = grad @ weight
-                grad_weight += (grad.T @ h).float()
-        ctx.save_for_backward(grad_hidden, grad_weight, normalizer)
-        ctx.weight_dtype = weight.dtype
+                accumulate_logit_grads(torch.softmax(logits, dim=-1), safe_y, torch.ones_like(valid), valid, h,
+                                       weight, grad_hidden[start:start + chunk_size], grad_weight)
+        GradientsInForward.save_grads(ctx, grad_hidden, grad_weight, normalizer, weight.dtype, other_inputs=3)
         return total / normalizer
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        grad_hidden, grad_weight, normalizer = ctx.saved_tensors
-        scale = grad_out / normalizer
-        return (grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype),
-                None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_exaone.model.loss import IGNORE_INDEX
+from megatron_exaone.model.loss import IGNORE_INDEX, GradientsInForward, accumulate_logit_grads
 
 from . import comm
 
@@ -44,7 +44,7 @@ class VocabParallelEmbedding(nn.Module):
         return comm.reduce_from_tp(local, self.group)
 
 
-class _VocabParallelLinearCE(torch.autograd.Function):
+class _VocabParallelLinearCE(GradientsInForward):
     """Sum over valid rows of CE(hidden @ W.T) with W split by vocabulary rows over `group`, / normalizer.
 
     Logits exist only per chunk and per rank; the softmax statistics and the target logit are all-reduced.
@@ -76,22 +76,10 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             sum_exp, target = stats
             total += ((torch.log(sum_exp) + row_max - target) * valid).sum()
             if needs_grad:
-                grad = exp / sum_exp[:, None]
-                grad.scatter_add_(1, local_y[:, None], -mine.to(grad.dtype)[:, None])
-                grad.mul_(valid[:, None])
-                grad = grad.to(hidden.dtype)
-                grad_hidden[first:first + chunk_size] = grad @ weight
-                grad_weight += (grad.T @ h).float()
-        ctx.save_for_backward(grad_hidden, grad_weight, normalizer)
-        ctx.weight_dtype = weight.dtype
+                accumulate_logit_grads(exp / sum_exp[:, None], local_y, mine, valid, h, weight,
+                                       grad_hidden[first:first + chunk_size], grad_weight)
+        GradientsInForward.save_grads(ctx, grad_hidden, grad_weight, normalizer, weight.dtype, other_inputs=4)
         return total / normalizer
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_hidden, grad_weight, normalizer = ctx.saved_tensors
-        scale = grad_out / normalizer
-        return (grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype),
-                None, None, None, None)
 
 
 class VocabParallelOutputHead(nn.Module):

@@ -1,0 +1,106 @@
+"""Single-GPU training step of the ~2B proxy model (recipes/model/proxy_2b.yaml) in BF16 and in FP8
+(torch-native backend), through the real training path: the parallel builder (precision pass), FSDP2 mixed
+precision (BF16 compute, FP32 master weights and gradient reduction), fused output-projection loss, AdamW.
+
+Prints tokens/s and MFU against the H100 dense BF16 peak (989 TFLOP/s) with the device name, and the FP8 step's
+speed-up over BF16 measured in the same process: `name: value (ratio vs baseline)`.
+Run on a GPU:  python benchmarks/bench_train_gpu.py [--seq-len 4096] [--micro-batch 2] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from megatron_exaone.model import ModelConfig
+from megatron_exaone.model.mtp import shift_left
+from megatron_exaone.parallel.build import build_parallel_model
+from megatron_exaone.parallel.data_parallel import apply_data_parallel
+from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
+from megatron_exaone.training.flops import H100_BF16_DENSE_PEAK, flops_per_token
+from megatron_exaone.training.optim import build_optimizer
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "model" / "proxy_2b.yaml"
+
+
+def proxy_config(layers: int | None) -> ModelConfig:
+    fields = yaml.safe_load(RECIPE.read_text())
+    if layers:
+        fields["num_hidden_layers"] = layers
+    return ModelConfig(**fields)
+
+
+def time_steps(config: ModelConfig, precision: str, seq_len: int, micro_batch: int, steps: int, warmup: int
+               ) -> tuple[float, float]:
+    """(median seconds per optimizer step, peak GiB) for one precision."""
+    mesh = build_mesh(ParallelDims(), "cuda")
+    model = build_parallel_model(config, mesh, seed=0, device="cuda", precision=precision)
+    apply_data_parallel(model, mesh, bf16=True)
+    optimizer = build_optimizer([model], "adamw", lr=1e-4)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randint(0, config.vocab_size, (micro_batch, seq_len), device="cuda", generator=gen)
+    labels = shift_left(x, 1, -100)
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(warmup + steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = model(x, labels=labels, return_logits=False)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del model, optimizer
+    torch.cuda.empty_cache()
+    return statistics.median(times), peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=None, help="override the proxy's layer count")
+    parser.add_argument("--precisions", default="bf16,fp8_torch")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_train_gpu needs a CUDA GPU.")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    torch.cuda.set_device(0)
+    config = proxy_config(args.layers)
+    tokens = args.micro_batch * args.seq_len
+    flops = flops_per_token(config, args.seq_len)
+    name = torch.cuda.get_device_name(0)
+    print(f"device: {name}; torch {torch.__version__}; proxy model {config.num_hidden_layers} layers, "
+          f"{config.num_experts} experts top-{config.num_experts_per_tok}; {args.micro_batch} x {args.seq_len} "
+          f"tokens per step; {flops / 1e9:.2f} GFLOP per token (model FLOPs)")
+    baseline = None
+    for precision in args.precisions.split(","):
+        seconds, peak = time_steps(config, precision, args.seq_len, args.micro_batch, args.steps, args.warmup)
+        rate = tokens / seconds
+        mfu = flops * rate / H100_BF16_DENSE_PEAK
+        ratio = "baseline" if baseline is None else f"{baseline / seconds:.2f}x faster than bf16"
+        baseline = baseline or seconds
+        print(f"{precision}: {rate:,.0f} tokens/s, {seconds * 1e3:.1f} ms/step, MFU {100 * mfu:.1f}% of 989 "
+              f"TFLOP/s, peak memory {peak:.1f} GiB ({ratio})")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
