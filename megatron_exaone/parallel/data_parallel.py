@@ -31,20 +31,22 @@ def _shard(module: nn.Module, mesh, policy: MixedPrecisionPolicy, reshard_after_
 def apply_data_parallel(root: nn.Module, mesh: ParallelMesh, bf16: bool = True,
                         reshard_after_forward: bool = True) -> None:
     """Wrap `root` (materialized, after the TP/EP passes) with FSDP2: the experts of each MoE block over edp,
-    then each decoder layer and the root over dp x cp. Groups of size 1 are skipped; routed experts are never
-    part of the dense groups (different ep ranks hold different experts)."""
+    then each decoder layer and the root over dp x cp. Routed experts are never part of the dense groups
+    (different ep ranks hold different experts). A group of one rank is still wrapped under BF16 mixed precision
+    on GPU (FSDP2 does the casting); otherwise it is skipped."""
     policy = mixed_precision(mesh.dense.device_type, bf16)
-    # Experts sharded over edp become FSDP units of their own, which the dense units then skip; with edp == 1 the
-    # dense units must be told to leave them alone.
-    unsharded_experts: set[nn.Parameter] = set()
+    casting = policy.param_dtype is not None
+    wrap_experts = mesh.dims.edp > 1 or casting
+    # Experts wrapped as FSDP units of their own are skipped by the dense units; otherwise they must be ignored.
+    unwrapped_experts: set[nn.Parameter] = set()
     for module in root.modules():
         if isinstance(module, MoEBlock):
-            if mesh.dims.edp > 1:
+            if wrap_experts:
                 _shard(module.experts, mesh.expert_fsdp_mesh, policy, reshard_after_forward, set())
             else:
-                unsharded_experts |= set(module.experts.parameters())
-    if mesh.dense_fsdp_mesh.size() > 1:
+                unwrapped_experts |= set(module.experts.parameters())
+    if mesh.dense_fsdp_mesh.size() > 1 or casting:
         for module in root.modules():
             if isinstance(module, DecoderLayer):
-                _shard(module, mesh.dense_fsdp_mesh, policy, reshard_after_forward, unsharded_experts)
-        _shard(root, mesh.dense_fsdp_mesh, policy, False, unsharded_experts)
+                _shard(module, mesh.dense_fsdp_mesh, policy, reshard_after_forward, unwrapped_experts)
+        _shard(root, mesh.dense_fsdp_mesh, policy, False, unwrapped_experts)
