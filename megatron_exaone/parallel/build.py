@@ -9,6 +9,8 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_exaone.model import ExaoneMoeForCausalLM, ModelConfig
+from megatron_exaone.precision import PrecisionPlan, apply_precision
+from megatron_exaone.precision.fp8_te import apply_te, is_te_precision
 
 from .expert_parallel import apply_expert_parallel
 from .mesh import LayoutError, ParallelDims, ParallelMesh
@@ -28,34 +30,43 @@ def check_supported(dims: ParallelDims) -> None:
 
 
 def _apply_passes(root: nn.Module, config: ModelConfig, mesh: ParallelMesh, seed: int, device: torch.device | str,
-                  sequence_parallel: bool) -> None:
+                  sequence_parallel: bool, precision: PrecisionPlan | str = "bf16") -> None:
     """The passes after the pipeline split, in the design's order, on a meta-device model or pipeline chunk."""
     check_supported(mesh.dims)
     apply_tensor_parallel(root, mesh.tp_group, sequence_parallel)
     apply_expert_parallel(root, mesh.ep_group)
-    # Precision (fp8) goes here, on the meta device. Activation checkpointing (parallel/checkpointing.py) and data
-    # parallel (FSDP2, parallel/data_parallel.py) wrap the materialized model or each chunk; under a pipeline, FSDP2
-    # must keep parameters unsharded between forward and backward (reshard_after_forward=False) for ZBV/DualPipeV.
+    if is_te_precision(precision):
+        apply_te(root, precision, mesh.tp_group, sequence_parallel, amax_group=mesh.tp_cp_dp_group,
+                 num_layers=config.num_hidden_layers)
+    else:
+        apply_precision(root, precision, config.num_hidden_layers, torch.device(device).type,
+                        amax_group=mesh.tp_group)
+    # Activation checkpointing (parallel/checkpointing.py) and data parallel (FSDP2, parallel/data_parallel.py)
+    # wrap the materialized model or each chunk; under a pipeline, FSDP2 must keep parameters unsharded between
+    # forward and backward (reshard_after_forward=False) for ZBV/DualPipeV.
     materialize(root, config, seed, device)
 
 
 def build_parallel_model(config: ModelConfig, mesh: ParallelMesh, seed: int, device: torch.device | str,
-                         sequence_parallel: bool = True) -> ExaoneMoeForCausalLM:
-    """This rank's shard of the model (pp == 1), initialized to the same full weights as `build_model(config, seed)`."""
+                         sequence_parallel: bool = True, precision: PrecisionPlan | str = "bf16"
+                         ) -> ExaoneMoeForCausalLM:
+    """This rank's shard of the model (pp == 1), initialized to the same full weights as `build_model(config, seed)`.
+    `precision`: an FP8 plan (or precision name) for the precision pass; fp32/bf16 leave the modules as they are."""
     if mesh.dims.pp > 1:
         raise LayoutError(f"pp={mesh.dims.pp}: build the pipeline chunks with build_pipeline_chunks.")
     with torch.device("meta"):
         model = ExaoneMoeForCausalLM(config)
-    _apply_passes(model, config, mesh, seed, device, sequence_parallel)
+    _apply_passes(model, config, mesh, seed, device, sequence_parallel, precision)
     return model
 
 
 def build_pipeline_chunks(config: ModelConfig, mesh: ParallelMesh, seed: int, device: torch.device | str,
-                          schedule: str, layout: str | None = None, sequence_parallel: bool = True
-                          ) -> list[PipelineChunk]:
+                          schedule: str, layout: str | None = None, sequence_parallel: bool = True,
+                          precision: PrecisionPlan | str = "bf16") -> list[PipelineChunk]:
     """This rank's model chunks (one per virtual stage, in the order `schedule` runs them), each sharded and
     initialized to its part of `build_model(config, seed)`. `layout`: see `pipeline_layout`. Run them with
-    `pipeline.PipelineRunner` (which builds the torch `PipelineStage`s and the schedule per micro-batch shape)."""
+    `pipeline.PipelineRunner` (which builds the torch `PipelineStage`s and the schedule per micro-batch shape).
+    `precision` as for `build_parallel_model` (its first/last-layer rule counts global layer indices)."""
     dims = mesh.dims
     specs = pipeline_layout(config, dims.pp, dims.vpp, layout)
     indices = local_stage_indices(schedule, mesh.pp_rank, dims.pp, dims.vpp)
@@ -65,7 +76,7 @@ def build_pipeline_chunks(config: ModelConfig, mesh: ParallelMesh, seed: int, de
     chunks = []
     for index in indices:
         chunk = PipelineChunk(full, specs[index], index, len(specs), sequence_shards)
-        _apply_passes(chunk, config, mesh, seed, device, sequence_parallel)
+        _apply_passes(chunk, config, mesh, seed, device, sequence_parallel, precision)
         chunks.append(chunk)
     return chunks
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -11,6 +12,7 @@ from megatron_exaone.model.attention import Attention
 from megatron_exaone.model.layers import DecoderLayer
 from megatron_exaone.model.mlp import SwiGLUMLP
 from megatron_exaone.model.moe import MoEBlock
+from megatron_exaone.precision.fp8_te import holds_te_modules, recompute_checkpoint
 
 SELECTIVE_KINDS = {"attention": Attention, "mlp": SwiGLUMLP, "moe": MoEBlock}
 
@@ -34,10 +36,12 @@ class _NotCountingTokens:
 
 def _recompute_in_backward(module: nn.Module) -> None:
     original = module.forward
+    # Transformer Engine modules must be recomputed under the forward's FP8 autocast: TE's own checkpoint.
+    run = recompute_checkpoint if holds_te_modules(module) else functools.partial(checkpoint, use_reentrant=False)
 
     def forward(*args, **kwargs):
-        return checkpoint(original, *args, use_reentrant=False,
-                          context_fn=lambda: (contextlib.nullcontext(), _NotCountingTokens(module)), **kwargs)
+        return run(original, *args, context_fn=lambda: (contextlib.nullcontext(), _NotCountingTokens(module)),
+                   **kwargs)
 
     module.forward = forward
 

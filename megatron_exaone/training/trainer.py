@@ -37,6 +37,7 @@ from megatron_exaone.parallel.mesh import ParallelDims, ParallelMesh, build_mesh
 from megatron_exaone.parallel.pipeline import (PipelineRunner, embedding_copies, splits_weight_backward,
                                                sync_embedding_grads)
 from megatron_exaone.parallel.tensor_parallel import reduce_tp_partial_grads
+from megatron_exaone.precision import PrecisionPlan
 
 from .flops import flops_per_token, peak_flops
 from .metrics import MetricsLogger
@@ -119,11 +120,13 @@ class Trainer:
 
     def _build_model(self) -> list[nn.Module]:
         p, seed = self.cfg.parallel, self.cfg.trainer.seed
+        precision = PrecisionPlan.from_config(self.cfg.precision)
         if self.mesh.dims.pp > 1:
             chunks = build_pipeline_chunks(self.model_config, self.mesh, seed, self.device, p.pipeline_schedule,
-                                           p.pipeline_layout, p.sequence_parallel)
+                                           p.pipeline_layout, p.sequence_parallel, precision)
         else:
-            chunks = [build_parallel_model(self.model_config, self.mesh, seed, self.device, p.sequence_parallel)]
+            chunks = [build_parallel_model(self.model_config, self.mesh, seed, self.device, p.sequence_parallel,
+                                           precision)]
         for chunk in chunks:
             apply_activation_checkpointing(chunk, p.recompute, tuple(p.recompute_modules))
             if p.fsdp:

@@ -1,0 +1,123 @@
+"""FP8 scaling math shared by the torch-native and emulated backends: formats, amax, current scaling, saturating
+quantization.
+
+Current (just-in-time) scaling: every GEMM operand is scaled from its own amax at the moment it is used,
+scale = fp8_max / amax, so the largest magnitude lands on the format's largest finite value. `tensorwise` takes one
+amax for the whole operand; `rowwise` one per slice along the GEMM's non-contracted axis (per row of the left
+operand, per column of the right one, i.e. per output channel of a weight), reduced over the contraction axis.
+Values are clamped to +-fp8_max before the cast: a CUDA cast to E4M3 turns overflow into NaN and one to E5M2 into
+inf, whatever the amax said.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+# Largest finite values: E4M3 (no infinities) 448, E5M2 57344.
+FP8_MAX = {E4M3: torch.finfo(E4M3).max, E5M2: torch.finfo(E5M2).max}
+SCALINGS = ("tensorwise", "rowwise")
+# amax is clamped away from zero so an all-zero operand gets a finite scale (and quantizes to zeros).
+AMAX_EPS = 1e-12
+
+
+class Fp8Unavailable(ValueError):
+    """FP8 was requested where it cannot run (no silent fallback to BF16)."""
+
+
+@dataclass(frozen=True)
+class Fp8Recipe:
+    """How a dense linear's operands are quantized. `grad_dtype`: E5M2 (the "hybrid" format) or E4M3 for dY.
+    `amax_group`: a process group over which tensorwise amaxes are max-reduced (tensor parallel), so every rank
+    uses the scale of the full, unsharded operand."""
+
+    scaling: str = "tensorwise"
+    grad_dtype: torch.dtype = E5M2
+    amax_group: dist.ProcessGroup | None = None
+
+    def __post_init__(self) -> None:
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"FP8 scaling {self.scaling!r}: use one of {', '.join(SCALINGS)}.")
+        if self.grad_dtype not in FP8_MAX:
+            raise ValueError(f"FP8 gradient dtype {self.grad_dtype}: use {E5M2} or {E4M3}.")
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """An FP8 tensor and its inverse scale (broadcastable to `data`): data * scale_inv ~ the original values.
+    The inverse scale is what a scaled GEMM multiplies its accumulator by."""
+
+    data: torch.Tensor
+    scale_inv: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        return self.data.float() * self.scale_inv
+
+    def t(self) -> Quantized:
+        """The transpose (a view of the data; a rowwise scale [M, 1] becomes [1, M])."""
+        return Quantized(self.data.t(), self.scale_inv.t())
+
+
+def amax(x: torch.Tensor, dim: int | None = None, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """max |x| in fp32: over the whole tensor (dim=None, shape []) or reduced along `dim` (kept, size 1); with a
+    `group`, the maximum over its ranks (each holding a shard or a replica of the same operand)."""
+    with torch.no_grad():
+        result = (x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)).float()
+        if group is not None:
+            dist.all_reduce(result, op=dist.ReduceOp.MAX, group=group)
+    return result
+
+
+def scale_from_amax(amax_value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp8_max / amax (fp32), amax clamped to AMAX_EPS."""
+    return FP8_MAX[dtype] / amax_value.float().clamp(min=AMAX_EPS)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Saturating cast of x * scale to `dtype`."""
+    limit = FP8_MAX[dtype]
+    with torch.no_grad():
+        return (x.float() * scale).clamp(-limit, limit).to(dtype)
+
+
+def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> Quantized:
+    return Quantized(quantize(x, scale, dtype), scale.reciprocal())
+
+
+def current_scale(x: torch.Tensor, dtype: torch.dtype, scaling: str, contraction_dim: int,
+                  group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The scale of `x` now, for a GEMM contracting `x` along `contraction_dim`: tensorwise (max-reduced over
+    `group` when given), or rowwise (one per slice along the other axis; never reduced over ranks, since
+    different shards hold different slices)."""
+    if scaling == "tensorwise":
+        return scale_from_amax(amax(x, None, group), dtype)
+    return scale_from_amax(amax(x, contraction_dim), dtype)
+
+
+def to_fp8(x: torch.Tensor, dtype: torch.dtype, scaling: str, contraction_dim: int,
+           group: dist.ProcessGroup | None = None) -> Quantized:
+    """`x` quantized with its current scale (see `current_scale`)."""
+    return quantize_with_scale(x, current_scale(x, dtype, scaling, contraction_dim, group), dtype)
+
+
+def group_ids(counts: torch.Tensor, rows: int) -> torch.Tensor:
+    """The group of each of `rows` rows sorted by group ([rows] int64); `counts` [G] sums to `rows`."""
+    groups = torch.arange(counts.numel(), device=counts.device)
+    return torch.repeat_interleave(groups, counts, output_size=rows)
+
+
+def to_fp8_per_group_columns(x: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype) -> Quantized:
+    """x [T, C] with rows sorted into groups of `counts`: one scale per (group, column), for a grouped GEMM that
+    contracts over each group's rows (the routed experts' weight gradient). scale_inv is [G, C]; row t uses
+    scale_inv[group of t]."""
+    rows, cols = x.shape
+    ids = group_ids(counts, rows)
+    with torch.no_grad():
+        group_amax = torch.zeros(counts.numel(), cols, device=x.device, dtype=torch.float32)
+        group_amax.scatter_reduce_(0, ids[:, None].expand(rows, cols), x.abs().float(), "amax")
+    scale = scale_from_amax(group_amax, dtype)
+    return Quantized(quantize(x, scale[ids], dtype), scale.reciprocal())

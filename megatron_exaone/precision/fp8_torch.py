@@ -1,0 +1,123 @@
+"""`precision=fp8_torch`: torch-native FP8 GEMMs on CUDA (compute capability >= 8.9).
+
+Dense linears: `torch._scaled_mm(a, b, scale_a, scale_b, out_dtype=..., use_fast_accum=...)`, a row-major [M, K],
+b column-major [K, N], K and N multiples of 16 (the pass keeps other linears in BF16; a contraction over tokens is
+zero-padded here), scales fp32: one element each (tensorwise) or [M, 1] and [1, N] (rowwise). Routed experts:
+`torch._scaled_grouped_mm(a, b, scale_a, scale_b, offs=..., out_dtype=torch.bfloat16, use_fast_accum=...)`, E4M3
+operands only, rowwise scales, sm_90 in torch 2.11. Its weight-gradient form (2-D x 2-D, contracting over each
+group's rows) needs every group's row count to be a multiple of 16 (a device-side assert otherwise), so each
+expert's tokens are zero-padded to 16 there. Scales passed to the kernels are inverse scales (the accumulator is
+multiplied by them). Forward GEMMs use fast accumulation, gradient GEMMs do not (torchao's default).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .fp8_common import E4M3, Fp8Unavailable, Quantized, group_ids
+
+ALIGN = 16  # elements (FP8: bytes) the kernels need along K, N and the grouped weight-gradient rows
+
+
+def _column_major(t: torch.Tensor) -> torch.Tensor:
+    """The same values with the last two dimensions stored column-major."""
+    return t if t.stride(-2) == 1 else t.transpose(-2, -1).contiguous().transpose(-2, -1)
+
+
+def _dense_scale(scale: torch.Tensor) -> torch.Tensor:
+    """`scale` with row-major strides: the kernel checks the strides of [M, 1] / [1, N] scales, and a transposed
+    [1, M] scale counts as contiguous without having them."""
+    return scale.reshape(-1).reshape(scale.shape)
+
+
+def _pad_last(t: torch.Tensor, extra: int) -> torch.Tensor:
+    """Zero-pad the last dimension of an FP8 tensor (through a byte view: FP8 zero is byte 0)."""
+    return F.pad(t.view(torch.uint8), (0, extra)).view(t.dtype)
+
+
+class TorchGemms:
+    """FP8 GEMMs on torch's scaled-matmul kernels."""
+
+    name = "fp8_torch"
+
+    def mm(self, a: Quantized, b: Quantized, out_dtype: torch.dtype, fast_accum: bool) -> torch.Tensor:
+        a_data, b_data = a.data, b.data
+        extra = -a_data.shape[1] % ALIGN
+        if extra:  # zero rows/columns along the contraction add nothing
+            a_data, b_data = _pad_last(a_data, extra), _pad_last(b_data.t(), extra).t()
+        return torch._scaled_mm(a_data.contiguous(), _column_major(b_data), _dense_scale(a.scale_inv),
+                                _dense_scale(b.scale_inv), out_dtype=out_dtype, use_fast_accum=fast_accum)
+
+    def grouped_mm(self, a: Quantized, b: Quantized, counts: torch.Tensor, out_dtype: torch.dtype,
+                   fast_accum: bool) -> torch.Tensor:
+        rows, cols = a.data.shape[0], b.data.shape[-1]
+        if rows == 0:  # an expert-parallel rank that received no tokens
+            return a.data.new_zeros((0, cols), dtype=out_dtype)
+        out = torch._scaled_grouped_mm(a.data.contiguous(), _column_major(b.data), a.scale_inv.reshape(rows),
+                                       b.scale_inv.squeeze(1).contiguous(), offs=counts.cumsum(0).to(torch.int32),
+                                       out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
+        return out.to(out_dtype)
+
+    def grouped_wgrad(self, a: Quantized, b: Quantized, counts: torch.Tensor, out_dtype: torch.dtype
+                      ) -> torch.Tensor:
+        rows, groups = a.data.shape[0], counts.numel()
+        if rows == 0:
+            return a.data.new_zeros((groups, a.data.shape[1], b.data.shape[1]), dtype=out_dtype)
+        padded = (counts + ALIGN - 1) // ALIGN * ALIGN
+        # A static bound on the padded row count (no host sync); rows past the last group are ignored.
+        capacity = -(-(rows + (ALIGN - 1) * groups) // ALIGN) * ALIGN
+        ids = group_ids(counts, rows)
+        shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # padded start - packed start, per group
+        dest = torch.arange(rows, device=ids.device) + shift[ids]
+
+        def spread(data: torch.Tensor) -> torch.Tensor:
+            out = data.new_zeros((capacity, data.shape[1]), dtype=torch.uint8)
+            return out.index_copy_(0, dest, data.view(torch.uint8)).view(data.dtype)
+
+        out = torch._scaled_grouped_mm(spread(a.data).t().contiguous(), _column_major(spread(b.data)),
+                                       a.scale_inv.reshape(-1).contiguous(), b.scale_inv.reshape(-1).contiguous(),
+                                       offs=padded.cumsum(0).to(torch.int32), out_dtype=torch.bfloat16,
+                                       use_fast_accum=False)
+        return out.to(out_dtype)
+
+    def require_grouped(self) -> None:
+        if not grouped_supported():
+            raise Fp8Unavailable(
+                "precision=fp8_torch: the routed experts need torch._scaled_grouped_mm, which this torch build or GPU "
+                f"({torch.cuda.get_device_name()}, sm_{''.join(map(str, torch.cuda.get_device_capability()))}) "
+                "cannot run (torch 2.11 runs it on sm_90). Keep the experts in BF16 explicitly (PrecisionPlan."
+                "fp8_experts=False), or use precision=bf16.")
+
+
+@functools.lru_cache(maxsize=None)
+def grouped_supported() -> bool:
+    """Whether `torch._scaled_grouped_mm` runs on the current CUDA device (one tiny aligned call, cached)."""
+    if not hasattr(torch, "_scaled_grouped_mm"):
+        return False
+    try:
+        x = torch.ones(32, 16, device="cuda").to(E4M3)
+        w = torch.ones(2, 16, 16, device="cuda").to(E4M3)
+        offs = torch.tensor([16, 32], device="cuda", dtype=torch.int32)
+        out = torch._scaled_grouped_mm(x, w.transpose(1, 2), torch.ones(32, device="cuda"),
+                                       torch.ones(2, 16, device="cuda"), offs=offs, out_dtype=torch.bfloat16)
+        return bool((out == 16).all())
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def gemms_for(device_type: str) -> TorchGemms:
+    """The backend, after checking that this process can run it (mirrors `config.precision.validate_precision`,
+    which rejects the same cases before any process group starts)."""
+    if device_type != "cuda":
+        raise Fp8Unavailable(f"precision=fp8_torch runs torch._scaled_mm on a CUDA GPU, but this model is built for "
+                             f"{device_type}; use precision=fp8_emulated (tests) or bf16.")
+    if not torch.cuda.is_available():
+        raise Fp8Unavailable("precision=fp8_torch needs a CUDA GPU, but torch sees none.")
+    capability = torch.cuda.get_device_capability()
+    if capability < (8, 9):
+        raise Fp8Unavailable(f"precision=fp8_torch needs CUDA compute capability 8.9 or newer, but "
+                             f"{torch.cuda.get_device_name()} is {capability[0]}.{capability[1]}; use bf16.")
+    return TorchGemms()

@@ -1,0 +1,136 @@
+"""precision=fp8_torch on a CUDA GPU: torch's scaled-matmul kernels against the emulation (tests/unit/test_fp8.py
+checks it on CPU) on the same quantized inputs, the FP8 linear and grouped experts against high precision, and a
+few training steps of a small model. Needs compute capability >= 8.9 (grouped experts: sm_90 in torch 2.11).
+Self-contained: no Hydra, no tokenizers, no process group.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_exaone.model import build_model, tiny
+from megatron_exaone.model.mtp import shift_left
+from megatron_exaone.precision import PrecisionPlan, apply_precision
+from megatron_exaone.precision.fp8_common import E4M3, E5M2, Fp8Recipe, to_fp8
+from megatron_exaone.precision.fp8_emulated import EmulatedGemms
+from megatron_exaone.precision.fp8_ops import Fp8GroupedExperts, fp8_grouped_linear, fp8_linear
+from megatron_exaone.precision.fp8_torch import TorchGemms, grouped_supported
+
+pytestmark = pytest.mark.gpu
+TORCH, EMULATED = TorchGemms(), EmulatedGemms()
+DEVICE = "cuda"
+
+
+@pytest.fixture(autouse=True)
+def fp8_capable():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip(f"FP8 GEMMs need compute capability 8.9+, {torch.cuda.get_device_name()} has less")
+
+
+@pytest.fixture
+def grouped():
+    if not grouped_supported():
+        pytest.skip("torch._scaled_grouped_mm does not run on this GPU / torch build")
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def randn(*shape, seed: int, scale: float = 1.0, dtype=torch.float32) -> torch.Tensor:
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    return (torch.randn(*shape, device=DEVICE, generator=gen) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
+@pytest.mark.parametrize("a_dtype", [E4M3, E5M2])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [256, 200])  # 200: the contraction is zero-padded to 208
+def test_scaled_mm_matches_emulation(scaling, a_dtype, out_dtype, k):
+    a = to_fp8(randn(96, k, seed=0), a_dtype, scaling, 1)
+    b = to_fp8(randn(64, k, seed=1), E4M3, scaling, 1).t()
+    got = TORCH.mm(a, b, out_dtype, fast_accum=False)
+    assert got.dtype == out_dtype and got.shape == (96, 64)
+    # Same FP8 inputs: only accumulation order/precision and the output rounding differ.
+    assert rel(got, EMULATED.mm(a, b, torch.float32, False)) < (1e-3 if out_dtype == torch.float32 else 5e-3)
+
+
+@pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
+@pytest.mark.parametrize("grad_dtype", [E5M2, E4M3])
+def test_fp8_linear_forward_backward(scaling, grad_dtype):
+    x = randn(4, 128, 256, seed=2, dtype=torch.bfloat16).requires_grad_()
+    w = randn(192, 256, seed=3, scale=0.05, dtype=torch.bfloat16).requires_grad_()
+    dy = randn(4, 128, 192, seed=4, dtype=torch.bfloat16)
+    recipe = Fp8Recipe(scaling, grad_dtype)
+    want_y = F.linear(x.float(), w.float())
+    want = torch.autograd.grad(want_y, (x, w), dy.float())
+    y = fp8_linear(x, w, TORCH, recipe)
+    got = torch.autograd.grad(y, (x, w), dy)
+    y_emulated = fp8_linear(x, w, EMULATED, recipe)
+    emulated = torch.autograd.grad(y_emulated, (x, w), dy)
+    assert y.dtype == got[0].dtype == got[1].dtype == torch.bfloat16
+    grad_tol = 0.08 if grad_dtype == E5M2 else 0.05
+    assert rel(y, want_y) < 0.05
+    assert rel(got[0], want[0]) < grad_tol and rel(got[1], want[1]) < grad_tol
+    # Against the emulation: the forward uses fast accumulation, all outputs are rounded to bf16.
+    assert rel(y, y_emulated) < 1e-2
+    assert rel(got[0], emulated[0]) < 1e-2 and rel(got[1], emulated[1]) < 1e-2
+
+
+def test_grouped_experts_matmul(grouped):
+    counts = torch.tensor([40, 0, 17, 100, 3, 64, 16, 8], device=DEVICE)  # unaligned groups and an empty one
+    rows = int(counts.sum())
+    x = randn(rows, 256, seed=5, dtype=torch.bfloat16).requires_grad_()
+    w = randn(8, 128, 256, seed=6, scale=0.05, dtype=torch.bfloat16).requires_grad_()
+    dy = randn(rows, 128, seed=7, dtype=torch.bfloat16)
+    y = fp8_grouped_linear(x, w, counts, TORCH)
+    got = torch.autograd.grad(y, (x, w), dy)
+    y_emulated = fp8_grouped_linear(x, w, counts, EMULATED)
+    emulated = torch.autograd.grad(y_emulated, (x, w), dy)
+    want_y = torch.cat([part @ w[e].float().t() for e, part in enumerate(x.float().split(counts.tolist()))])
+    want = torch.autograd.grad(want_y, (x, w), dy.float())
+    assert y.dtype == got[0].dtype == got[1].dtype == torch.bfloat16
+    for value, reference, emulation in zip((y, *got), (want_y, *want), (y_emulated, *emulated)):
+        assert rel(value, reference) < 0.05
+        assert rel(value, emulation) < 1e-2
+    assert (got[1][1] == 0).all()  # the expert without tokens
+
+
+def test_grouped_experts_without_tokens(grouped):
+    x = torch.zeros(0, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    w = randn(4, 32, 64, seed=8, dtype=torch.bfloat16).requires_grad_()
+    counts = torch.zeros(4, dtype=torch.long, device=DEVICE)
+    y = fp8_grouped_linear(x, w, counts, TORCH)
+    assert y.shape == (0, 32)
+    dx, dw = torch.autograd.grad(y, (x, w), torch.zeros_like(y))
+    assert dx.shape == x.shape and (dw == 0).all()
+
+
+def train(dtype: torch.dtype, plan: PrecisionPlan | None, steps: int = 30) -> list[float]:
+    cfg = tiny(vocab_size=256)
+    model = build_model(cfg, seed=0, device=DEVICE).to(dtype)
+    if plan is not None:
+        report = apply_precision(model, plan, cfg.num_hidden_layers, DEVICE)
+        assert any(isinstance(m, Fp8GroupedExperts) for m in model.modules()), report.bf16
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    x = torch.randint(0, cfg.vocab_size, (8, 64), device=DEVICE, generator=gen)
+    losses = []
+    for _ in range(steps):
+        out = model(x, labels=shift_left(x, 1, -100))
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(out.lm_loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_training_steps_track_high_precision(dtype, grouped):
+    """A small MoE model with every decoder layer in fp8_torch trains like the same model without FP8."""
+    want = train(dtype, None)
+    for recipe in ("tensorwise", "rowwise"):
+        got = train(dtype, PrecisionPlan("fp8_torch", recipe=recipe, keep_bf16_first_layers=0,
+                                         keep_bf16_last_layers=0))
+        assert got[-1] < 0.7 * got[0], (recipe, got)
+        assert abs(got[-1] - want[-1]) < 0.03 * want[-1], (recipe, got[-1], want[-1])

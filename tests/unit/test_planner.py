@@ -1,0 +1,148 @@
+"""tools/planner.py: hand-checked training state for a tiny model, monotonic in tp/pp, the published K-EXAONE
+layout fits an 80 GiB H100 while an impossible one is flagged, and invalid layouts print the mesh's message."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from megatron_exaone.model import k_exaone_236b, tiny
+from megatron_exaone.parallel.mesh import LayoutError, ParallelDims
+from megatron_exaone.training.flops import flops_per_token
+
+_PATH = Path(__file__).resolve().parents[2] / "tools" / "planner.py"
+_spec = importlib.util.spec_from_file_location("exaone_planner", _PATH)
+planner = importlib.util.module_from_spec(_spec)
+sys.modules["exaone_planner"] = planner
+_spec.loader.exec_module(planner)
+
+GIB = 1024 ** 3
+
+
+def hand_params(c):
+    """(dense, expert) parameter counts of the full model from the config alone."""
+    h, d = c.hidden_size, c.head_dim
+    q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
+    attention = 2 * h * q + 2 * h * kv + 2 * d + 2 * h  # q, o, k, v, q/k norms, the layer's two norms
+    dense_mlp = 3 * h * c.intermediate_size
+    shared = 3 * h * c.moe_intermediate_size * c.num_shared_experts
+    experts = 3 * h * c.moe_intermediate_size * c.num_experts
+    moe_layers = c.mlp_layer_types.count("sparse")
+    dense = 2 * c.vocab_size * h + h  # embedding, lm_head, final norm
+    dense += c.num_hidden_layers * attention + (c.num_hidden_layers - moe_layers) * dense_mlp
+    dense += moe_layers * (shared + c.num_experts * h)  # shared experts, router
+    dense += 2 * h * h + 3 * h + attention + dense_mlp  # MTP: fc, three norms, one dense decoder layer
+    return dense, moe_layers * experts
+
+
+def run(model, sharding="fsdp", optimizer="adamw", **dims):
+    dims.setdefault("dp", 1)
+    return planner.plan(planner.PlanInput(model=model, dims=ParallelDims(**dims), seq_len=64, sharding=sharding,
+                                          optimizer=optimizer))
+
+
+def test_tiny_single_gpu_state_is_16_bytes_per_parameter():
+    config = tiny()
+    dense, experts = hand_params(config)
+    result = run(config)
+    (rank,) = result.ranks
+    assert result.total_params == dense + experts
+    assert (rank.dense_params, rank.expert_params) == (dense, experts)
+    assert rank.bytes["parameters"] == 4 * (dense + experts)
+    assert rank.bytes["gradients"] == 4 * (dense + experts)
+    assert rank.bytes["optimizer state"] == 8 * (dense + experts)  # AdamW moments, fp32
+
+
+def test_tiny_tp2_ep2_dp2_shards_by_hand():
+    config = tiny()  # 4 query heads, 2 KV heads, 8 experts
+    h, v = config.hidden_size, config.vocab_size
+    dense, experts = hand_params(config)
+    # replicated on every TP rank: norms (2 per layer + 2 q/k norms per layer + final + 3 MTP) and routers
+    layers = config.num_hidden_layers + 1
+    replicated = layers * (2 * h + 2 * config.head_dim) + h + 3 * h
+    replicated += config.mlp_layer_types.count("sparse") * config.num_experts * h
+    local_dense = replicated + (dense - replicated) // 2
+    (rank,) = run(config, tp=2, ep=2, dp=2).ranks
+    assert (rank.dense_params, rank.expert_params) == (local_dense, experts // 2)
+    edp = 2 * 2 // 2
+    assert rank.bytes["parameters"] == 4 * local_dense / 2 + 4 * (experts // 2) / edp
+    assert rank.bytes["optimizer state"] == 8 * local_dense / 2 + 8 * (experts // 2) / edp
+    # Muon: 4 B momentum on hidden matrices, AdamW on embedding, lm_head, router and 1-D parameters
+    (muon,) = run(config, optimizer="muon", tp=2, ep=2, dp=2).ranks
+    adamw_dense = replicated + 2 * v * h // 2
+    assert muon.bytes["optimizer state"] == (8 * adamw_dense + 4 * (local_dense - adamw_dense)) / 2 \
+        + 4 * (experts // 2) / edp
+    # Megatron's distributed optimizer for comparison: bf16 params + fp32 grads unsharded, master+moments sharded
+    (zero1,) = run(config, sharding="zero1", tp=2, ep=2, dp=2).ranks
+    assert zero1.bytes["parameters"] == 2 * (local_dense + experts // 2)
+    assert zero1.bytes["optimizer state"] == 12 * local_dense / 2 + 12 * (experts // 2) / edp
+
+
+def test_more_tensor_or_pipeline_parallelism_needs_less_memory_per_gpu():
+    config = k_exaone_236b()
+
+    def worst(sharding="fsdp", **dims):
+        return planner.plan(planner.PlanInput(model=config, dims=ParallelDims(**dims), seq_len=4096,
+                                              sharding=sharding)).worst
+
+    # more GPUs in tp (dp and ep fixed): dense weights split further, experts shard over a larger edp
+    tp1, tp2, tp4 = (worst(tp=t, pp=8, ep=2, dp=2) for t in (1, 2, 4))
+    assert tp1.peak > tp2.peak > tp4.peak
+    assert tp1.bytes["activations (saved)"] > tp2.bytes["activations (saved)"] > tp4.bytes["activations (saved)"]
+    # same world size, unsharded weights (distributed optimizer): trading dp for tp halves the weights per GPU
+    a, b = worst("zero1", tp=2, pp=8, ep=8, dp=4), worst("zero1", tp=4, pp=8, ep=8, dp=2)
+    assert a.dense_params == pytest.approx(2 * b.dense_params, rel=0.02) and a.peak > b.peak
+    # more pipeline stages: fewer layers per GPU
+    pp4, pp8, pp16 = (worst(tp=4, pp=p, ep=8, dp=2) for p in (4, 8, 16))
+    assert pp4.peak > pp8.peak > pp16.peak
+    assert pp4.layers == 12 and pp8.layers == 6 and pp16.layers == 3
+    assert pp4.bytes["optimizer state"] > 1.7 * pp8.bytes["optimizer state"]
+
+
+def test_recompute_trades_memory_for_flops():
+    config = k_exaone_236b()
+    plans = {r: planner.plan(planner.PlanInput(model=config, dims=ParallelDims(tp=4, pp=8, ep=8, dp=2),
+                                               recompute=r)) for r in ("none", "selective", "full")}
+    saved = {r: p.ranks[0].bytes["activations (saved)"] for r, p in plans.items()}
+    assert saved["none"] > saved["selective"] > saved["full"]
+    flops = {r: p.flops_per_token_recompute for r, p in plans.items()}
+    assert flops["none"] == plans["none"].flops_per_token == flops_per_token(config, 4096)
+    assert flops["none"] < flops["selective"] < flops["full"]
+    # full recompute repeats the forward of every decoder layer (incl. MTP's): a third of their training FLOPs
+    h, v = config.hidden_size, config.vocab_size
+    heads = 6 * (h * v * 2 + 2 * h * h)  # lm_head for the main and the MTP loss, mtp.fc
+    assert flops["full"] - flops["none"] == pytest.approx((flops_per_token(config, 4096) - heads) / 3, rel=1e-9)
+
+
+def test_published_layout_fits_and_an_impossible_one_is_flagged(capsys):
+    published = planner.main(["--layout", "k_exaone_236b_h100x64", "--seq-len", "4096", "--recompute", "full"])
+    out = capsys.readouterr().out
+    assert published == 0 and "=> fits" in out and "tp4 pp8 ep8 etp1 dp2" in out
+    flagged = planner.main(["--model", "k_exaone_236b", "--tp", "1", "--pp", "1", "--ep", "1", "--dp", "64"])
+    out = capsys.readouterr().out
+    assert flagged == 1 and "DOES NOT FIT" in out
+    result = planner.plan(planner.PlanInput(model=k_exaone_236b(), dims=ParallelDims(tp=4, pp=8, ep=8, dp=2)))
+    assert result.fits and 40 * GIB < result.worst.peak <= 80 * GIB
+    assert not planner.plan(replace(result.inp, gpu_gib=40.0)).fits
+
+
+def test_all_published_lists_every_k_exaone_layout(capsys):
+    assert planner.main(["--all-published"]) == 0
+    out = capsys.readouterr().out
+    for name in ("k_exaone_236b_h100x64", "k_exaone_236b_h100x256"):
+        assert out.count(name) == 4  # bf16/fp8 x adamw/muon
+
+
+def test_invalid_layout_prints_the_mesh_message(capsys):
+    with pytest.raises(LayoutError) as info:
+        ParallelDims(tp=3, pp=8, ep=8, dp=2).validate(48, k_exaone_236b())
+    assert planner.main(["--tp", "3", "--pp", "8", "--ep", "8", "--dp", "2"]) == 2
+    assert str(info.value) in capsys.readouterr().err
+    assert planner.main(["--tp", "4", "--pp", "8", "--ep", "8", "--dp", "2", "--cp", "2"]) == 2
+    assert "context parallelism is not implemented" in capsys.readouterr().err
+    assert planner.main(["--tp", "4", "--pp", "64", "--ep", "8", "--dp", "2"]) == 2
+    assert "decoder layers" in capsys.readouterr().err

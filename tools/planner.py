@@ -1,0 +1,653 @@
+"""Memory and FLOPs planner: the per-GPU memory a megatron-exaone layout needs, and the model FLOPs per token.
+
+    python tools/planner.py --model k_exaone_236b --tp 4 --pp 8 --ep 8 --dp 2 --seq-len 4096 --micro-batch 1 \
+        --precision bf16 --recompute full [--vpp N] [--zero1 | --fsdp | --no-sharding] [--optimizer adamw|muon]
+    python tools/planner.py --layout k_exaone_236b_h100x64 [--seq-len 32768 ...]   (recipes/parallel/<name>.yaml)
+    python tools/planner.py --all-published                                         (the K-EXAONE layouts)
+
+This is an ESTIMATE of what this implementation keeps. It reports every pipeline rank and flags ranks whose peak
+exceeds the GPU (80 GiB by default). These are the assumptions:
+
+Parameters. They are counted from the real model built on the meta device, split by `parallel.pipeline.
+pipeline_layout` and the rank's stages, and cut as the passes cut them:
+  * q/o_proj, dense and shared-expert gate/up/down_proj, embed_tokens, lm_head and mtp.fc over tp;
+  * k/v_proj over tp, or one KV head per rank when tp > KV heads;
+  * routed experts over ep (etp = 1);
+  * norms and the router replicated.
+With MTP and pp > 1 the last stage holds a second copy of the embedding.
+
+Training state per parameter, "fsdp" (the default; FSDP2 as `parallel/data_parallel.py` applies it):
+  * an fp32 parameter, an fp32 gradient, and the optimizer state: AdamW 8 B, Muon 4 B on hidden matrices and AdamW
+    on the embedding, lm_head, router and norms (`training/optim.py`);
+  * all of it sharded over dp x cp for dense parameters and over edp = tp*cp*dp/ep for routed experts (unsharded
+    when edp = 1).
+"zero1" is Megatron's distributed optimizer, for comparison (this trainer does not implement it): a bf16
+parameter 2 B and an fp32 gradient 4 B, unsharded, and fp32 master + moments sharded over dp / edp.
+"no-sharding" is this trainer with parallel.fsdp=false: everything fp32 and unsharded. It also COMPUTES in fp32,
+so activations take 4 B per value.
+fp8 (Transformer Engine) keeps the same master weights, gradients and optimizer state as bf16.
+
+Activations per micro-batch and decoder layer are what autograd saves in this model's code, with b*s tokens, s/tp
+per rank under sequence parallel, a = 2 B (bf16):
+  * RMSNorm keeps its fp32 input and its bf16 output.
+  * Attention keeps:
+    - the all-gathered input;
+    - q and k before their QK-norm (fp32) and after it (plus RoPE);
+    - v and the output;
+    - the logsumexp;
+    - the copy feeding o_proj.
+    It uses SDPA's memory-efficient or flash kernel (no S x S probabilities). Layers with a mask (sliding, or
+    packed documents) also keep SDPA's additive float mask [b, 1, s, s].
+  * The dense MLP keeps the gathered input and four [tokens, I/tp] tensors.
+  * The MoE block keeps:
+    - fp32 router input and scores;
+    - the k*s/tp permuted tokens (times --moe-imbalance);
+    - four expert intermediates;
+    - the fp32 weighted copy in `combine`;
+    - the shared expert like the dense MLP.
+  * fp8: every FP8 linear saves its input quantized (1 B), once per linear. q/k/v and gate/up each quantize the
+    same input. The first/last layers (--bf16-layers) and MTP stay bf16.
+  * Recompute "full" keeps each layer's input and recomputes one layer at a time in backward (counted once).
+    "selective" keeps the inputs of the recomputed modules (--recompute-modules).
+  * Per micro-batch, each stage also keeps the boolean masks [b, 1, s, s]: the sliding one, plus the global one
+    when documents are packed (--no-packing drops it).
+  * The last stage keeps, per loss call (main + MTP), the fused vocab-parallel cross entropy's saved hidden-state
+    gradient and its fp32 [V/tp, H] weight gradient.
+  * In flight: pipeline rank r holds pp - r micro-batches under 1F1B (the first rank pp). An interleaved schedule
+    (--vpp > 1) holds (1 + (pp - 1) / (pp * vpp)) times more.
+  * Transients at the peak, not saved:
+    - the all-to-all send and receive buffers of one MoE layer;
+    - one TP all-gather;
+    - FSDP2's all-gather of the current and the prefetched layer (bf16), and the reduce-scatter of one layer
+      (bf16 gradient + fp32 reduce buffer);
+    - the root module's parameters (embedding, head, MTP fc), which stay gathered for the whole step
+      (reshard_after_forward=False).
+  * The optimizer step runs after backward. foreach AdamW then allocates one fp32 copy of its local state
+    (`exp_avg_sq.sqrt()`). Muon also holds three fp32 copies of the largest full matrix it orthogonalises. The
+    peak is states + max(training transients + activations, step temporaries).
+  * A fixed 2 GiB covers the CUDA context and the NCCL / cuBLAS workspaces. Allocator fragmentation is not
+    modelled: keep a margin.
+
+FLOPs per token: `megatron_exaone.training.flops.flops_per_token`. It counts model FLOPs: forward and backward
+over active parameters, sliding vs global attention, and MTP. "With recompute" adds the recomputed forward (full:
+every decoder layer; selective: the recomputed modules).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_exaone.model import ExaoneMoeForCausalLM, ModelConfig
+from megatron_exaone.model.config import DENSE, PRESETS, SLIDING
+from megatron_exaone.model.init import is_stacked_experts
+from megatron_exaone.parallel.build import check_supported
+from megatron_exaone.parallel.mesh import LayoutError, ParallelDims
+from megatron_exaone.parallel.pipeline import (check_schedule, embedding_copies, local_stage_indices, mtp_enabled,
+                                               pipeline_layout)
+from megatron_exaone.training.flops import attended_keys, flops_per_token
+
+REPO = Path(__file__).resolve().parent.parent
+PARALLEL_RECIPES = REPO / "recipes" / "parallel"
+MODEL_RECIPES = REPO / "recipes" / "model"
+GIB = 1024 ** 3
+RUNTIME_OVERHEAD_GIB = 2.0
+ADAMW_ONLY = ("embed_tokens.weight", "lm_head.weight", "mlp.gate.weight")  # as training/optim.py _ADAMW_ONLY
+SHARDINGS = ("fsdp", "zero1", "none")
+PUBLISHED_PREFIX = "k_exaone_236b_"
+
+ROWS = ("parameters", "gradients", "optimizer state", "activations (saved)", "recompute / transient layer",
+        "communication buffers", "optimizer step temporaries", "runtime overhead")
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class PlanInput:
+    model: ModelConfig
+    dims: ParallelDims  # resolved (dp known)
+    seq_len: int = 4096
+    micro_batch: int = 1
+    precision: str = "bf16"  # bf16 | fp8
+    recompute: str = "full"  # full | selective | none
+    recompute_modules: tuple[str, ...] = ("attention",)
+    sharding: str = "fsdp"  # fsdp | zero1 | none
+    optimizer: str = "adamw"  # adamw | muon
+    sequence_parallel: bool = True
+    packed: bool = True
+    bf16_layers: tuple[int, int] = (1, 1)  # fp8: decoder layers kept bf16 at each end
+    moe_imbalance: float = 1.0
+    gpu_gib: float = 80.0
+    model_name: str = ""
+    layout_name: str = ""
+
+
+@dataclass
+class RankMemory:
+    """Bytes per category on one pipeline rank, and the stages it runs."""
+
+    pp_rank: int
+    stages: list[int]
+    layers: int
+    in_flight: float
+    dense_params: int = 0
+    expert_params: int = 0
+    bytes: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def peak(self) -> float:
+        b = self.bytes
+        states = b["parameters"] + b["gradients"] + b["optimizer state"]
+        training = b["activations (saved)"] + b["recompute / transient layer"] + b["communication buffers"]
+        return states + max(training, b["optimizer step temporaries"]) + b["runtime overhead"]
+
+
+@dataclass
+class Plan:
+    inp: PlanInput
+    ranks: list[RankMemory]
+    total_params: int
+    flops_per_token: float
+    flops_per_token_recompute: float
+
+    @property
+    def worst(self) -> RankMemory:
+        return max(self.ranks, key=lambda r: r.peak)
+
+    @property
+    def fits(self) -> bool:
+        return self.worst.peak <= self.inp.gpu_gib * GIB
+
+
+# ---------------------------------------------------------------------------------------------- parameters
+_PARAMS: dict[str, tuple[tuple[str, tuple[int, ...]], ...]] = {}
+
+
+def _model_params(model: ModelConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(name, full shape) of every parameter of the model, built once per config on the meta device."""
+    key = repr(model)
+    if key not in _PARAMS:
+        with torch.device("meta"):
+            built = ExaoneMoeForCausalLM(model)
+        _PARAMS[key] = tuple((name, tuple(p.shape)) for name, p in built.named_parameters())
+    return _PARAMS[key]
+
+
+def _unit_of(name: str) -> str:
+    """E (embedding), L<i> (decoder layer i) or H (final norm, lm_head, MTP)."""
+    if name.startswith("model.embed_tokens."):
+        return "E"
+    match = re.match(r"model\.layers\.(\d+)\.", name)
+    return f"L{match.group(1)}" if match else "H"
+
+
+def local_numel(name: str, shape: tuple[int, ...], model: ModelConfig, dims: ParallelDims) -> int:
+    """Elements of parameter `name` one rank holds after the tensor and expert parallel passes."""
+    n = math.prod(shape)
+    if is_stacked_experts(name):
+        return n // dims.ep // dims.etp
+    tp = dims.tp
+    if name.endswith(("k_proj.weight", "v_proj.weight")):
+        kv = model.num_key_value_heads
+        return n // tp if kv % tp == 0 else n // kv
+    if name.endswith(("q_proj.weight", "o_proj.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight",
+                      "embed_tokens.weight", "lm_head.weight", "mtp.fc.weight")):
+        return n // tp
+    return n  # norms, router (mlp.gate.weight): replicated
+
+
+@dataclass
+class UnitParams:
+    dense: int = 0
+    expert: int = 0
+    dense_adamw: int = 0  # dense parameters in the AdamW group under Muon
+    largest_matrix: int = 0
+
+
+def unit_params(model: ModelConfig, dims: ParallelDims) -> dict[str, UnitParams]:
+    units: dict[str, UnitParams] = {}
+    for name, shape in _model_params(model):
+        u = units.setdefault(_unit_of(name), UnitParams())
+        n = local_numel(name, shape, model, dims)
+        if is_stacked_experts(name):
+            u.expert += n
+            u.largest_matrix = max(u.largest_matrix, math.prod(shape[1:]))
+        else:
+            u.dense += n
+            if len(shape) < 2 or name.endswith(ADAMW_ONLY):
+                u.dense_adamw += n
+            else:
+                u.largest_matrix = max(u.largest_matrix, math.prod(shape))
+    return units
+
+
+# ---------------------------------------------------------------------------------------------- activations
+@dataclass(frozen=True)
+class _Ctx:
+    m: ModelConfig
+    tokens: int  # b * s (per cp rank)
+    seq: int
+    batch: int
+    tp: int
+    sp: bool
+    a: int  # activation bytes
+    imbalance: float
+
+    @property
+    def ts(self) -> float:  # tokens of sequence-parallel regions on one rank
+        return self.tokens / self.tp if self.sp else self.tokens
+
+    @property
+    def tm(self) -> float:  # tokens a MoE block routes on one rank (always split over tp)
+        return self.tokens / self.tp
+
+    @property
+    def q_loc(self) -> int:
+        return self.m.num_attention_heads * self.m.head_dim // self.tp
+
+    @property
+    def kv_loc(self) -> int:
+        kv = self.m.num_key_value_heads
+        return (kv // self.tp if kv % self.tp == 0 else 1) * self.m.head_dim
+
+
+def _norm(c: _Ctx) -> float:
+    return c.ts * c.m.hidden_size * (4 + c.a)
+
+
+def _attention(c: _Ctx, fp8: bool, masked: bool) -> float:
+    h, t = c.m.hidden_size, c.tokens
+    gathered = 3 * t * h * 1 if fp8 else t * h * c.a
+    q = t * c.q_loc * (4 + 2 * c.a)
+    k = t * c.kv_loc * (4 + 2 * c.a)
+    v = t * c.kv_loc * c.a
+    out = t * c.q_loc * c.a + t * c.q_loc * (1 if fp8 else c.a)  # SDPA output + o_proj input copy
+    lse = c.batch * (c.m.num_attention_heads // c.tp) * c.seq * 4
+    mask = c.batch * c.seq * c.seq * c.a if masked else 0
+    return gathered + q + k + v + out + lse + mask
+
+
+def _swiglu(c: _Ctx, tokens: float, inter_local: float, fp8: bool) -> float:
+    h = c.m.hidden_size
+    gathered = 2 * tokens * h * 1 if fp8 else tokens * h * c.a
+    return gathered + tokens * inter_local * (3 * c.a + (1 if fp8 else c.a))
+
+
+def _moe(c: _Ctx, fp8: bool) -> float:
+    m, h = c.m, c.m.hidden_size
+    k, rows = m.num_experts_per_tok, c.tm * m.num_experts_per_tok * c.imbalance
+    router = c.tm * h * 4 + 3 * c.tm * m.num_experts * 4
+    dispatched = 2 * rows * h * 1 if fp8 else rows * h * c.a
+    experts = rows * m.moe_intermediate_size * (3 * c.a + (1 if fp8 else c.a))
+    combine = c.tm * k * h * 4
+    shared = (_swiglu(c, c.tokens, m.moe_intermediate_size * m.num_shared_experts / c.tp, fp8)
+              if m.num_shared_experts else 0)
+    return router + dispatched + experts + combine + shared
+
+
+def _masked(c: _Ctx, attention_type: str, packed: bool) -> bool:
+    return packed or (attention_type == SLIDING and c.m.sliding_window is not None)
+
+
+def layer_activations(c: _Ctx, attention_type: str, mlp_type: str, fp8: bool, recompute: str,
+                      modules: tuple[str, ...], packed: bool) -> tuple[float, float]:
+    """(saved bytes of one decoder layer for one micro-batch, bytes alive while it is recomputed/backpropagated)."""
+    masked = _masked(c, attention_type, packed)
+    attention = _attention(c, fp8, masked)
+    mlp = _swiglu(c, c.tokens, c.m.intermediate_size / c.tp, fp8) if mlp_type == DENSE else _moe(c, fp8)
+    whole = 2 * _norm(c) + attention + mlp
+    layer_input = c.ts * c.m.hidden_size * c.a
+    if recompute == "full":
+        return layer_input, whole
+    if recompute == "selective":
+        saved, peak = whole, 0.0
+        if "attention" in modules:
+            saved += c.tokens * c.m.hidden_size * c.a - attention
+            peak = max(peak, attention)
+        kind = "mlp" if mlp_type == DENSE else "moe"
+        if kind in modules:
+            saved += (c.tokens if kind == "mlp" else c.ts) * c.m.hidden_size * c.a - mlp
+            peak = max(peak, mlp)
+        return saved, peak
+    return whole, 0.0
+
+
+def head_activations(c: _Ctx, fp8_mtp: bool, recompute: str, modules: tuple[str, ...], packed: bool
+                     ) -> tuple[float, float]:
+    """(saved, transient) bytes of the last stage's final norm, losses and MTP for one micro-batch."""
+    m, h = c.m, c.m.hidden_size
+    losses = 1 + (m.num_nextn_predict_layers if mtp_enabled(m) else 0)
+    saved = _norm(c) + losses * (c.tokens * h * c.a + m.vocab_size / c.tp * h * 4)
+    transient = 3 * 1024 * m.vocab_size / c.tp * 4  # a chunk of fp32 logits, exp and gradient
+    if mtp_enabled(m):
+        for kind in m.mtp_layer_types:
+            per_depth = 3 * _norm(c) + c.ts * 2 * h * c.a + c.tokens * 2 * h * c.a + c.tokens * h * c.a
+            layer_saved, layer_peak = layer_activations(c, kind, DENSE, fp8_mtp, recompute, modules, packed)
+            saved += per_depth + layer_saved
+            transient = max(transient, layer_peak)
+    return saved, transient
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+def _schedule(dims: ParallelDims) -> str:
+    return "1f1b" if dims.vpp == 1 else "interleaved_1f1b"
+
+
+def in_flight(pp_rank: int, dims: ParallelDims) -> float:
+    """Micro-batches whose activations pipeline rank `pp_rank` holds at once (1F1B warm-up depth)."""
+    if dims.pp == 1:
+        return 1.0
+    base = float(dims.pp - pp_rank)
+    if dims.vpp > 1:
+        base *= 1 + (dims.pp - 1) / (dims.pp * dims.vpp)
+    return base
+
+
+def validate_layout(inp: PlanInput) -> None:
+    """Raise LayoutError (with the mesh's message) unless this trainer can run the layout."""
+    d = inp.dims
+    d.validate(d.tp * d.cp * d.pp * d._resolved_dp(), inp.model)
+    check_supported(d)
+    if d.pp > 1:
+        check_schedule(_schedule(d), d.pp, d.vpp, d.pp * d.vpp)
+    pipeline_layout(inp.model, d.pp, d.vpp)
+    if inp.seq_len % (d.tp * d.cp) and inp.sequence_parallel:
+        raise LayoutError(f"seq_len={inp.seq_len} does not split over tp*cp={d.tp * d.cp} for sequence parallel.")
+
+
+def plan(inp: PlanInput) -> Plan:
+    validate_layout(inp)
+    m, d = inp.model, inp.dims
+    units = unit_params(m, d)
+    specs = pipeline_layout(m, d.pp, d.vpp)
+    fp8 = inp.precision == "fp8"
+    a = 4 if inp.sharding == "none" else 2
+    c = _Ctx(m, inp.micro_batch * inp.seq_len // d.cp, inp.seq_len // d.cp, inp.micro_batch, d.tp,
+             inp.sequence_parallel and d.tp > 1, a, inp.moe_imbalance)
+    first_bf16, last_bf16 = inp.bf16_layers
+    dense_shards = d.dp * d.cp
+    expert_shards = d.edp
+    ranks = []
+    for pp_rank in range(d.pp):
+        stage_ids = local_stage_indices(_schedule(d), pp_rank, d.pp, d.vpp) if d.pp > 1 else [0]
+        r = RankMemory(pp_rank, stage_ids, sum(len(specs[i].layers) for i in stage_ids), in_flight(pp_rank, d))
+        names: list[str] = []
+        for i in stage_ids:
+            spec = specs[i]
+            names += (["E"] if spec.embedding else []) + [f"L{j}" for j in spec.layers]
+            if spec.head:
+                names += ["H"] + (["E"] * (embedding_copies(m, d.pp) - 1))
+        rank_units = [units[n] for n in names]
+        r.dense_params = sum(u.dense for u in rank_units)
+        r.expert_params = sum(u.expert for u in rank_units)
+        dense_adamw = sum(u.dense_adamw for u in rank_units)
+        _state_bytes(r, inp, dense_adamw, dense_shards, expert_shards)
+        if inp.optimizer == "muon":  # Newton-Schulz on one gathered full matrix at a time (x, gram, update)
+            r.bytes["optimizer step temporaries"] += 3 * 4 * max(u.largest_matrix for u in rank_units)
+        # activations: each chunk's layers for every micro-batch in flight; the head for one (the last stage
+        # runs its backward right after its forward)
+        saved = transient = 0.0
+        per_microbatch = c.batch * c.seq * c.seq * (2 if inp.packed else 1) + 2 * c.batch * c.seq * m.head_dim * a
+        for i in stage_ids:
+            spec = specs[i]
+            chunk = per_microbatch
+            for j in spec.layers:
+                layer_fp8 = fp8 and not (j < first_bf16 or j >= m.num_hidden_layers - last_bf16)
+                layer_saved, layer_peak = layer_activations(c, m.layer_types[j], m.mlp_layer_types[j], layer_fp8,
+                                                            inp.recompute, inp.recompute_modules, inp.packed)
+                chunk += layer_saved
+                transient = max(transient, layer_peak)
+            saved += chunk * r.in_flight
+            if spec.head:
+                head_saved, head_peak = head_activations(c, False, inp.recompute, inp.recompute_modules, inp.packed)
+                saved += head_saved
+                transient = max(transient, head_peak)
+        r.bytes["activations (saved)"] = saved
+        r.bytes["recompute / transient layer"] = transient
+        r.bytes["communication buffers"] = _comm_bytes(inp, c, units, names, dense_shards, expert_shards)
+        r.bytes["runtime overhead"] = RUNTIME_OVERHEAD_GIB * GIB
+        ranks.append(r)
+    total = sum(math.prod(s) for _, s in _model_params(m))
+    fpt = flops_per_token(m, inp.seq_len)
+    return Plan(inp, ranks, total, fpt, fpt + recompute_flops_per_token(m, inp.seq_len, inp.recompute,
+                                                                        inp.recompute_modules))
+
+
+def _state_bytes(r: RankMemory, inp: PlanInput, dense_adamw: int, dense_shards: int, expert_shards: int) -> None:
+    """Parameters, gradients, optimizer state and the optimizer step's temporaries."""
+    dense, expert = r.dense_params, r.expert_params
+    muon = inp.optimizer == "muon"
+    dense_moments = (8 * dense_adamw + 4 * (dense - dense_adamw)) if muon else 8 * dense
+    expert_moments = (4 if muon else 8) * expert
+    adamw_params = (dense_adamw if muon else dense + expert)
+    if inp.sharding == "fsdp":
+        r.bytes["parameters"] = 4 * dense / dense_shards + 4 * expert / expert_shards
+        r.bytes["gradients"] = 4 * dense / dense_shards + 4 * expert / expert_shards
+        r.bytes["optimizer state"] = dense_moments / dense_shards + expert_moments / expert_shards
+        adamw_local = adamw_params / dense_shards if muon else dense / dense_shards + expert / expert_shards
+    elif inp.sharding == "zero1":
+        r.bytes["parameters"] = 2 * (dense + expert)
+        r.bytes["gradients"] = 4 * (dense + expert)
+        r.bytes["optimizer state"] = ((4 * dense + dense_moments) / dense_shards
+                                      + (4 * expert + expert_moments) / expert_shards)
+        adamw_local = adamw_params / dense_shards if muon else dense / dense_shards + expert / expert_shards
+    else:
+        r.bytes["parameters"] = 4 * (dense + expert)
+        r.bytes["gradients"] = 4 * (dense + expert)
+        r.bytes["optimizer state"] = dense_moments + expert_moments
+        adamw_local = adamw_params
+    r.bytes["optimizer step temporaries"] = 4 * adamw_local  # foreach AdamW: one fp32 copy (exp_avg_sq.sqrt())
+
+
+def _comm_bytes(inp: PlanInput, c: _Ctx, units: dict[str, UnitParams], names: list[str], dense_shards: int,
+                expert_shards: int) -> float:
+    m, h = c.m, c.m.hidden_size
+    layers = [units[n] for n in names if n.startswith("L")]
+    rows = c.tm * m.num_experts_per_tok * c.imbalance
+    has_moe = any(u.expert for u in layers)
+    total = (2 * rows * h * c.a if has_moe else 0) + c.tokens * h * c.a  # all-to-all send+recv, one TP gather
+    total += 2 * c.ts * h * c.a  # pipeline send/recv
+    if inp.sharding == "fsdp":
+        if dense_shards > 1 and layers:
+            biggest = max(u.dense for u in layers)
+            total += 2 * 2 * biggest + (2 + 4) * biggest  # gather current + prefetch, reduce-scatter
+            root = sum(units[n].dense for n in names if not n.startswith("L"))
+            total += 2 * root  # root unit stays gathered (reshard_after_forward=False)
+        if expert_shards > 1 and has_moe:
+            biggest = max(u.expert for u in layers)
+            total += 2 * 2 * biggest + (2 + 4) * biggest
+    return total
+
+
+def recompute_flops_per_token(m: ModelConfig, seq_len: int, recompute: str, modules: tuple[str, ...]) -> float:
+    """Forward FLOPs recomputed in backward, per token."""
+    if recompute == "none":
+        return 0.0
+    q, kv = m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
+    attn_proj = m.hidden_size * (2 * q + 2 * kv)
+    dense = 3 * m.hidden_size * m.intermediate_size
+    moe = 3 * m.hidden_size * m.moe_intermediate_size * (m.num_experts_per_tok + m.num_shared_experts) \
+        + m.num_experts * m.hidden_size
+    kinds = list(zip(m.layer_types, m.mlp_layer_types))
+    if mtp_enabled(m):
+        kinds += [(t, DENSE) for t in m.mtp_layer_types]
+    total = 0.0
+    for attention_type, mlp_type in kinds:
+        attention = 2 * attn_proj + 4 * q * attended_keys(attention_type, seq_len, m.sliding_window)
+        mlp = 2 * (dense if mlp_type == DENSE else moe)
+        if recompute == "full":
+            total += attention + mlp
+        else:
+            total += attention * ("attention" in modules)
+            total += mlp * (("mlp" if mlp_type == DENSE else "moe") in modules)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------- output
+def _gib(x: float) -> str:
+    return f"{x / GIB:7.2f}"
+
+
+def describe(inp: PlanInput) -> str:
+    d = inp.dims
+    layout = (f"tp{d.tp} pp{d.pp} ep{d.ep} etp{d.etp} dp{d.dp} cp{d.cp}" + (f" vpp{d.vpp}" if d.vpp > 1 else "")
+              + f" = {d.world_size} GPUs (edp {d.edp})")
+    sharding = {"fsdp": f"FSDP2 (dense over dp*cp={d.dp * d.cp}, experts over edp={d.edp})",
+                "zero1": f"distributed optimizer (master+moments over dp*cp={d.dp * d.cp} / edp={d.edp})",
+                "none": "no sharding (fp32 compute)"}[inp.sharding]
+    recompute = inp.recompute + (f" ({','.join(inp.recompute_modules)})" if inp.recompute == "selective" else "")
+    return (f"{inp.model_name or 'model'}{' / ' + inp.layout_name if inp.layout_name else ''}: {layout}\n"
+            f"  seq {inp.seq_len}, micro-batch {inp.micro_batch}, {inp.precision}, recompute {recompute}, "
+            f"{sharding}, {inp.optimizer}, {_schedule(d) if d.pp > 1 else 'no pipeline'}"
+            f"{'' if inp.sequence_parallel else ', no SP'}")
+
+
+def format_plan(p: Plan) -> str:
+    inp = p.inp
+    ranks = p.ranks if len(p.ranks) <= 8 else _pick(p.ranks)
+    lines = [describe(inp),
+             f"  parameters {p.total_params / 1e9:.1f}B; model FLOPs/token {p.flops_per_token:.3e} "
+             f"(fwd+bwd), {p.flops_per_token_recompute:.3e} with recompute",
+             ""]
+    header = f"  {'per-GPU memory (GiB)':<34}" + "".join(f"{'pp' + str(r.pp_rank):>9}" for r in ranks)
+    lines.append(header)
+    lines.append(f"  {'  layers / micro-batches in flight':<34}" +
+                 "".join(f"{f'{r.layers}/{r.in_flight:g}':>9}" for r in ranks))
+    for row in ROWS:
+        lines.append(f"  {row:<34}" + "".join(f"  {_gib(r.bytes[row])}" for r in ranks))
+    lines.append(f"  {'peak':<34}" + "".join(f"  {_gib(r.peak)}" for r in ranks))
+    lines.append(f"  {'fits ' + format(inp.gpu_gib, 'g') + ' GiB':<34}" +
+                 "".join(f"{'yes' if r.peak <= inp.gpu_gib * GIB else 'NO':>9}" for r in ranks))
+    w = p.worst
+    verdict = "fits" if p.fits else "DOES NOT FIT"
+    lines.append(f"  => {verdict}: worst pipeline rank {w.pp_rank} needs {w.peak / GIB:.1f} GiB of "
+                 f"{inp.gpu_gib:g} GiB")
+    return "\n".join(lines)
+
+
+def _pick(ranks: list[RankMemory]) -> list[RankMemory]:
+    worst_middle = max(ranks[1:-1], key=lambda r: r.peak)
+    return [ranks[0], worst_middle, ranks[-1]]
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def load_model(name: str) -> ModelConfig:
+    if name in PRESETS:
+        return PRESETS[name]()
+    path = MODEL_RECIPES / f"{name}.yaml"
+    if path.is_file():
+        import yaml
+
+        data = yaml.safe_load(path.read_text()) or {}
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        return ModelConfig(**{k: v for k, v in data.items() if k in fields})
+    raise SystemExit(f"unknown model {name!r}: use a preset ({', '.join(PRESETS)}) or a recipes/model/*.yaml name.")
+
+
+def load_layout(name: str) -> dict[str, Any]:
+    import yaml
+
+    path = Path(name) if name.endswith(".yaml") else PARALLEL_RECIPES / f"{name}.yaml"
+    if not path.is_file():
+        choices = ", ".join(sorted(p.stem for p in PARALLEL_RECIPES.glob("*.yaml")))
+        raise SystemExit(f"no parallel recipe {str(path)!r}; choose one of: {choices}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def published_layouts() -> list[str]:
+    return sorted(p.stem for p in PARALLEL_RECIPES.glob(f"{PUBLISHED_PREFIX}*.yaml"))
+
+
+def build_input(args: argparse.Namespace, layout: dict[str, Any] | None = None, layout_name: str = "",
+                precision: str | None = None) -> PlanInput:
+    layout = layout or {}
+
+    def pick(key: str, default: Any) -> Any:
+        value = getattr(args, key, None)
+        if value is not None:
+            return value
+        return layout.get(key, default) if layout.get(key) is not None else default
+
+    tp, pp, cp = pick("tp", 1), pick("pp", 1), pick("cp", 1)
+    dp = pick("dp", None)
+    if dp is None:
+        dp = (args.world_size // (tp * pp * cp)) if args.world_size else 1
+    dims = ParallelDims(tp=tp, pp=pp, vpp=pick("vpp", 1), ep=pick("ep", 1), etp=pick("etp", 1), dp=dp, cp=cp)
+    sharding = args.sharding or ("fsdp" if layout.get("fsdp", True) else "none")
+    return PlanInput(model=load_model(args.model), dims=dims, seq_len=args.seq_len, micro_batch=args.micro_batch,
+                     precision=precision or args.precision, recompute=pick("recompute", "full"),
+                     recompute_modules=tuple(args.recompute_modules.split(",")), sharding=sharding,
+                     optimizer=args.optimizer, sequence_parallel=layout.get("sequence_parallel", True)
+                     and not args.no_sequence_parallel, packed=not args.no_packing,
+                     bf16_layers=tuple(args.bf16_layers), moe_imbalance=args.moe_imbalance, gpu_gib=args.gpu_gib,
+                     model_name=args.model, layout_name=layout_name)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="k_exaone_236b", help="preset (k_exaone_236b, tiny) or recipes/model name")
+    p.add_argument("--layout", help="a recipes/parallel/<name>.yaml (flags given explicitly override it)")
+    p.add_argument("--all-published", action="store_true", help="summarise the published K-EXAONE layouts")
+    for name in ("tp", "pp", "ep", "etp", "dp", "cp", "vpp"):
+        p.add_argument(f"--{name}", type=int)
+    p.add_argument("--world-size", type=int, help="derive dp from it when --dp is not given")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--precision", choices=("bf16", "fp8"), default="bf16")
+    p.add_argument("--recompute", choices=("full", "selective", "none"))
+    p.add_argument("--recompute-modules", default="attention", help="selective: comma list of attention,mlp,moe")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--fsdp", dest="sharding", action="store_const", const="fsdp")
+    group.add_argument("--zero1", dest="sharding", action="store_const", const="zero1")
+    group.add_argument("--no-sharding", dest="sharding", action="store_const", const="none")
+    p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
+    p.add_argument("--no-sequence-parallel", action="store_true")
+    p.add_argument("--no-packing", action="store_true", help="one document per sequence (no global-layer mask)")
+    p.add_argument("--bf16-layers", type=int, nargs=2, default=(1, 1), metavar=("FIRST", "LAST"),
+                   help="fp8: decoder layers kept in bf16 at each end")
+    p.add_argument("--moe-imbalance", type=float, default=1.0, help="max/mean routed tokens per EP rank")
+    p.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory to fit (GiB)")
+    return p
+
+
+def summary_row(p: Plan) -> str:
+    d, w = p.inp.dims, p.worst
+    layout = f"tp{d.tp} pp{d.pp} ep{d.ep} dp{d.dp}" + (f" vpp{d.vpp}" if d.vpp > 1 else "")
+    return (f"{p.inp.layout_name:<26}{d.world_size:>5}  {layout:<22}{p.inp.precision:<6}{p.inp.optimizer:<7}"
+            f"{w.peak / GIB:>8.1f}  {'yes' if p.fits else 'NO':<5}{p.flops_per_token:>11.3e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.all_published:
+            print(f"{'layout':<26}{'GPUs':>5}  {'parallel':<22}{'prec':<6}{'optim':<7}{'GiB/GPU':>8}  "
+                  f"{'fits':<5}{'FLOPs/token':>11}")
+            for name in published_layouts():
+                for precision in ("bf16", "fp8"):
+                    for optimizer in ("adamw", "muon"):
+                        inp = dataclasses.replace(build_input(args, load_layout(name), name, precision),
+                                                  optimizer=optimizer)
+                        print(summary_row(plan(inp)))
+            print(f"(seq {args.seq_len}, micro-batch {args.micro_batch}; worst pipeline rank; details: "
+                  "--layout NAME)")
+            return 0
+        layout = load_layout(args.layout) if args.layout else None
+        result = plan(build_input(args, layout, args.layout or ""))
+    except LayoutError as exc:
+        print(f"invalid layout: {exc}", file=sys.stderr)
+        return 2
+    print(format_plan(result))
+    return 0 if result.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
