@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+try:  # FlexAttention: sparse sliding-window / document masks on GPU (its backward does not run on CPU)
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - older torch
+    BlockMask = None
 
 from .norms import RMSNorm
 from .rope import apply_rope
@@ -15,27 +22,47 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cumsum((position_ids == 0).to(torch.int32), dim=-1)
 
 
-def attention_mask(position_ids: torch.Tensor | None, window: int | None) -> torch.Tensor | None:
-    """Boolean [B, 1, S, S] mask (True = attend): causal, same document, and within `window` if given.
+def attention_mask(position_ids: torch.Tensor | None, window: int | None):
+    """The mask for causal attention within documents and within `window` if given (transformers' semantics:
+    query i sees key j when i - window < j <= i).
 
-    Returns None for a plain causal mask (one document per row, no window), which lets SDPA use its causal kernel.
-    Window semantics as transformers: query i sees key j when i - window < j <= i.
+    None for a plain causal mask (one document per row, no window): SDPA's causal (flash) kernel. On GPU a
+    FlexAttention `BlockMask`, which skips the blocks outside the window or the document, so sliding layers cost
+    O(S * W). Otherwise a boolean [B, 1, S, S] mask (True = attend) for SDPA.
     """
     if position_ids is None:
         return None
     packed = bool((position_ids[:, 1:] == 0).any())
     if not packed and window is None:
         return None
+    docs = document_ids(position_ids) if packed else None
+    if position_ids.is_cuda and BlockMask is not None:
+        return _block_mask(docs, window, *position_ids.shape, position_ids.device)
     seq = position_ids.shape[-1]
     idx = torch.arange(seq, device=position_ids.device)
     allowed = idx[None, :] <= idx[:, None]
     if window is not None:
         allowed = allowed & (idx[:, None] - idx[None, :] < window)
     allowed = allowed.unsqueeze(0)
-    if packed:
-        docs = document_ids(position_ids)
+    if docs is not None:
         allowed = allowed & (docs[:, :, None] == docs[:, None, :])
     return allowed.unsqueeze(1)
+
+
+def _block_mask(docs: torch.Tensor | None, window: int | None, batch: int, seq: int, device: torch.device):
+    def mask_mod(b, h, q, kv):
+        allowed = kv <= q
+        if window is not None:
+            allowed = allowed & (q - kv < window)
+        if docs is not None:
+            allowed = allowed & (docs[b, q] == docs[b, kv])
+        return allowed
+    return create_block_mask(mask_mod, batch if docs is not None else None, None, seq, seq, device=device)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    return torch.compile(flex_attention, dynamic=False)
 
 
 class Attention(nn.Module):
@@ -62,7 +89,10 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.head_dim ** -0.5,
-            enable_gqa=q.shape[1] != k.shape[1])
+        gqa = q.shape[1] != k.shape[1]
+        if BlockMask is not None and isinstance(mask, BlockMask):
+            out = _compiled_flex_attention()(q, k, v, block_mask=mask, scale=self.head_dim ** -0.5, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                 scale=self.head_dim ** -0.5, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
