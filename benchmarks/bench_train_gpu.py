@@ -4,7 +4,7 @@ precision (BF16 compute, FP32 master weights and gradient reduction), fused outp
 
 Prints tokens/s and MFU against the H100 dense BF16 peak (989 TFLOP/s) with the device name, and the FP8 step's
 speed-up over BF16 measured in the same process: `name: value (ratio vs baseline)`.
-Run on a GPU:  python benchmarks/bench_train_gpu.py [--seq-len 4096] [--micro-batch 2] [--steps 10]
+Run on a GPU, from the repository root:  PYTHONPATH=. python benchmarks/bench_train_gpu.py [--seq-len 4096] [--micro-batch 8]
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def time_steps(config: ModelConfig, precision: str, seq_len: int, micro_batch: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=4096)
-    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--layers", type=int, default=None, help="override the proxy's layer count")

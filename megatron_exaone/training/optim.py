@@ -84,7 +84,10 @@ def build_optimizer(chunks: Iterable[nn.Module], name: str = "adamw", lr: float 
     no_decay = [p for _, _, p in named if p.ndim < 2]
     groups = [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
               if g["params"]]
-    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)]
+    # torch's fused AdamW on GPU (one kernel per parameter group instead of foreach temporaries); foreach on CPU.
+    on_gpu = any(p.is_cuda for _, _, p in named)
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps,
+                                                                 fused=True if on_gpu else None)]
     if muon:
         matrices = {p: ShardedMatrix(p, layout_of(c, n, p), tp_group, tp_size) for c, n, p in muon}
         optimizers.append(Muon([p for _, _, p in muon], matrices, lr=lr, weight_decay=weight_decay,
