@@ -124,10 +124,10 @@ def apply_tensor_parallel(root: nn.Module, group: dist.ProcessGroup, sequence_pa
         elif isinstance(module, MultiTokenPredictor):
             _shard_mtp_fc(root, prefix, module, group, sequence_parallel, rank, size)
         elif isinstance(module, nn.Embedding):
-            _swap(root, name, VocabParallelEmbedding.from_embedding(module, group, sequence_parallel))
+            _swap(root, name, VocabParallelEmbedding.shard_of(module, group, sequence_parallel))
             plan.layouts[f"{prefix}weight"] = ParamLayout(tuple(module.weight.shape), (Shard(0, rank, size),))
         elif isinstance(module, OutputHead):
-            _swap(root, name, VocabParallelOutputHead.from_head(module, group, sequence_parallel))
+            _swap(root, name, VocabParallelOutputHead.shard_of(module, group, sequence_parallel))
             plan.layouts[f"{prefix}weight"] = ParamLayout(tuple(module.weight.shape), (Shard(0, rank, size),))
     plan.tp_partial_grads |= _classify_replicated(root, plan.layouts.keys(), always_partial, sequence_parallel)
 

@@ -17,9 +17,8 @@ def _vocab_range(local_rows: int, group: dist.ProcessGroup) -> tuple[int, int]:
     return start, start + local_rows
 
 
-class VocabParallelEmbedding(nn.Module):
-    """`embed_tokens` holding rows [start, end) of the vocabulary; other ids contribute zeros and the partial
-    embeddings are summed over TP (reduce-scattered along the sequence under SP)."""
+class _VocabShard(nn.Module):
+    """A module holding this TP rank's rows [start, end) of a [vocab, hidden] weight."""
 
     def __init__(self, local_weight: torch.Tensor, group: dist.ProcessGroup, sequence_parallel: bool) -> None:
         super().__init__()
@@ -28,11 +27,16 @@ class VocabParallelEmbedding(nn.Module):
         self.sequence_parallel = sequence_parallel
 
     @classmethod
-    def from_embedding(cls, embedding: nn.Embedding, group: dist.ProcessGroup, sequence_parallel: bool
-                       ) -> "VocabParallelEmbedding":
-        rows = embedding.weight.shape[0] // dist.get_world_size(group)
+    def shard_of(cls, module: nn.Module, group: dist.ProcessGroup, sequence_parallel: bool):
+        """An (uninitialized) shard with the local rows of `module.weight` (an nn.Embedding or the head)."""
+        rows = module.weight.shape[0] // dist.get_world_size(group)
         start, end = _vocab_range(rows, group)
-        return cls(torch.empty_like(embedding.weight[start:end]), group, sequence_parallel)
+        return cls(torch.empty_like(module.weight[start:end]), group, sequence_parallel)
+
+
+class VocabParallelEmbedding(_VocabShard):
+    """`embed_tokens` holding rows [start, end) of the vocabulary; other ids contribute zeros and the partial
+    embeddings are summed over TP (reduce-scattered along the sequence under SP)."""
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         start, end = _vocab_range(self.weight.shape[0], self.group)
@@ -82,21 +86,9 @@ class _VocabParallelLinearCE(GradientsInForward):
         return total / normalizer
 
 
-class VocabParallelOutputHead(nn.Module):
+class VocabParallelOutputHead(_VocabShard):
     """`lm_head` holding vocabulary rows [start, end): `forward` gathers full logits (evaluation only);
     `loss` computes the cross entropy from the local logits."""
-
-    def __init__(self, local_weight: torch.Tensor, group: dist.ProcessGroup, sequence_parallel: bool) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(local_weight)
-        self.group = group
-        self.sequence_parallel = sequence_parallel
-
-    @classmethod
-    def from_head(cls, head: nn.Linear, group: dist.ProcessGroup, sequence_parallel: bool
-                  ) -> "VocabParallelOutputHead":
-        rows = head.weight.shape[0] // dist.get_world_size(group)
-        return cls(torch.empty_like(head.weight[:rows]), group, sequence_parallel)
 
     def _replicated_input(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
