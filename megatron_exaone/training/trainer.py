@@ -15,7 +15,6 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -90,7 +89,7 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, enabled=self.rank == 0, total_tokens=curriculum.total_tokens,
                                      wandb_settings={**dataclasses.asdict(cfg.wandb),
                                                      "mode": cfg.wandb.resolved_mode()},
-                                     run_config=_plain(cfg))
+                                     run_config=dataclasses.asdict(cfg))
         self._resume()
 
     # ------------------------------------------------------------------------------------------ setup
@@ -268,7 +267,7 @@ class Trainer:
         summed = torch.tensor(list(totals.values()), dtype=torch.float64, device=self.device)
         dist.all_reduce(summed, group=self.mesh.dp_cp_group)
         totals = dict(zip(totals, summed.tolist()))
-        totals["loss"] = totals["lm_loss"] + _mtp_weight(model) * totals["mtp_loss"] + totals["aux_loss"]
+        totals["loss"] = totals["lm_loss"] + model.config.mtp_loss_weight * totals["mtp_loss"] + totals["aux_loss"]
         return totals
 
     def _reduce_grads(self) -> None:
@@ -371,14 +370,6 @@ def _set_mtp_weight(chunk: nn.Module, weight: float) -> None:
     config = getattr(chunk, "config", None)
     if config is not None:
         chunk.config = dataclasses.replace(config, mtp_loss_weight=weight)
-
-
-def _mtp_weight(model: nn.Module) -> float:
-    return model.config.mtp_loss_weight
-
-
-def _plain(cfg: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
 
 
 def default_device(name: str) -> torch.device:
