@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,6 +11,7 @@ try:  # FlexAttention: sparse sliding-window / document masks on GPU (its backwa
 except ImportError:  # pragma: no cover - older torch
     BlockMask = None
 
+from .fused import fused
 from .norms import RMSNorm
 from .rope import apply_rope
 
@@ -60,11 +59,6 @@ def _block_mask(docs: torch.Tensor | None, window: int | None, batch: int, seq: 
     return create_block_mask(mask_mod, batch if docs is not None else None, None, seq, seq, device=device)
 
 
-@functools.cache
-def _compiled_flex_attention():
-    return torch.compile(flex_attention, dynamic=False)
-
-
 class Attention(nn.Module):
     """Head counts are read from the projection shapes, so tensor-parallel passes can shard them freely."""
 
@@ -91,7 +85,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         gqa = q.shape[1] != k.shape[1]
         if BlockMask is not None and isinstance(mask, BlockMask):
-            out = _compiled_flex_attention()(q, k, v, block_mask=mask, scale=self.head_dim ** -0.5, enable_gqa=gqa)
+            attend = fused(flex_attention, q, dynamic=False)
+            out = attend(q, k, v, block_mask=mask, scale=self.head_dim ** -0.5, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                  scale=self.head_dim ** -0.5, enable_gqa=gqa)

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import fused
+
 IGNORE_INDEX = -100
 
 
@@ -20,17 +22,63 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return losses / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
-def accumulate_logit_grads(probs: torch.Tensor, targets: torch.Tensor, is_target: torch.Tensor, valid: torch.Tensor,
-                           h: torch.Tensor, weight: torch.Tensor, grad_hidden_rows: torch.Tensor,
-                           grad_weight: torch.Tensor) -> None:
-    """Turn a chunk's softmax `probs` into d(CE)/d(logits) = softmax - onehot (zero on ignored rows; `is_target`
-    marks rows whose target column is in this weight, for vocab-parallel heads) and add its contributions to the
-    hidden-state rows and to the weight gradient."""
-    probs.scatter_add_(1, targets[:, None], -is_target.to(probs.dtype)[:, None])
-    probs.mul_(valid[:, None])
-    grad = probs.to(h.dtype)
-    grad_hidden_rows.copy_(grad @ weight)
-    grad_weight += (grad.T @ h).float()
+# Rows of hidden states per loss chunk: about 2^29 logits (1 GiB in BF16) at a time, in multiples of 128 rows.
+CHUNK_LOGITS = 1 << 29
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows per chunk for a (local) vocabulary of `vocab` columns. Larger chunks mean fewer passes over the fp32
+    weight-gradient accumulator; smaller ones less transient memory."""
+    return max(128, CHUNK_LOGITS // vocab // 128 * 128)
+
+
+def _chunk_statistics(logits: torch.Tensor, targets: torch.Tensor, is_target: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of `logits` [c, V], in fp32: the max, sum(exp(logit - max)) and the target logit (0 where
+    `is_target` is False: the target column lies in another rank's vocabulary shard)."""
+    logits = logits.float()
+    row_max = logits.amax(dim=-1)
+    sum_exp = torch.exp(logits - row_max[:, None]).sum(dim=-1)
+    target = logits.gather(1, targets[:, None]).squeeze(1) * is_target
+    return row_max, sum_exp, target
+
+
+def _logit_grads(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, is_target: torch.Tensor,
+                 valid: torch.Tensor) -> torch.Tensor:
+    """d(CE)/d(logits) = softmax - onehot(target), zero on ignored rows, in `logits`' dtype."""
+    columns = torch.arange(logits.shape[1], device=logits.device)
+    onehot = (columns[None, :] == targets[:, None]) & is_target[:, None]
+    probs = torch.exp(logits.float() - lse[:, None])
+    return ((probs - onehot.float()) * valid[:, None]).to(logits.dtype)
+
+
+def chunk_statistics(logits: torch.Tensor, targets: torch.Tensor, is_target: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_chunk_statistics`, as one fused kernel on GPU (the fp32 logits never reach memory)."""
+    return fused(_chunk_statistics, logits)(logits, targets, is_target)
+
+
+def logit_grads(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, is_target: torch.Tensor,
+                valid: torch.Tensor) -> torch.Tensor:
+    """`_logit_grads`, as one fused kernel on GPU."""
+    return fused(_logit_grads, logits)(logits, lse, targets, is_target, valid)
+
+
+def add_matmul_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b, accumulated in fp32 (on GPU one GEMM with an fp32 output: no rounded intermediate)."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += (a @ b).float()
+
+
+def accumulate_chunk_grads(grad_logits: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+                           grad_hidden_rows: torch.Tensor, grad_weight: torch.Tensor) -> None:
+    """Add a chunk's logit gradient [c, V] to the hidden-state rows (written) and the fp32 weight gradient."""
+    torch.mm(grad_logits, weight, out=grad_hidden_rows)
+    add_matmul_fp32_(grad_weight, grad_logits.T, h)
 
 
 class GradientsInForward(torch.autograd.Function):
@@ -66,19 +114,19 @@ class _LinearCrossEntropy(GradientsInForward):
             y = labels[start:start + chunk_size]
             valid = y != IGNORE_INDEX
             safe_y = torch.where(valid, y, 0)
-            logits = (h @ weight.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            target = logits.gather(1, safe_y[:, None]).squeeze(1)
+            logits = h @ weight.T
+            row_max, sum_exp, target = chunk_statistics(logits, safe_y, valid)
+            lse = torch.log(sum_exp) + row_max
             total += ((lse - target) * valid).sum()
             if needs_grad:
-                accumulate_logit_grads(torch.softmax(logits, dim=-1), safe_y, torch.ones_like(valid), valid, h,
-                                       weight, grad_hidden[start:start + chunk_size], grad_weight)
+                grad_logits = logit_grads(logits, lse, safe_y, valid, valid)
+                accumulate_chunk_grads(grad_logits, h, weight, grad_hidden[start:start + chunk_size], grad_weight)
         GradientsInForward.save_grads(ctx, grad_hidden, grad_weight, normalizer, weight.dtype, other_inputs=3)
         return total / normalizer
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         normalizer: torch.Tensor | None = None, chunk_size: int = 1024) -> torch.Tensor:
+                         normalizer: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
     """CE of `hidden @ weight.T` against `labels` without keeping the logits; hidden [..., H], labels [...].
 
     `normalizer` defaults to the number of valid labels (pass a global token count for data-parallel training).
@@ -88,7 +136,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if normalizer is None:
         normalizer = (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
     normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=hidden.device)
-    return _LinearCrossEntropy.apply(flat_hidden, weight, flat_labels, normalizer, chunk_size)
+    return _LinearCrossEntropy.apply(flat_hidden, weight, flat_labels, normalizer,
+                                     chunk_size or chunk_rows(weight.shape[0]))
 
 
 class OutputHead(nn.Linear):

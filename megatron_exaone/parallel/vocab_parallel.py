@@ -7,7 +7,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_exaone.model.loss import IGNORE_INDEX, GradientsInForward, accumulate_logit_grads
+from megatron_exaone.model.loss import (IGNORE_INDEX, GradientsInForward, accumulate_chunk_grads, chunk_rows,
+                                        chunk_statistics, logit_grads)
 
 from . import comm
 
@@ -69,19 +70,18 @@ class _VocabParallelLinearCE(GradientsInForward):
             valid = y != IGNORE_INDEX
             mine = valid & (y >= start) & (y < end)
             local_y = torch.where(mine, y - start, 0)
-            logits = (h @ weight.T).float()
-            row_max = logits.max(dim=-1).values
+            logits = h @ weight.T
+            local_max, local_sum_exp, target = chunk_statistics(logits, local_y, mine)
+            row_max = local_max.clone()
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-            exp = torch.exp(logits - row_max[:, None])
-            sum_exp = exp.sum(dim=-1)
-            target = logits.gather(1, local_y[:, None]).squeeze(1) * mine
-            stats = torch.stack([sum_exp, target])
+            stats = torch.stack([local_sum_exp * torch.exp(local_max - row_max), target])
             dist.all_reduce(stats, group=group)
             sum_exp, target = stats
-            total += ((torch.log(sum_exp) + row_max - target) * valid).sum()
+            lse = torch.log(sum_exp) + row_max
+            total += ((lse - target) * valid).sum()
             if needs_grad:
-                accumulate_logit_grads(exp / sum_exp[:, None], local_y, mine, valid, h, weight,
-                                       grad_hidden[first:first + chunk_size], grad_weight)
+                grad_logits = logit_grads(logits, lse, local_y, mine, valid)
+                accumulate_chunk_grads(grad_logits, h, weight, grad_hidden[first:first + chunk_size], grad_weight)
         GradientsInForward.save_grads(ctx, grad_hidden, grad_weight, normalizer, weight.dtype, other_inputs=4)
         return total / normalizer
 
@@ -100,8 +100,10 @@ class VocabParallelOutputHead(_VocabShard):
         return comm.all_gather_along(local, self.group, dim=-1)
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor | float | None = None,
-             chunk_size: int = 1024) -> torch.Tensor:
+             chunk_size: int | None = None) -> torch.Tensor:
         hidden = self._replicated_input(hidden)
+        # The same chunking on every rank (the chunks' statistics are all-reduced): sized by the full vocabulary.
+        chunk_size = chunk_size or chunk_rows(self.weight.shape[0] * dist.get_world_size(self.group))
         flat_labels = labels.reshape(-1)
         if normalizer is None:
             normalizer = (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
