@@ -31,6 +31,7 @@ from megatron_exaone.curriculum import Curriculum, CurriculumError
 from megatron_exaone.model.config import ConfigError, ModelConfig
 from megatron_exaone.parallel.mesh import LayoutError, ParallelDims
 from megatron_exaone.parallel.pipeline import check_schedule, pipeline_layout
+from megatron_exaone.precision.fp8_te import is_te_precision
 
 from .precision import PrecisionUnavailable, validate_precision
 from .schema import ParallelConfig, StageConfig, TrainConfig
@@ -308,6 +309,9 @@ def _check_precision(cfg: TrainConfig, model: ModelConfig, device_type: str | No
         raise RecipeError(f"precision: keep_bf16_first_layers + keep_bf16_last_layers = "
                           f"{precision.keep_bf16_first_layers + precision.keep_bf16_last_layers} exceeds the model's "
                           f"{model.num_hidden_layers} layers; lower them.")
+    if cfg.parallel.compile and is_te_precision(precision):
+        raise RecipeError(f"parallel.compile=true with precision={precision.name}: Transformer Engine modules fuse "
+                          "their own kernels and do not run under torch.compile; set parallel.compile=false.")
     try:
         validate_precision(precision, device_type)
     except PrecisionUnavailable as exc:

@@ -62,7 +62,8 @@ class ParallelConfig:
     `dp=None` derives data parallel from the world size. `ep` folds into tp*cp*dp (MoE parallel folding), so it
     does not multiply the world size. `fsdp`: shard parameters, gradients and optimizer state over dp (FSDP2, the
     distributed-optimizer equivalent); False replicates them. `pipeline_layout`: an explicit stage split in
-    `parallel.pipeline.pipeline_layout` syntax (e.g. "Et|tt|tL"); None splits evenly.
+    `parallel.pipeline.pipeline_layout` syntax (e.g. "Et|tt|tL"); None splits evenly. `compile`: compile each
+    decoder layer with torch.compile (`parallel.compile`; fuses the elementwise work, needed for FP8 speed).
     """
 
     tp: int = 1
@@ -78,6 +79,7 @@ class ParallelConfig:
     fsdp: bool = True
     recompute: str = "none"
     recompute_modules: List[str] = field(default_factory=lambda: ["attention"])
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _one_of("parallel.pipeline_schedule", self.pipeline_schedule, PIPELINE_SCHEDULES)
@@ -119,7 +121,8 @@ class PrecisionConfig:
     `recipe`: FP8 scaling recipe (see `PRECISIONS`; None = the mode's default). `fp8_format`: "hybrid" (E4M3
     forward, E5M2 gradients) or "e4m3". `amax_history_len` / `amax_compute_algo`: delayed scaling only.
     `keep_bf16_first_layers` / `keep_bf16_last_layers`: decoder layers kept in bf16 at each end (the usual
-    stability choice, as Megatron's `--first-last-layers-bf16`).
+    stability choice, as Megatron's `--first-last-layers-bf16`). `fp8_expert_wgrad` (fp8_torch, fp8_emulated): the
+    routed experts' weight-gradient GEMM in FP8 as well; by default it runs in BF16 (see `precision.fp8_ops`).
     """
 
     name: str = "bf16"
@@ -129,6 +132,7 @@ class PrecisionConfig:
     amax_compute_algo: str = "max"
     keep_bf16_first_layers: int = 1
     keep_bf16_last_layers: int = 1
+    fp8_expert_wgrad: bool = False
 
     def __post_init__(self) -> None:
         _one_of("precision.name", self.name, tuple(PRECISIONS))

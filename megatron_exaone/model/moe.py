@@ -3,7 +3,6 @@ experts, the sequence-level auxiliary loss and the expert-bias update."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -93,23 +92,36 @@ def attach_aux_loss(hidden: torch.Tensor, aux_loss: torch.Tensor, scale: float) 
     return _AttachAuxLoss.apply(hidden, aux_loss, scale)
 
 
-def _loop_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+@torch.compiler.disable  # runs eagerly inside compiled layers: traced, it would recompile for every split
+def _loop_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Reference grouped matmul: x [N, K] split in expert-major groups, w [E, K, M]."""
-    chunks = torch.split(x, counts)
+    chunks = torch.split(x, counts.tolist())
     return torch.cat([chunk @ w[e] for e, chunk in enumerate(chunks)], dim=0)
 
 
-@functools.lru_cache(maxsize=None)
+# (device type, dtype) -> whether torch._grouped_mm runs there. A plain dict rather than functools.lru_cache:
+# torch.compile reads a filled dict as a constant, but would trace into an lru_cache-wrapped check
+# (`parallel.compile` fills it before compiling).
+_GROUPED_MM_USABLE: dict[tuple[str, torch.dtype], bool] = {}
+
+
 def grouped_mm_usable(device_type: str, dtype: torch.dtype) -> bool:
     """Whether torch._grouped_mm runs here and agrees with the reference loop (checked once per device/dtype)."""
+    key = (device_type, dtype)
+    if key not in _GROUPED_MM_USABLE:
+        _GROUPED_MM_USABLE[key] = _check_grouped_mm(device_type, dtype)
+    return _GROUPED_MM_USABLE[key]
+
+
+def _check_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(48, 32, generator=gen).to(device_type, dtype)
         w = torch.randn(3, 32, 16, generator=gen).to(device_type, dtype)
-        counts = [16, 0, 32]
-        offs = torch.tensor(counts, device=device_type).cumsum(0).to(torch.int32)
+        counts = torch.tensor([16, 0, 32], device=device_type)
+        offs = counts.cumsum(0).to(torch.int32)
         got = torch._grouped_mm(x, w, offs=offs)
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         return torch.allclose(got.float(), _loop_mm(x, w, counts).float(), atol=tol, rtol=tol)
@@ -120,9 +132,28 @@ def grouped_mm_usable(device_type: str, dtype: torch.dtype) -> bool:
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x [N, K] sorted by expert, w [E, K, M] (a transposed view is fine), counts [E] rows per expert."""
     aligned = all(dim * x.element_size() % 16 == 0 for dim in (x.shape[-1], w.shape[-1]))  # kernel requirement
-    if aligned and grouped_mm_usable(x.device.type, x.dtype):
+    # Under torch.compile, the kernel's shape function accepts BF16 only (eager CPU also runs fp32).
+    traceable = x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+    if aligned and traceable and grouped_mm_usable(x.device.type, x.dtype):
         return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
-    return _loop_mm(x, w, counts.tolist())
+    return _loop_mm(x, w, counts)
+
+
+@torch.compiler.disable  # as _loop_mm
+def _loop_wgrad(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    sizes = counts.tolist()
+    return torch.stack([pa.t() @ pb for pa, pb in zip(a.split(sizes), b.split(sizes))])
+
+
+def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[G, N, K]: a_g^T @ b_g for each group g of the rows of a [T, N] and b [T, K] (sorted by group, `counts`
+    [G] rows each): the weight gradient of a grouped matmul. One ragged-K grouped GEMM for BF16 on CUDA (the form
+    torch's own backward of `_grouped_mm` uses), a loop elsewhere."""
+    if a.shape[0] == 0:  # an expert-parallel rank that received no tokens
+        return a.new_zeros((counts.numel(), a.shape[1], b.shape[1]))
+    if a.is_cuda and a.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+        return torch._grouped_mm(a.t(), b, offs=counts.cumsum(0).to(torch.int32))
+    return _loop_wgrad(a, b, counts)
 
 
 class GroupedExperts(nn.Module):
@@ -156,7 +187,9 @@ def permute_by_expert(indices: torch.Tensor, num_experts: int) -> tuple[torch.Te
     """Stable expert-major order of the T*k (token, slot) pairs, and tokens per expert."""
     flat = indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    return order, torch.bincount(flat, minlength=num_experts)
+    # A scatter-add rather than bincount: its output size does not depend on the data (torch.compile friendly).
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    return order, counts.scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def combine(expert_out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from megatron_exaone.model import ModelConfig, update_expert_bias
 from megatron_exaone.model.moe import MoEBlock
 from megatron_exaone.parallel.build import all_reduce_grads, build_parallel_model, build_pipeline_chunks
 from megatron_exaone.parallel.checkpointing import apply_activation_checkpointing
+from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.parallel.data_parallel import apply_data_parallel
 from megatron_exaone.parallel.grad_norm import clip_grad_norm_
 from megatron_exaone.parallel.mesh import ParallelDims, ParallelMesh, build_mesh
@@ -127,6 +128,8 @@ class Trainer:
             chunks = [build_parallel_model(self.model_config, self.mesh, seed, self.device, p.sequence_parallel,
                                            precision)]
         for chunk in chunks:
+            if p.compile:
+                apply_compile(chunk)
             apply_activation_checkpointing(chunk, p.recompute, tuple(p.recompute_modules))
             if p.fsdp:
                 apply_data_parallel(chunk, self.mesh, bf16=self._compute_dtype() == torch.bfloat16,
