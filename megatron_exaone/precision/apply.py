@@ -55,7 +55,8 @@ class PrecisionPlan:
     """What the pass needs from `config.schema.PrecisionConfig` (same field names), plus `fp8_experts`.
 
     `recipe`: "tensorwise" (default) or "rowwise" for the dense linears. `fp8_format`: "hybrid" (E5M2 gradients)
-    or "e4m3". `fp8_experts=False` keeps the routed experts in BF16 (where `torch._scaled_grouped_mm` cannot run).
+    or "e4m3". `fp8_expert_wgrad`: the routed experts' weight gradient in FP8 too (else BF16).
+    `fp8_experts=False` keeps the routed experts in BF16 (where `torch._scaled_grouped_mm` cannot run).
     """
 
     name: str = "bf16"
@@ -63,13 +64,15 @@ class PrecisionPlan:
     fp8_format: str = "hybrid"
     keep_bf16_first_layers: int = 1
     keep_bf16_last_layers: int = 1
+    fp8_expert_wgrad: bool = False
     fp8_experts: bool = True
 
     @classmethod
     def from_config(cls, cfg: PrecisionConfig, fp8_experts: bool = True) -> PrecisionPlan:
         return cls(name=cfg.name, recipe=cfg.recipe, fp8_format=cfg.fp8_format,
                    keep_bf16_first_layers=cfg.keep_bf16_first_layers,
-                   keep_bf16_last_layers=cfg.keep_bf16_last_layers, fp8_experts=fp8_experts)
+                   keep_bf16_last_layers=cfg.keep_bf16_last_layers, fp8_expert_wgrad=cfg.fp8_expert_wgrad,
+                   fp8_experts=fp8_experts)
 
     def fp8_recipe(self, amax_group: dist.ProcessGroup | None) -> Fp8Recipe:
         scaling = self.recipe or "tensorwise"
@@ -119,7 +122,7 @@ def apply_precision(root: nn.Module, precision: PrecisionPlan | str, num_layers:
                     report.bf16[full] = "routed experts kept in BF16 (fp8_experts=False)"
                     continue
                 gemms.require_grouped()
-                _convert(report, full, tuple(module.gate_proj.shape[1:]), lambda m=module: convert_experts(m, gemms))
+                _convert(report, full, tuple(module.gate_proj.shape[1:]), lambda m=module: convert_experts(m, gemms, plan.fp8_expert_wgrad))
     _log(plan, recipe, report)
     return report
 

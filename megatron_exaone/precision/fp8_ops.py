@@ -7,11 +7,12 @@ Every GEMM of forward and backward runs in FP8 (as torchao's float8 training): f
   wgrad    dW = dY^T @ X
 Each operand is quantized along the axis its GEMM contracts: with rowwise scaling X and dY are re-quantized from
 the saved high-precision tensors in backward (the scales run along the other axis there); tensorwise scales do not
-depend on the axis, so forward's scales of X and W are saved and reused (no second amax, no second all-reduce).
+depend on the axis, so forward's FP8 X and W are saved and reused (no second amax, cast or all-reduce).
 
-Routed experts always use rowwise E4M3 scaling in all three GEMMs: it is the only FP8 mode of
-`torch._scaled_grouped_mm`, and per-token scales do not depend on how tokens are spread over ranks. Their weight
-gradient contracts over each expert's tokens, so its scales are per (expert, column).
+Routed experts use rowwise E4M3 scaling: it is the only FP8 mode of `torch._scaled_grouped_mm`, and per-token
+scales do not depend on how tokens are spread over ranks. Forward and input gradient run in FP8; the weight
+gradient contracts over each expert's tokens, so in FP8 (`fp8_expert_wgrad`) it needs per-(expert, column) scales
+and each expert's tokens padded to 16 rows; by default it is one BF16 grouped GEMM instead.
 
 A backend (`Fp8Gemms`) only supplies the GEMMs: `fp8_torch.TorchGemms` (scaled matmul kernels) or
 `fp8_emulated.EmulatedGemms` (dequantize, then fp32 matmul); quantization is the same code for both.
@@ -19,12 +20,13 @@ A backend (`Fp8Gemms`) only supplies the GEMMs: `fp8_torch.TorchGemms` (scaled m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from megatron_exaone.model.moe import GroupedExperts
+from megatron_exaone.model.moe import GroupedExperts, grouped_wgrad
 
 from .fp8_common import (E4M3, Fp8Recipe, Quantized, current_scale, quantize_with_scale, to_fp8,
                          to_fp8_per_group_columns)
@@ -59,56 +61,73 @@ class _Fp8Linear(torch.autograd.Function):
         scale_w = current_scale(weight, E4M3, recipe.scaling, 1, recipe.amax_group)
         qx, qw = quantize_with_scale(x2, scale_x, E4M3), quantize_with_scale(weight, scale_w, E4M3)
         y = gemms.mm(qx, qw.t(), x.dtype, fast_accum=True)
-        tensorwise = recipe.scaling == "tensorwise"
-        ctx.save_for_backward(x, weight, scale_x if tensorwise else None, scale_w if tensorwise else None)
+        if recipe.scaling == "tensorwise":
+            # A tensorwise scale does not depend on the GEMM's axis, so the backward GEMMs reuse these FP8
+            # operands as they are: no second amax or cast, and X is saved at half its BF16 size.
+            ctx.save_for_backward(qx.data, qx.scale_inv, qw.data, qw.scale_inv)
+        else:
+            ctx.save_for_backward(x2, weight)
         ctx.gemms, ctx.recipe = gemms, recipe
+        ctx.x_shape, ctx.x_dtype, ctx.weight_dtype = x.shape, x.dtype, weight.dtype
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x, weight, scale_x, scale_w = ctx.saved_tensors
         gemms, recipe = ctx.gemms, ctx.recipe
         dy = grad_y.reshape(-1, grad_y.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        tensorwise = recipe.scaling == "tensorwise"
-        # Tensorwise: one dY scale serves both GEMMs.
-        q_dy = to_fp8(dy, recipe.grad_dtype, recipe.scaling, 1, recipe.amax_group) if tensorwise else None
+        if recipe.scaling == "tensorwise":  # one dY scale serves both GEMMs
+            qx_data, x_scale_inv, qw_data, w_scale_inv = ctx.saved_tensors
+            x_cols, w_cols = Quantized(qx_data, x_scale_inv), Quantized(qw_data, w_scale_inv)
+            dy_rows = dy_cols = to_fp8(dy, recipe.grad_dtype, "tensorwise", 1, recipe.amax_group)
+        else:  # rowwise scales run along the other axis in backward: re-quantize from high precision
+            x2, weight = ctx.saved_tensors
+            dy_rows = to_fp8(dy, recipe.grad_dtype, "rowwise", 1) if ctx.needs_input_grad[0] else None
+            w_cols = to_fp8(weight, E4M3, "rowwise", 0) if ctx.needs_input_grad[0] else None
+            dy_cols = to_fp8(dy, recipe.grad_dtype, "rowwise", 0) if ctx.needs_input_grad[1] else None
+            x_cols = to_fp8(x2, E4M3, "rowwise", 0) if ctx.needs_input_grad[1] else None
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            dy_rows = q_dy if tensorwise else to_fp8(dy, recipe.grad_dtype, "rowwise", 1)
-            w_cols = quantize_with_scale(weight, scale_w, E4M3) if tensorwise else to_fp8(weight, E4M3, "rowwise", 0)
-            grad_x = gemms.mm(dy_rows, w_cols, x.dtype, fast_accum=False).view_as(x)
+            grad_x = gemms.mm(dy_rows, w_cols, ctx.x_dtype, fast_accum=False).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            dy_cols = q_dy if tensorwise else to_fp8(dy, recipe.grad_dtype, "rowwise", 0)
-            x_cols = quantize_with_scale(x2, scale_x, E4M3) if tensorwise else to_fp8(x2, E4M3, "rowwise", 0)
-            grad_w = gemms.mm(dy_cols.t(), x_cols, weight.dtype, fast_accum=False)
+            grad_w = gemms.mm(dy_cols.t(), x_cols, ctx.weight_dtype, fast_accum=False)
         return grad_x, grad_w, None, None
 
 
 class _Fp8GroupedLinear(torch.autograd.Function):
-    """Y[rows of g] = X[rows of g] @ W[g]^T for stacked weights W [G, N, K]."""
+    """Y[rows of g] = X[rows of g] @ W[g]^T, W [G, N, K] the given weights stacked along N (gate and up
+    projections share one GEMM, so X is quantized once). The weight gradient runs in FP8 with `fp8_wgrad`, else
+    as a BF16 grouped GEMM (see `Fp8GroupedExperts`). The weights are inputs of this node themselves (not a
+    concatenation made outside), which the zero-bubble schedules' weight-gradient split relies on."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, gemms: Fp8Gemms) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, counts: torch.Tensor, gemms: Fp8Gemms, fp8_wgrad: bool,
+                *weights: torch.Tensor) -> torch.Tensor:
+        weight = torch.cat(weights, dim=1) if len(weights) > 1 else weights[0]
         qx = to_fp8(x, E4M3, "rowwise", 1)
         qw = to_fp8(weight, E4M3, "rowwise", 2)
-        ctx.save_for_backward(x, weight, counts)
-        ctx.gemms = gemms
+        ctx.save_for_backward(x, counts, *weights)
+        ctx.gemms, ctx.fp8_wgrad = gemms, fp8_wgrad
         return gemms.grouped_mm(qx, Quantized(qw.data.transpose(1, 2), qw.scale_inv.transpose(1, 2)), counts,
                                 x.dtype, fast_accum=True)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x, weight, counts = ctx.saved_tensors
+        x, counts, *weights = ctx.saved_tensors
+        weight = torch.cat(weights, dim=1) if len(weights) > 1 else weights[0]
         gemms = ctx.gemms
-        grad_x = grad_w = None
+        grad_x = None
+        grad_ws = [None] * len(weights)
         if ctx.needs_input_grad[0]:
             grad_x = gemms.grouped_mm(to_fp8(grad_y, E4M3, "rowwise", 1), to_fp8(weight, E4M3, "rowwise", 1),
                                       counts, x.dtype, fast_accum=False)
-        if ctx.needs_input_grad[1]:
-            grad_w = gemms.grouped_wgrad(to_fp8_per_group_columns(grad_y, counts, E4M3),
-                                         to_fp8_per_group_columns(x, counts, E4M3), counts, weight.dtype)
-        return grad_x, grad_w, None, None
+        if any(ctx.needs_input_grad[4:]):
+            if ctx.fp8_wgrad:
+                grad_w = gemms.grouped_wgrad(to_fp8_per_group_columns(grad_y, counts, E4M3),
+                                             to_fp8_per_group_columns(x, counts, E4M3), counts, weight.dtype)
+            else:
+                grad_w = grouped_wgrad(grad_y, x, counts).to(weight.dtype)
+            grad_ws = grad_w.split([w.shape[1] for w in weights], dim=1)
+        return grad_x, None, None, None, *grad_ws
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, gemms: Fp8Gemms, recipe: Fp8Recipe) -> torch.Tensor:
@@ -116,10 +135,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, gemms: Fp8Gemms, recipe: F
     return _Fp8Linear.apply(x, weight, gemms, recipe)
 
 
-def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, gemms: Fp8Gemms
-                       ) -> torch.Tensor:
-    """x [T, K] sorted by group, weight [G, N, K], counts [G]: each group's rows times its weight^T, in FP8."""
-    return _Fp8GroupedLinear.apply(x, weight, counts, gemms)
+def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor], counts: torch.Tensor,
+                       gemms: Fp8Gemms, fp8_wgrad: bool = True) -> torch.Tensor:
+    """x [T, K] sorted by group, weight [G, N, K] (or several, stacked along N), counts [G]: each group's rows
+    times its weight^T, in FP8 (the weight gradient too with `fp8_wgrad`, else in BF16)."""
+    weights = (weight,) if isinstance(weight, torch.Tensor) else tuple(weight)
+    return _Fp8GroupedLinear.apply(x, counts, gemms, fp8_wgrad, *weights)
 
 
 class Fp8Linear(nn.Linear):
@@ -139,17 +160,21 @@ class Fp8Linear(nn.Linear):
 
 
 class Fp8GroupedExperts(GroupedExperts):
-    """`GroupedExperts` with its three grouped matmuls in FP8 (rowwise E4M3)."""
+    """`GroupedExperts` with its grouped matmuls in FP8 (rowwise E4M3): forward and input gradient always, the
+    weight gradient when `fp8_wgrad` (it contracts over each expert's tokens, so it needs per-(expert, column)
+    scales and token groups padded to 16 rows; otherwise it runs as one BF16 grouped GEMM)."""
 
     fp8_gemms: Fp8Gemms
+    fp8_wgrad: bool
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        gate = fp8_grouped_linear(x, self.gate_proj, counts, self.fp8_gemms)
-        up = fp8_grouped_linear(x, self.up_proj, counts, self.fp8_gemms)
-        return fp8_grouped_linear(torch.nn.functional.silu(gate) * up, self.down_proj, counts, self.fp8_gemms)
+        gemms, fp8_wgrad = self.fp8_gemms, self.fp8_wgrad
+        gate_up = fp8_grouped_linear(x, (self.gate_proj, self.up_proj), counts, gemms, fp8_wgrad)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return fp8_grouped_linear(torch.nn.functional.silu(gate) * up, self.down_proj, counts, gemms, fp8_wgrad)
 
     def extra_repr(self) -> str:
-        return f"fp8={self.fp8_gemms.name}/rowwise"
+        return f"fp8={self.fp8_gemms.name}/rowwise, weight gradient in {'FP8' if self.fp8_wgrad else 'BF16'}"
 
 
 def convert_linear(module: nn.Linear, gemms: Fp8Gemms, recipe: Fp8Recipe) -> None:
@@ -163,7 +188,7 @@ def convert_linear(module: nn.Linear, gemms: Fp8Gemms, recipe: Fp8Recipe) -> Non
 _FP8_SUBCLASSES: dict[type, type] = {}
 
 
-def convert_experts(module: GroupedExperts, gemms: Fp8Gemms) -> None:
+def convert_experts(module: GroupedExperts, gemms: Fp8Gemms, fp8_wgrad: bool = False) -> None:
     """Switch `module` (a `GroupedExperts`, or a subclass such as the expert-parallel dispatcher, whose forward
     ends in `GroupedExperts.forward`) to FP8 grouped matmuls in place; parameters are untouched."""
     if not isinstance(module, GroupedExperts):
@@ -173,4 +198,4 @@ def convert_experts(module: GroupedExperts, gemms: Fp8Gemms) -> None:
         # MRO: the subclass's forward (e.g. all-to-all dispatch) runs first, then Fp8GroupedExperts.forward.
         _FP8_SUBCLASSES[base] = type(f"Fp8{base.__name__}", (base, Fp8GroupedExperts), {})
     module.__class__ = Fp8GroupedExperts if base is GroupedExperts else _FP8_SUBCLASSES[base]
-    module.fp8_gemms = gemms
+    module.fp8_gemms, module.fp8_wgrad = gemms, fp8_wgrad

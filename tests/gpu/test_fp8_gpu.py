@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from megatron_exaone.model import build_model, tiny
 from megatron_exaone.model.mtp import shift_left
+from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.precision import PrecisionPlan, apply_precision
 from megatron_exaone.precision.fp8_common import E4M3, E5M2, Fp8Recipe, to_fp8
 from megatron_exaone.precision.fp8_emulated import EmulatedGemms
@@ -106,12 +107,14 @@ def test_grouped_experts_without_tokens(grouped):
     assert dx.shape == x.shape and (dw == 0).all()
 
 
-def train(dtype: torch.dtype, plan: PrecisionPlan | None, steps: int = 30) -> list[float]:
+def train(dtype: torch.dtype, plan: PrecisionPlan | None, steps: int = 30, compile: bool = False) -> list[float]:
     cfg = tiny(vocab_size=256)
     model = build_model(cfg, seed=0, device=DEVICE).to(dtype)
     if plan is not None:
         report = apply_precision(model, plan, cfg.num_hidden_layers, DEVICE)
         assert any(isinstance(m, Fp8GroupedExperts) for m in model.modules()), report.bf16
+    if compile:
+        apply_compile(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator(device=DEVICE).manual_seed(1)
     x = torch.randint(0, cfg.vocab_size, (8, 64), device=DEVICE, generator=gen)
@@ -134,3 +137,14 @@ def test_training_steps_track_high_precision(dtype, grouped):
                                          keep_bf16_last_layers=0))
         assert got[-1] < 0.7 * got[0], (recipe, got)
         assert abs(got[-1] - want[-1]) < 0.03 * want[-1], (recipe, got[-1], want[-1])
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_compiled_fp8_layers_train_like_eager_fp8(recipe, grouped):
+    """parallel.compile fuses the FP8 casts and scales into the layers' kernels without changing the numerics
+    beyond rounding order."""
+    plan = PrecisionPlan("fp8_torch", recipe=recipe, keep_bf16_first_layers=0, keep_bf16_last_layers=0)
+    eager = train(torch.bfloat16, plan, steps=10)
+    compiled = train(torch.bfloat16, plan, steps=10, compile=True)
+    assert abs(compiled[0] - eager[0]) < 0.01 * eager[0], (compiled[0], eager[0])
+    assert abs(compiled[-1] - eager[-1]) < 0.03 * eager[-1], (compiled, eager)
