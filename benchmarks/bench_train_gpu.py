@@ -2,9 +2,13 @@
 (torch-native backend), through the real training path: the parallel builder (precision pass), FSDP2 mixed
 precision (BF16 compute, FP32 master weights and gradient reduction), fused output-projection loss, AdamW.
 
-Prints tokens/s and MFU against the H100 dense BF16 peak (989 TFLOP/s) with the device name, and the FP8 step's
-speed-up over BF16 measured in the same process: `name: value (ratio vs baseline)`.
-Run on a GPU, from the repository root:  PYTHONPATH=. python benchmarks/bench_train_gpu.py [--seq-len 4096] [--micro-batch 8]
+Each variant is a precision with options (`parse_variant`), e.g. `fp8_torch:rowwise+compile` (`+compile`:
+`parallel.compile`, every decoder layer compiled). Prints
+tokens/s and MFU against the H100 dense BF16 peak (989 TFLOP/s) with the device name, and each variant's speed-up
+over the first one, measured in the same process: `name: value (ratio vs baseline)`. `--profile VARIANT` adds a
+table of the CUDA kernels of one step of that variant.
+Run on a GPU, from the repository root:
+  PYTHONPATH=. python benchmarks/bench_train_gpu.py [--variants bf16,bf16+compile,fp8_torch+compile] [--seq-len 4096]
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import socket
 import statistics
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -23,8 +28,10 @@ import yaml
 from megatron_exaone.model import ModelConfig
 from megatron_exaone.model.mtp import shift_left
 from megatron_exaone.parallel.build import build_parallel_model
+from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.parallel.data_parallel import apply_data_parallel
 from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
+from megatron_exaone.precision import PrecisionPlan
 from megatron_exaone.training.flops import H100_BF16_DENSE_PEAK, flops_per_token
 from megatron_exaone.training.optim import build_optimizer
 
@@ -38,11 +45,26 @@ def proxy_config(layers: int | None) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-def time_steps(config: ModelConfig, precision: str, seq_len: int, micro_batch: int, steps: int, warmup: int
-               ) -> tuple[float, float]:
-    """(median seconds per optimizer step, peak GiB) for one precision."""
+def parse_variant(variant: str) -> tuple[PrecisionPlan, bool]:
+    """"<precision>[:<recipe>][+compile][+fp8_wgrad]" -> (precision plan, compile the layers). fp8_wgrad runs the
+    routed experts' weight gradient in FP8 too (PrecisionPlan.fp8_expert_wgrad)."""
+    name, *options = variant.split("+")
+    unknown = set(options) - {"compile", "fp8_wgrad"}
+    if unknown:
+        raise SystemExit(f"variant {variant!r}: unknown options {sorted(unknown)}; use +compile and/or +fp8_wgrad")
+    precision, _, recipe = name.partition(":")
+    return PrecisionPlan(precision, recipe=recipe or None, fp8_expert_wgrad="fp8_wgrad" in options), \
+        "compile" in options
+
+
+def time_steps(config: ModelConfig, variant: str, seq_len: int, micro_batch: int, steps: int, warmup: int,
+               profile: bool) -> tuple[float, float]:
+    """(median seconds per optimizer step, peak GiB) for one variant (see `parse_variant`)."""
+    plan, compile_layers = parse_variant(variant)
     mesh = build_mesh(ParallelDims(), "cuda")
-    model = build_parallel_model(config, mesh, seed=0, device="cuda", precision=precision)
+    model = build_parallel_model(config, mesh, seed=0, device="cuda", precision=plan)
+    if compile_layers:
+        apply_compile(model)
     apply_data_parallel(model, mesh, bf16=True)
     optimizer = build_optimizer([model], "adamw", lr=1e-4)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -61,6 +83,15 @@ def time_steps(config: ModelConfig, precision: str, seq_len: int, micro_batch: i
         if step >= warmup:
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30
+    if profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            model(x, labels=labels, return_logits=False).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        print(f"profile of one {variant} step: {len(kernels)} GPU kernels and copies")
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=90))
     del model, optimizer
     torch.cuda.empty_cache()
     return statistics.median(times), peak
@@ -73,7 +104,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--layers", type=int, default=None, help="override the proxy's layer count")
-    parser.add_argument("--precisions", default="bf16,fp8_torch")
+    parser.add_argument("--variants", default="bf16,bf16+compile,fp8_torch+compile",
+                        help="comma-separated <precision>[+compile]; the first is the baseline")
+    parser.add_argument("--profile", default=None, metavar="VARIANT", help="print the kernel table of this variant")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_train_gpu needs a CUDA GPU.")
@@ -91,14 +124,23 @@ def main() -> None:
           f"{config.num_experts} experts top-{config.num_experts_per_tok}; {args.micro_batch} x {args.seq_len} "
           f"tokens per step; {flops / 1e9:.2f} GFLOP per token (model FLOPs)")
     baseline = None
-    for precision in args.precisions.split(","):
-        seconds, peak = time_steps(config, precision, args.seq_len, args.micro_batch, args.steps, args.warmup)
+    variants = args.variants.split(",")
+    for variant in variants:
+        try:
+            seconds, peak = time_steps(config, variant, args.seq_len, args.micro_batch, args.steps, args.warmup,
+                                       profile=variant == args.profile)
+        except Exception:  # report the failure and measure the other variants
+            print(f"{variant}: failed:\n{traceback.format_exc(limit=-4)}", flush=True)
+            continue
+        finally:
+            torch._dynamo.reset()  # drop compiled graphs (and what they hold) before the next variant
+            torch.cuda.empty_cache()
         rate = tokens / seconds
         mfu = flops * rate / H100_BF16_DENSE_PEAK
-        ratio = "baseline" if baseline is None else f"{baseline / seconds:.2f}x faster than bf16"
+        ratio = "baseline" if baseline is None else f"{baseline / seconds:.2f}x the speed of {variants[0]}"
         baseline = baseline or seconds
-        print(f"{precision}: {rate:,.0f} tokens/s, {seconds * 1e3:.1f} ms/step, MFU {100 * mfu:.1f}% of 989 "
-              f"TFLOP/s, peak memory {peak:.1f} GiB ({ratio})")
+        print(f"{variant}: {rate:,.0f} tokens/s, {seconds * 1e3:.1f} ms/step, MFU {100 * mfu:.1f}% of 989 "
+              f"TFLOP/s, peak memory {peak:.1f} GiB ({ratio})", flush=True)
     dist.destroy_process_group()
 
 

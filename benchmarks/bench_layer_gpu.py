@@ -1,0 +1,120 @@
+"""One K-EXAONE decoder layer at its published size (hidden 6144, 64 query / 8 KV heads, sliding window 128,
+128 routed experts of 2048 top-8 plus a shared expert), forward + backward on one GPU, in BF16 and in FP8
+(torch-native backend), each variant compiled or not (variants as in bench_train_gpu.py).
+
+The proxy benchmark (bench_train_gpu.py) spends most of its FLOPs in a 153,600-row output head that stays in
+BF16; this one measures the part of the real model that FP8 covers: prints ms per forward + backward, achieved
+TFLOP/s and each variant's speed-up over the first, with the device name.
+Run on a GPU, from the repository root:
+  PYTHONPATH=. python benchmarks/bench_layer_gpu.py [--variants bf16+compile,fp8_torch+compile] [--tokens 16384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+import traceback
+
+import torch
+from torch import nn
+
+from benchmarks.bench_train_gpu import parse_variant
+from megatron_exaone.model.attention import attention_mask
+from megatron_exaone.model.config import SLIDING, SPARSE, k_exaone_236b
+from megatron_exaone.model.layers import DecoderLayer
+from megatron_exaone.model.rope import rope_cos_sin
+from megatron_exaone.parallel.compile import apply_compile
+from megatron_exaone.precision import apply_precision
+from megatron_exaone.training.flops import _attention_weights, _moe_active_weights, attended_keys
+
+
+DEVICE = "cuda"
+
+
+class OneLayer(nn.Module):
+    """`model.layers.0` alone, so the precision pass sees the name it expects."""
+
+    def __init__(self, layer: DecoderLayer) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList([layer])
+
+
+def layer_flops_per_token(config, seq_len: int) -> float:
+    attention = 12 * config.num_attention_heads * config.head_dim * attended_keys(SLIDING, seq_len,
+                                                                                   config.sliding_window)
+    return 6 * (_attention_weights(config) + _moe_active_weights(config)) + attention
+
+
+def time_layer(config, variant: str, seq_len: int, batch: int, steps: int, warmup: int) -> tuple[float, float]:
+    """(median seconds per forward + backward, peak GiB)."""
+    plan, compile_layers = parse_variant(variant)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        layer = DecoderLayer(config, SLIDING, SPARSE).to(torch.bfloat16)
+    for name, param in layer.named_parameters():
+        if "norm" in name:
+            nn.init.ones_(param)
+        else:
+            nn.init.normal_(param, std=0.02)
+    root = OneLayer(layer)
+    if plan.name != "bf16":  # the single layer is not one of the "first/last layers kept in BF16"
+        apply_precision(root, dataclasses.replace(plan, keep_bf16_first_layers=0, keep_bf16_last_layers=0), 1,
+                        DEVICE)
+    if compile_layers:
+        apply_compile(root)
+    positions = torch.arange(seq_len, device=DEVICE).expand(batch, seq_len)
+    rope = rope_cos_sin(positions, config.head_dim, config.rope_theta, torch.bfloat16)
+    masks = {SLIDING: attention_mask(positions, config.sliding_window)}
+    x = torch.randn(batch, seq_len, config.hidden_size, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn_like(x)
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(warmup + steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        layer(x, rope, masks).backward(grad)
+        torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+        for param in layer.parameters():
+            param.grad = None
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="bf16+compile,fp8_torch+compile")
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_layer_gpu needs a CUDA GPU.")
+    config = k_exaone_236b()
+    tokens = args.batch * args.seq_len
+    flops = layer_flops_per_token(config, args.seq_len) * tokens
+    print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; one K-EXAONE sliding MoE layer, "
+          f"{args.batch} x {args.seq_len} tokens, {flops / 1e12:.1f} TFLOP per forward + backward")
+    baseline = None
+    variants = args.variants.split(",")
+    for variant in variants:
+        try:
+            seconds, peak = time_layer(config, variant, args.seq_len, args.batch, args.steps, args.warmup)
+        except Exception:  # report the failure and measure the other variants
+            print(f"{variant}: failed:\n{traceback.format_exc(limit=-4)}", flush=True)
+            continue
+        finally:
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+        ratio = "baseline" if baseline is None else f"{baseline / seconds:.2f}x the speed of {variants[0]}"
+        baseline = baseline or seconds
+        print(f"{variant}: {seconds * 1e3:.1f} ms, {flops / seconds / 1e12:.0f} TFLOP/s, peak memory {peak:.1f} GiB "
+              f"({ratio})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
