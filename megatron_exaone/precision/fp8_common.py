@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_exaone.model.moe import group_ids
+
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
 # Largest finite values: E4M3 (no infinities) 448, E5M2 57344.
@@ -102,12 +104,6 @@ def to_fp8(x: torch.Tensor, dtype: torch.dtype, scaling: str, contraction_dim: i
            group: dist.ProcessGroup | None = None) -> Quantized:
     """`x` quantized with its current scale (see `current_scale`)."""
     return quantize_with_scale(x, current_scale(x, dtype, scaling, contraction_dim, group), dtype)
-
-
-def group_ids(counts: torch.Tensor, rows: int) -> torch.Tensor:
-    """The group of each of `rows` rows sorted by group ([rows] int64); `counts` [G] sums to `rows`."""
-    groups = torch.arange(counts.numel(), device=counts.device)
-    return torch.repeat_interleave(groups, counts, output_size=rows)
 
 
 def to_fp8_per_group_columns(x: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype) -> Quantized:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from megatron_exaone.model.moe import group_ids
 from megatron_exaone.model.moe import grouped_mm as _grouped_mm_fp32
 
-from .fp8_common import Quantized, group_ids
+from .fp8_common import Quantized
 
 
 class EmulatedGemms:

@@ -17,7 +17,9 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .fp8_common import E4M3, Fp8Unavailable, Quantized, group_ids
+from megatron_exaone.model.moe import pad_groups
+
+from .fp8_common import E4M3, Fp8Unavailable, Quantized
 
 ALIGN = 16  # elements (FP8: bytes) the kernels need along K, N and the grouped weight-gradient rows
 
@@ -66,18 +68,8 @@ class TorchGemms:
         rows, groups = a.data.shape[0], counts.numel()
         if rows == 0:
             return a.data.new_zeros((groups, a.data.shape[1], b.data.shape[1]), dtype=out_dtype)
-        padded = (counts + ALIGN - 1) // ALIGN * ALIGN
-        # A static bound on the padded row count (no host sync); rows past the last group are ignored.
-        capacity = -(-(rows + (ALIGN - 1) * groups) // ALIGN) * ALIGN
-        ids = group_ids(counts, rows)
-        shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # padded start - packed start, per group
-        dest = torch.arange(rows, device=ids.device) + shift[ids]
-
-        def spread(data: torch.Tensor) -> torch.Tensor:
-            out = data.new_zeros((capacity, data.shape[1]), dtype=torch.uint8)
-            return out.index_copy_(0, dest, data.view(torch.uint8)).view(data.dtype)
-
-        out = torch._scaled_grouped_mm(spread(a.data).t().contiguous(), _column_major(spread(b.data)),
+        (a_rows, b_rows), padded = pad_groups([a.data, b.data], counts, ALIGN)
+        out = torch._scaled_grouped_mm(a_rows.t().contiguous(), _column_major(b_rows),
                                        a.scale_inv.reshape(-1).contiguous(), b.scale_inv.reshape(-1).contiguous(),
                                        offs=padded.cumsum(0).to(torch.int32), out_dtype=torch.bfloat16,
                                        use_fast_accum=False)

@@ -38,20 +38,26 @@ def rel_norm(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
-def test_compiled_bf16_layers_match_eager():
-    """BF16 rounding differs between fused and unfused kernels, and can flip a near-tied routing choice, so the
-    gradients are compared by relative norm."""
+def test_compiled_bf16_layers_as_accurate_as_eager_bf16():
+    """Against the fp32 model, compiled BF16 layers are as accurate as eager BF16 ones. (BF16 rounding flips
+    near-tied routing choices, so BF16 MoE gradients of this tiny model differ from fp32 by several percent
+    either way: the two BF16 runs are compared by their distance to fp32, not to each other.)"""
     config = tiny(vocab_size=512, aux_loss_coeff=0.01)
+    reference = build_model(config, seed=0, device="cuda")
     eager, compiled = (build_model(config, seed=0, device="cuda").bfloat16() for _ in range(2))
     apply_compile(compiled)
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randint(0, config.vocab_size, (4, 128), device="cuda", generator=gen)
     labels = shift_left(x, 1, -100)
     losses = []
-    for model in (eager, compiled):
+    for model in (reference, eager, compiled):
         out = model(x, labels=labels, return_logits=False)
         out.loss.backward()
         losses.append(out.loss.item())
-    assert abs(losses[1] - losses[0]) < 5e-3 * losses[0], losses
-    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
-        assert rel_norm(b.grad, a.grad) < 5e-2, (name, rel_norm(b.grad, a.grad))
+    assert abs(losses[2] - losses[0]) <= 2 * abs(losses[1] - losses[0]) + 1e-3 * losses[0], losses
+    worse = []
+    for (name, ref), a, b in zip(reference.named_parameters(), eager.parameters(), compiled.parameters()):
+        eager_error, compiled_error = rel_norm(a.grad, ref.grad), rel_norm(b.grad, ref.grad)
+        if compiled_error > 2 * eager_error + 0.03:
+            worse.append(f"{name}: compiled {compiled_error:.3g} vs eager {eager_error:.3g}")
+    assert not worse, worse

@@ -7,7 +7,8 @@ from transformers.models.exaone_moe.modeling_exaone_moe import ExaoneMoeTopkRout
 
 from megatron_exaone.model import ExaoneMoeForCausalLM, build_model, tiny, update_expert_bias
 from megatron_exaone.model.init import full_init
-from megatron_exaone.model.moe import MoEBlock, RouterSettings, grouped_mm, route, sequence_aux_loss
+from megatron_exaone.model.moe import (MoEBlock, RouterSettings, grouped_mm, grouped_wgrad, pad_groups, route,
+                                       sequence_aux_loss)
 from megatron_exaone.model.mtp import shift_left
 
 
@@ -116,6 +117,21 @@ def test_grouped_mm_matches_per_expert_loop_forward_and_backward(k, m):
     rx, rw = torch.autograd.grad(ref, (x, w), upstream)
     torch.testing.assert_close(gx, rx)
     torch.testing.assert_close(gw, rw)
+    torch.testing.assert_close(grouped_wgrad(x.detach(), upstream, counts), rw)
+
+
+def test_padding_groups_to_16_rows_keeps_every_per_group_product():
+    """The CUDA ragged-K grouped GEMM needs groups of a multiple of 16 rows: zero rows are inserted per group."""
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.tensor([5, 0, 17, 16])
+    a, b = torch.randn(38, 3, generator=gen), torch.randn(38, 4, generator=gen)
+    (pa, pb), padded = pad_groups([a, b], counts)
+    assert padded.tolist() == [16, 0, 32, 16] and pa.shape[0] >= 64 and pa.shape[0] % 16 == 0
+    assert (pa[64:] == 0).all()
+    torch.testing.assert_close(grouped_wgrad(pa[:64], pb[:64], padded), grouped_wgrad(a, b, counts))
+    fp8 = a.to(torch.float8_e4m3fn)
+    (p8,), _ = pad_groups([fp8], counts)
+    assert p8.dtype == fp8.dtype and torch.equal(p8[16:33].float(), fp8[5:22].float())
 
 
 def test_init_is_deterministic_per_name_and_expert_slices_match():
