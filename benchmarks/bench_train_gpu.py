@@ -90,8 +90,12 @@ def time_steps(config: ModelConfig, variant: str, seq_len: int, micro_batch: int
             optimizer.zero_grad()
             torch.cuda.synchronize()
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        print(f"profile of one {variant} step: {len(kernels)} GPU kernels and copies")
-        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=90))
+        busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+        print(f"profile of one {variant} step: {len(kernels)} GPU kernels and copies, {busy:.1f} ms of GPU time; "
+              "the largest (ms, calls, kernel):")
+        top = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)[:25]
+        for event in top:
+            print(f"{event.self_device_time_total / 1e3:9.1f} {event.count:6d}  {event.key[:110]}")
     del model, optimizer
     torch.cuda.empty_cache()
     return statistics.median(times), peak
