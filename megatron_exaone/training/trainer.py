@@ -127,9 +127,11 @@ class Trainer:
         else:
             chunks = [build_parallel_model(self.model_config, self.mesh, seed, self.device, p.sequence_parallel,
                                            precision)]
+        if p.compile:
+            compiled = sum(apply_compile(chunk) for chunk in chunks)
+            log.info("rank %d: %d decoder layers will be compiled with torch.compile during the first steps "
+                     "(slower until the kernels are built)", self.rank, compiled)
         for chunk in chunks:
-            if p.compile:
-                apply_compile(chunk)
             apply_activation_checkpointing(chunk, p.recompute, tuple(p.recompute_modules))
             if p.fsdp:
                 apply_data_parallel(chunk, self.mesh, bf16=self._compute_dtype() == torch.bfloat16,

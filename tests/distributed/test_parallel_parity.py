@@ -1,4 +1,5 @@
-"""Tensor/sequence, expert and (FSDP2) data parallel layouts against the single-process model.
+"""Tensor/sequence, expert and (FSDP2) data parallel layouts, with and without compiled layers, against the
+single-process model.
 
 For a tiny model, a fixed seed and a fixed global batch of packed documents, every layout must reproduce the
 single-process loss and every gradient (each rank compares its local slice), start from the same full weights,
@@ -13,6 +14,7 @@ from megatron_exaone.model import build_model, tiny
 from megatron_exaone.model.mtp import shift_left
 from megatron_exaone.parallel.build import all_reduce_grads, build_parallel_model
 from megatron_exaone.parallel.checkpointing import apply_activation_checkpointing
+from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.parallel.data_parallel import apply_data_parallel
 from megatron_exaone.parallel.grad_norm import clip_grad_norm_
 from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
@@ -21,14 +23,19 @@ from megatron_exaone.parallel.tensor_parallel import reduce_tp_partial_grads
 from megatron_exaone.parallel.testing import run_distributed
 
 SEED = 3
-# name -> (ParallelDims kwargs, sequence parallel, FSDP2, activation checkpointing)
+# name -> (ParallelDims kwargs, sequence parallel, FSDP2, activation checkpointing, compiled layers)
 LAYOUTS = {
-    2: {"tp2": (dict(tp=2), False, False, "none"), "tp2_sp": (dict(tp=2), True, False, "none"),
-        "ep2": (dict(ep=2), True, True, "none"), "dp2_fsdp": (dict(dp=2), True, True, "none"),
-        "tp2_ep2_sp": (dict(tp=2, ep=2), True, False, "full"), "dp2_selective_ac": (dict(dp=2), True, True,
-                                                                                    "selective")},
-    4: {"ep4": (dict(ep=4), True, True, "none"), "tp2_dp2_ep2_fsdp": (dict(tp=2, dp=2, ep=2), True, True, "full"),
-        "tp4_sp": (dict(tp=4), True, False, "none"), "tp4_replicated_kv": (dict(tp=4), True, False, "none")},
+    2: {"tp2": (dict(tp=2), False, False, "none", False), "tp2_sp": (dict(tp=2), True, False, "none", False),
+        "ep2": (dict(ep=2), True, True, "none", False), "dp2_fsdp": (dict(dp=2), True, True, "none", False),
+        "tp2_ep2_sp": (dict(tp=2, ep=2), True, False, "full", False),
+        "dp2_selective_ac": (dict(dp=2), True, True, "selective", False),
+        "tp2_ep2_sp_compiled": (dict(tp=2, ep=2), True, False, "none", True),
+        "ep2_fsdp_recompute_compiled": (dict(ep=2), True, True, "full", True)},
+    4: {"ep4": (dict(ep=4), True, True, "none", False),
+        "tp2_dp2_ep2_fsdp": (dict(tp=2, dp=2, ep=2), True, True, "full", False),
+        "tp4_sp": (dict(tp=4), True, False, "none", False),
+        "tp4_replicated_kv": (dict(tp=4), True, False, "none", False),
+        "tp2_dp2_ep2_fsdp_compiled": (dict(tp=2, dp=2, ep=2), True, True, "none", True)},
 }
 
 
@@ -54,13 +61,15 @@ def reference(name: str):
     return model, out, norm
 
 
-def run_layout(rank, world, name, dims_kw, sequence_parallel, fsdp, recompute):
+def run_layout(rank, world, name, dims_kw, sequence_parallel, fsdp, recompute, compiled):
     mesh = build_mesh(ParallelDims(**dims_kw), "cpu")
     ref, ref_out, ref_norm = reference(name)
     model = build_parallel_model(config(name), mesh, seed=SEED, device="cpu", sequence_parallel=sequence_parallel)
     layouts = {n: layout_of(model, n, p) for n, p in model.named_parameters()}
     ref_params = dict(ref.named_parameters())
     init_err = max((p - layouts[n].slice_of(ref_params[n])).abs().max().item() for n, p in model.named_parameters())
+    if compiled:
+        apply_compile(model)
     apply_activation_checkpointing(model, recompute)
     if fsdp:
         apply_data_parallel(model, mesh, bf16=False)
