@@ -16,8 +16,9 @@ of writing a checkpoint with wrong offsets.
 Keys: `<param or buffer name>` (model), `optim.<param name>.<state key>` (optimizer state: tensors of the
 parameter's shape share its view; scalars such as AdamW's per-parameter `step` are replicated), `extra` (a pickled
 dict of global Python values, from rank 0) and `rng.rank<N>` (each rank's pickled RNG states, restored only when
-the layout is unchanged). `meta.json` (written by rank 0) records step, tokens, the layout, the world size and the
-model config.
+the layout is unchanged). `te_extra_state.rank<N>`: each rank's Transformer Engine FP8 metadata (DelayedScaling
+amax histories; absent for the stateless recipes), restored when the layout is unchanged. `meta.json` (written by
+rank 0) records step, tokens, the layout, the world size and the model config.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from megatron_exaone.model.init import is_stacked_experts
 from megatron_exaone.parallel.mesh import ParallelDims, ParallelMesh, rank_coordinates
 from megatron_exaone.parallel.sharding import layout_of, plan_of
+from megatron_exaone.precision.fp8_te import load_te_extra_state, te_extra_state
 
 from . import store
 
@@ -61,6 +63,13 @@ class CheckpointLayoutError(ValueError):
 
 def rng_key(rank: int) -> str:
     return f"rng.rank{rank}"
+
+
+TE_PREFIX = "te_extra_state."
+
+
+def te_key(rank: int) -> str:
+    return f"{TE_PREFIX}rank{rank}"
 
 
 # ---------------------------------------------------------------------------------------------- mesh views
@@ -363,6 +372,24 @@ def layout_record(mesh: ParallelMesh) -> dict[str, Any]:
     return {"layout": dataclasses.asdict(mesh.dims), "world_size": _rank_world()[1]}
 
 
+def te_state(chunks: Sequence[nn.Module]) -> dict[str, torch.Tensor]:
+    """This rank's non-empty Transformer Engine extra states (DelayedScaling amax histories and scales; the
+    stateless recipes have none), keyed `<module>._extra_state`."""
+    return {key: value for chunk in chunks for key, value in te_extra_state(chunk).items() if value.numel()}
+
+
+def restore_te_state(chunks: Sequence[nn.Module], state: dict[str, torch.Tensor], checkpoint: Path) -> None:
+    """Put saved TE extra states back. TE >= 2.18 refuses to unpickle DelayedScaling state unless
+    NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1; then the run goes on with a fresh amax history and says so."""
+    try:
+        for chunk in chunks:
+            load_te_extra_state(chunk, state, strict=False)
+    except RuntimeError as exc:
+        log.warning("%s: Transformer Engine did not load its saved FP8 scaling state (%s); the delayed-scaling amax "
+                    "history restarts. For a checkpoint you trust, set NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1 to "
+                    "keep it.", checkpoint, str(exc).splitlines()[0])
+
+
 # ---------------------------------------------------------------------------------------------- save / load
 def save(root: str | Path, step: int, chunks: Sequence[nn.Module], optimizer: torch.optim.Optimizer | None,
          mesh: ParallelMesh, extra: dict[str, Any] | None = None, keep_last: int | None = None, *,
@@ -386,6 +413,9 @@ def save(root: str | Path, step: int, chunks: Sequence[nn.Module], optimizer: to
     if rank == 0:
         state[EXTRA_KEY] = pickle.dumps(extra)
     state[rng_key(rank)] = pickle.dumps(rng_state())
+    fp8_state = te_state(chunks)
+    if fp8_state:
+        state[te_key(rank)] = pickle.dumps(fp8_state)
     config = model_config if model_config is not None else getattr(chunks[0], "config", None)
     record = {"format": FORMAT_VERSION, "tokens": extra.get("tokens"), **layout_record(mesh),
               "model_config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
@@ -431,10 +461,18 @@ def load(path: str | Path, chunks: Sequence[nn.Module], optimizer: torch.optim.O
         log.info("checkpoint %s was written by layout %s on %s ranks, this run is %s on %s ranks: per-rank RNG "
                  "states are not restored", checkpoint, meta.get("layout"), meta.get("world_size"),
                  layout_record(mesh)["layout"], layout_record(mesh)["world_size"])
+    fp8_restored = same_layout and te_key(rank) in saved
+    if fp8_restored:
+        state[te_key(rank)] = b""
+    elif rank == 0 and any(key.startswith(TE_PREFIX) for key in saved):
+        log.info("the checkpoint's Transformer Engine FP8 scaling state was written by another layout: the "
+                 "delayed-scaling amax history restarts")
     with torch.no_grad():
         store.load_checkpoint(checkpoint, state)
     if finish is not None:
         finish(state)
     if rng_restored:
         set_rng_state(pickle.loads(state[rng_key(rank)]))
+    if fp8_restored:
+        restore_te_state(chunks, pickle.loads(state[te_key(rank)]), checkpoint)
     return pickle.loads(state[EXTRA_KEY]) if EXTRA_KEY in state else {}

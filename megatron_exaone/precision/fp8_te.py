@@ -54,12 +54,11 @@ Design (each choice with its reason)
    re-enters the autocast with the forward's recipe and restores DelayedScaling metadata. torch's plain checkpoint
    would recompute in BF16 and fail the saved-tensor check. `parallel/checkpointing.py` should call
    `recompute_checkpoint` for modules where `holds_te_modules(module)` is true.
-6. Checkpoints: TE modules add `_extra_state` to `state_dict()` (ref §6.1). Our DCP state (checkpoint/state.py)
-   saves parameters and persistent buffers only, so it does not include `_extra_state`. For the stateless recipes
-   (tensorwise, blockwise, mxfp8) the extra state is empty in TE >= 2.18, so nothing is lost. For DelayedScaling it
-   holds the amax history and scales: a resumed run restarts them unless the caller saves
-   `te_extra_state(root)` per rank and restores it with `load_te_extra_state` (TE >= 2.18 refuses to unpickle
-   it unless NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1, ref §6.1).
+6. Checkpoints: TE modules add `_extra_state` to `state_dict()` (ref §6.1). For the stateless recipes
+   (tensorwise, blockwise, mxfp8) it is empty in TE >= 2.18. For DelayedScaling it holds the amax history and
+   scales: checkpoint/state.py saves each rank's non-empty `te_extra_state(root)` and restores it with
+   `load_te_extra_state` when the layout is unchanged (TE >= 2.18 refuses to unpickle it unless
+   NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1, ref §6.1; the run then warns and restarts the history).
 7. Optional TE attention (`te_attention=True`): `te.DotProductAttention` with `window_size=(W-1, 0)` on sliding
    layers (our window: i - W < j <= i; ref §4.2), `"bshd"` with a causal mask, or packed documents as `"thd"` with
    `padding_causal` and int32 `cu_seqlens` (ref §4.4). The cu_seqlens are derived from the attention mask the model

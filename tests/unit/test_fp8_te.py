@@ -400,6 +400,35 @@ def test_extra_state_round_trip(stub_recipe):
     assert fp8_te.holds_te_modules(model.model.layers[1]) and not fp8_te.holds_te_modules(model.model.norm)
 
 
+def _checkpoint_round_trip(rank, world, directory):
+    from megatron_exaone.checkpoint import state as ckpt
+    from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
+
+    fp8_te.import_te_recipes = lambda what="": _fake_recipe_module()  # forked rank: patch freely
+    mesh = build_mesh(ParallelDims(), "cpu")
+    model, _ = converted_model(tiny(vocab_size=128), FakeTE())
+    q = model.model.layers[1].self_attn.q_proj
+    q.extra = torch.tensor([7, 8, 9], dtype=torch.uint8)  # a DelayedScaling payload stands in
+    ckpt.save(directory, 1, [model], None, mesh)
+    q.extra = torch.empty(0, dtype=torch.uint8)
+    ckpt.load(directory, [model], None, mesh)
+    restored = q.extra.tolist()
+
+    def refuse(state):  # TE >= 2.18 without NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1
+        raise RuntimeError("Refusing to load pickled Transformer Engine extra state")
+
+    q.set_extra_state = refuse
+    ckpt.load(directory, [model], None, mesh)  # warns and goes on
+    return restored
+
+
+def test_checkpoints_keep_the_te_extra_state(tmp_path):
+    """DelayedScaling's amax history (TE `_extra_state`) survives save and resume under the same layout."""
+    from megatron_exaone.parallel.testing import run_distributed
+
+    assert run_distributed(_checkpoint_round_trip, 1, str(tmp_path)) == [[7, 8, 9]]
+
+
 def test_recompute_checkpoint_calls_te_checkpoint_non_reentrant():
     calls = []
     te = types.SimpleNamespace(checkpoint=lambda fn, *a, **kw: calls.append(kw) or fn(*a))
