@@ -265,10 +265,9 @@ def _check_stage(cfg: TrainConfig, index: int, stage: StageConfig, model: ModelC
         overrides = f" with the stage's parallel overrides {dict(stage.parallel)}" if stage.parallel else ""
         raise fail(f"layout{overrides} for {world_size} ranks: {exc}") from None
     layout = dataclasses.replace(layout, dp=dims.dp)
-    if layout.compile and dims.tp > 1 and layout.recompute != "none":
-        raise fail(f"parallel.compile=true with tp={dims.tp} and recompute={layout.recompute}: recomputing compiled "
-                   "layers whose graphs hold tensor-parallel collectives hangs (seen with torch 2.13); set "
-                   "parallel.recompute=none or parallel.compile=false.")
+    if layout.compile and layout.recompute == "selective":
+        raise fail("parallel.compile=true with recompute=selective: compiled layers recompute as a whole "
+                   "(parallel/compile.py); use parallel.recompute=full or none, or parallel.compile=false.")
 
     unknown = sorted(set(stage.mixture) - set(cfg.data.datasets))
     if unknown:

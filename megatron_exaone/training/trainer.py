@@ -127,12 +127,13 @@ class Trainer:
         else:
             chunks = [build_parallel_model(self.model_config, self.mesh, seed, self.device, p.sequence_parallel,
                                            precision)]
-        if p.compile:
-            compiled = sum(apply_compile(chunk) for chunk in chunks)
+        if p.compile:  # compiled layers recompute inside their own graphs (parallel/compile.py)
+            compiled = sum(apply_compile(chunk, recompute=p.recompute == "full") for chunk in chunks)
             log.info("rank %d: %d decoder layers will be compiled with torch.compile during the first steps "
                      "(slower until the kernels are built)", self.rank, compiled)
         for chunk in chunks:
-            apply_activation_checkpointing(chunk, p.recompute, tuple(p.recompute_modules))
+            if not p.compile:
+                apply_activation_checkpointing(chunk, p.recompute, tuple(p.recompute_modules))
             if p.fsdp:
                 apply_data_parallel(chunk, self.mesh, bf16=self._compute_dtype() == torch.bfloat16,
                                     reshard_after_forward=not splits_weight_backward(p.pipeline_schedule))

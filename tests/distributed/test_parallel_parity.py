@@ -29,7 +29,7 @@ LAYOUTS = {
         "ep2": (dict(ep=2), True, True, "none", False), "dp2_fsdp": (dict(dp=2), True, True, "none", False),
         "tp2_ep2_sp": (dict(tp=2, ep=2), True, False, "full", False),
         "dp2_selective_ac": (dict(dp=2), True, True, "selective", False),
-        "tp2_ep2_sp_compiled": (dict(tp=2, ep=2), True, False, "none", True),
+        "tp2_ep2_sp_compiled": (dict(tp=2, ep=2), True, False, "full", True),
         "ep2_fsdp_recompute_compiled": (dict(ep=2), True, True, "full", True)},
     4: {"ep4": (dict(ep=4), True, True, "none", False),
         "tp2_dp2_ep2_fsdp": (dict(tp=2, dp=2, ep=2), True, True, "full", False),
@@ -68,9 +68,11 @@ def run_layout(rank, world, name, dims_kw, sequence_parallel, fsdp, recompute, c
     layouts = {n: layout_of(model, n, p) for n, p in model.named_parameters()}
     ref_params = dict(ref.named_parameters())
     init_err = max((p - layouts[n].slice_of(ref_params[n])).abs().max().item() for n, p in model.named_parameters())
-    if compiled:
-        apply_compile(model)
-    apply_activation_checkpointing(model, recompute)
+    if compiled:  # as the trainer: compiled layers recompute inside their graphs
+        torch._dynamo.reset()  # compiled code is shared per function: start from the recompute setting asked for
+        apply_compile(model, recompute=recompute == "full")
+    else:
+        apply_activation_checkpointing(model, recompute)
     if fsdp:
         apply_data_parallel(model, mesh, bf16=False)
     x, positions, labels = batch()

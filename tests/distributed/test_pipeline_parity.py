@@ -16,6 +16,7 @@ from megatron_exaone.model import build_model, k_exaone_236b, tiny
 from megatron_exaone.model.mtp import shift_left
 from megatron_exaone.parallel.build import all_reduce_grads, build_pipeline_chunks
 from megatron_exaone.parallel.checkpointing import apply_activation_checkpointing
+from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.parallel.data_parallel import apply_data_parallel
 from megatron_exaone.parallel.grad_norm import clip_grad_norm_
 from megatron_exaone.parallel.mesh import LayoutError, ParallelDims, build_mesh
@@ -30,9 +31,11 @@ from megatron_exaone.parallel.testing import run_distributed
 SEED = 3
 MICROBATCHES = 4
 TOLERANCE = 1e-5  # relative to each tensor's largest magnitude (fp32)
-# name -> (ParallelDims kwargs, schedule, layout string, FSDP2 with full recompute); sequence parallel throughout.
+# name -> (ParallelDims kwargs, schedule, layout string, FSDP2 with full recompute[, compiled layers]); sequence
+# parallel throughout.
 LAYOUTS = {
     2: {"pp2_1f1b": (dict(pp=2), "1f1b", None, False),
+        "pp2_1f1b_compiled": (dict(pp=2), "1f1b", None, False, True),
         "pp2_vpp2_interleaved": (dict(pp=2, vpp=2), "interleaved_1f1b", None, False),
         "pp2_zbv": (dict(pp=2, vpp=2), "zbv", None, False),
         "pp2_dualpipev": (dict(pp=2, vpp=2), "dualpipev", None, False),
@@ -69,9 +72,11 @@ def reference():
     return dict(model.named_parameters()), losses, norm
 
 
-def run_layout(ref_params, dims_kw, schedule, layout, fsdp):
+def run_layout(ref_params, dims_kw, schedule, layout, fsdp, compiled=False):
     mesh = build_mesh(ParallelDims(**dims_kw), "cpu")
     chunks = build_pipeline_chunks(config(), mesh, SEED, "cpu", schedule, layout)
+    for chunk in chunks if compiled else ():
+        apply_compile(chunk)
     layouts = [{n: layout_of(c, n, p) for n, p in c.named_parameters()} for c in chunks]
     init_err = max((p - lay[n].slice_of(ref_params[n])).abs().max().item()
                    for c, lay in zip(chunks, layouts) for n, p in c.named_parameters())
