@@ -27,7 +27,7 @@ from megatron_exaone.model.layers import DecoderLayer
 from megatron_exaone.model.rope import rope_cos_sin
 from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.precision import apply_precision
-from megatron_exaone.training.flops import _attention_weights, _moe_active_weights, attended_keys
+from megatron_exaone.training.flops import attention_weights, moe_active_weights, attended_keys
 
 
 DEVICE = "cuda"
@@ -45,7 +45,7 @@ class OneLayer(nn.Module):
 def layer_flops_per_token(config, seq_len: int) -> float:
     attention = 12 * config.num_attention_heads * config.head_dim * attended_keys(SLIDING, seq_len,
                                                                                    config.sliding_window)
-    return 6 * (_attention_weights(config) + _moe_active_weights(config)) + attention
+    return 6 * (attention_weights(config) + moe_active_weights(config)) + attention
 
 
 def time_layer(config, variant: str, seq_len: int, batch: int, steps: int, warmup: int) -> tuple[float, float]:

@@ -23,13 +23,15 @@ def attended_keys(layer_type: str, seq_len: int, window: int | None) -> float:
     return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
 
 
-def _attention_weights(c: ModelConfig) -> int:
+def attention_weights(c: ModelConfig) -> int:
+    """Weights of one attention block's q, k, v and o projections."""
     q = c.num_attention_heads * c.head_dim
     kv = c.num_key_value_heads * c.head_dim
     return c.hidden_size * (2 * q + 2 * kv)
 
 
-def _moe_active_weights(c: ModelConfig) -> int:
+def moe_active_weights(c: ModelConfig) -> int:
+    """Weights one token touches in a sparse MLP: its k routed experts, the shared experts and the router."""
     per_expert = 3 * c.hidden_size * c.moe_intermediate_size
     router = c.num_experts * c.hidden_size
     return per_expert * (c.num_experts_per_tok + c.num_shared_experts) + router
@@ -40,9 +42,9 @@ def active_matmul_weights(c: ModelConfig) -> int:
     dense_mlp = 3 * c.hidden_size * c.intermediate_size
     total = c.hidden_size * c.vocab_size
     for mlp_type in c.mlp_layer_types:
-        total += _attention_weights(c) + (dense_mlp if mlp_type == DENSE else _moe_active_weights(c))
+        total += attention_weights(c) + (dense_mlp if mlp_type == DENSE else moe_active_weights(c))
     if c.num_nextn_predict_layers and c.mtp_loss_weight > 0:
-        per_mtp = 2 * c.hidden_size * c.hidden_size + _attention_weights(c) + dense_mlp + c.hidden_size * c.vocab_size
+        per_mtp = 2 * c.hidden_size * c.hidden_size + attention_weights(c) + dense_mlp + c.hidden_size * c.vocab_size
         total += per_mtp * c.num_nextn_predict_layers
     return total
 
