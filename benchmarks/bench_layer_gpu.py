@@ -20,7 +20,7 @@ import traceback
 import torch
 from torch import nn
 
-from benchmarks.bench_train_gpu import parse_variant
+from benchmarks.bench_train_gpu import parse_variant, print_kernel_profile
 from megatron_exaone.model.attention import attention_mask
 from megatron_exaone.model.config import SLIDING, SPARSE, k_exaone_236b
 from megatron_exaone.model.layers import DecoderLayer
@@ -48,7 +48,8 @@ def layer_flops_per_token(config, seq_len: int) -> float:
     return 6 * (attention_weights(config) + moe_active_weights(config)) + attention
 
 
-def time_layer(config, variant: str, seq_len: int, batch: int, steps: int, warmup: int) -> tuple[float, float]:
+def time_layer(config, variant: str, seq_len: int, batch: int, steps: int, warmup: int, profile: bool = False
+               ) -> tuple[float, float]:
     """(median seconds per forward + backward, peak GiB)."""
     plan, compile_layers = parse_variant(variant)
     torch.manual_seed(0)
@@ -81,7 +82,10 @@ def time_layer(config, variant: str, seq_len: int, batch: int, steps: int, warmu
             times.append(time.perf_counter() - start)
         for param in layer.parameters():
             param.grad = None
-    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    if profile:
+        print_kernel_profile(lambda: layer(x, rope, masks).backward(grad), f"one {variant} forward + backward")
+    return statistics.median(times), peak
 
 
 def main() -> None:
@@ -91,6 +95,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--profile", default=None, metavar="VARIANT", help="print the kernel table of this variant")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_layer_gpu needs a CUDA GPU.")
@@ -103,7 +108,8 @@ def main() -> None:
     variants = args.variants.split(",")
     for variant in variants:
         try:
-            seconds, peak = time_layer(config, variant, args.seq_len, args.batch, args.steps, args.warmup)
+            seconds, peak = time_layer(config, variant, args.seq_len, args.batch, args.steps, args.warmup,
+                                       profile=variant == args.profile)
         except Exception:  # report the failure and measure the other variants
             print(f"{variant}: failed:\n{traceback.format_exc(limit=-4)}", flush=True)
             continue

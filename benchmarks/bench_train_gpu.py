@@ -19,6 +19,7 @@ import socket
 import statistics
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,6 +44,19 @@ def proxy_config(layers: int | None) -> ModelConfig:
     if layers:
         fields["num_hidden_layers"] = layers
     return ModelConfig(**fields)
+
+
+def print_kernel_profile(run: Callable[[], None], what: str, rows: int = 25) -> None:
+    """Run `run` once under the CUDA profiler and print its largest kernels (ms, calls, name)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+    print(f"profile of {what}: {len(kernels)} GPU kernels and copies, {busy:.1f} ms of GPU time; the largest "
+          "(ms, calls, kernel):")
+    for event in sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)[:rows]:
+        print(f"{event.self_device_time_total / 1e3:9.1f} {event.count:6d}  {event.key[:110]}")
 
 
 def parse_variant(variant: str) -> tuple[PrecisionPlan, bool]:
@@ -84,18 +98,12 @@ def time_steps(config: ModelConfig, variant: str, seq_len: int, micro_batch: int
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30
     if profile:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        def step() -> None:
             model(x, labels=labels, return_logits=False).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-            torch.cuda.synchronize()
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
-        print(f"profile of one {variant} step: {len(kernels)} GPU kernels and copies, {busy:.1f} ms of GPU time; "
-              "the largest (ms, calls, kernel):")
-        top = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)[:25]
-        for event in top:
-            print(f"{event.self_device_time_total / 1e3:9.1f} {event.count:6d}  {event.key[:110]}")
+
+        print_kernel_profile(step, f"one {variant} step")
     del model, optimizer
     torch.cuda.empty_cache()
     return statistics.median(times), peak
