@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--layers", type=int, default=None, help="override the proxy's layer count")
     parser.add_argument("--variants", default="bf16,bf16+compile,fp8_torch+compile",
-                        help="comma-separated <precision>[+compile]; the first is the baseline")
+                        help="comma-separated variants (see parse_variant); the first is the baseline")
     parser.add_argument("--profile", default=None, metavar="VARIANT", help="print the kernel table of this variant")
     args = parser.parse_args()
     if not torch.cuda.is_available():
