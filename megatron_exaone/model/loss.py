@@ -6,6 +6,8 @@ logits (their gradient is computed chunk by chunk during the forward pass): the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -99,28 +101,50 @@ class GradientsInForward(torch.autograd.Function):
                 *([None] * ctx.other_inputs))
 
 
+# (row max, sum of exp(logit - max), target logit) of a chunk on this rank -> the same over the whole vocabulary.
+StatsReducer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
+                                 vocab_start: int = 0, reduce_stats: StatsReducer | None = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Sum over valid rows of CE(hidden @ weight.T, labels), and its gradients for `hidden` and (fp32) `weight`
+    (None when neither requires grad), computed `chunk_size` rows at a time without keeping the logits.
+
+    For a vocabulary-parallel head, `weight` holds rows [vocab_start, vocab_start + rows) and `reduce_stats`
+    combines the chunk statistics over the ranks holding the other rows; the hidden-state gradient is then this
+    rank's partial sum."""
+    needs_grad = hidden.requires_grad or weight.requires_grad
+    grad_hidden = torch.empty_like(hidden) if needs_grad else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for first in range(0, hidden.shape[0], chunk_size):
+        rows = slice(first, first + chunk_size)
+        h, y = hidden[rows], labels[rows]
+        valid = y != IGNORE_INDEX
+        is_target = valid  # the target column is in this weight
+        if reduce_stats is not None:
+            is_target = valid & (y >= vocab_start) & (y < vocab_start + weight.shape[0])
+        local_y = torch.where(is_target, y - vocab_start, 0)
+        logits = h @ weight.T
+        row_max, sum_exp, target = chunk_statistics(logits, local_y, is_target)
+        if reduce_stats is not None:
+            row_max, sum_exp, target = reduce_stats(row_max, sum_exp, target)
+        lse = torch.log(sum_exp) + row_max
+        total += ((lse - target) * valid).sum()
+        if needs_grad:
+            grad_logits = logit_grads(logits, lse, local_y, is_target, valid)
+            accumulate_chunk_grads(grad_logits, h, weight, grad_hidden[rows], grad_weight)
+    return total, grad_hidden, grad_weight
+
+
 class _LinearCrossEntropy(GradientsInForward):
     """sum over valid rows of CE(hidden @ weight.T, labels) / normalizer."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor,
                 chunk_size: int) -> torch.Tensor:
-        needs_grad = hidden.requires_grad or weight.requires_grad
-        grad_hidden = torch.empty_like(hidden) if needs_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk_size):
-            h = hidden[start:start + chunk_size]
-            y = labels[start:start + chunk_size]
-            valid = y != IGNORE_INDEX
-            safe_y = torch.where(valid, y, 0)
-            logits = h @ weight.T
-            row_max, sum_exp, target = chunk_statistics(logits, safe_y, valid)
-            lse = torch.log(sum_exp) + row_max
-            total += ((lse - target) * valid).sum()
-            if needs_grad:
-                grad_logits = logit_grads(logits, lse, safe_y, valid, valid)
-                accumulate_chunk_grads(grad_logits, h, weight, grad_hidden[start:start + chunk_size], grad_weight)
+        total, grad_hidden, grad_weight = chunked_linear_cross_entropy(hidden, weight, labels, chunk_size)
         GradientsInForward.save_grads(ctx, grad_hidden, grad_weight, normalizer, weight.dtype, other_inputs=3)
         return total / normalizer
 

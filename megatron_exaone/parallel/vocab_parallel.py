@@ -7,8 +7,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_exaone.model.loss import (IGNORE_INDEX, GradientsInForward, accumulate_chunk_grads, chunk_rows,
-                                        chunk_statistics, logit_grads)
+from megatron_exaone.model.loss import (IGNORE_INDEX, GradientsInForward, chunk_rows,
+                                        chunked_linear_cross_entropy)
 
 from . import comm
 
@@ -59,29 +59,16 @@ class _VocabParallelLinearCE(GradientsInForward):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, normalizer, group, chunk_size):
-        start, end = _vocab_range(weight.shape[0], group)
-        needs_grad = hidden.requires_grad or weight.requires_grad
-        grad_hidden = torch.empty_like(hidden) if needs_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for first in range(0, hidden.shape[0], chunk_size):
-            h = hidden[first:first + chunk_size]
-            y = labels[first:first + chunk_size]
-            valid = y != IGNORE_INDEX
-            mine = valid & (y >= start) & (y < end)
-            local_y = torch.where(mine, y - start, 0)
-            logits = h @ weight.T
-            local_max, local_sum_exp, target = chunk_statistics(logits, local_y, mine)
+        def reduce_stats(local_max, local_sum_exp, target):
             row_max = local_max.clone()
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
             stats = torch.stack([local_sum_exp * torch.exp(local_max - row_max), target])
             dist.all_reduce(stats, group=group)
-            sum_exp, target = stats
-            lse = torch.log(sum_exp) + row_max
-            total += ((lse - target) * valid).sum()
-            if needs_grad:
-                grad_logits = logit_grads(logits, lse, local_y, mine, valid)
-                accumulate_chunk_grads(grad_logits, h, weight, grad_hidden[first:first + chunk_size], grad_weight)
+            return row_max, *stats
+
+        start, _ = _vocab_range(weight.shape[0], group)
+        total, grad_hidden, grad_weight = chunked_linear_cross_entropy(hidden, weight, labels, chunk_size, start,
+                                                                       reduce_stats)
         GradientsInForward.save_grads(ctx, grad_hidden, grad_weight, normalizer, weight.dtype, other_inputs=4)
         return total / normalizer
 
