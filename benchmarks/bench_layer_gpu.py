@@ -15,12 +15,11 @@ import argparse
 import dataclasses
 import statistics
 import time
-import traceback
 
 import torch
 from torch import nn
 
-from benchmarks.bench_train_gpu import parse_variant, print_kernel_profile
+from benchmarks.bench_train_gpu import measure_variants, parse_variant, print_kernel_profile
 from megatron_exaone.model.attention import attention_mask
 from megatron_exaone.model.config import SLIDING, SPARSE, k_exaone_236b
 from megatron_exaone.model.layers import DecoderLayer
@@ -104,23 +103,13 @@ def main() -> None:
     flops = layer_flops_per_token(config, args.seq_len) * tokens
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; one K-EXAONE sliding MoE layer, "
           f"{args.batch} x {args.seq_len} tokens, {flops / 1e12:.1f} TFLOP per forward + backward")
-    baseline = None
-    variants = args.variants.split(",")
-    for variant in variants:
-        try:
-            seconds, peak = time_layer(config, variant, args.seq_len, args.batch, args.steps, args.warmup,
-                                       profile=variant == args.profile)
-        except Exception:  # report the failure and measure the other variants
-            print(f"{variant}: failed:\n{traceback.format_exc(limit=-4)}", flush=True)
-            continue
-        finally:
-            torch._dynamo.reset()
-            torch.cuda.empty_cache()
-        ratio = "baseline" if baseline is None else f"{baseline / seconds:.2f}x the speed of {variants[0]}"
-        baseline = baseline or seconds
+    def measure(variant: str) -> tuple[float, float]:
+        return time_layer(config, variant, args.seq_len, args.batch, args.steps, args.warmup,
+                          profile=variant == args.profile)
+
+    for variant, seconds, peak, ratio in measure_variants(args.variants.split(","), measure):
         print(f"{variant}: {seconds * 1e3:.1f} ms, {flops / seconds / 1e12:.0f} TFLOP/s, peak memory {peak:.1f} GiB "
               f"({ratio})", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,7 @@ import socket
 import statistics
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -57,6 +57,28 @@ def print_kernel_profile(run: Callable[[], None], what: str, rows: int = 25) -> 
           "(ms, calls, kernel):")
     for event in sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)[:rows]:
         print(f"{event.self_device_time_total / 1e3:9.1f} {event.count:6d}  {event.key[:110]}")
+
+
+def measure_variants(variants: list[str], measure: Callable[[str], tuple[float, float]]
+                     ) -> Iterator[tuple[str, float, float, str]]:
+    """(variant, seconds, peak GiB, its speed against the first variant that ran) for each variant; `measure`
+    returns the first two. A variant that fails is reported and the others still run; compiled graphs (and what
+    they hold) are dropped between variants."""
+    baseline: tuple[str, float] | None = None
+    for variant in variants:
+        try:
+            seconds, peak = measure(variant)
+        except Exception:
+            print(f"{variant}: failed:\n{traceback.format_exc(limit=-4)}", flush=True)
+            continue
+        finally:
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+        if baseline is None:
+            baseline = variant, seconds
+            yield variant, seconds, peak, "baseline"
+        else:
+            yield variant, seconds, peak, f"{baseline[1] / seconds:.2f}x the speed of {baseline[0]}"
 
 
 def parse_variant(variant: str) -> tuple[PrecisionPlan, bool]:
@@ -135,22 +157,13 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}; proxy model {config.num_hidden_layers} layers, "
           f"{config.num_experts} experts top-{config.num_experts_per_tok}; {args.micro_batch} x {args.seq_len} "
           f"tokens per step; {flops / 1e9:.2f} GFLOP per token (model FLOPs)")
-    baseline = None
-    variants = args.variants.split(",")
-    for variant in variants:
-        try:
-            seconds, peak = time_steps(config, variant, args.seq_len, args.micro_batch, args.steps, args.warmup,
-                                       profile=variant == args.profile)
-        except Exception:  # report the failure and measure the other variants
-            print(f"{variant}: failed:\n{traceback.format_exc(limit=-4)}", flush=True)
-            continue
-        finally:
-            torch._dynamo.reset()  # drop compiled graphs (and what they hold) before the next variant
-            torch.cuda.empty_cache()
+    def measure(variant: str) -> tuple[float, float]:
+        return time_steps(config, variant, args.seq_len, args.micro_batch, args.steps, args.warmup,
+                          profile=variant == args.profile)
+
+    for variant, seconds, peak, ratio in measure_variants(args.variants.split(","), measure):
         rate = tokens / seconds
         mfu = flops * rate / H100_BF16_DENSE_PEAK
-        ratio = "baseline" if baseline is None else f"{baseline / seconds:.2f}x the speed of {variants[0]}"
-        baseline = baseline or seconds
         print(f"{variant}: {rate:,.0f} tokens/s, {seconds * 1e3:.1f} ms/step, MFU {100 * mfu:.1f}% of 989 "
               f"TFLOP/s, peak memory {peak:.1f} GiB ({ratio})", flush=True)
     dist.destroy_process_group()
