@@ -37,7 +37,8 @@ def chunk_rows(vocab: int) -> int:
 def _chunk_statistics(logits: torch.Tensor, targets: torch.Tensor, is_target: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row of `logits` [c, V], in fp32: the max, sum(exp(logit - max)) and the target logit (0 where
-    `is_target` is False: the target column lies in another rank's vocabulary shard)."""
+    `is_target` is False: the target column lies in another rank's vocabulary shard). Fused into one kernel on GPU
+    (`fused`): the fp32 logits never reach memory."""
     logits = logits.float()
     row_max = logits.amax(dim=-1)
     sum_exp = torch.exp(logits - row_max[:, None]).sum(dim=-1)
@@ -47,26 +48,14 @@ def _chunk_statistics(logits: torch.Tensor, targets: torch.Tensor, is_target: to
 
 def _logit_grads(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, is_target: torch.Tensor,
                  valid: torch.Tensor) -> torch.Tensor:
-    """d(CE)/d(logits) = softmax - onehot(target), zero on ignored rows, in `logits`' dtype."""
+    """d(CE)/d(logits) = softmax - onehot(target), zero on ignored rows, in `logits`' dtype (one kernel on GPU)."""
     columns = torch.arange(logits.shape[1], device=logits.device)
     onehot = (columns[None, :] == targets[:, None]) & is_target[:, None]
     probs = torch.exp(logits.float() - lse[:, None])
     return ((probs - onehot.float()) * valid[:, None]).to(logits.dtype)
 
 
-def chunk_statistics(logits: torch.Tensor, targets: torch.Tensor, is_target: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`_chunk_statistics`, as one fused kernel on GPU (the fp32 logits never reach memory)."""
-    return fused(_chunk_statistics, logits)(logits, targets, is_target)
-
-
-def logit_grads(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, is_target: torch.Tensor,
-                valid: torch.Tensor) -> torch.Tensor:
-    """`_logit_grads`, as one fused kernel on GPU."""
-    return fused(_logit_grads, logits)(logits, lse, targets, is_target, valid)
-
-
-def add_matmul_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+def _add_matmul_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b, accumulated in fp32 (on GPU one GEMM with an fp32 output: no rounded intermediate)."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
@@ -76,11 +65,11 @@ def add_matmul_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Non
         acc += (a @ b).float()
 
 
-def accumulate_chunk_grads(grad_logits: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+def _accumulate_chunk_grads(grad_logits: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
                            grad_hidden_rows: torch.Tensor, grad_weight: torch.Tensor) -> None:
     """Add a chunk's logit gradient [c, V] to the hidden-state rows (written) and the fp32 weight gradient."""
     torch.mm(grad_logits, weight, out=grad_hidden_rows)
-    add_matmul_fp32_(grad_weight, grad_logits.T, h)
+    _add_matmul_fp32_(grad_weight, grad_logits.T, h)
 
 
 class GradientsInForward(torch.autograd.Function):
@@ -102,11 +91,12 @@ class GradientsInForward(torch.autograd.Function):
 
 
 # (row max, sum of exp(logit - max), target logit) of a chunk on this rank -> the same over the whole vocabulary.
-StatsReducer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+ChunkStatsReducer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                             tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
-                                 vocab_start: int = 0, reduce_stats: StatsReducer | None = None
+                                 vocab_start: int = 0, reduce_stats: ChunkStatsReducer | None = None
                                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Sum over valid rows of CE(hidden @ weight.T, labels), and its gradients for `hidden` and (fp32) `weight`
     (None when neither requires grad), computed `chunk_size` rows at a time without keeping the logits.
@@ -127,14 +117,14 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
             is_target = valid & (y >= vocab_start) & (y < vocab_start + weight.shape[0])
         local_y = torch.where(is_target, y - vocab_start, 0)
         logits = h @ weight.T
-        row_max, sum_exp, target = chunk_statistics(logits, local_y, is_target)
+        row_max, sum_exp, target = fused(_chunk_statistics, logits)(logits, local_y, is_target)
         if reduce_stats is not None:
             row_max, sum_exp, target = reduce_stats(row_max, sum_exp, target)
         lse = torch.log(sum_exp) + row_max
         total += ((lse - target) * valid).sum()
         if needs_grad:
-            grad_logits = logit_grads(logits, lse, local_y, is_target, valid)
-            accumulate_chunk_grads(grad_logits, h, weight, grad_hidden[rows], grad_weight)
+            grad_logits = fused(_logit_grads, logits)(logits, lse, local_y, is_target, valid)
+            _accumulate_chunk_grads(grad_logits, h, weight, grad_hidden[rows], grad_weight)
     return total, grad_hidden, grad_weight
 
 

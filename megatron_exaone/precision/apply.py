@@ -122,7 +122,8 @@ def apply_precision(root: nn.Module, precision: PrecisionPlan | str, num_layers:
                     report.bf16[full] = "routed experts kept in BF16 (fp8_experts=False)"
                     continue
                 gemms.require_grouped()
-                _convert(report, full, tuple(module.gate_proj.shape[1:]), lambda m=module: convert_experts(m, gemms, plan.fp8_expert_wgrad))
+                _convert(report, full, tuple(module.gate_proj.shape[1:]),
+                         lambda m=module: convert_experts(m, gemms, plan.fp8_expert_wgrad))
     _log(plan, recipe, report)
     return report
 
