@@ -93,6 +93,11 @@ class _Fp8Linear(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
+def _stacked(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Weights [G, N_i, K] stacked along N (no copy for a single weight)."""
+    return torch.cat(weights, dim=1) if len(weights) > 1 else weights[0]
+
+
 class _Fp8GroupedLinear(torch.autograd.Function):
     """Y[rows of g] = X[rows of g] @ W[g]^T, W [G, N, K] the given weights stacked along N (gate and up
     projections share one GEMM, so X is quantized once). The weight gradient runs in FP8 with `fp8_wgrad`, else
@@ -102,9 +107,8 @@ class _Fp8GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, counts: torch.Tensor, gemms: Fp8Gemms, fp8_wgrad: bool,
                 *weights: torch.Tensor) -> torch.Tensor:
-        weight = torch.cat(weights, dim=1) if len(weights) > 1 else weights[0]
         qx = to_fp8(x, E4M3, "rowwise", 1)
-        qw = to_fp8(weight, E4M3, "rowwise", 2)
+        qw = to_fp8(_stacked(weights), E4M3, "rowwise", 2)
         ctx.save_for_backward(x, counts, *weights)
         ctx.gemms, ctx.fp8_wgrad = gemms, fp8_wgrad
         return gemms.grouped_mm(qx, Quantized(qw.data.transpose(1, 2), qw.scale_inv.transpose(1, 2)), counts,
@@ -113,19 +117,20 @@ class _Fp8GroupedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         x, counts, *weights = ctx.saved_tensors
-        weight = torch.cat(weights, dim=1) if len(weights) > 1 else weights[0]
+        weight_dtype = weights[0].dtype
         gemms = ctx.gemms
         grad_x = None
         grad_ws = [None] * len(weights)
         if ctx.needs_input_grad[0]:
-            grad_x = gemms.grouped_mm(to_fp8(grad_y, E4M3, "rowwise", 1), to_fp8(weight, E4M3, "rowwise", 1),
-                                      counts, x.dtype, fast_accum=False)
+            grad_x = gemms.grouped_mm(to_fp8(grad_y, E4M3, "rowwise", 1),
+                                      to_fp8(_stacked(weights), E4M3, "rowwise", 1), counts, x.dtype,
+                                      fast_accum=False)
         if any(ctx.needs_input_grad[4:]):
             if ctx.fp8_wgrad:
                 grad_w = gemms.grouped_wgrad(to_fp8_per_group_columns(grad_y, counts, E4M3),
-                                             to_fp8_per_group_columns(x, counts, E4M3), counts, weight.dtype)
+                                             to_fp8_per_group_columns(x, counts, E4M3), counts, weight_dtype)
             else:
-                grad_w = grouped_wgrad(grad_y, x, counts).to(weight.dtype)
+                grad_w = grouped_wgrad(grad_y, x, counts).to(weight_dtype)
             grad_ws = grad_w.split([w.shape[1] for w in weights], dim=1)
         return grad_x, None, None, None, *grad_ws
 
