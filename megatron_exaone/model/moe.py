@@ -151,38 +151,30 @@ def group_ids(counts: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.repeat_interleave(groups, counts, output_size=rows)
 
 
-WGRAD_ALIGN = 16  # rows per group the CUDA ragged-K grouped GEMM needs (BF16 and FP8; a device assert otherwise)
-
-
-def pad_groups(tensors: list[torch.Tensor], counts: torch.Tensor, align: int = WGRAD_ALIGN
-               ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Each group of rows (sorted by group, `counts` [G]) zero-padded to a multiple of `align` rows, for every
-    tensor [T, C_i]; returns the padded tensors and the padded counts. The padded row count is a static bound (no
-    host sync): rows past the last group are zeros too, and zero rows add nothing to a product over rows."""
-    rows = tensors[0].shape[0]
-    padded = (counts + align - 1) // align * align
-    capacity = -(-(rows + (align - 1) * counts.numel()) // align) * align
-    shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # padded start - packed start, per group
-    dest = torch.arange(rows, device=counts.device) + shift[group_ids(counts, rows)]
-
-    def spread(data: torch.Tensor) -> torch.Tensor:
-        raw = data.view(torch.uint8) if data.element_size() == 1 else data  # FP8: index_copy_ works on bytes
-        out = raw.new_zeros((capacity, data.shape[1])).index_copy_(0, dest, raw)
-        return out.view(data.dtype)
-
-    return [spread(t) for t in tensors], padded
-
-
 def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """[G, N, K]: a_g^T @ b_g for each group g of the rows of a [T, N] and b [T, K] (sorted by group, `counts`
-    [G] rows each): the weight gradient of a grouped matmul. For BF16 on CUDA one ragged-K grouped GEMM over
-    groups padded to 16 rows; a loop elsewhere."""
+    [G] rows each): the weight gradient of a grouped matmul. In BF16 one ragged-K grouped GEMM
+    (`_ragged_wgrad`), a loop otherwise. `a` may be a column slice of a wider tensor."""
     if a.shape[0] == 0:  # an expert-parallel rank that received no tokens
         return a.new_zeros((counts.numel(), a.shape[1], b.shape[1]))
-    if a.is_cuda and a.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
-        (a, b), padded = pad_groups([a, b], counts)
-        return torch._grouped_mm(a.t(), b, offs=padded.cumsum(0).to(torch.int32))
+    if a.dtype == torch.bfloat16 and grouped_mm_usable(a.device.type, a.dtype):
+        return _ragged_wgrad(a, b, counts.cumsum(0).to(torch.int32))
     return _loop_wgrad(a, b, counts)
+
+
+@torch.library.custom_op("megatron_exaone::ragged_wgrad", mutates_args=())
+def _ragged_wgrad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm(a^T, b) with a^T column-major and b row-major, the one operand layout in which the CUDA
+    kernel takes groups of any size (an empty one included; other layouts need multiples of 16 bytes). An opaque
+    op so that torch.compile cannot hand the kernel another layout of the same values."""
+    if a.stride(-1) != 1 or a.stride(0) % 8:
+        a = a.contiguous()
+    return torch._grouped_mm(a.t(), b.contiguous(), offs=offs)
+
+
+@_ragged_wgrad.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return a.new_empty((offs.numel(), a.shape[1], b.shape[1]))
 
 
 class GroupedExperts(nn.Module):

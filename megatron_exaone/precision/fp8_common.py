@@ -106,6 +106,13 @@ def to_fp8(x: torch.Tensor, dtype: torch.dtype, scaling: str, contraction_dim: i
     return quantize_with_scale(x, current_scale(x, dtype, scaling, contraction_dim, group), dtype)
 
 
+def per_group_scale(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One scale per group of stacked weights [G, N, K] (per expert), shape [G, 1, 1]: it does not depend on the
+    GEMM's axis, so the same scale serves the forward GEMM and the input-gradient GEMM of the transposed weight."""
+    with torch.no_grad():
+        return scale_from_amax(weights.abs().amax(dim=(1, 2), keepdim=True), dtype)
+
+
 def to_fp8_per_group_columns(x: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype) -> Quantized:
     """x [T, C] with rows sorted into groups of `counts`: one scale per (group, column), for a grouped GEMM that
     contracts over each group's rows (the routed experts' weight gradient). scale_inv is [G, C]; row t uses

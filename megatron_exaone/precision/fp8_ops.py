@@ -9,10 +9,11 @@ Each operand is quantized along the axis its GEMM contracts: with rowwise scalin
 the saved high-precision tensors in backward (the scales run along the other axis there); tensorwise scales do not
 depend on the axis, so forward's FP8 X and W are saved and reused (no second amax, cast or all-reduce).
 
-Routed experts use rowwise E4M3 scaling: it is the only FP8 mode of `torch._scaled_grouped_mm`, and per-token
-scales do not depend on how tokens are spread over ranks. Forward and input gradient run in FP8; the weight
-gradient contracts over each expert's tokens, so in FP8 (`fp8_expert_wgrad`) it needs per-(expert, column) scales
-and each expert's tokens padded to 16 rows; by default it is one BF16 grouped GEMM instead.
+Routed experts run in E4M3 on `torch._scaled_grouped_mm`, whose scales are per row of X (per token: they do not
+depend on how tokens are spread over ranks) and per output column of W, given here as one scale per expert, so
+the input gradient reuses forward's scale on W^T. Forward and input gradient run in FP8; the weight gradient
+contracts over each expert's tokens, so in FP8 (`fp8_expert_wgrad`) it needs per-(expert, column) scales and each
+expert's tokens padded to 16 rows; by default it runs as BF16 grouped GEMMs instead.
 
 A backend (`Fp8Gemms`) only supplies the GEMMs: `fp8_torch.TorchGemms` (scaled matmul kernels) or
 `fp8_emulated.EmulatedGemms` (dequantize, then fp32 matmul); quantization is the same code for both.
@@ -28,8 +29,8 @@ from torch import nn
 
 from megatron_exaone.model.moe import GroupedExperts, grouped_wgrad
 
-from .fp8_common import (E4M3, Fp8Recipe, Quantized, current_scale, quantize_with_scale, to_fp8,
-                         to_fp8_per_group_columns)
+from .fp8_common import (E4M3, Fp8Recipe, Quantized, current_scale, per_group_scale, quantize, quantize_with_scale,
+                         to_fp8, to_fp8_per_group_columns)
 
 
 class Fp8Gemms(Protocol):
@@ -42,8 +43,8 @@ class Fp8Gemms(Protocol):
 
     def grouped_mm(self, a: Quantized, b: Quantized, counts: torch.Tensor, out_dtype: torch.dtype,
                    fast_accum: bool) -> torch.Tensor:
-        """Rows of a [T, K] (sorted by group, scale_inv [T, 1]) times b[g] [K, N] (scale_inv [G, 1, N]) for the
-        rows of group g; `counts` [G] rows per group."""
+        """Rows of a [T, K] (sorted by group, scale_inv [T, 1]) times b[g] [K, N] (scale_inv [G, 1, N] per column,
+        or [G, 1, 1] per group) for the rows of group g; `counts` [G] rows per group."""
 
     def grouped_wgrad(self, a: Quantized, b: Quantized, counts: torch.Tensor, out_dtype: torch.dtype
                       ) -> torch.Tensor:
@@ -93,45 +94,50 @@ class _Fp8Linear(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
-def _stacked(weights: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Weights [G, N_i, K] stacked along N (no copy for a single weight)."""
-    return torch.cat(weights, dim=1) if len(weights) > 1 else weights[0]
-
-
 class _Fp8GroupedLinear(torch.autograd.Function):
     """Y[rows of g] = X[rows of g] @ W[g]^T, W [G, N, K] the given weights stacked along N (gate and up
-    projections share one GEMM, so X is quantized once). The weight gradient runs in FP8 with `fp8_wgrad`, else
-    as a BF16 grouped GEMM (see `Fp8GroupedExperts`). The weights are inputs of this node themselves (not a
-    concatenation made outside), which the zero-bubble schedules' weight-gradient split relies on."""
+    projections share one GEMM, so X is quantized once). X and dY are scaled per row (token), W per expert: forward
+    keeps only the [G] scales, and backward casts each W^T straight into the K-major layout its GEMM needs with
+    them (the same FP8 values as forward's, without a second amax or a copy of FP8 weights). Backward runs one
+    GEMM per weight: input-gradient terms are summed, and each weight gradient (FP8 with `fp8_wgrad`, else BF16)
+    is contiguous, as its parameter. The weights are inputs of this node themselves (not a concatenation made
+    outside), which the zero-bubble schedules' weight-gradient split relies on."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, counts: torch.Tensor, gemms: Fp8Gemms, fp8_wgrad: bool,
                 *weights: torch.Tensor) -> torch.Tensor:
-        qx = to_fp8(x, E4M3, "rowwise", 1)
-        qw = to_fp8(_stacked(weights), E4M3, "rowwise", 2)
-        ctx.save_for_backward(x, counts, *weights)
+        weight = torch.cat(weights, dim=1) if len(weights) > 1 else weights[0]
+        scale_w = per_group_scale(weight, E4M3)
+        qw = quantize_with_scale(weight, scale_w, E4M3)
+        ctx.save_for_backward(x, counts, scale_w, *weights)
         ctx.gemms, ctx.fp8_wgrad = gemms, fp8_wgrad
-        return gemms.grouped_mm(qx, Quantized(qw.data.transpose(1, 2), qw.scale_inv.transpose(1, 2)), counts,
-                                x.dtype, fast_accum=True)
+        return gemms.grouped_mm(to_fp8(x, E4M3, "rowwise", 1), Quantized(qw.data.transpose(1, 2), qw.scale_inv),
+                                counts, x.dtype, fast_accum=True)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x, counts, *weights = ctx.saved_tensors
-        weight_dtype = weights[0].dtype
+        x, counts, scale_w, *weights = ctx.saved_tensors
         gemms = ctx.gemms
+        grad_parts = grad_y.split([w.shape[1] for w in weights], dim=1)
         grad_x = None
         grad_ws = [None] * len(weights)
         if ctx.needs_input_grad[0]:
-            grad_x = gemms.grouped_mm(to_fp8(grad_y, E4M3, "rowwise", 1),
-                                      to_fp8(_stacked(weights), E4M3, "rowwise", 1), counts, x.dtype,
-                                      fast_accum=False)
+            # One GEMM per weight, summed. Each W^T is cast straight into the K-major layout its GEMM needs; cast
+            # from the concatenated weights, torch.compile made that one badly tiled kernel (26 ms for gate + up
+            # at K-EXAONE size on an H100, against 1.6 ms for down_proj alone).
+            for part, weight in zip(grad_parts, weights):
+                w_t = quantize(weight.transpose(1, 2), scale_w, E4M3).contiguous()  # [G, K, N_i]
+                term = gemms.grouped_mm(to_fp8(part, E4M3, "rowwise", 1),
+                                        Quantized(w_t.transpose(1, 2), scale_w.reciprocal()), counts, x.dtype,
+                                        fast_accum=False)
+                grad_x = term if grad_x is None else grad_x + term
         if any(ctx.needs_input_grad[4:]):
             if ctx.fp8_wgrad:
-                grad_w = gemms.grouped_wgrad(to_fp8_per_group_columns(grad_y, counts, E4M3),
-                                             to_fp8_per_group_columns(x, counts, E4M3), counts, weight_dtype)
+                qx = to_fp8_per_group_columns(x, counts, E4M3)
+                grad_ws = [gemms.grouped_wgrad(to_fp8_per_group_columns(part, counts, E4M3), qx, counts, w.dtype)
+                           for part, w in zip(grad_parts, weights)]
             else:
-                grad_w = grouped_wgrad(grad_y, x, counts).to(weight_dtype)
-            grad_ws = grad_w.split([w.shape[1] for w in weights], dim=1)
+                grad_ws = [grouped_wgrad(part, x, counts).to(w.dtype) for part, w in zip(grad_parts, weights)]
         return grad_x, None, None, None, *grad_ws
 
 
@@ -165,9 +171,9 @@ class Fp8Linear(nn.Linear):
 
 
 class Fp8GroupedExperts(GroupedExperts):
-    """`GroupedExperts` with its grouped matmuls in FP8 (rowwise E4M3): forward and input gradient always, the
-    weight gradient when `fp8_wgrad` (it contracts over each expert's tokens, so it needs per-(expert, column)
-    scales and token groups padded to 16 rows; otherwise it runs as one BF16 grouped GEMM)."""
+    """`GroupedExperts` with its grouped matmuls in FP8 (E4M3; tokens scaled per row, weights per expert): forward
+    and input gradient always, the weight gradient when `fp8_wgrad` (it contracts over each expert's tokens, so it
+    needs per-(expert, column) scales and token groups padded to 16 rows; otherwise it runs in BF16)."""
 
     fp8_gemms: Fp8Gemms
     fp8_wgrad: bool

@@ -1,13 +1,14 @@
 """`precision=fp8_torch`: torch-native FP8 GEMMs on CUDA (compute capability >= 8.9).
 
-Dense linears: `torch._scaled_mm(a, b, scale_a, scale_b, out_dtype=..., use_fast_accum=...)`, a row-major [M, K],
-b column-major [K, N], K and N multiples of 16 (the pass keeps other linears in BF16; a contraction over tokens is
+Dense linears: `torch._scaled_mm(a, b, scale_a, scale_b, out_dtype=..., use_fast_accum=...)`, a row-major [M, K], b
+column-major [K, N], K and N multiples of 16 (the pass keeps other linears in BF16; a contraction over tokens is
 zero-padded here), scales fp32: one element each (tensorwise) or [M, 1] and [1, N] (rowwise). Routed experts:
 `torch._scaled_grouped_mm(a, b, scale_a, scale_b, offs=..., out_dtype=torch.bfloat16, use_fast_accum=...)`, E4M3
-operands only, rowwise scales, sm_90 in torch 2.11. Its weight-gradient form (2-D x 2-D, contracting over each
-group's rows) needs every group's row count to be a multiple of 16 (a device-side assert otherwise), so each
-expert's tokens are zero-padded to 16 there. Scales passed to the kernels are inverse scales (the accumulator is
-multiplied by them). Forward GEMMs use fast accumulation, gradient GEMMs do not (torchao's default).
+operands only, scales per row of a and per column of b (a per-expert scale is expanded to its columns), sm_90 in
+torch 2.11. Its weight-gradient form (2-D x 2-D, contracting over each group's rows) needs every group's row count
+to be a positive multiple of 16 (a device-side assert otherwise), so each expert's tokens are zero-padded there. Scales
+passed to the kernels are inverse scales (the accumulator is multiplied by them). Forward GEMMs use fast
+accumulation, gradient GEMMs do not (torchao's default).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from megatron_exaone.model.moe import pad_groups
+from megatron_exaone.model.moe import group_ids
 
 from .fp8_common import E4M3, Fp8Unavailable, Quantized
 
-ALIGN = 16  # elements (FP8: bytes) the kernels need along K, N and the grouped weight-gradient rows
+# Elements (FP8: bytes) the kernels need along K and N, and the rows per group of the FP8 weight-gradient form
+# (a row-major left operand there: the kernel asserts that each group's rows are a multiple of 16 bytes).
+ALIGN = 16
 
 
 def _column_major(t: torch.Tensor) -> torch.Tensor:
@@ -33,6 +36,26 @@ def _dense_scale(scale: torch.Tensor) -> torch.Tensor:
     """`scale` with row-major strides: the kernel checks the strides of [M, 1] / [1, N] scales, and a transposed
     [1, M] scale counts as contiguous without having them."""
     return scale.reshape(-1).reshape(scale.shape)
+
+
+def pad_groups(tensors: list[torch.Tensor], counts: torch.Tensor, align: int = ALIGN
+               ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each group of rows (sorted by group, `counts` [G]) zero-padded to a positive multiple of `align` rows (the
+    kernel takes no empty group in this form), for every tensor [T, C_i]; returns the padded tensors and the
+    padded counts. The padded row count is a static bound (no host sync): rows past the last group are zeros too,
+    and zero rows add nothing to a product over rows."""
+    rows = tensors[0].shape[0]
+    padded = ((counts + align - 1) // align).clamp(min=1) * align
+    capacity = -(-(rows + align * counts.numel()) // align) * align
+    shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # padded start - packed start, per group
+    dest = torch.arange(rows, device=counts.device) + shift[group_ids(counts, rows)]
+
+    def spread(data: torch.Tensor) -> torch.Tensor:
+        raw = data.view(torch.uint8) if data.element_size() == 1 else data  # FP8: index_copy_ works on bytes
+        out = raw.new_zeros((capacity, data.shape[1])).index_copy_(0, dest, raw)
+        return out.view(data.dtype)
+
+    return [spread(t) for t in tensors], padded
 
 
 def _pad_last(t: torch.Tensor, extra: int) -> torch.Tensor:
@@ -55,12 +78,13 @@ class TorchGemms:
 
     def grouped_mm(self, a: Quantized, b: Quantized, counts: torch.Tensor, out_dtype: torch.dtype,
                    fast_accum: bool) -> torch.Tensor:
-        rows, cols = a.data.shape[0], b.data.shape[-1]
+        rows, (groups, _, cols) = a.data.shape[0], b.data.shape
         if rows == 0:  # an expert-parallel rank that received no tokens
             return a.data.new_zeros((0, cols), dtype=out_dtype)
+        scale_b = b.scale_inv.expand(groups, 1, cols).reshape(groups, cols).contiguous()  # one per column
         out = torch._scaled_grouped_mm(a.data.contiguous(), _column_major(b.data), a.scale_inv.reshape(rows),
-                                       b.scale_inv.squeeze(1).contiguous(), offs=counts.cumsum(0).to(torch.int32),
-                                       out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
+                                       scale_b, offs=counts.cumsum(0).to(torch.int32), out_dtype=torch.bfloat16,
+                                       use_fast_accum=fast_accum)
         return out.to(out_dtype)
 
     def grouped_wgrad(self, a: Quantized, b: Quantized, counts: torch.Tensor, out_dtype: torch.dtype
@@ -68,7 +92,7 @@ class TorchGemms:
         rows, groups = a.data.shape[0], counts.numel()
         if rows == 0:
             return a.data.new_zeros((groups, a.data.shape[1], b.data.shape[1]), dtype=out_dtype)
-        (a_rows, b_rows), padded = pad_groups([a.data, b.data], counts, ALIGN)
+        (a_rows, b_rows), padded = pad_groups([a.data, b.data], counts)
         out = torch._scaled_grouped_mm(a_rows.t().contiguous(), _column_major(b_rows),
                                        a.scale_inv.reshape(-1).contiguous(), b.scale_inv.reshape(-1).contiguous(),
                                        offs=padded.cumsum(0).to(torch.int32), out_dtype=torch.bfloat16,

@@ -78,23 +78,28 @@ def test_fp8_linear_forward_backward(scaling, grad_dtype):
     assert rel(got[0], emulated[0]) < 1e-2 and rel(got[1], emulated[1]) < 1e-2
 
 
-def test_grouped_experts_matmul(grouped):
-    counts = torch.tensor([40, 0, 17, 100, 3, 64, 16, 8], device=DEVICE)  # unaligned groups and an empty one
+@pytest.mark.parametrize("fp8_wgrad", [False, True])
+def test_grouped_experts_matmul(grouped, fp8_wgrad):
+    """Gate and up projections in one FP8 grouped GEMM (tokens scaled per row, weights per expert), against fp32
+    and against the emulation, with unaligned groups and an empty one; the weight gradient in BF16 or FP8."""
+    counts = torch.tensor([40, 0, 17, 100, 3, 64, 16, 8], device=DEVICE)
     rows = int(counts.sum())
     x = randn(rows, 256, seed=5, dtype=torch.bfloat16).requires_grad_()
-    w = randn(8, 128, 256, seed=6, scale=0.05, dtype=torch.bfloat16).requires_grad_()
+    gate = randn(8, 64, 256, seed=6, scale=0.05, dtype=torch.bfloat16).requires_grad_()
+    up = randn(8, 64, 256, seed=9, scale=0.5, dtype=torch.bfloat16).requires_grad_()
     dy = randn(rows, 128, seed=7, dtype=torch.bfloat16)
-    y = fp8_grouped_linear(x, w, counts, TORCH)
-    got = torch.autograd.grad(y, (x, w), dy)
-    y_emulated = fp8_grouped_linear(x, w, counts, EMULATED)
-    emulated = torch.autograd.grad(y_emulated, (x, w), dy)
-    want_y = torch.cat([part @ w[e].float().t() for e, part in enumerate(x.float().split(counts.tolist()))])
-    want = torch.autograd.grad(want_y, (x, w), dy.float())
-    assert y.dtype == got[0].dtype == got[1].dtype == torch.bfloat16
+    y = fp8_grouped_linear(x, (gate, up), counts, TORCH, fp8_wgrad)
+    got = torch.autograd.grad(y, (x, gate, up), dy)
+    y_emulated = fp8_grouped_linear(x, (gate, up), counts, EMULATED, fp8_wgrad)
+    emulated = torch.autograd.grad(y_emulated, (x, gate, up), dy)
+    w = torch.cat([gate, up], dim=1).float()
+    want_y = torch.cat([part @ w[e].t() for e, part in enumerate(x.float().split(counts.tolist()))])
+    want = torch.autograd.grad(want_y, (x, gate, up), dy.float())
+    assert all(t.dtype == torch.bfloat16 for t in (y, *got))
     for value, reference, emulation in zip((y, *got), (want_y, *want), (y_emulated, *emulated)):
         assert rel(value, reference) < 0.05
         assert rel(value, emulation) < 1e-2
-    assert (got[1][1] == 0).all()  # the expert without tokens
+    assert (got[1][1] == 0).all() and (got[2][1] == 0).all()  # the expert without tokens
 
 
 def test_grouped_experts_without_tokens(grouped):

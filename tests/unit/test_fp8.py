@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor
 from megatron_exaone.config.precision import PrecisionUnavailable, validate_precision
 from megatron_exaone.config.schema import PrecisionConfig
 from megatron_exaone.model import ExaoneMoeForCausalLM, build_model, tiny
-from megatron_exaone.model.moe import GroupedExperts, Router
+from megatron_exaone.model.moe import GroupedExperts, Router, grouped_wgrad
 from megatron_exaone.model.mtp import shift_left
 from megatron_exaone.parallel.build import all_reduce_grads, build_parallel_model
 from megatron_exaone.parallel.data_parallel import apply_data_parallel
@@ -24,11 +24,12 @@ from megatron_exaone.parallel.sharding import layout_of, materialize
 from megatron_exaone.parallel.tensor_parallel import reduce_tp_partial_grads
 from megatron_exaone.parallel.testing import run_distributed
 from megatron_exaone.precision import Fp8Unavailable, PrecisionPlan, apply_precision
-from megatron_exaone.precision.fp8_common import (E4M3, E5M2, FP8_MAX, Fp8Recipe, amax, current_scale, quantize,
-                                                  scale_from_amax, to_fp8, to_fp8_per_group_columns)
+from megatron_exaone.precision.fp8_common import (E4M3, E5M2, FP8_MAX, Fp8Recipe, amax, current_scale,
+                                                  per_group_scale, quantize, quantize_with_scale, scale_from_amax,
+                                                  to_fp8, to_fp8_per_group_columns)
 from megatron_exaone.precision.fp8_emulated import EmulatedGemms
 from megatron_exaone.precision.fp8_ops import Fp8GroupedExperts, Fp8Linear, fp8_grouped_linear, fp8_linear
-from megatron_exaone.precision.fp8_torch import TorchGemms
+from megatron_exaone.precision.fp8_torch import TorchGemms, pad_groups
 
 EMULATED = EmulatedGemms()
 ALL_FP8 = dict(keep_bf16_first_layers=0, keep_bf16_last_layers=0)
@@ -117,12 +118,12 @@ def test_emulated_linear_quantizes_along_each_gemms_contraction():
     y = fp8_linear(x, w, EMULATED, Fp8Recipe("rowwise", E5M2))
     dx, dw = torch.autograd.grad(y, (x, w), dy)
 
-    def deq(t, dtype, dim):
-        return to_fp8(t.detach(), dtype, "rowwise", dim).dequantize()
+    def deq(t, dtype, dim):  # in fp64, as the emulation multiplies
+        return to_fp8(t.detach(), dtype, "rowwise", dim).dequantize().double()
 
-    assert torch.allclose(y, deq(x, E4M3, 1) @ deq(w, E4M3, 1).t(), rtol=1e-6, atol=1e-6)
-    assert torch.allclose(dx, deq(dy, E5M2, 1) @ deq(w, E4M3, 0), rtol=1e-6, atol=1e-6)
-    assert torch.allclose(dw, deq(dy, E5M2, 0).t() @ deq(x, E4M3, 0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, (deq(x, E4M3, 1) @ deq(w, E4M3, 1).t()).float())
+    torch.testing.assert_close(dx, (deq(dy, E5M2, 1) @ deq(w, E4M3, 0)).float())
+    torch.testing.assert_close(dw, (deq(dy, E5M2, 0).t() @ deq(x, E4M3, 0)).float())
 
 
 @pytest.mark.parametrize("fp8_wgrad", [True, False])
@@ -143,6 +144,33 @@ def test_emulated_grouped_experts_close_to_fp32(fp8_wgrad):
     none = torch.zeros(0, 32, requires_grad=True)  # an expert-parallel rank that received no tokens
     y = fp8_grouped_linear(none, w, torch.zeros(4, dtype=torch.long), EMULATED, fp8_wgrad)
     assert y.shape == (0, 48) and (torch.autograd.grad(y, w, torch.zeros_like(y))[0] == 0).all()
+
+
+def test_grouped_linear_quantizes_tokens_per_row_and_weights_per_expert():
+    """Forward and input gradient are exactly the products of the quantized operands: X and each weight's columns
+    of dY with one scale per row, each expert's stacked (gate, up) weights with one scale, which backward
+    reuses."""
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.tensor([3, 0, 5])
+    x = torch.randn(8, 32, generator=gen, requires_grad=True)
+    gate = (torch.randn(3, 16, 32, generator=gen) * 0.1).requires_grad_()
+    up = (torch.randn(3, 16, 32, generator=gen) * 3.0).requires_grad_()
+    dy = torch.randn(8, 32, generator=gen)
+    y = fp8_grouped_linear(x, (gate, up), counts, EMULATED, fp8_wgrad=False)
+    dx, dgate, dup = torch.autograd.grad(y, (x, gate, up), dy)
+    rows = to_fp8(x.detach(), E4M3, "rowwise", 1).dequantize().double()
+    drows = torch.cat([to_fp8(part, E4M3, "rowwise", 1).dequantize() for part in dy.split(16, dim=1)], 1).double()
+    stacked = torch.cat([gate, up], dim=1).detach()
+    qw = quantize_with_scale(stacked, per_group_scale(stacked, E4M3), E4M3)
+    assert (qw.data.float().abs().amax(dim=(1, 2)) == FP8_MAX[E4M3]).all()  # each expert's largest maps to 448
+    w = qw.dequantize().double()
+    ids = torch.tensor([0, 0, 0, 2, 2, 2, 2, 2])
+    torch.testing.assert_close(y, torch.einsum("tk,tnk->tn", rows, w[ids]).float())
+    torch.testing.assert_close(dx, torch.einsum("tn,tnk->tk", drows, w[ids]).float())
+    # each weight gets its own contiguous BF16-path gradient: dy's columns of that weight times X, per expert
+    for grad, columns in ((dgate, slice(0, 16)), (dup, slice(16, 32))):
+        assert grad.is_contiguous()
+        torch.testing.assert_close(grad, grouped_wgrad(dy[:, columns], x.detach(), counts))
 
 
 def _cpu_scaled_mm_works() -> bool:
@@ -347,3 +375,17 @@ def test_tensor_parallel_and_fsdp_match_single_process_fp8():
             for param, err in r["grads"].items():
                 limit = 0.05 if name.startswith("tp2") and ".experts." in param else 1e-3
                 assert err < limit, (name, rank, param, err)
+
+
+def test_padding_groups_to_16_rows_keeps_every_per_group_product():
+    """The FP8 ragged-K grouped GEMM needs groups of a positive multiple of 16 rows: zero rows are inserted."""
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.tensor([5, 0, 17, 16])
+    a, b = torch.randn(38, 3, generator=gen), torch.randn(38, 4, generator=gen)
+    (pa, pb), padded = pad_groups([a, b], counts)
+    assert padded.tolist() == [16, 16, 32, 16] and pa.shape[0] >= 80 and pa.shape[0] % 16 == 0
+    assert (pa[80:] == 0).all() and (pa[16:32] == 0).all()
+    torch.testing.assert_close(grouped_wgrad(pa[:80], pb[:80], padded), grouped_wgrad(a, b, counts))
+    fp8 = a.to(torch.float8_e4m3fn)
+    (p8,), _ = pad_groups([fp8], counts)
+    assert p8.dtype == fp8.dtype and torch.equal(p8[32:49].float(), fp8[5:22].float())

@@ -7,7 +7,7 @@ from transformers.models.exaone_moe.modeling_exaone_moe import ExaoneMoeTopkRout
 
 from megatron_exaone.model import ExaoneMoeForCausalLM, build_model, tiny, update_expert_bias
 from megatron_exaone.model.init import full_init
-from megatron_exaone.model.moe import (MoEBlock, RouterSettings, grouped_mm, grouped_wgrad, pad_groups, route,
+from megatron_exaone.model.moe import (MoEBlock, RouterSettings, grouped_mm, grouped_mm_usable, grouped_wgrad, route,
                                        sequence_aux_loss)
 from megatron_exaone.model.mtp import shift_left
 
@@ -118,20 +118,28 @@ def test_grouped_mm_matches_per_expert_loop_forward_and_backward(k, m):
     torch.testing.assert_close(gx, rx)
     torch.testing.assert_close(gw, rw)
     torch.testing.assert_close(grouped_wgrad(x.detach(), upstream, counts), rw)
+    wide = torch.cat([x.detach(), torch.randn(13, 5, generator=gen)], dim=1)  # a column slice, as gate of gate_up
+    torch.testing.assert_close(grouped_wgrad(wide[:, :k], upstream, counts), rw)
 
 
-def test_padding_groups_to_16_rows_keeps_every_per_group_product():
-    """The CUDA ragged-K grouped GEMM needs groups of a multiple of 16 rows: zero rows are inserted per group."""
+def test_bf16_grouped_weight_gradient_under_compile_matches_loop():
+    """The BF16 ragged-K weight gradient (an opaque op) inside a compiled graph, on a column slice of a tensor the
+    graph computes (as the FP8 experts' backward calls it), with unaligned and empty groups."""
+    if not grouped_mm_usable("cpu", torch.bfloat16):
+        pytest.skip("torch._grouped_mm does not run BF16 on this CPU build")
     gen = torch.Generator().manual_seed(0)
-    counts = torch.tensor([5, 0, 17, 16])
-    a, b = torch.randn(38, 3, generator=gen), torch.randn(38, 4, generator=gen)
-    (pa, pb), padded = pad_groups([a, b], counts)
-    assert padded.tolist() == [16, 0, 32, 16] and pa.shape[0] >= 64 and pa.shape[0] % 16 == 0
-    assert (pa[64:] == 0).all()
-    torch.testing.assert_close(grouped_wgrad(pa[:64], pb[:64], padded), grouped_wgrad(a, b, counts))
-    fp8 = a.to(torch.float8_e4m3fn)
-    (p8,), _ = pad_groups([fp8], counts)
-    assert p8.dtype == fp8.dtype and torch.equal(p8[16:33].float(), fp8[5:22].float())
+    counts = torch.tensor([5, 0, 17, 3])
+    grad, x = torch.randn(25, 48, generator=gen).bfloat16(), torch.randn(25, 16, generator=gen).bfloat16()
+
+    def gate_grad(grad, x, counts):
+        return grouped_wgrad((grad * 2).split(24, dim=1)[0], x, counts)
+
+    got = torch.compile(gate_grad, backend="inductor", fullgraph=True)(grad, x, counts)
+    want = torch.stack([pa.float().t() @ pb.float() for pa, pb in
+                        zip((grad * 2)[:, :24].split(counts.tolist()), x.split(counts.tolist()))])
+    torch._dynamo.reset()
+    assert got.shape == (4, 24, 16) and got.is_contiguous() and (got[1] == 0).all()
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=5e-2)
 
 
 def test_init_is_deterministic_per_name_and_expert_slices_match():
