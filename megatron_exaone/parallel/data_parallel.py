@@ -30,20 +30,26 @@ def _shard(module: nn.Module, mesh, policy: MixedPrecisionPolicy, reshard_after_
 
 def apply_data_parallel(root: nn.Module, mesh: ParallelMesh, bf16: bool = True,
                         reshard_after_forward: bool = True) -> None:
-    """Wrap `root` (materialized, after the TP/EP passes) with FSDP2: the experts of each MoE block over edp,
-    then each decoder layer and the root over dp x cp. Routed experts are never part of the dense groups
-    (different ep ranks hold different experts). A group of one rank is still wrapped under BF16 mixed precision
-    on GPU (FSDP2 does the casting); otherwise it is skipped."""
+    """Wrap `root` (materialized, after the TP/EP passes) with FSDP2: each decoder layer and the root over
+    dp x cp, the routed experts over edp. Under tp, ep or etp > 1 the experts are units of their own (edp is another
+    group: different ep ranks hold different experts); otherwise edp is the dp x cp group and they stay in their
+    layer's unit. A group of one rank is still wrapped under BF16 mixed precision on GPU (FSDP2 does the
+    casting); otherwise it is skipped."""
     policy = mixed_precision(mesh.dense.device_type, bf16)
     casting = policy.param_dtype is not None
-    wrap_experts = mesh.dims.edp > 1 or casting
-    # Experts wrapped as FSDP units of their own are skipped by the dense units; otherwise they must be ignored.
+    # With tp = ep = etp = 1 the edp group is the dense dp x cp group itself (same ranks, same order), so the
+    # experts stay in their layer's unit. A unit of their own puts FSDP hooks inside the layer's forward, which
+    # break a compiled layer's graph at the experts' call (parallel.compile).
+    experts_in_layer_unit = mesh.dims.tp == mesh.dims.ep == mesh.dims.etp == 1
+    wrap_experts = (mesh.dims.edp > 1 or casting) and not experts_in_layer_unit
+    # Experts wrapped as FSDP units of their own are skipped by the dense units; otherwise, unless they belong to
+    # the layer's unit, they must be ignored.
     unwrapped_experts: set[nn.Parameter] = set()
     for module in root.modules():
         if isinstance(module, MoEBlock):
             if wrap_experts:
                 _shard(module.experts, mesh.expert_fsdp_mesh, policy, reshard_after_forward, set())
-            else:
+            elif not experts_in_layer_unit:
                 unwrapped_experts |= set(module.experts.parameters())
     if mesh.dense_fsdp_mesh.size() > 1 or casting:
         for module in root.modules():

@@ -1,13 +1,18 @@
 """`parallel.compile`: compiled decoder layers give the eager model's loss, gradients and routing counts (CPU
 inductor, fp32), also with recompute (done by the compiler), which saves fewer activations; names and state dicts
-are unchanged."""
+are unchanged; under FSDP2 a compiled layer stays one graph."""
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from megatron_exaone.model import build_model, tiny
 from megatron_exaone.model.moe import MoEBlock
 from megatron_exaone.model.mtp import shift_left
+from megatron_exaone.parallel.build import build_parallel_model
 from megatron_exaone.parallel.compile import apply_compile
+from megatron_exaone.parallel.data_parallel import apply_data_parallel
+from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
+from megatron_exaone.parallel.testing import run_distributed
 
 
 def saved_bytes(loss: torch.Tensor) -> int:
@@ -53,3 +58,24 @@ def test_compiled_layers_match_eager_with_and_without_recompute():
             if isinstance(a, MoEBlock):  # the recomputation must not count routed tokens twice
                 torch.testing.assert_close(b.tokens_per_expert, a.tokens_per_expert, rtol=0, atol=0)
     assert saved["recomputed"] < 0.8 * saved["compiled"], saved
+
+
+def _compiled_fsdp_graph_breaks(rank: int, world: int) -> tuple[int, bool]:
+    mesh = build_mesh(ParallelDims(dp=world), "cpu")
+    config = tiny(vocab_size=128)
+    model = build_parallel_model(config, mesh, seed=0, device="cpu").to(torch.bfloat16)  # BF16: one grouped GEMM
+    apply_compile(model)
+    apply_data_parallel(model, mesh, bf16=False)
+    x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(rank))
+    torch._dynamo.utils.counters.clear()
+    model(x, labels=shift_left(x, 1, -100)).loss.backward()
+    experts_units = any(isinstance(m.experts, FSDPModule) for m in model.modules() if isinstance(m, MoEBlock))
+    return sum(torch._dynamo.utils.counters["graph_break"].values()), experts_units
+
+
+def test_fsdp_keeps_each_compiled_layer_one_graph():
+    """Under FSDP2 with tp = ep = 1 the routed experts stay in their layer's FSDP unit: no FSDP hooks inside a
+    compiled layer, so its forward and backward compile without graph breaks (a unit of their own broke every
+    MoE layer's graph at the experts' call)."""
+    for breaks, experts_units in run_distributed(_compiled_fsdp_graph_breaks, 2, timeout_s=300):
+        assert breaks == 0 and not experts_units
