@@ -94,7 +94,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--profile", default=None, metavar="VARIANT", help="print the kernel table of this variant")
+    parser.add_argument("--profile", default="", metavar="VARIANTS",
+                        help="comma-separated variants whose kernel table to print")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_layer_gpu needs a CUDA GPU.")
@@ -105,7 +106,7 @@ def main() -> None:
           f"{args.batch} x {args.seq_len} tokens, {flops / 1e12:.1f} TFLOP per forward + backward")
     def measure(variant: str) -> tuple[float, float]:
         return time_layer(config, variant, args.seq_len, args.batch, args.steps, args.warmup,
-                          profile=variant == args.profile)
+                          profile=variant in args.profile.split(","))
 
     for variant, seconds, peak, ratio in measure_variants(args.variants.split(","), measure):
         print(f"{variant}: {seconds * 1e3:.1f} ms, {flops / seconds / 1e12:.0f} TFLOP/s, peak memory {peak:.1f} GiB "

@@ -46,17 +46,23 @@ def proxy_config(layers: int | None) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-def print_kernel_profile(run: Callable[[], None], what: str, rows: int = 25) -> None:
-    """Run `run` once under the CUDA profiler and print its largest kernels (ms, calls, name)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+def print_kernel_profile(run: Callable[[], None], what: str, rows: int = 40) -> None:
+    """Run `run` once under the profiler and print its largest CUDA kernels (ms, calls, name), then the aten
+    operators that launched the most GPU time (with input shapes: where copies and casts come from)."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         run()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
-    print(f"profile of {what}: {len(kernels)} GPU kernels and copies, {busy:.1f} ms of GPU time; the largest "
-          "(ms, calls, kernel):")
-    for event in sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)[:rows]:
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in kernels) / 1e3
+    print(f"profile of {what}: {sum(e.count for e in kernels)} GPU kernels and copies, {busy:.1f} ms of GPU time; "
+          "the largest (ms, calls, kernel):")
+    for event in sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:rows]:
         print(f"{event.self_device_time_total / 1e3:9.1f} {event.count:6d}  {event.key[:110]}")
+    ops = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
+    print("aten operators by GPU time (ms, calls, operator, input shapes):")
+    for event in sorted(ops, key=lambda e: e.device_time_total, reverse=True)[:rows // 2]:
+        print(f"{event.device_time_total / 1e3:9.1f} {event.count:6d}  {event.key} {str(event.input_shapes)[:90]}")
 
 
 def measure_variants(variants: list[str], measure: Callable[[str], tuple[float, float]]
@@ -72,6 +78,9 @@ def measure_variants(variants: list[str], measure: Callable[[str], tuple[float, 
             print(f"{variant}: failed:\n{traceback.format_exc(limit=-4)}", flush=True)
             continue
         finally:
+            breaks = torch._dynamo.utils.counters["graph_break"]
+            if breaks:
+                print(f"{variant}: torch.compile graph breaks: {dict(breaks)}", flush=True)
             torch._dynamo.reset()
             torch.cuda.empty_cache()
         if baseline is None:
@@ -140,7 +149,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="override the proxy's layer count")
     parser.add_argument("--variants", default="bf16,bf16+compile,fp8_torch+compile",
                         help="comma-separated variants (see parse_variant); the first is the baseline")
-    parser.add_argument("--profile", default=None, metavar="VARIANT", help="print the kernel table of this variant")
+    parser.add_argument("--profile", default="", metavar="VARIANTS",
+                        help="comma-separated variants whose kernel table to print")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_train_gpu needs a CUDA GPU.")
@@ -159,7 +169,7 @@ def main() -> None:
           f"tokens per step; {flops / 1e9:.2f} GFLOP per token (model FLOPs)")
     def measure(variant: str) -> tuple[float, float]:
         return time_steps(config, variant, args.seq_len, args.micro_batch, args.steps, args.warmup,
-                          profile=variant == args.profile)
+                          profile=variant in args.profile.split(","))
 
     for variant, seconds, peak, ratio in measure_variants(args.variants.split(","), measure):
         rate = tokens / seconds
