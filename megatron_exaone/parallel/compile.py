@@ -27,8 +27,8 @@ from megatron_exaone.model.layers import DecoderLayer
 from megatron_exaone.model.moe import grouped_mm_usable
 
 
-def _compiled(forward: Callable, recompute: bool) -> Callable:
-    compiled = torch.compile(forward)
+def _compiled(forward: Callable, recompute: bool, backend: str) -> Callable:
+    compiled = torch.compile(forward, backend=backend)
     if not recompute:
         return compiled
 
@@ -41,13 +41,14 @@ def _compiled(forward: Callable, recompute: bool) -> Callable:
     return recomputing
 
 
-def apply_compile(root: nn.Module, recompute: bool = False) -> int:
+def apply_compile(root: nn.Module, recompute: bool = False, backend: str = "inductor") -> int:
     """Compile the forward of every decoder layer under `root` in place, recomputing its activations in backward
-    when `recompute` (the compiled form of full activation checkpointing); returns how many were compiled."""
+    when `recompute` (the compiled form of full activation checkpointing); returns how many were compiled.
+    `backend`: torch.compile's backend ("aot_eager" or "eager" trace without generating kernels, to debug)."""
     device = next(root.parameters()).device
     for dtype in (torch.float32, torch.bfloat16):
         grouped_mm_usable(device.type, dtype)  # checked eagerly now; compiled code reads the cached answer
     layers = [m for m in root.modules() if isinstance(m, DecoderLayer)]
     for layer in layers:
-        layer.forward = _compiled(layer.forward, recompute)
+        layer.forward = _compiled(layer.forward, recompute, backend)
     return len(layers)
