@@ -16,7 +16,7 @@ contracts over each expert's tokens, so in FP8 (`fp8_expert_wgrad`) it needs per
 expert's tokens padded to 16 rows; by default it runs as BF16 grouped GEMMs instead.
 
 A backend (`Fp8Gemms`) only supplies the GEMMs: `fp8_torch.TorchGemms` (scaled matmul kernels) or
-`fp8_emulated.EmulatedGemms` (dequantize, then fp32 matmul); quantization is the same code for both.
+`fp8_emulated.EmulatedGemms` (dequantize, then fp64 matmul); quantization is the same code for both.
 """
 
 from __future__ import annotations
