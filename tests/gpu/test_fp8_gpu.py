@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from megatron_exaone.model import build_model, tiny
-from megatron_exaone.model.mtp import shift_left
 from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.precision import PrecisionPlan, apply_precision
 from megatron_exaone.precision.fp8_common import E4M3, E5M2, Fp8Recipe, to_fp8
@@ -112,7 +111,8 @@ def test_grouped_experts_without_tokens(grouped):
     assert dx.shape == x.shape and (dw == 0).all()
 
 
-def train(dtype: torch.dtype, plan: PrecisionPlan | None, steps: int = 30, compile: bool = False) -> list[float]:
+def train(fixed_batch_losses, dtype: torch.dtype, plan: PrecisionPlan | None, steps: int = 30,
+          compile: bool = False) -> list[float]:
     cfg = tiny(vocab_size=256)
     model = build_model(cfg, seed=0, device=DEVICE).to(dtype)
     if plan is not None:
@@ -120,36 +120,28 @@ def train(dtype: torch.dtype, plan: PrecisionPlan | None, steps: int = 30, compi
         assert any(isinstance(m, Fp8GroupedExperts) for m in model.modules()), report.bf16
     if compile:
         apply_compile(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator(device=DEVICE).manual_seed(1)
     x = torch.randint(0, cfg.vocab_size, (8, 64), device=DEVICE, generator=gen)
-    losses = []
-    for _ in range(steps):
-        out = model(x, labels=shift_left(x, 1, -100))
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(out.lm_loss.item())
-    return losses
+    return fixed_batch_losses(model, x, steps)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_training_steps_track_high_precision(dtype, grouped):
+def test_training_steps_track_high_precision(dtype, grouped, fixed_batch_losses):
     """A small MoE model with every decoder layer in fp8_torch trains like the same model without FP8."""
-    want = train(dtype, None)
+    want = train(fixed_batch_losses, dtype, None)
     for recipe in ("tensorwise", "rowwise"):
-        got = train(dtype, PrecisionPlan("fp8_torch", recipe=recipe, keep_bf16_first_layers=0,
-                                         keep_bf16_last_layers=0))
+        plan = PrecisionPlan("fp8_torch", recipe=recipe, keep_bf16_first_layers=0, keep_bf16_last_layers=0)
+        got = train(fixed_batch_losses, dtype, plan)
         assert got[-1] < 0.7 * got[0], (recipe, got)
         assert abs(got[-1] - want[-1]) < 0.03 * want[-1], (recipe, got[-1], want[-1])
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
-def test_compiled_fp8_layers_train_like_eager_fp8(recipe, grouped):
+def test_compiled_fp8_layers_train_like_eager_fp8(recipe, grouped, fixed_batch_losses):
     """parallel.compile fuses the FP8 casts and scales into the layers' kernels without changing the numerics
     beyond rounding order."""
     plan = PrecisionPlan("fp8_torch", recipe=recipe, keep_bf16_first_layers=0, keep_bf16_last_layers=0)
-    eager = train(torch.bfloat16, plan, steps=10)
-    compiled = train(torch.bfloat16, plan, steps=10, compile=True)
+    eager = train(fixed_batch_losses, torch.bfloat16, plan, steps=10)
+    compiled = train(fixed_batch_losses, torch.bfloat16, plan, steps=10, compile=True)
     assert abs(compiled[0] - eager[0]) < 0.01 * eager[0], (compiled[0], eager[0])
     assert abs(compiled[-1] - eager[-1]) < 0.03 * eager[-1], (compiled, eager)
