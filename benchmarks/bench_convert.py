@@ -1,7 +1,8 @@
-"""Peak memory and time of `exaone-convert to-hf` against the naive path, on a checkpoint of about 2 GB.
+"""Peak memory and time of `exaone-convert to-hf` and `from-hf` against naive paths, on a checkpoint of about 2 GB.
 
-naive: load the whole checkpoint into one state dict, build transformers' ExaoneMoeForCausalLM, load the weights,
-`save_pretrained` (bf16). ours: the streamed converter (bf16). Each runs in a fresh Python process; peak resident
+to-hf naive: load the whole checkpoint into one state dict, build transformers' ExaoneMoeForCausalLM, load the
+weights, `save_pretrained` (bf16). ours: the streamed converter (bf16). from-hf (of that bf16 export) naive: read
+every tensor into our full state dict (`from_hf`), then one DCP save. ours: the streamed importer. Each runs in a fresh Python process; peak resident
 memory is that process's ru_maxrss. Shards: the real default is 5GB for a 470 GB model (about 1%); on a 2 GB
 checkpoint the benchmark uses --max-shard-size (default 256MB) to keep the same proportion.
 
@@ -74,6 +75,19 @@ def ours(checkpoint: str, out: str, shard: str) -> None:
     checkpoint_to_hf(checkpoint, out, torch.bfloat16, shard)
 
 
+def naive_import(hf_dir: str, out: str) -> None:
+    from megatron_exaone.checkpoint.store import save_checkpoint
+    from megatron_exaone.convert.hf import from_hf
+
+    save_checkpoint(out, 0, from_hf(hf_dir)[1])
+
+
+def ours_import(hf_dir: str, out: str) -> None:
+    from megatron_exaone.convert.checkpoint import hf_to_checkpoint
+
+    hf_to_checkpoint(hf_dir, out)
+
+
 def measure(path: str, *args: str) -> tuple[float, float]:
     """(seconds, peak RSS in GiB) of one conversion path, run in a fresh Python process."""
     start = time.perf_counter()
@@ -94,7 +108,8 @@ def main() -> None:
         if args.run[0] == "make":
             make_checkpoint(Path(args.run[1]), float(args.run[2]))
         else:
-            {"naive": naive, "ours": ours}[args.run[0]](*args.run[1:])
+            {"naive": naive, "ours": ours, "naive_import": naive_import,
+             "ours_import": ours_import}[args.run[0]](*args.run[1:])
         return
     work = Path(tempfile.mkdtemp(prefix="bench_convert_"))
     try:
@@ -109,6 +124,12 @@ def main() -> None:
               "GiB (baseline)")
         print(f"exaone-convert to-hf (streamed, {args.max_shard_size} shards): {ours_s:.1f} s "
               f"({ours_s / naive_s:.2f}x the time), peak RSS {ours_gb:.2f} GiB ({ours_gb / naive_gb:.2f}x the memory)")
+        naive_s, naive_gb = measure("naive_import", str(work / "ours"), str(work / "naive_import"))
+        ours_s, ours_gb = measure("ours_import", str(work / "ours"), str(work / "ours_import"))
+        print(f"naive from-hf (full state dict + one DCP save): {naive_s:.1f} s, peak RSS {naive_gb:.2f} GiB "
+              "(baseline)")
+        print(f"exaone-convert from-hf (streamed): {ours_s:.1f} s ({ours_s / naive_s:.2f}x the time), peak RSS "
+              f"{ours_gb:.2f} GiB ({ours_gb / naive_gb:.2f}x the memory)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

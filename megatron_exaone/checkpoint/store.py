@@ -25,6 +25,8 @@ from typing import Any
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.planner import SavePlanner
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -125,12 +127,16 @@ def _publish(root: Path, final: Path, tmp: Path, step: int, meta: dict[str, Any]
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, state: dict[str, Any], meta: dict[str, Any] | None = None,
-                    keep_last: int | None = None) -> Path:
+                    keep_last: int | None = None, planner: SavePlanner | None = None,
+                    file_per_tensor: bool = False) -> Path:
     """Save `state` (a DCP state dict) as ROOT/step_N; older checkpoints beyond `keep_last` are removed.
-    Collective under torch.distributed: returns on every rank once the checkpoint is visible."""
+    Collective under torch.distributed: returns on every rank once the checkpoint is visible. `planner`: DCP's
+    default unless given (the HF importer's builds tensors as they are written). `file_per_tensor`: one file per
+    tensor instead of one per rank; DCP keeps every tensor of a file alive until the file is closed."""
     root, final, tmp = _prepare(root, step)
     with _quiet():
-        dcp.save(state, checkpoint_id=str(tmp))
+        writer = FileSystemWriter(str(tmp), single_file_per_rank=not file_per_tensor)
+        dcp.save(state, storage_writer=writer, planner=planner)
     if _rank_world()[0] == 0:
         _publish(root, final, tmp, step, meta, keep_last)
     _barrier()

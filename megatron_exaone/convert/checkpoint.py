@@ -1,8 +1,10 @@
-"""Training checkpoints (DCP, any layout) <-> Hugging Face directories, streamed.
+"""Training checkpoints (DCP, any layout) <-> Hugging Face directories, streamed both ways.
 
 `checkpoint_to_hf` never holds the model: it reads the checkpoint's metadata, then loads groups of full tensors of
 about one output shard at a time (DCP assembles each from however many ranks' pieces wrote it), converts them and
-writes the shard. Peak memory is about one shard (plus the largest tensor).
+writes the shard. Peak memory is about one shard (plus the largest tensor). `hf_to_checkpoint` plans the DCP
+save from the safetensors headers and builds each tensor when DCP writes it: peak memory is about one layer's
+stacked experts.
 """
 
 from __future__ import annotations
@@ -11,21 +13,24 @@ import dataclasses
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.planner import WriteItem
 from tqdm import tqdm
 
 from megatron_exaone.checkpoint.store import find_checkpoint, read_meta, save_checkpoint
 from megatron_exaone.model import ModelConfig
 from megatron_exaone.model.config import ConfigError
 
-from .hf import HFFormatError, expected_shapes, from_hf, parse_size, to_hf_tensors, write_hf_dir
+from .hf import (HFFormatError, SafetensorsDir, check_shapes, expected_shapes, map_hf_keys, parse_size,
+                 read_hf_config, safetensors_files, to_hf_tensors, write_hf_dir)
 
 log = logging.getLogger(__name__)
 
@@ -136,19 +141,53 @@ def _tokenizer_files(tokenizer_dir: str | os.PathLike) -> list[Path]:
     return files
 
 
+class _BuildOnWritePlanner(DefaultSavePlanner):
+    """Plans a DCP save from meta-device placeholders and builds each tensor only when DCP's writer asks for its
+    data (`resolve_data`, called tensor by tensor as files are written). With one file per tensor (DCP holds a
+    file's tensors until it closes the file) the model is never in memory."""
+
+    def __init__(self, build: Callable[[str], torch.Tensor]) -> None:
+        super().__init__()
+        self._build = build
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
+        return self._build(write_item.index.fqn)
+
+
 def hf_to_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """An HF directory (per-expert or fused expert layout) as a training checkpoint OUT_DIR/step_00000000 that
-    exaone-train loads under any layout (`checkpoint.load=OUT_DIR`; optimizer and step start fresh)."""
+    exaone-train loads under any layout (`checkpoint.load=OUT_DIR`; optimizer and step start fresh).
+
+    Streamed: every name and shape is checked against config.json from the safetensors headers first, then each
+    tensor (a layer's stacked experts at most) is read and written in turn. Peak memory is about the largest
+    tensor, not the model."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new output directory.")
-    config, state = from_hf(hf_dir)
-    log.info("writing %d tensors of %s as a training checkpoint under %s", len(state), hf_dir, out)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
-        return save_checkpoint(out, 0, state, meta={"tokens": 0, "source": str(Path(hf_dir).resolve()),
-                                                    "model_config": dataclasses.asdict(config),
-                                                    "layout": None, "world_size": 1})
+    config = read_hf_config(hf_dir)
+    weights = SafetensorsDir(safetensors_files(hf_dir))
+    sources = map_hf_keys(weights.shapes, config, source=str(hf_dir))
+    shapes = {k: s.shape(weights.shapes) for k, s in sources.items()}
+    check_shapes(shapes, config, str(hf_dir))
+    dtypes = {k: weights.dtypes[s.keys[0]] for k, s in sources.items()}
+    placeholders = {k: torch.empty(shapes[k], dtype=dtypes[k], device="meta") for k in sources}
+    total = sum(t.numel() * t.element_size() for t in placeholders.values())
+    log.info("writing %d tensors (%.2f GB) of %s as a training checkpoint under %s", len(sources), total / 1e9,
+             hf_dir, out)
+    progress = tqdm(total=total, unit="B", unit_scale=True, desc="importing", disable=None)
+
+    def build(key: str) -> torch.Tensor:
+        tensor = sources[key].build(weights.load).to(dtypes[key])
+        progress.update(tensor.numel() * tensor.element_size())
+        return tensor
+
+    meta = {"tokens": 0, "source": str(Path(hf_dir).resolve()), "model_config": dataclasses.asdict(config),
+            "layout": None, "world_size": 1}
+    try:
+        return save_checkpoint(out, 0, placeholders, meta=meta, planner=_BuildOnWritePlanner(build),
+                               file_per_tensor=True)
+    finally:
+        progress.close()
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:

@@ -8,12 +8,14 @@ Our names equal transformers' on-disk names except for the routed experts, which
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -60,21 +62,45 @@ def to_hf_tensors(tensors: Iterable[tuple[str, torch.Tensor]], tie_word_embeddin
             yield key, tensor
 
 
-def from_hf_tensors(hf: Mapping[str, torch.Tensor], config: ModelConfig, source: str = "state dict"
-                    ) -> dict[str, torch.Tensor]:
-    """Our full state dict from HF tensors (per-expert or fused layout), checked against `config`."""
-    out: dict[str, torch.Tensor] = {}
-    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
-    for key, tensor in hf.items():
+@dataclasses.dataclass(frozen=True)
+class HFSource:
+    """How one of our tensors is made from HF tensors: `keys` in expert order, stacked ("stack"); one half of a
+    fused gate_up tensor ("gate" / "up"); or one tensor as it is ("same")."""
+    keys: tuple[str, ...]
+    how: str = "same"
+
+    def shape(self, hf_shapes: Mapping[str, Sequence[int]]) -> tuple[int, ...]:
+        first = tuple(hf_shapes[self.keys[0]])
+        if self.how == "stack":
+            return (len(self.keys), *first)
+        if self.how in ("gate", "up"):
+            return (first[0], first[1] // 2, *first[2:])
+        return first
+
+    def build(self, load: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        if self.how == "stack":
+            return torch.stack([load(k) for k in self.keys])
+        if self.how in ("gate", "up"):
+            gate, up = load(self.keys[0]).chunk(2, dim=1)
+            return gate if self.how == "gate" else up
+        return load(self.keys[0])
+
+
+def map_hf_keys(hf_keys: Iterable[str], config: ModelConfig, source: str = "state dict") -> dict[str, HFSource]:
+    """Our key -> where its tensor comes from, for HF keys in the per-expert or the fused expert layout. Reads no
+    tensor data, so a converter can check a whole directory before loading anything."""
+    out: dict[str, HFSource] = {}
+    experts: dict[tuple[str, str], dict[int, str]] = {}
+    for key in hf_keys:
         if m := _PER_EXPERT.match(key):
-            experts.setdefault((m["prefix"], m["proj"]), {})[int(m["e"])] = tensor
+            experts.setdefault((m["prefix"], m["proj"]), {})[int(m["e"])] = key
         elif m := _FUSED_GATE_UP.match(key):
-            gate, up = tensor.chunk(2, dim=1)
-            out[f"{m['prefix']}.gate_proj"], out[f"{m['prefix']}.up_proj"] = gate, up
+            out[f"{m['prefix']}.gate_proj"], out[f"{m['prefix']}.up_proj"] = HFSource((key,), "gate"), \
+                HFSource((key,), "up")
         elif m := _BIAS_IN_GATE.match(key):
-            out[f"{m['prefix']}.{_BIAS}"] = tensor
+            out[f"{m['prefix']}.{_BIAS}"] = HFSource((key,))
         else:
-            out[key] = tensor
+            out[key] = HFSource((key,))
     for (prefix, proj), by_index in experts.items():
         count = config.num_experts
         missing = sorted(set(range(count)) - set(by_index))
@@ -85,18 +111,26 @@ def from_hf_tensors(hf: Mapping[str, torch.Tensor], config: ModelConfig, source:
         if extra:
             raise HFFormatError(f"{source}: unexpected expert indices {extra[:8]} for {prefix}.*.{proj} "
                                 f"(config has num_experts={count}).")
-        out[f"{prefix}.{proj}"] = torch.stack([by_index[e] for e in range(count)])
+        out[f"{prefix}.{proj}"] = HFSource(tuple(by_index[e] for e in range(count)), "stack")
     if config.tie_word_embeddings:
         out.pop("lm_head.weight", None)
-    check_state_dict(out, config, source)
     return out
 
 
-def check_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig, source: str) -> None:
-    """Raise HFFormatError naming missing keys, unexpected keys or shape mismatches."""
+def from_hf_tensors(hf: Mapping[str, torch.Tensor], config: ModelConfig, source: str = "state dict"
+                    ) -> dict[str, torch.Tensor]:
+    """Our full state dict from HF tensors (per-expert or fused layout), checked against `config`."""
+    sources = map_hf_keys(hf, config, source)
+    hf_shapes = {k: v.shape for k, v in hf.items()}
+    check_shapes({k: s.shape(hf_shapes) for k, s in sources.items()}, config, source)
+    return {k: s.build(hf.__getitem__) for k, s in sources.items()}
+
+
+def check_shapes(shapes: Mapping[str, Sequence[int]], config: ModelConfig, source: str) -> None:
+    """Raise HFFormatError naming missing keys, unexpected keys or shape mismatches of our state dict's shapes."""
     want = expected_shapes(config)
-    missing = sorted(set(want) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(want))
+    missing = sorted(set(want) - set(shapes))
+    unexpected = sorted(set(shapes) - set(want))
     if missing:
         raise HFFormatError(f"{source}: missing {len(missing)} tensor(s), e.g. {missing[:5]}. The weights do not "
                             "match config.json (wrong number of layers or experts, or an incomplete checkpoint?).")
@@ -104,8 +138,8 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig
         raise HFFormatError(f"{source}: {len(unexpected)} unexpected tensor(s), e.g. {unexpected[:5]}. The weights "
                             "do not match config.json.")
     for key, shape in want.items():
-        if tuple(state_dict[key].shape) != tuple(shape):
-            raise HFFormatError(f"{source}: {key} has shape {tuple(state_dict[key].shape)}, config.json implies "
+        if tuple(shapes[key]) != tuple(shape):
+            raise HFFormatError(f"{source}: {key} has shape {tuple(shapes[key])}, config.json implies "
                                 f"{tuple(shape)}.")
 
 
@@ -206,8 +240,8 @@ def write_hf_dir(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]
 def to_hf(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], out_dir: str | os.PathLike,
           max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None) -> Path:
     """Write a full state dict of `ExaoneMoeForCausalLM` as a Hugging Face model directory."""
-    check_state_dict({k: v for k, v in state_dict.items()
-                      if not (config.tie_word_embeddings and k == "lm_head.weight")}, config, "state dict")
+    check_shapes({k: v.shape for k, v in state_dict.items()
+                  if not (config.tie_word_embeddings and k == "lm_head.weight")}, config, "state dict")
     return write_hf_dir(config, to_hf_tensors(state_dict.items(), config.tie_word_embeddings), out_dir,
                         max_shard_size=max_shard_size, dtype=dtype)
 
@@ -247,22 +281,56 @@ def safetensors_files(hf_dir: str | os.PathLike) -> list[Path]:
     raise HFFormatError(f"{root}: no model.safetensors or model.safetensors.index.json found.")
 
 
-def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) from safetensors files, naming the file on a truncated or corrupt one."""
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as handle:
+# safetensors' dtype names (the header's "dtype" field)
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                       "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+class SafetensorsDir:
+    """The tensors of an HF directory's safetensors files: names, shapes and dtypes from the file headers at
+    once, data only when `load` asks for a tensor. A truncated or corrupt file is named in the error."""
+
+    def __init__(self, files: Iterable[Path]) -> None:
+        self.file: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        for path in files:
+            with self._reading(path), safe_open(str(path), framework="pt") as handle:
                 for key in handle.keys():
-                    yield key, handle.get_tensor(key)
+                    info = handle.get_slice(key)
+                    if info.get_dtype() not in _SAFETENSORS_DTYPES:
+                        raise HFFormatError(f"{path}: tensor {key} has dtype {info.get_dtype()}, which the "
+                                            "converter does not read.")
+                    self.file[key] = path
+                    self.shapes[key] = tuple(info.get_shape())
+                    self.dtypes[key] = _SAFETENSORS_DTYPES[info.get_dtype()]
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _reading(path: Path) -> Iterator[None]:
+        try:
+            yield
         except (SafetensorError, OSError) as exc:
-            raise HFFormatError(f"{path}: cannot read safetensors ({exc}); the file is truncated or corrupt.") from exc
+            raise HFFormatError(f"{path}: cannot read safetensors ({exc}); the file is truncated or corrupt.") \
+                from exc
+
+    def load(self, key: str) -> torch.Tensor:
+        # Opened per tensor: a file kept open keeps every page read from it resident in this process.
+        path = self.file[key]
+        with self._reading(path), safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor(key)
 
 
 def from_hf(hf_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read an HF directory (per-expert or fused expert layout) into (ModelConfig, our full state dict).
+    """Read an HF directory (per-expert or fused expert layout) into (ModelConfig, our full state dict), after
+    checking every tensor's name and shape against config.json.
 
     `mtp.*` tensors are required when config.json has num_nextn_predict_layers > 0.
     """
     config = read_hf_config(hf_dir)
-    tensors = dict(iter_safetensors(safetensors_files(hf_dir)))
-    return config, from_hf_tensors(tensors, config, source=str(hf_dir))
+    weights = SafetensorsDir(safetensors_files(hf_dir))
+    sources = map_hf_keys(weights.shapes, config, source=str(hf_dir))
+    check_shapes({k: s.shape(weights.shapes) for k, s in sources.items()}, config, str(hf_dir))
+    return config, {k: s.build(weights.load) for k, s in sources.items()}

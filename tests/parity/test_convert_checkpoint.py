@@ -1,8 +1,10 @@
 """exaone-convert against transformers: a tp2 x pp2 x ep2 training checkpoint exports to a directory that
 transformers loads with our logits; an HF directory imports into a checkpoint exaone-train resumes from with
-transformers' loss; HF -> checkpoint -> HF is lossless; bad inputs give clear errors and leave nothing behind."""
+transformers' loss; HF -> checkpoint -> HF is lossless and the import
+never holds the model; bad inputs give clear errors and leave nothing behind."""
 
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from transformers import ExaoneMoeForCausalLM as HFModel
 
 from megatron_exaone.checkpoint import state as ckpt
 from megatron_exaone.cli.convert import main as convert
+from megatron_exaone.convert.hf import HFSource
 from megatron_exaone.model import ExaoneMoeForCausalLM, tiny
 from megatron_exaone.model.mtp import shift_left
 from megatron_exaone.parallel.build import build_pipeline_chunks
@@ -123,14 +126,39 @@ def test_hf_import_resumes_in_the_trainer_with_transformers_loss(tmp_path):
     assert abs(first["lm_loss"] - want) <= 1e-5, (first["lm_loss"], want)
 
 
-def test_hf_checkpoint_hf_round_trip_is_identical(tmp_path):
+class LiveTensors:
+    """Wraps HFSource.build to track the bytes of built tensors' storage still alive (weakref.finalize on the
+    storage: a detached copy or a view held by DCP keeps it alive)."""
+
+    def __init__(self, build):
+        self.build, self.live, self.peak, self.largest = build, 0, 0, 0
+
+    def __call__(self, source, load):
+        tensor = self.build(source, load)
+        storage = tensor.untyped_storage()
+        self.live += storage.nbytes()
+        self.peak, self.largest = max(self.peak, self.live), max(self.largest, storage.nbytes())
+        weakref.finalize(storage, self.freed, storage.nbytes())
+        return tensor
+
+    def freed(self, size):
+        self.live -= size
+
+
+def test_hf_checkpoint_hf_round_trip_is_identical_and_import_is_streamed(tmp_path, monkeypatch):
     hf_config = ExaoneMoeConfig(
         vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
         layer_types=["sliding_attention", "full_attention"], sliding_window=4,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     HFModel(hf_config).save_pretrained(tmp_path / "a")
+    built = LiveTensors(HFSource.build)
+    monkeypatch.setattr(HFSource, "build", lambda source, load: built(source, load))
     assert convert(["from-hf", str(tmp_path / "a"), str(tmp_path / "ckpt")]) == 0
+    # Each tensor is built when DCP writes it and freed after: at most two alive (the one being written and the
+    # next), never the model.
+    assert built.peak <= 2 * built.largest, (built.peak, built.largest)
+    monkeypatch.undo()
     assert convert(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "b"), "--dtype", "fp32"]) == 0
     a, b = full_state(tmp_path / "a"), full_state(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
