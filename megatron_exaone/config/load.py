@@ -283,6 +283,12 @@ def _check_stage(cfg: TrainConfig, index: int, stage: StageConfig, model: ModelC
         raise fail(f"seq_len/cp = {stage.seq_len // dims.cp} is not divisible by tp={dims.tp}: sequence parallel "
                    "splits each rank's tokens over tp. Change seq_len or tp, or set parallel.sequence_parallel=false.")
 
+    rows = cfg.trainer.micro_batch_size * stage.seq_len // dims.cp
+    if is_te_precision(cfg.precision) and rows % 8:
+        raise fail(f"micro_batch_size x seq_len / cp = {rows} tokens reach each linear, and Transformer Engine's FP8 "
+                   "linears need a multiple of 8 (TE's assert_dim_for_fp8_exec). Change seq_len or "
+                   "trainer.micro_batch_size.")
+
     per_step = cfg.trainer.micro_batch_size * dims.dp
     batches = {"global_batch_size": stage.global_batch_size}
     if stage.batch_ramp_start is not None:

@@ -10,6 +10,8 @@ import importlib.util
 
 import torch
 
+from megatron_exaone.precision.fp8_te import INSTALL_HINT
+
 from .schema import DEVICES, PrecisionConfig
 
 # Precision name -> the module that implements it. A name whose module is absent is not available in this build.
@@ -21,13 +23,15 @@ FP8_BACKEND_MODULES = {
     "fp8_torch": "megatron_exaone.precision.fp8_torch",
     "fp8_emulated": "megatron_exaone.precision.fp8_emulated",
 }
-# Compute capabilities that run each mode (TE's support matrix: per-tensor FP8 from sm_89, block scaling from sm_90,
-# MXFP8 on data-center Blackwell sm_100/sm_103 only; torch's scaled matmuls from sm_89).
+# Compute capabilities that run each mode (TE 2.20's gates: per-tensor FP8 from sm_89, block scaling from sm_90,
+# MXFP8 on 10.0 <= sm < 12.0; torch's scaled matmuls from sm_89).
 _CAPABILITY = {
     "fp8_te_blockwise": ("9.0 or newer", lambda cc: cc >= (9, 0)),
-    "fp8_te_mxfp8": ("10.x (data-center Blackwell)", lambda cc: cc[0] == 10),
+    "fp8_te_mxfp8": ("10.x or 11.x (data-center Blackwell)", lambda cc: (10, 0) <= cc < (12, 0)),
 }
 _FP8_CAPABILITY = ("8.9 or newer", lambda cc: cc >= (8, 9))
+# TE's block-scaling GEMMs also need a torch built with CUDA 12.9 or newer.
+_BLOCKWISE_MIN_CUDA = (12, 9)
 
 
 class PrecisionUnavailable(ValueError):
@@ -73,7 +77,7 @@ def validate_precision(cfg: PrecisionConfig, device_type: str | None) -> None:
         return
     if name.startswith("fp8_te_") and not _importable("transformer_engine"):
         raise PrecisionUnavailable(f"precision={name} needs Transformer Engine, which is not installed: "
-                                   "`pip install -e '.[te]'` on a CUDA machine, or use precision=fp8_torch or bf16.")
+                                   f"`{INSTALL_HINT}` on a CUDA machine, or use precision=fp8_torch or bf16.")
     if device_type != "cuda":
         raise PrecisionUnavailable(f"precision={name} runs FP8 GEMMs on a CUDA GPU, but this run is on "
                                    f"{device_type}; use precision=fp8_emulated (tests) or bf16, or run on a GPU.")
@@ -83,3 +87,8 @@ def validate_precision(cfg: PrecisionConfig, device_type: str | None) -> None:
         raise PrecisionUnavailable(
             f"precision={name} needs CUDA compute capability {need}, but this GPU ({torch.cuda.get_device_name()}) "
             f"is {have[0]}.{have[1]}; use precision=bf16, or fp8_te_tensorwise / fp8_te_delayed on sm_89+.")
+    cuda = torch.version.cuda
+    if name == "fp8_te_blockwise" and cuda and tuple(int(p) for p in cuda.split(".")[:2]) < _BLOCKWISE_MIN_CUDA:
+        raise PrecisionUnavailable(
+            f"precision=fp8_te_blockwise needs torch built with CUDA 12.9 or newer for TE's block-scaling GEMMs, but "
+            f"this torch uses CUDA {cuda}; install a CUDA 12.9+ build of torch, or use fp8_te_tensorwise.")

@@ -123,6 +123,9 @@ class PrecisionConfig:
     `keep_bf16_first_layers` / `keep_bf16_last_layers`: decoder layers kept in bf16 at each end (the usual
     stability choice, as Megatron's `--first-last-layers-bf16`). `fp8_expert_wgrad` (fp8_torch, fp8_emulated): the
     routed experts' weight-gradient GEMM in FP8 as well; by default it runs in BF16 (see `precision.fp8_ops`).
+    Transformer Engine only (fp8_te_*): `te_attention` runs the attention cores in TE's DotProductAttention (its
+    fused BF16 kernels: sliding window, packed documents as THD) instead of SDPA / FlexAttention; `fp8_mtp` runs
+    the MTP module's projections in FP8 too (by default it stays BF16 like lm_head).
     """
 
     name: str = "bf16"
@@ -133,9 +136,15 @@ class PrecisionConfig:
     keep_bf16_first_layers: int = 1
     keep_bf16_last_layers: int = 1
     fp8_expert_wgrad: bool = False
+    te_attention: bool = False
+    fp8_mtp: bool = False
 
     def __post_init__(self) -> None:
         _one_of("precision.name", self.name, tuple(PRECISIONS))
+        for key in ("te_attention", "fp8_mtp"):
+            if getattr(self, key) and not self.name.startswith("fp8_te_"):
+                raise ValueError(f"precision.{key}=true needs a Transformer Engine precision (fp8_te_*), not "
+                                 f"{self.name}; remove it or pick an fp8_te_* precision.")
         allowed = PRECISIONS[self.name]
         if self.recipe is not None:
             if not allowed:

@@ -33,14 +33,14 @@ def _apply_passes(root: nn.Module, config: ModelConfig, mesh: ParallelMesh, seed
                   sequence_parallel: bool, precision: PrecisionPlan | str = "bf16") -> None:
     """The passes after the pipeline split, in the design's order, on a meta-device model or pipeline chunk."""
     check_supported(mesh.dims)
+    plan = precision if isinstance(precision, PrecisionPlan) else PrecisionPlan(name=precision)
     apply_tensor_parallel(root, mesh.tp_group, sequence_parallel)
     apply_expert_parallel(root, mesh.ep_group)
-    if is_te_precision(precision):
-        apply_te(root, precision, mesh.tp_group, sequence_parallel, amax_group=mesh.tp_cp_dp_group,
-                 num_layers=config.num_hidden_layers)
+    if is_te_precision(plan):
+        apply_te(root, plan, mesh.tp_group, sequence_parallel, amax_group=mesh.tp_cp_dp_group,
+                 num_layers=config.num_hidden_layers, fp8_mtp=plan.fp8_mtp, te_attention=plan.te_attention)
     else:
-        apply_precision(root, precision, config.num_hidden_layers, torch.device(device).type,
-                        amax_group=mesh.tp_group)
+        apply_precision(root, plan, config.num_hidden_layers, torch.device(device).type, amax_group=mesh.tp_group)
     # Activation checkpointing (parallel/checkpointing.py) and data parallel (FSDP2, parallel/data_parallel.py)
     # wrap the materialized model or each chunk; under a pipeline, FSDP2 must keep parameters unsharded between
     # forward and backward (reshard_after_forward=False) for ZBV/DualPipeV.

@@ -57,6 +57,8 @@ class PrecisionPlan:
     `recipe`: "tensorwise" (default) or "rowwise" for the dense linears. `fp8_format`: "hybrid" (E5M2 gradients)
     or "e4m3". `fp8_expert_wgrad`: the routed experts' weight gradient in FP8 too (else BF16).
     `fp8_experts=False` keeps the routed experts in BF16 (where `torch._scaled_grouped_mm` cannot run).
+    Transformer Engine precisions also read `amax_history_len`, `amax_compute_algo` (DelayedScaling),
+    `te_attention` and `fp8_mtp` (see PrecisionConfig).
     """
 
     name: str = "bf16"
@@ -66,13 +68,18 @@ class PrecisionPlan:
     keep_bf16_last_layers: int = 1
     fp8_expert_wgrad: bool = False
     fp8_experts: bool = True
+    amax_history_len: int = 1024
+    amax_compute_algo: str = "max"
+    te_attention: bool = False
+    fp8_mtp: bool = False
 
     @classmethod
     def from_config(cls, cfg: PrecisionConfig, fp8_experts: bool = True) -> PrecisionPlan:
         return cls(name=cfg.name, recipe=cfg.recipe, fp8_format=cfg.fp8_format,
                    keep_bf16_first_layers=cfg.keep_bf16_first_layers,
                    keep_bf16_last_layers=cfg.keep_bf16_last_layers, fp8_expert_wgrad=cfg.fp8_expert_wgrad,
-                   fp8_experts=fp8_experts)
+                   fp8_experts=fp8_experts, amax_history_len=cfg.amax_history_len,
+                   amax_compute_algo=cfg.amax_compute_algo, te_attention=cfg.te_attention, fp8_mtp=cfg.fp8_mtp)
 
     def fp8_recipe(self, amax_group: dist.ProcessGroup | None) -> Fp8Recipe:
         scaling = self.recipe or "tensorwise"

@@ -89,7 +89,10 @@ from .fp8_common import Fp8Unavailable
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'megatron-exaone[te]'"
+# TE's torch extension is compiled against the installed torch, so pip must not build it in an isolated
+# environment (TE's installation guide). 2.10 is the first release with FSDP2 support.
+INSTALL_HINT = "pip install --no-build-isolation 'transformer_engine[pytorch]>=2.10'"
+
 # Precision name -> the one FP8 recipe it runs (config/schema.py PRECISIONS).
 TE_PRECISIONS = {
     "fp8_te_delayed": "delayed",
@@ -186,7 +189,8 @@ class RecipeSpec:
 
 
 def recipe_spec(cfg: Any) -> RecipeSpec:
-    """The TE recipe for a `PrecisionConfig` with an fp8_te_* name (ref §5.1 fields, §8.2 Megatron's mapping).
+    """The TE recipe for a `PrecisionConfig` or `PrecisionPlan` with an fp8_te_* name (ref §5.1 fields, §8.2
+    Megatron's mapping).
 
     delayed: DelayedScaling(fp8_format, amax_history_len, amax_compute_algo, margin=0, reduce_amax=True). Amax
         reduction is always on (TE asserts it under SP, ref §1.5, and it keeps ranks' scales identical).
@@ -200,18 +204,18 @@ def recipe_spec(cfg: Any) -> RecipeSpec:
     if name not in TE_PRECISIONS:
         raise ValueError(f"precision {name!r} is not a Transformer Engine precision; use one of "
                          f"{', '.join(TE_PRECISIONS)}.")
-    recipe = getattr(cfg, "recipe", None) or TE_PRECISIONS[name]
+    recipe = cfg.recipe or TE_PRECISIONS[name]
     if recipe != TE_PRECISIONS[name]:
         raise ValueError(f"precision {name} runs recipe {TE_PRECISIONS[name]!r}, not {recipe!r}.")
-    fmt = getattr(cfg, "fp8_format", "hybrid")
+    fmt = cfg.fp8_format
     if fmt not in FP8_FORMATS:
         raise ValueError(f"precision.fp8_format={fmt!r}: use one of {', '.join(FP8_FORMATS)}.")
     options: tuple[tuple[str, Any], ...] = ()
     if recipe == "delayed":
-        algo = getattr(cfg, "amax_compute_algo", "max")
+        algo = cfg.amax_compute_algo
         if algo not in ("max", "most_recent"):
             raise ValueError(f"precision.amax_compute_algo={algo!r}: use 'max' or 'most_recent'.")
-        options = (("margin", 0), ("amax_history_len", int(getattr(cfg, "amax_history_len", 1024))),
+        options = (("margin", 0), ("amax_history_len", int(cfg.amax_history_len)),
                    ("amax_compute_algo", algo), ("reduce_amax", True))
     elif recipe == "blockwise":
         options = (("x_block_scaling_dim", 1), ("w_block_scaling_dim", 2), ("grad_block_scaling_dim", 1))
@@ -388,8 +392,7 @@ def apply_te(root: nn.Module, precision_cfg: Any, tp_group: Any = None, sequence
         if config is None:
             raise ValueError("apply_te: pass num_layers (the model's decoder layer count): root has no .config.")
         num_layers = config.num_hidden_layers
-    keep_first = int(getattr(precision_cfg, "keep_bf16_first_layers", 0))
-    keep_last = int(getattr(precision_cfg, "keep_bf16_last_layers", 0))
+    keep_first, keep_last = precision_cfg.keep_bf16_first_layers, precision_cfg.keep_bf16_last_layers
     candidates = plan_te_conversion(root, num_layers, keep_first, keep_last, spec.weight_align, fp8_mtp=fp8_mtp,
                                     te_attention=te_attention)
     report = TEConversion(spec)
@@ -476,20 +479,26 @@ def _te_linear(linear: nn.Linear, te: Any) -> nn.Module:
 class TEGroupedExperts(GroupedExperts):
     """Routed experts whose grouped GEMMs run in `te.GroupedLinear`, over our stacked parameters (names,
     shapes and init unchanged). Set up by `_convert_experts`: `te_gate`, `te_up`, `te_down` (GroupedLinear with
-    their per-GEMM weight Parameters removed), `te_pad` / `te_unpad` (Fp8Padding / Fp8Unpadding)."""
+    their per-GEMM weight Parameters removed), `te_pad` / `te_unpad` (Fp8Padding / Fp8Unpadding) and `te_align`
+    (the rows each split is padded to)."""
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         splits = [int(c) for c in counts.tolist()]
-        if sum(splits) == 0:  # nothing routed here: an empty output that still reaches every parameter (zero
-            # gradients, as the grouped GEMMs would give), so gradient reduction sees the same parameters on all ranks
-            anchor = sum(p.sum() for p in (self.gate_proj, self.up_proj, self.down_proj))
-            return x * 0 + anchor.to(x.dtype) * 0
+        rows = x.shape[0]
+        if rows == 0:
+            # Nothing routed here, but every TE module must still run: DelayedScaling registers a module's amaxes
+            # on its first forward and all-reduces them by position over the amax group, so a rank that skipped
+            # would misalign every rank's buffer. One aligned block of zero rows for the first expert gives zero
+            # outputs (cut off below) and zero gradients.
+            x = torch.cat([x, x.new_zeros(self.te_align, x.shape[1])])
+            splits = [self.te_align] + [0] * (len(splits) - 1)
         x, padded = self.te_pad(x, splits)
         padded = [int(m) for m in padded]
         gate = _grouped_gemm(self.te_gate, x, padded, self.gate_proj)
         up = _grouped_gemm(self.te_up, x, padded, self.up_proj)
         out = _grouped_gemm(self.te_down, F.silu(gate) * up, padded, self.down_proj)
-        return out if padded == splits else self.te_unpad(out, splits)
+        out = out if padded == splits else self.te_unpad(out, splits)
+        return out[:rows]
 
 
 def _grouped_gemm(module: nn.Module, x: torch.Tensor, splits: list[int], stacked: torch.Tensor) -> torch.Tensor:
@@ -531,6 +540,7 @@ def _convert_experts(experts: GroupedExperts, te: Any, spec: RecipeSpec) -> None
     experts.te_gate = grouped(hidden, inter)
     experts.te_up = grouped(hidden, inter)
     experts.te_down = grouped(inter, hidden)
+    experts.te_align = spec.split_align
     experts.te_pad = te.Fp8Padding(num, align_size=spec.split_align)
     experts.te_unpad = te.Fp8Unpadding(num, align_size=spec.split_align)
 
@@ -550,7 +560,7 @@ class TEAttention(Attention):
             q = apply_rope(q.transpose(1, 2), *rope).transpose(1, 2)
             k = apply_rope(k.transpose(1, 2), *rope).transpose(1, 2)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        cu_seqlens = packed_cu_seqlens(mask)
+        cu_seqlens = packed_cu_seqlens(mask, batch, seq)
         if cu_seqlens is None:
             out = self.core_attention(q, k, v, qkv_format="bshd", attn_mask_type="causal")
         else:
@@ -571,30 +581,41 @@ def te_window_size(window: int | None) -> tuple[int, int]:
 _CU_CACHE: list[tuple[weakref.ref, torch.Tensor | None]] = []
 
 
-def packed_cu_seqlens(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """int32 cumulative document lengths over the flattened [B * S] tokens, from the model's boolean attention
-    mask [B, 1, S, S] (True = attend): a token starts a document when it cannot see its predecessor. None when no
-    row holds more than one document (no mask, or only causal/window structure): use bshd + causal instead.
+def packed_cu_seqlens(mask: Any, batch: int, seq: int) -> torch.Tensor | None:
+    """int32 cumulative document lengths over the flattened [batch * seq] tokens, from the model's attention mask
+    (`model.attention.attention_mask`: a boolean [B, 1, S, S] tensor, True = attend, or on GPU a FlexAttention
+    BlockMask): a token starts a document when it cannot see its predecessor. None when no row holds more than one
+    document (no mask, or only causal/window structure): use bshd + causal instead.
 
     Needs a sliding window >= 2 (a window of 1 hides every predecessor). One host sync per mask; every layer of a
     forward shares the mask objects, so the result is cached (by weak reference) for the last few masks."""
-    if mask is None:
+    if mask is None or seq < 2:
         return None
     for cached_mask, cached in _CU_CACHE:
         if cached_mask() is mask:
             return cached
-    batch, _, seq, _ = mask.shape
-    starts = torch.ones(batch, seq, dtype=torch.bool, device=mask.device)
-    if seq > 1:
-        starts[:, 1:] = ~mask[:, 0].diagonal(offset=-1, dim1=-2, dim2=-1)
+    sees_previous = _sees_previous_token(mask, batch, seq)
     result = None
-    if seq > 1 and bool(starts[:, 1:].any()):
+    if not bool(sees_previous.all()):
+        starts = torch.ones(batch, seq, dtype=torch.bool, device=sees_previous.device)
+        starts[:, 1:] = ~sees_previous
         first = starts.reshape(-1).nonzero().squeeze(1)
-        end = torch.tensor([batch * seq], device=mask.device, dtype=first.dtype)
+        end = torch.tensor([batch * seq], device=first.device, dtype=first.dtype)
         result = torch.cat([first, end]).to(torch.int32)
     _CU_CACHE.insert(0, (weakref.ref(mask), result))
     del _CU_CACHE[4:]
     return result
+
+
+def _sees_previous_token(mask: Any, batch: int, seq: int) -> torch.Tensor:
+    """[batch, seq - 1] booleans: whether query i may attend to key i - 1, for i = 1 .. seq - 1."""
+    if isinstance(mask, torch.Tensor):
+        return mask[:, 0].diagonal(offset=-1, dim1=-2, dim2=-1).expand(batch, seq - 1)
+    # A BlockMask: evaluate its mask_mod (written with broadcasting tensor ops) on the sub-diagonal.
+    device = mask.kv_num_blocks.device
+    query = torch.arange(1, seq, device=device)[None, :]
+    row = torch.arange(batch, device=device)[:, None]
+    return mask.mask_mod(row, torch.zeros_like(row), query, query - 1).expand(batch, seq - 1)
 
 
 def _convert_attention(attn: Attention, te: Any, window: int | None) -> None:

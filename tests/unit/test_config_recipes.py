@@ -165,6 +165,10 @@ def test_mixture_of_an_unknown_dataset_names_it():
      "exceeds the model's 4 layers"),
     (["parallel.compile=true", "parallel.recompute=selective"], 1, "parallel.compile=true with recompute=selective"),
     (["parallel.compile=true", "precision=fp8_te_blockwise"], 1, "Transformer Engine modules"),
+    (["precision=fp8_te_tensorwise", "curriculum.stages.0.seq_len=68", "curriculum.stages.0.tokens=10880"], 1,
+     "68 tokens reach each linear"),
+    (["precision=fp8_torch", "precision.te_attention=true"], 1,
+     "precision.te_attention=true needs a Transformer Engine precision"),
 ])
 def test_cross_field_checks(overrides, world_size, expected):
     assert expected in _error(overrides, world_size)
@@ -214,6 +218,34 @@ def test_fp8_availability_on_cpu(name):
         return
     message = _error([f"precision={name}"], device_type="cpu")
     assert "FP8 backend not available in this build" in message if not backend else name in message
+
+
+@pytest.mark.parametrize("name, capability, cuda, problem", [
+    ("fp8_te_tensorwise", (8, 9), "12.4", None),
+    ("fp8_te_tensorwise", (8, 6), "12.4", "needs CUDA compute capability 8.9 or newer"),
+    ("fp8_te_blockwise", (9, 0), "12.9", None),
+    ("fp8_te_blockwise", (9, 0), "12.8", "needs torch built with CUDA 12.9 or newer"),
+    ("fp8_te_blockwise", (8, 9), "13.0", "needs CUDA compute capability 9.0 or newer"),
+    ("fp8_te_mxfp8", (10, 3), "13.0", None),
+    ("fp8_te_mxfp8", (11, 0), "13.0", None),
+    ("fp8_te_mxfp8", (12, 0), "13.0", "needs CUDA compute capability 10.x or 11.x"),
+    ("fp8_te_mxfp8", (9, 0), "13.0", "needs CUDA compute capability 10.x or 11.x"),
+])
+def test_te_hardware_gates_follow_te(monkeypatch, name, capability, cuda, problem):
+    """TE 2.20's gates: per-tensor FP8 from sm_89, block scaling from sm_90 with CUDA >= 12.9, MXFP8 on
+    10.0 <= sm < 12.0. The machine is described to the check (this one has no GPU and no TE)."""
+    from megatron_exaone.config import precision as gates
+
+    monkeypatch.setattr(gates, "_importable", lambda module: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "a test GPU")
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    cfg = _load(f"precision={name}").precision
+    if problem is None:
+        gates.validate_precision(cfg, "cuda")
+    else:
+        with pytest.raises(gates.PrecisionUnavailable, match=problem):
+            gates.validate_precision(cfg, "cuda")
 
 
 def test_cpu_runs_bf16_and_fp32():

@@ -22,12 +22,12 @@ from torch import nn
 
 from megatron_exaone.config.schema import PrecisionConfig
 from megatron_exaone.model import ExaoneMoeForCausalLM, build_model, tiny
-from megatron_exaone.model.attention import attention_mask, document_ids
+from megatron_exaone.model.attention import _block_mask, attention_mask, document_ids
 from megatron_exaone.model.moe import GroupedExperts
 from megatron_exaone.model.mtp import shift_left
 from megatron_exaone.parallel.sharding import materialize
-from megatron_exaone.precision import fp8_te
-from megatron_exaone.precision.fp8_te import (INSTALL_HINT, TEConversion, TEGroupedExperts, TEUnavailable, apply_te,
+from megatron_exaone.precision import PrecisionPlan, fp8_te
+from megatron_exaone.precision.fp8_te import (TEConversion, TEGroupedExperts, TEUnavailable, apply_te,
                                               build_recipe, fp8_context, packed_cu_seqlens, plan_te_conversion,
                                               recipe_spec, te_window_size)
 
@@ -58,6 +58,9 @@ def test_recipe_spec_follows_the_config_fields():
     assert spec.kwargs() == {"fp8_format": "E4M3", "margin": 0, "amax_history_len": 16,
                              "amax_compute_algo": "most_recent", "reduce_amax": True}
     assert recipe_spec(precision("fp8_te_blockwise", fp8_format="e4m3")).fp8_format == "E4M3"
+    # the trainer hands the builder a PrecisionPlan: it carries the same recipe fields
+    cfg = precision("fp8_te_delayed", amax_history_len=16, amax_compute_algo="most_recent")
+    assert recipe_spec(PrecisionPlan.from_config(cfg)) == recipe_spec(cfg)
     # per-expert split padding and weight alignment (TE: 16 rows, 32 for MXFP8; blocks of 128 for blockwise)
     assert [recipe_spec(precision(n)).split_align for n in fp8_te.TE_PRECISIONS] == [16, 16, 16, 32]
     assert [recipe_spec(precision(n)).weight_align for n in fp8_te.TE_PRECISIONS] == [16, 16, 128, 32]
@@ -109,7 +112,8 @@ def test_module_imports_without_te():
 
 
 def test_missing_te_is_a_configuration_error_naming_the_fix(no_te):
-    with pytest.raises(TEUnavailable, match=r"pip install 'megatron-exaone\[te\]'.*CUDA machine"):
+    with pytest.raises(TEUnavailable, match=r"pip install --no-build-isolation 'transformer_engine\[pytorch\]>=2.10'"
+                                            r".*CUDA machine"):
         fp8_context(precision("fp8_te_tensorwise"))
     with pytest.raises(TEUnavailable, match="precision=fp8_te_blockwise needs NVIDIA Transformer Engine"):
         with torch.device("meta"):
@@ -118,7 +122,6 @@ def test_missing_te_is_a_configuration_error_naming_the_fix(no_te):
     with pytest.raises(TEUnavailable, match="FP8 recipe 'delayed'"):
         fp8_te._RECIPES.clear()
         build_recipe(precision("fp8_te_delayed"))
-    assert INSTALL_HINT == "pip install 'megatron-exaone[te]'"
     assert isinstance(TEUnavailable("x"), ValueError)
 
 
@@ -363,13 +366,27 @@ def test_expert_splits_are_padded_to_the_recipe_alignment(stub_recipe):
     torch.testing.assert_close(out, GroupedExperts.forward(experts, x, counts))
 
 
-def test_experts_with_no_routed_tokens_give_zero_gradients(stub_recipe):
+def test_experts_with_no_routed_tokens_still_run_every_grouped_gemm(stub_recipe):
+    # DelayedScaling registers each TE module's amaxes on its first forward and all-reduces them by position over
+    # the amax group, so a rank whose experts received no tokens must still call every GroupedLinear.
     model, _ = converted_model(tiny(vocab_size=128), FakeTE())
     experts = model.model.layers[1].mlp.experts
-    x = torch.randn(0, 64, requires_grad=True)
-    out = experts(x, torch.zeros(8, dtype=torch.long))
-    out.sum().backward()
-    assert out.shape == (0, 64)
+    seen = []
+    original = FakeGroupedLinear.forward
+
+    def spy(self, inp, m_splits):
+        seen.append(list(m_splits))
+        return original(self, inp, m_splits)
+
+    FakeGroupedLinear.forward = spy
+    try:
+        x = torch.randn(0, 64, requires_grad=True)
+        out = experts(x, torch.zeros(8, dtype=torch.long))
+        out.sum().backward()
+    finally:
+        FakeGroupedLinear.forward = original
+    assert seen == [[16, 0, 0, 0, 0, 0, 0, 0]] * 3
+    assert out.shape == (0, 64) and x.grad.shape == (0, 64)
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in experts.parameters())
 
 
@@ -444,14 +461,47 @@ def test_window_maps_to_te_inclusive_left_bound():
 
 def test_cu_seqlens_follow_the_document_boundaries_of_the_mask():
     positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 7]])
+    docs = document_ids(positions)
     for window in (None, 2, 3):
-        cu = packed_cu_seqlens(attention_mask(positions, window))
-        assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 5, 8, 16]
-        docs = document_ids(positions).reshape(-1) + torch.tensor([0, 10]).repeat_interleave(8)
-        assert cu.diff().tolist() == torch.unique_consecutive(docs, return_counts=True)[1].tolist()
+        # the boolean mask (CPU) and the FlexAttention BlockMask (what attention_mask gives on GPU)
+        for mask in (attention_mask(positions, window), _block_mask(docs, window, 2, 8, "cpu")):
+            cu = packed_cu_seqlens(mask, 2, 8)
+            assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 5, 8, 16]
+            flat = docs.reshape(-1) + torch.tensor([0, 10]).repeat_interleave(8)
+            assert cu.diff().tolist() == torch.unique_consecutive(flat, return_counts=True)[1].tolist()
     unpacked = torch.arange(8).expand(2, 8)
-    assert packed_cu_seqlens(attention_mask(unpacked, 3)) is None  # windowed but one document per row
-    assert packed_cu_seqlens(None) is None
+    for mask in (attention_mask(unpacked, 3), _block_mask(None, 3, 2, 8, "cpu")):
+        assert packed_cu_seqlens(mask, 2, 8) is None  # windowed but one document per row
+    assert packed_cu_seqlens(None, 2, 8) is None
+
+
+def _build_with_te_options(rank, world):
+    from megatron_exaone.parallel.build import build_parallel_model
+    from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
+
+    # forked rank: patch freely. apply_te refuses machines without CUDA before it builds anything.
+    fp8_te.import_te_recipes = lambda what="": _fake_recipe_module()
+    fp8_te.import_te = lambda what="": FakeTE()
+    torch.cuda.is_available = lambda: True
+    config = tiny(vocab_size=128, sliding_window=4)
+    mesh = build_mesh(ParallelDims(), "cpu")
+    found = []
+    for te_attention, fp8_mtp in ((False, False), (True, True)):
+        cfg = precision("fp8_te_tensorwise", te_attention=te_attention, fp8_mtp=fp8_mtp)
+        model = build_parallel_model(config, mesh, SEED, "cpu", precision=PrecisionPlan.from_config(cfg))
+        found.append(([type(m).__name__ for n, m in model.named_modules() if n.endswith("self_attn")],
+                      isinstance(model.mtp.fc, FakeLinear),
+                      isinstance(model.model.layers[0].self_attn.q_proj, FakeLinear)))
+    return found
+
+
+def test_builder_applies_the_configured_te_options():
+    from megatron_exaone.parallel.testing import run_distributed
+
+    (found,) = run_distributed(_build_with_te_options, 1)
+    layers = tiny().num_hidden_layers + 1  # and the MTP layer
+    assert found == [(["Attention"] * layers, False, False),  # layer 0 stays BF16: keep_bf16_first_layers=1
+                     (["TEAttention"] * layers, True, False)]
 
 
 # ---------------------------------------------------------------------------------------------- layouts
