@@ -11,7 +11,7 @@ py="${PYTHON:-python}"
 out="${OUT:-gpu_checks}"
 mkdir -p "$out"
 status=0
-timeout 200 "$py" benchmarks/bench_layer_gpu.py --variants bf16+compile,fp8_torch+compile,fp8_torch:rowwise+compile \
+timeout 200 "$py" benchmarks/bench_layer_gpu.py --variants bf16+compile,fp8_torch+compile,fp8_torch+compile+fp8_wgrad \
     --profile fp8_torch+compile >"$out/layer.txt" 2>&1 || status=1
 timeout 200 "$py" -m pytest -q tests/gpu -p no:cacheprovider "$@" >"$out/tests.txt" 2>&1 || status=1
 timeout 200 "$py" benchmarks/bench_train_gpu.py --steps 4 --variants bf16+compile,fp8_torch+compile \

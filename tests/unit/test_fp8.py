@@ -89,6 +89,11 @@ def test_per_group_column_scales():
     assert torch.isfinite(q.scale_inv[1]).all()  # an empty group
     deq = q.data.float() * q.scale_inv[torch.tensor([0, 0, 0, 2, 2, 2, 2, 2])]
     assert rel(deq, x) < 0.05
+    half = x.bfloat16()  # the amax of bf16 values is taken in bf16, exactly
+    assert torch.equal(to_fp8_per_group_columns(half, counts, E4M3).scale_inv,
+                       to_fp8_per_group_columns(half.float(), counts, E4M3).scale_inv)
+    empty = to_fp8_per_group_columns(x[:0], torch.zeros(3, dtype=torch.long), E4M3)  # an EP rank without tokens
+    assert empty.data.shape == (0, 4) and empty.scale_inv.shape == (3, 4)
 
 
 # ---------------------------------------------------------------------------------------------- FP8 linear
