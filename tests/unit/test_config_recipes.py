@@ -174,6 +174,16 @@ def test_cross_field_checks(overrides, world_size, expected):
     assert expected in _error(overrides, world_size)
 
 
+def test_stages_needing_context_parallelism_are_announced_at_launch(caplog):
+    with caplog.at_level("WARNING", logger="megatron_exaone.config.load"):
+        validate(_load("experiment=k_exaone_236b_h100x64"), 64)
+    assert "'context_32k' (cp=2), 'context_256k' (cp=8)" in caplog.text and "not implemented yet" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="megatron_exaone.config.load"):
+        validate(_load("experiment=cpu_tiny"), 4)
+    assert "context parallelism" not in caplog.text
+
+
 def test_k_exaone_curriculum():
     cfg = _load(*K_EXAONE_64)
     checked = validate(cfg, 64)
