@@ -36,8 +36,9 @@ per rank under sequence parallel, a = 2 B (bf16):
     - v and the output;
     - the logsumexp;
     - the copy feeding o_proj.
-    It uses SDPA's memory-efficient or flash kernel (no S x S probabilities). Layers with a mask (sliding, or
-    packed documents) also keep SDPA's additive float mask [b, 1, s, s].
+    It runs SDPA's flash kernel (causal) or FlexAttention (sliding window, packed documents, context parallel):
+    no S x S probabilities and no dense mask. Under context parallel (s/cp tokens per rank) attention also keeps
+    the whole sequence's K and V, gathered over cp.
   * The dense MLP keeps the gathered input and four [tokens, I/tp] tensors.
   * The MoE block keeps:
     - fp32 router input and scores;
@@ -49,8 +50,9 @@ per rank under sequence parallel, a = 2 B (bf16):
     same input. The first/last layers (--bf16-layers) and MTP stay bf16.
   * Recompute "full" keeps each layer's input and recomputes one layer at a time in backward (counted once).
     "selective" keeps the inputs of the recomputed modules (--recompute-modules).
-  * Per micro-batch, each stage also keeps the boolean masks [b, 1, s, s]: the sliding one, plus the global one
-    when documents are packed (--no-packing drops it).
+  * Per micro-batch, each stage also keeps FlexAttention's block masks (int32 block indices of 128 x 128 tiles,
+    forward and backward, full and partial: 16 B per tile of [s/cp, s]): the sliding one, plus the global one
+    when documents are packed or under context parallel (--no-packing drops it otherwise), and RoPE's cos/sin.
   * The last stage keeps, per loss call (main + MTP), the fused vocab-parallel cross entropy's saved hidden-state
     gradient and its fp32 [V/tp, H] weight gradient.
   * In flight: pipeline rank r holds pp - r micro-batches under 1F1B (the first rank pp). An interleaved schedule
@@ -87,7 +89,7 @@ from typing import Any
 import torch
 
 from megatron_exaone.model import ExaoneMoeForCausalLM, ModelConfig
-from megatron_exaone.model.config import DENSE, PRESETS, SLIDING
+from megatron_exaone.model.config import DENSE, PRESETS
 from megatron_exaone.model.init import is_stacked_experts
 from megatron_exaone.parallel.build import check_supported
 from megatron_exaone.parallel.mesh import LayoutError, ParallelDims
@@ -239,6 +241,11 @@ class _Ctx:
     sp: bool
     a: int  # activation bytes
     imbalance: float
+    cp: int = 1
+
+    @property
+    def keys(self) -> int:  # the keys each query may attend to: the whole sequence (gathered under cp)
+        return self.seq * self.cp
 
     @property
     def ts(self) -> float:  # tokens of sequence-parallel regions on one rank
@@ -262,7 +269,7 @@ def _norm(c: _Ctx) -> float:
     return c.ts * c.m.hidden_size * (4 + c.a)
 
 
-def _attention(c: _Ctx, fp8: bool, masked: bool) -> float:
+def _attention(c: _Ctx, fp8: bool) -> float:
     h, t = c.m.hidden_size, c.tokens
     gathered = 3 * t * h * 1 if fp8 else t * h * c.a
     q = t * c.q_loc * (4 + 2 * c.a)
@@ -270,8 +277,8 @@ def _attention(c: _Ctx, fp8: bool, masked: bool) -> float:
     v = t * c.kv_loc * c.a
     out = t * c.q_loc * c.a + t * c.q_loc * (1 if fp8 else c.a)  # SDPA output + o_proj input copy
     lse = c.batch * (c.m.num_attention_heads // c.tp) * c.seq * 4
-    mask = c.batch * c.seq * c.seq * c.a if masked else 0
-    return gathered + q + k + v + out + lse + mask
+    whole_kv = 2 * c.batch * c.keys * c.kv_loc * c.a if c.cp > 1 else 0  # K and V gathered over cp
+    return gathered + q + k + v + out + lse + whole_kv
 
 
 def _swiglu(c: _Ctx, tokens: float, inter_local: float, fp8: bool) -> float:
@@ -292,15 +299,10 @@ def _moe(c: _Ctx, fp8: bool) -> float:
     return router + dispatched + experts + combine + shared
 
 
-def _masked(c: _Ctx, attention_type: str, packed: bool) -> bool:
-    return packed or (attention_type == SLIDING and c.m.sliding_window is not None)
-
-
-def layer_activations(c: _Ctx, attention_type: str, mlp_type: str, fp8: bool, recompute: str,
-                      modules: tuple[str, ...], packed: bool) -> tuple[float, float]:
+def layer_activations(c: _Ctx, mlp_type: str, fp8: bool, recompute: str, modules: tuple[str, ...]
+                      ) -> tuple[float, float]:
     """(saved bytes of one decoder layer for one micro-batch, bytes alive while it is recomputed/backpropagated)."""
-    masked = _masked(c, attention_type, packed)
-    attention = _attention(c, fp8, masked)
+    attention = _attention(c, fp8)
     mlp = _swiglu(c, c.tokens, c.m.intermediate_size / c.tp, fp8) if mlp_type == DENSE else _moe(c, fp8)
     whole = 2 * _norm(c) + attention + mlp
     layer_input = c.ts * c.m.hidden_size * c.a
@@ -319,17 +321,16 @@ def layer_activations(c: _Ctx, attention_type: str, mlp_type: str, fp8: bool, re
     return whole, 0.0
 
 
-def head_activations(c: _Ctx, fp8_mtp: bool, recompute: str, modules: tuple[str, ...], packed: bool
-                     ) -> tuple[float, float]:
+def head_activations(c: _Ctx, fp8_mtp: bool, recompute: str, modules: tuple[str, ...]) -> tuple[float, float]:
     """(saved, transient) bytes of the last stage's final norm, losses and MTP for one micro-batch."""
     m, h = c.m, c.m.hidden_size
     losses = 1 + (m.num_nextn_predict_layers if mtp_enabled(m) else 0)
     saved = _norm(c) + losses * (c.tokens * h * c.a + m.vocab_size / c.tp * h * 4)
     transient = 3 * 1024 * m.vocab_size / c.tp * 4  # a chunk of fp32 logits, exp and gradient
     if mtp_enabled(m):
-        for kind in m.mtp_layer_types:
+        for _ in m.mtp_layer_types:
             per_depth = 3 * _norm(c) + c.ts * 2 * h * c.a + c.tokens * 2 * h * c.a + c.tokens * h * c.a
-            layer_saved, layer_peak = layer_activations(c, kind, DENSE, fp8_mtp, recompute, modules, packed)
+            layer_saved, layer_peak = layer_activations(c, DENSE, fp8_mtp, recompute, modules)
             saved += per_depth + layer_saved
             transient = max(transient, layer_peak)
     return saved, transient
@@ -370,7 +371,7 @@ def plan(inp: PlanInput) -> Plan:
     fp8 = inp.precision == "fp8"
     a = 4 if inp.sharding == "none" else 2
     c = _Ctx(m, inp.micro_batch * inp.seq_len // d.cp, inp.seq_len // d.cp, inp.micro_batch, d.tp,
-             inp.sequence_parallel and d.tp > 1, a, inp.moe_imbalance)
+             inp.sequence_parallel and d.tp > 1, a, inp.moe_imbalance, d.cp)
     first_bf16, last_bf16 = inp.bf16_layers
     dense_shards = d.dp * d.cp
     expert_shards = d.edp
@@ -394,19 +395,20 @@ def plan(inp: PlanInput) -> Plan:
         # activations: each chunk's layers for every micro-batch in flight; the head for one (the last stage
         # runs its backward right after its forward)
         saved = transient = 0.0
-        per_microbatch = c.batch * c.seq * c.seq * (2 if inp.packed else 1) + 2 * c.batch * c.seq * m.head_dim * a
+        masks = 1 + (inp.packed or d.cp > 1)
+        per_microbatch = masks * 16 * c.batch * -(-c.seq // 128) * -(-c.keys // 128) + 2 * c.batch * c.seq * m.head_dim * a
         for i in stage_ids:
             spec = specs[i]
             chunk = per_microbatch
             for j in spec.layers:
                 layer_fp8 = fp8 and not (j < first_bf16 or j >= m.num_hidden_layers - last_bf16)
-                layer_saved, layer_peak = layer_activations(c, m.layer_types[j], m.mlp_layer_types[j], layer_fp8,
-                                                            inp.recompute, inp.recompute_modules, inp.packed)
+                layer_saved, layer_peak = layer_activations(c, m.mlp_layer_types[j], layer_fp8, inp.recompute,
+                                                            inp.recompute_modules)
                 chunk += layer_saved
                 transient = max(transient, layer_peak)
             saved += chunk * r.in_flight
             if spec.head:
-                head_saved, head_peak = head_activations(c, False, inp.recompute, inp.recompute_modules, inp.packed)
+                head_saved, head_peak = head_activations(c, False, inp.recompute, inp.recompute_modules)
                 saved += head_saved
                 transient = max(transient, head_peak)
         r.bytes["activations (saved)"] = saved

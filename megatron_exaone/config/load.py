@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import logging
 import math
 import os
 import re
@@ -36,8 +35,6 @@ from megatron_exaone.precision.fp8_te import is_te_precision
 
 from .precision import PrecisionUnavailable, validate_precision
 from .schema import ParallelConfig, StageConfig, TrainConfig
-
-log = logging.getLogger(__name__)
 
 RECIPES_ENV = "MEGATRON_EXAONE_RECIPES"
 SCHEMA_NAME = "train_schema"  # the ConfigStore node that recipes/config.yaml lists first in its defaults
@@ -221,19 +218,7 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str | None = None) 
     except CurriculumError as exc:
         raise RecipeError(f"{exc} Change the curriculum recipe (or the override of that stage).") from None
     _check_precision(cfg, model, device_type)
-    _warn_unimplemented_layouts(cfg, stage_parallel)
     return ValidatedConfig(config=cfg, model=model, dims=dims, curriculum=curriculum, stage_parallel=stage_parallel)
-
-
-def _warn_unimplemented_layouts(cfg: TrainConfig, stage_parallel: tuple[ParallelConfig, ...]) -> None:
-    """Stages whose layout the mesh describes but the parallel passes do not implement yet (context parallelism)
-    would stop the run only when it reaches them: say so at launch."""
-    later = [f"{stage.name!r} (cp={layout.cp})" for stage, layout in zip(cfg.curriculum.stages, stage_parallel)
-             if layout.cp > 1]
-    if later:
-        log.warning("curriculum stage(s) %s use context parallelism, which is not implemented yet: the run will stop "
-                    "when it reaches the first of them. Train the earlier stages, or give those stages a layout with "
-                    "cp=1 (tools/planner.py shows whether one fits).", ", ".join(later))
 
 
 def model_fields(cfg: TrainConfig) -> dict[str, Any]:
@@ -298,6 +283,9 @@ def _check_stage(cfg: TrainConfig, index: int, stage: StageConfig, model: ModelC
         raise fail(f"seq_len/cp = {stage.seq_len // dims.cp} is not divisible by tp={dims.tp}: sequence parallel "
                    "splits each rank's tokens over tp. Change seq_len or tp, or set parallel.sequence_parallel=false.")
 
+    if dims.cp > 1 and cfg.precision.te_attention:
+        raise fail(f"cp={dims.cp} with precision.te_attention=true: context parallel attention runs on SDPA / "
+                   "FlexAttention; set precision.te_attention=false.")
     rows = cfg.trainer.micro_batch_size * stage.seq_len // dims.cp
     if is_te_precision(cfg.precision) and rows % 8:
         raise fail(f"micro_batch_size x seq_len / cp = {rows} tokens reach each linear, and Transformer Engine's FP8 "

@@ -21,42 +21,47 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cumsum((position_ids == 0).to(torch.int32), dim=-1)
 
 
-def attention_mask(position_ids: torch.Tensor | None, window: int | None):
+def attention_mask(position_ids: torch.Tensor | None, window: int | None, query_index: torch.Tensor | None = None):
     """The mask for causal attention within documents and within `window` if given (transformers' semantics:
     query i sees key j when i - window < j <= i).
 
-    None for a plain causal mask (one document per row, no window): SDPA's causal (flash) kernel. On GPU a
-    FlexAttention `BlockMask`, which skips the blocks outside the window or the document, so sliding layers cost
-    O(S * W). Otherwise a boolean [B, 1, S, S] mask (True = attend) for SDPA.
+    `query_index` (context parallel): the sequence positions of the queries, a subset of the S keys; the mask is
+    then [queries, S]. None for a plain causal mask (all queries, one document per row, no window): SDPA's causal
+    (flash) kernel. On GPU a FlexAttention `BlockMask`, which skips the blocks outside the window or the document,
+    so sliding layers cost O(S * W). Otherwise a boolean [B, 1, queries, S] mask (True = attend) for SDPA.
     """
     if position_ids is None:
         return None
     packed = bool((position_ids[:, 1:] == 0).any())
-    if not packed and window is None:
+    if not packed and window is None and query_index is None:
         return None
     docs = document_ids(position_ids) if packed else None
     if position_ids.is_cuda and BlockMask is not None:
-        return _block_mask(docs, window, *position_ids.shape, position_ids.device)
-    seq = position_ids.shape[-1]
-    idx = torch.arange(seq, device=position_ids.device)
-    allowed = idx[None, :] <= idx[:, None]
+        return _block_mask(docs, window, *position_ids.shape, position_ids.device, query_index)
+    keys = torch.arange(position_ids.shape[-1], device=position_ids.device)
+    queries = keys if query_index is None else query_index
+    allowed = keys[None, :] <= queries[:, None]
     if window is not None:
-        allowed = allowed & (idx[:, None] - idx[None, :] < window)
+        allowed = allowed & (queries[:, None] - keys[None, :] < window)
     allowed = allowed.unsqueeze(0)
     if docs is not None:
-        allowed = allowed & (docs[:, :, None] == docs[:, None, :])
+        allowed = allowed & (docs[:, queries, None] == docs[:, None, :])
     return allowed.unsqueeze(1)
 
 
-def _block_mask(docs: torch.Tensor | None, window: int | None, batch: int, seq: int, device: torch.device):
+def _block_mask(docs: torch.Tensor | None, window: int | None, batch: int, seq: int, device: torch.device,
+                query_index: torch.Tensor | None = None):
     def mask_mod(b, h, q, kv):
+        if query_index is not None:
+            q = query_index[q]
         allowed = kv <= q
         if window is not None:
             allowed = allowed & (q - kv < window)
         if docs is not None:
             allowed = allowed & (docs[b, q] == docs[b, kv])
         return allowed
-    return create_block_mask(mask_mod, batch if docs is not None else None, None, seq, seq, device=device)
+    queries = seq if query_index is None else query_index.numel()
+    return create_block_mask(mask_mod, batch if docs is not None else None, None, queries, seq, device=device)
 
 
 class Attention(nn.Module):
@@ -77,17 +82,26 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None
                 ) -> torch.Tensor:
         batch, seq, _ = x.shape
+        q, k, v = self.project(x, rope)
+        return self.o_proj(self.attend(q, k, v, mask).transpose(1, 2).reshape(batch, seq, -1))
+
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values [B, heads, S, D] of `x` [B, S, H], normed and rotated."""
+        batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+        """softmax(q k^T / sqrt(D) + mask) v, [B, heads, queries, D]."""
         gqa = q.shape[1] != k.shape[1]
         if BlockMask is not None and isinstance(mask, BlockMask):
             attend = fused(flex_attention, q, dynamic=False)
-            out = attend(q, k, v, block_mask=mask, scale=self.head_dim ** -0.5, enable_gqa=gqa)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                 scale=self.head_dim ** -0.5, enable_gqa=gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+            return attend(q, k, v, block_mask=mask, scale=self.head_dim ** -0.5, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              scale=self.head_dim ** -0.5, enable_gqa=gqa)

@@ -15,6 +15,7 @@ from .moe import MoEBlock
 from .mtp import MultiTokenPredictor, shift_left
 from .norms import RMSNorm
 from .rope import rope_cos_sin
+from .sequence_shard import SequenceShard
 
 @dataclass
 class CausalLMOutput:
@@ -30,12 +31,22 @@ def default_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
 
 
 class AttentionInputs:
-    """Per-forward attention inputs shared by every layer: RoPE cos/sin and one mask per attention type."""
+    """Per-forward attention inputs shared by every layer: RoPE cos/sin and one mask per attention type, for the
+    tokens this rank computes (all of them, or its `shard` under context parallelism: then the masks let those
+    queries see every token of the sequence, which the attention modules gather)."""
 
-    def __init__(self, config: ModelConfig, position_ids: torch.Tensor, dtype: torch.dtype) -> None:
-        self.rope = rope_cos_sin(position_ids, config.head_dim, config.rope_theta, dtype)
-        self.masks = {FULL: attention_mask(position_ids, None),
-                      SLIDING: attention_mask(position_ids, config.sliding_window) if config.sliding_window else None}
+    def __init__(self, config: ModelConfig, position_ids: torch.Tensor, dtype: torch.dtype,
+                 shard: SequenceShard | None = None) -> None:
+        self.shard = shard
+        queries = shard.index(position_ids.shape[1], position_ids.device) if shard is not None else None
+        self.rope = rope_cos_sin(self.take(position_ids), config.head_dim, config.rope_theta, dtype)
+        self.masks = {FULL: attention_mask(position_ids, None, queries),
+                      SLIDING: attention_mask(position_ids, config.sliding_window, queries)
+                      if config.sliding_window else None}
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's tokens of a whole-sequence tensor [B, S, ...]."""
+        return x if self.shard is None else self.shard.take(x)
 
 
 class ExaoneMoeModel(nn.Module):
@@ -59,12 +70,14 @@ class ExaoneMoeForCausalLM(nn.Module):
     """forward(input_ids, labels=None, position_ids=None) -> CausalLMOutput.
 
     `position_ids` that restart at 0 mark packed documents: no token attends across a document boundary and RoPE
-    positions restart. `loss` = lm_loss + mtp_loss_weight * mtp_loss + aux_loss.
+    positions restart. `loss` = lm_loss + mtp_loss_weight * mtp_loss + aux_loss. With `sequence_shard` (set by the
+    context-parallel pass) the inputs are still whole sequences and the outputs cover this rank's tokens only.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.sequence_shard: SequenceShard | None = None
         self.model = ExaoneMoeModel(config)
         self.lm_head = OutputHead(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
@@ -82,8 +95,8 @@ class ExaoneMoeForCausalLM(nn.Module):
         this micro-batch's mean sequence aux loss (pass local sequences / global sequences)."""
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
-        attn = AttentionInputs(self.config, position_ids, self.model.embed_tokens.weight.dtype)
-        hidden = self.model(input_ids, attn, aux_loss_scale)
+        attn = AttentionInputs(self.config, position_ids, self.model.embed_tokens.weight.dtype, self.sequence_shard)
+        hidden = self.model(attn.take(input_ids), attn, aux_loss_scale)
         logits = self.lm_head(hidden) if return_logits or labels is None else None
         if labels is None:
             return CausalLMOutput(logits=logits)
@@ -95,7 +108,7 @@ class ExaoneMoeForCausalLM(nn.Module):
                 return self.lm_head.loss(h, targets, loss_normalizer)
             return cross_entropy(h_logits if h_logits is not None else self.lm_head(h), targets)
 
-        lm_loss = loss_of(hidden, labels, logits)
+        lm_loss = loss_of(hidden, attn.take(labels), logits)
         zero = lm_loss.new_zeros(())
         # The aux loss already sends its gradient through the MoE outputs; here it only adds its value.
         aux_values = [m.last_aux_loss for m in self.modules() if isinstance(m, MoEBlock) and
@@ -103,8 +116,8 @@ class ExaoneMoeForCausalLM(nn.Module):
         aux_loss = torch.stack(aux_values).sum() if aux_values else zero
         mtp_loss = zero
         if self.mtp is not None and self.config.mtp_loss_weight > 0:
-            mtp_hidden = self.mtp(hidden, input_ids, self.model.embed_tokens, attn.rope, attn.masks)
-            mtp_loss = torch.stack([loss_of(h, shift_left(labels, depth + 1, fill=IGNORE_INDEX))
+            mtp_hidden = self.mtp(hidden, input_ids, self.model.embed_tokens, attn.rope, attn.masks, attn.take)
+            mtp_loss = torch.stack([loss_of(h, attn.take(shift_left(labels, depth + 1, fill=IGNORE_INDEX)))
                                     for depth, h in enumerate(mtp_hidden)]).mean()
         loss = lm_loss + self.config.mtp_loss_weight * mtp_loss + aux_loss
         return CausalLMOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, aux_loss=aux_loss)

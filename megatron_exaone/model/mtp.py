@@ -7,6 +7,8 @@ layer and `mtp.norm`; the shared `lm_head` turns it into logits.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -33,11 +35,13 @@ class MultiTokenPredictor(nn.Module):
         self.norm = RMSNorm(hidden, config.rms_norm_eps)
 
     def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, embed: nn.Module,
-                rope: tuple[torch.Tensor, torch.Tensor], masks: dict[str, torch.Tensor | None]) -> list[torch.Tensor]:
-        """Final-normed hidden states of each depth, [B, S, H] each; position t of depth d predicts t + 2 + d."""
+                rope: tuple[torch.Tensor, torch.Tensor], masks: dict[str, torch.Tensor | None],
+                take: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> list[torch.Tensor]:
+        """Final-normed hidden states of each depth, [B, S, H] each; position t of depth d predicts t + 2 + d.
+        `take` selects this rank's tokens of the whole-sequence `input_ids` (context parallel), after the shift."""
         outputs = []
         for depth, layer in enumerate(self.layers):
-            next_tokens = shift_left(input_ids, depth + 1, fill=0)
+            next_tokens = take(shift_left(input_ids, depth + 1, fill=0))
             fused = torch.cat([self.pre_fc_norm_embedding(embed(next_tokens)), self.pre_fc_norm_hidden(hidden)], -1)
             hidden = self.norm(layer(self.fc(fused), rope, masks))
             outputs.append(hidden)

@@ -12,6 +12,7 @@ from megatron_exaone.model import ExaoneMoeForCausalLM, ModelConfig
 from megatron_exaone.precision import PrecisionPlan, apply_precision
 from megatron_exaone.precision.fp8_te import apply_te, is_te_precision
 
+from .context_parallel import apply_context_parallel
 from .expert_parallel import apply_expert_parallel
 from .mesh import LayoutError, ParallelDims, ParallelMesh
 from .pipeline import PipelineChunk, local_stage_indices, pipeline_layout, sync_embedding_grads
@@ -21,9 +22,6 @@ from .tensor_parallel import apply_tensor_parallel, reduce_tp_partial_grads
 
 def check_supported(dims: ParallelDims) -> None:
     """Layouts the mesh can describe but the passes do not implement yet fail here, before any group exists."""
-    if dims.cp > 1:
-        raise LayoutError(f"cp={dims.cp}: context parallelism is not implemented yet; use cp=1 (sequence parallel "
-                          "within tensor parallel splits activations along the sequence).")
     if dims.etp > 1:
         raise LayoutError(f"etp={dims.etp}: expert tensor parallelism is not implemented yet; use etp=1 (experts "
                           "whole, spread by ep; the K-EXAONE layouts use ETP1).")
@@ -34,8 +32,12 @@ def _apply_passes(root: nn.Module, config: ModelConfig, mesh: ParallelMesh, seed
     """The passes after the pipeline split, in the design's order, on a meta-device model or pipeline chunk."""
     check_supported(mesh.dims)
     plan = precision if isinstance(precision, PrecisionPlan) else PrecisionPlan(name=precision)
+    if plan.te_attention and mesh.dims.cp > 1:
+        raise LayoutError(f"precision.te_attention with cp={mesh.dims.cp}: context parallel attention runs on "
+                          "SDPA / FlexAttention; set precision.te_attention=false.")
     apply_tensor_parallel(root, mesh.tp_group, sequence_parallel)
     apply_expert_parallel(root, mesh.ep_group)
+    apply_context_parallel(root, mesh)
     if is_te_precision(plan):
         apply_te(root, plan, mesh.tp_group, sequence_parallel, amax_group=mesh.tp_cp_dp_group,
                  num_layers=config.num_hidden_layers, fp8_mtp=plan.fp8_mtp, te_attention=plan.te_attention)
@@ -72,7 +74,7 @@ def build_pipeline_chunks(config: ModelConfig, mesh: ParallelMesh, seed: int, de
     indices = local_stage_indices(schedule, mesh.pp_rank, dims.pp, dims.vpp)
     with torch.device("meta"):
         full = ExaoneMoeForCausalLM(config)
-    sequence_shards = dims.tp if sequence_parallel else 1
+    sequence_shards = dims.cp * (dims.tp if sequence_parallel else 1)
     chunks = []
     for index in indices:
         chunk = PipelineChunk(full, specs[index], index, len(specs), sequence_shards)

@@ -221,6 +221,7 @@ class ParallelMesh:
     dense_fsdp_mesh: DeviceMesh  # 1-D: dp, or dp x cp flattened when cp > 1 (FSDP2 of dense params)
     expert_fsdp_mesh: DeviceMesh  # 1-D: edp (FSDP2 of expert params)
     stage_mesh: DeviceMesh  # 1-D: dp x cp x tp, all ranks of one pipeline stage
+    sequence_mesh: DeviceMesh  # 1-D: cp x tp, the ranks that each hold part of the same sequences
     # {first, last} pipeline rank at this rank's (dp, cp, tp) position: they hold the two copies of the embedding
     # (the last stage's MTP reads it). None when pp == 1 or on a middle pipeline rank.
     embedding_group: ProcessGroup | None = None
@@ -244,6 +245,11 @@ class ParallelMesh:
     def dp_cp_group(self) -> ProcessGroup:
         """dp x cp: the group dense parameters are sharded and their gradients reduced over."""
         return self.dense_fsdp_mesh.get_group()
+
+    @property
+    def cp_tp_group(self) -> ProcessGroup:
+        """cp x tp: the ranks that each compute part of the same sequences (MoE sequence statistics)."""
+        return self.sequence_mesh.get_group()
 
     @property
     def tp_cp_dp_group(self) -> ProcessGroup:
@@ -281,13 +287,17 @@ def build_mesh(dims: ParallelDims, device_type: str, timeout: timedelta | None =
     # are the dp x cp groups.
     dense_fsdp = dense["dp", "cp"]._flatten("dp_cp") if dims.cp > 1 else dense["dp"]
     stage = dense["dp", "cp", "tp"]._flatten("dp_cp_tp")
+    sequence = dense["cp", "tp"]._flatten("cp_tp") if dims.cp > 1 and dims.tp > 1 else dense[
+        "cp" if dims.cp > 1 else "tp"]
     if timeout is not None:
-        groups = dense.get_all_groups() + sparse.get_all_groups() + [dense_fsdp.get_group(), stage.get_group()]
+        groups = dense.get_all_groups() + sparse.get_all_groups() + [dense_fsdp.get_group(), stage.get_group(),
+                                                                      sequence.get_group()]
         for group in {id(g): g for g in groups}.values():
             dist.distributed_c10d._set_pg_timeout(timeout, group)
     rank = dist.get_rank()
     return ParallelMesh(dims=dims, rank=rank, coords=rank_coordinates(rank, dims), dense=dense, sparse=sparse,
                         dense_fsdp_mesh=dense_fsdp, expert_fsdp_mesh=sparse["edp"], stage_mesh=stage,
+                        sequence_mesh=sequence,
                         embedding_group=_embedding_group(dims, timeout))
 
 

@@ -31,6 +31,7 @@ from megatron_exaone.model.loss import IGNORE_INDEX
 from megatron_exaone.model.model import AttentionInputs, default_position_ids
 from megatron_exaone.model.moe import MoEBlock
 from megatron_exaone.model.mtp import shift_left
+from megatron_exaone.model.sequence_shard import SequenceShard
 
 from .mesh import LayoutError, ParallelMesh
 from .sharding import local_tensor
@@ -264,7 +265,8 @@ class PipelineChunk(nn.Module):
         self.spec = spec
         self.stage_index = stage_index
         self.num_stages = num_stages
-        self.sequence_shards = sequence_shards  # sequence parallel splits the hidden states' tokens over tp
+        self.sequence_shards = sequence_shards  # tokens of a sequence per rank: 1 / (cp * tp under SP)
+        self.sequence_shard: SequenceShard | None = None  # set by the context-parallel pass
         self.runs_mtp = spec.head and mtp_enabled(full.config)
         self.model = nn.Module()
         if spec.embedding:
@@ -295,8 +297,12 @@ class PipelineChunk(nn.Module):
 
     def forward(self, x: torch.Tensor, *, position_ids: torch.Tensor, token_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.model.embed_tokens(x) if self.spec.embedding else x
-        attn = AttentionInputs(self.config, position_ids, hidden.dtype)
+        shard = self.sequence_shard
+        if self.spec.embedding:
+            hidden = self.model.embed_tokens(x if shard is None else shard.take(x))
+        else:
+            hidden = x
+        attn = AttentionInputs(self.config, position_ids, hidden.dtype, shard)
         # MoE blocks attach their aux loss (times this micro-batch's share of the sequences) to their outputs'
         # backward, so it needs no path to the last stage; its value is only logged.
         aux_loss_scale = x.shape[0] / self._scaling().sequences
@@ -315,12 +321,12 @@ class PipelineChunk(nn.Module):
               attn: AttentionInputs) -> torch.Tensor:
         """As `ExaoneMoeForCausalLM.forward` with `loss_normalizer` (the aux loss is already attached upstream)."""
         normalizer = self._scaling().valid_tokens
-        loss = self.lm_head.loss(hidden, labels, normalizer)
+        loss = self.lm_head.loss(hidden, attn.take(labels), normalizer)
         self.metrics.add("lm_loss", loss)
         if self.runs_mtp:
-            mtp_hidden = self.mtp(hidden, token_ids, self.model.embed_tokens, attn.rope, attn.masks)
-            mtp_loss = torch.stack([self.lm_head.loss(h, shift_left(labels, depth + 1, fill=IGNORE_INDEX), normalizer)
-                                    for depth, h in enumerate(mtp_hidden)]).mean()
+            mtp_hidden = self.mtp(hidden, token_ids, self.model.embed_tokens, attn.rope, attn.masks, attn.take)
+            mtp_loss = torch.stack([self.lm_head.loss(h, attn.take(shift_left(labels, depth + 1, fill=IGNORE_INDEX)),
+                                                      normalizer) for depth, h in enumerate(mtp_hidden)]).mean()
             self.metrics.add("mtp_loss", mtp_loss)
             loss = loss + self.config.mtp_loss_weight * mtp_loss
         return loss
@@ -446,8 +452,8 @@ class PipelineRunner:
 
     def _global_scaling(self, labels: torch.Tensor) -> LossScaling:
         valid = (labels != IGNORE_INDEX).sum().to(torch.float32)
-        if dist.get_world_size(self.mesh.dp_cp_group) > 1:
-            dist.all_reduce(valid, group=self.mesh.dp_cp_group)
+        if dist.get_world_size(self.mesh.dp_group) > 1:  # the ranks of a cp group hold the same whole sequences
+            dist.all_reduce(valid, group=self.mesh.dp_group)
         # Every data-parallel rank holds the same number of sequences (context parallel splits tokens, not them).
         return LossScaling(valid_tokens=valid.clamp(min=1), sequences=labels.shape[0] * self.mesh.dims.dp)
 
@@ -469,6 +475,7 @@ class PipelineRunner:
         if dist.get_world_size(self.mesh.dp_cp_group) > 1:
             dist.all_reduce(values, group=self.mesh.dp_cp_group)
         metrics = dict(zip(LossMetrics.NAMES, values.tolist()))
+        metrics["aux_loss"] /= self.mesh.dims.cp  # every rank of a cp group computes its sequences' whole aux loss
         mtp_weight = self.chunks[0].config.mtp_loss_weight
         metrics["loss"] = metrics["lm_loss"] + mtp_weight * metrics["mtp_loss"] + metrics["aux_loss"]
         return metrics

@@ -55,7 +55,9 @@ def _split_sequence_hooks(module: nn.Module, group: dist.ProcessGroup) -> None:
     module.register_forward_hook(lambda _m, _args, out: comm.all_gather_along(out, group, dim=1))
 
 
-def _aux_stats_reducer(group: dist.ProcessGroup):
+def sequence_stats_reducer(group: dist.ProcessGroup):
+    """MoE `reduce_aux_stats` for ranks that each route part of every sequence (SP over tp, CP over cp x tp): the
+    per-sequence counts and token totals summed, the probability sums summed with their gradient kept local."""
     def reduce(counts: torch.Tensor, prob_sums: torch.Tensor, tokens: torch.Tensor):
         counts = comm.all_reduce_(counts.detach().clone(), group)
         tokens = comm.all_reduce_(tokens.clone(), group)
@@ -113,7 +115,7 @@ def apply_tensor_parallel(root: nn.Module, group: dist.ProcessGroup, sequence_pa
                 _shard_mlp(root, f"{prefix}mlp", rank, size)
                 _entry_exit_hooks(module.mlp, group, sequence_parallel)
         elif isinstance(module, MoEBlock):
-            module.reduce_aux_stats = _aux_stats_reducer(group)
+            module.reduce_aux_stats = sequence_stats_reducer(group)
             if not sequence_parallel:
                 _split_sequence_hooks(module, group)
             always_partial.add(f"{prefix}gate.weight")

@@ -147,7 +147,7 @@ class Trainer:
                             s.global_batch_size) for s in self.curriculum.stages]
         first = self.curriculum.stages[0]
         return MixtureLoader(self.datasets, stages, seq_len=first.seq_len, global_batch_size=first.global_batch_size,
-                             dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dims.dp * self.mesh.dims.cp,
+                             dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dims.dp,  # cp ranks: same sequences
                              seed=self.cfg.trainer.seed, packing=self.cfg.data.packing,
                              pad_token_id=self.model_config.pad_token_id or 0,
                              cache_dir=self.cfg.data.resolved_path(self.cfg.data.cache_dir, self.run_dir))
@@ -256,7 +256,7 @@ class Trainer:
         (model,) = self.chunks
         labels = batch["labels"]
         valid = (labels != -100).sum().to(torch.float32)
-        dist.all_reduce(valid, group=self.mesh.dp_cp_group)
+        dist.all_reduce(valid, group=self.mesh.dp_group)  # the ranks of a cp group hold the same whole sequences
         micro = self.cfg.trainer.micro_batch_size
         rows = labels.shape[0]
         totals = {"lm_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
@@ -273,6 +273,7 @@ class Trainer:
         summed = torch.tensor(list(totals.values()), dtype=torch.float64, device=self.device)
         dist.all_reduce(summed, group=self.mesh.dp_cp_group)
         totals = dict(zip(totals, summed.tolist()))
+        totals["aux_loss"] /= self.mesh.dims.cp  # every rank of a cp group computes its sequences' whole aux loss
         totals["loss"] = totals["lm_loss"] + model.config.mtp_loss_weight * totals["mtp_loss"] + totals["aux_loss"]
         return totals
 

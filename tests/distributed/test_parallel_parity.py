@@ -1,5 +1,5 @@
-"""Tensor/sequence, expert and (FSDP2) data parallel layouts, with and without compiled layers, against the
-single-process model.
+"""Tensor/sequence, context, expert and (FSDP2) data parallel layouts, with and without compiled layers, against
+the single-process model.
 
 For a tiny model, a fixed seed and a fixed global batch of packed documents, every layout must reproduce the
 single-process loss and every gradient (each rank compares its local slice), start from the same full weights,
@@ -30,12 +30,15 @@ LAYOUTS = {
         "tp2_ep2_sp": (dict(tp=2, ep=2), True, False, "full", False),
         "dp2_selective_ac": (dict(dp=2), True, True, "selective", False),
         "tp2_ep2_sp_compiled": (dict(tp=2, ep=2), True, False, "full", True),
-        "ep2_fsdp_recompute_compiled": (dict(ep=2), True, True, "full", True)},
+        "ep2_fsdp_recompute_compiled": (dict(ep=2), True, True, "full", True),
+        "cp2": (dict(cp=2), True, False, "none", False)},
     4: {"ep4": (dict(ep=4), True, True, "none", False),
         "tp2_dp2_ep2_fsdp": (dict(tp=2, dp=2, ep=2), True, True, "full", False),
         "tp4_sp": (dict(tp=4), True, False, "none", False),
         "tp4_replicated_kv": (dict(tp=4), True, False, "none", False),
-        "tp2_dp2_ep2_fsdp_compiled": (dict(tp=2, dp=2, ep=2), True, True, "none", True)},
+        "tp2_dp2_ep2_fsdp_compiled": (dict(tp=2, dp=2, ep=2), True, True, "none", True),
+        "cp2_tp2_ep2_sp_fsdp_recompute": (dict(cp=2, tp=2, ep=2), True, True, "full", False),
+        "cp2_dp2_fsdp": (dict(cp=2, dp=2), True, True, "none", False)},
 }
 
 
@@ -91,9 +94,12 @@ def run_layout(rank, world, name, dims_kw, sequence_parallel, fsdp, recompute, c
         want = layouts[n].slice_of(ref_params[n].grad)
         grad_errors[n] = ((got - want).abs().max() / want.abs().max().clamp(min=1e-12)).item()
     norm = clip_grad_norm_([model], max_norm=0.0, mesh=mesh)
+    lm_loss = out.lm_loss.detach().clone()
+    if mesh.dims.cp > 1:  # each rank of a cp group holds part of the tokens' losses
+        torch.distributed.all_reduce(lm_loss, group=mesh.cp_group)
     counts = sum(m.tokens_per_expert.sum().item() for m in model.modules() if hasattr(m, "tokens_per_expert"))
     return {"init": init_err, "grads": grad_errors, "norm": (norm.item(), ref_norm.item()),
-            "lm_loss": (out.lm_loss.item(), ref_out.lm_loss.item()), "tokens_counted": counts}
+            "lm_loss": (lm_loss.item(), ref_out.lm_loss.item()), "tokens_counted": counts}
 
 
 def run_all(rank, world):

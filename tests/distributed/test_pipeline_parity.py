@@ -43,7 +43,9 @@ LAYOUTS = {
     4: {"pp2_tp2_sp_1f1b": (dict(pp=2, tp=2), "1f1b", None, False),
         "pp2_tp2_sp_zbv": (dict(pp=2, vpp=2, tp=2), "zbv", None, False),
         "pp2_dp2_fsdp_recompute_interleaved": (dict(pp=2, vpp=2, dp=2), "interleaved_1f1b", None, True),
-        "pp2_dp2_fsdp_recompute_zbv": (dict(pp=2, vpp=2, dp=2), "zbv", None, True)},
+        "pp2_dp2_fsdp_recompute_zbv": (dict(pp=2, vpp=2, dp=2), "zbv", None, True),
+        "pp2_cp2_1f1b": (dict(pp=2, cp=2), "1f1b", None, False),
+        "pp2_cp2_fsdp_recompute_interleaved": (dict(pp=2, vpp=2, cp=2), "interleaved_1f1b", None, True)},
     8: {"pp2_tp2_dp2_ep2_interleaved": (dict(pp=2, vpp=2, tp=2, ep=2), "interleaved_1f1b", None, False)},
 }
 

@@ -1,6 +1,6 @@
 """exaone-train is resumable: a run killed (SIGKILL) or stopped (SIGTERM) and relaunched continues with exactly the
 losses of an uninterrupted run, across a curriculum stage boundary too; a checkpoint resumed under another layout
-continues within fp32 tolerance; a truncated newest checkpoint is skipped for the previous complete one.
+continues within fp32 tolerance (context parallel included); a truncated newest checkpoint is skipped for the previous complete one.
 
 Every run goes through the `exaone-train` code (`cli.train.main` in a forked process, `cli.train.run_training` on
 forked gloo ranks) with the cpu_tiny experiment: 30 steps, stage `short` for steps 1-20, `long` for 21-30.
@@ -241,3 +241,18 @@ def test_resume_single_process_checkpoint_under_tp2_across_the_stage_switch(tmp_
     train_ranks(2, argv + [f"trainer.max_steps={SWITCH + 3}"])
     assert [r["step"] for r in records(run_dir)] == [SWITCH + 1, SWITCH + 2, SWITCH + 3]
     assert_same_losses(by_step(run_dir), expected, [SWITCH + 3], RESHARD_RTOL)
+
+
+def test_resume_single_process_checkpoint_under_cp2_tp2_across_the_stage_switch(tmp_path, data_overrides,
+                                                                                   reference):
+    """The reference run's step-20 checkpoint continues on 4 ranks with context parallel (each rank computes half
+    of every sequence) x tensor + sequence parallel into the second stage, with the single-process losses."""
+    ref_dir, expected = reference
+    run_dir = tmp_path / "cp2_tp2"
+    train_ranks(4, overrides(run_dir, data_overrides, "parallel=cpu_tp2", "parallel.cp=2",
+                             f"checkpoint.load={ref_dir}/checkpoints/step_{SWITCH:08d}",
+                             f"trainer.max_steps={SWITCH + 2}"))
+    metrics = by_step(run_dir)
+    assert sorted(metrics) == [SWITCH + 1, SWITCH + 2] and metrics[SWITCH + 1]["stage"] == 1
+    assert_same_losses(metrics, expected, [SWITCH + 1, SWITCH + 2], RESHARD_RTOL)
+    assert read_meta(find_checkpoint(run_dir / "checkpoints"))["layout"]["cp"] == 2

@@ -10,7 +10,7 @@ from megatron_exaone.cli.train import main
     (1, ["trainer.max_stepz=3"], "Did you mean 'trainer.max_steps'?"),  # unknown key
     (1, ["experiment=cpu_tiny"], "needs 4 processes and this is a single process"),  # a 4-rank layout in one process
     (4, ["experiment=cpu_tiny", "parallel.tp=3"], "valid tp values: 1, 2"),  # impossible layout
-    (4, ["experiment=cpu_tiny", "parallel.pp=1", "parallel.cp=2"], "context parallelism is not implemented"),
+    (4, ["experiment=cpu_tiny", "parallel.ep=1", "parallel.etp=2"], "expert tensor parallelism is not implemented"),
     (1, ["curriculum.stages.1.tokens=10000"], "use tokens=9216 or tokens=10240"),  # budget not on a step boundary
     (1, ["checkpoint.load=/nonexistent"], "checkpoint.load=/nonexistent: no complete checkpoint there"),
 ])

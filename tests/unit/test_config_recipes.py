@@ -167,21 +167,13 @@ def test_mixture_of_an_unknown_dataset_names_it():
     (["parallel.compile=true", "precision=fp8_te_blockwise"], 1, "Transformer Engine modules"),
     (["precision=fp8_te_tensorwise", "curriculum.stages.0.seq_len=68", "curriculum.stages.0.tokens=10880"], 1,
      "68 tokens reach each linear"),
+    (["experiment=cpu_tiny", "parallel.cp=2", "parallel.tp=1", "precision=fp8_te_tensorwise",
+      "precision.te_attention=true"], 4, "context parallel attention runs on SDPA"),
     (["precision=fp8_torch", "precision.te_attention=true"], 1,
      "precision.te_attention=true needs a Transformer Engine precision"),
 ])
 def test_cross_field_checks(overrides, world_size, expected):
     assert expected in _error(overrides, world_size)
-
-
-def test_stages_needing_context_parallelism_are_announced_at_launch(caplog):
-    with caplog.at_level("WARNING", logger="megatron_exaone.config.load"):
-        validate(_load("experiment=k_exaone_236b_h100x64"), 64)
-    assert "'context_32k' (cp=2), 'context_256k' (cp=8)" in caplog.text and "not implemented yet" in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="megatron_exaone.config.load"):
-        validate(_load("experiment=cpu_tiny"), 4)
-    assert "context parallelism" not in caplog.text
 
 
 def test_k_exaone_curriculum():

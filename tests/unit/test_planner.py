@@ -142,7 +142,7 @@ def test_invalid_layout_prints_the_mesh_message(capsys):
         ParallelDims(tp=3, pp=8, ep=8, dp=2).validate(48, k_exaone_236b())
     assert planner.main(["--tp", "3", "--pp", "8", "--ep", "8", "--dp", "2"]) == 2
     assert str(info.value) in capsys.readouterr().err
-    assert planner.main(["--tp", "4", "--pp", "8", "--ep", "8", "--dp", "2", "--cp", "2"]) == 2
-    assert "context parallelism is not implemented" in capsys.readouterr().err
+    assert planner.main(["--tp", "4", "--pp", "8", "--ep", "2", "--etp", "4", "--dp", "2"]) == 2
+    assert "expert tensor parallelism is not implemented" in capsys.readouterr().err
     assert planner.main(["--tp", "4", "--pp", "64", "--ep", "8", "--dp", "2"]) == 2
     assert "decoder layers" in capsys.readouterr().err
