@@ -28,3 +28,24 @@ def test_flex_attention_matches_masked_sdpa(window, packed):
     torch.testing.assert_close(out_flex, out_sdpa, rtol=2e-3, atol=2e-4)
     for a, b in zip(grad_flex, grad_sdpa):
         torch.testing.assert_close(a, b, rtol=5e-3, atol=5e-4)
+
+
+@pytest.mark.parametrize("window,packed", [(16, True), (None, False)])
+def test_context_parallel_queries_match_masked_sdpa(window, packed):
+    """Context parallel: a rank's zigzag queries against the whole sequence's keys, as a FlexAttention BlockMask
+    with Q_LEN < KV_LEN, equal the same rows of the single-device attention."""
+    from megatron_exaone.model.sequence_shard import zigzag_index
+
+    torch.manual_seed(0)
+    attn = Attention(256, 8, 2, 32, 1e-5, use_rope=False).cuda()
+    positions = torch.arange(512, device="cuda").expand(2, 512).clone()
+    if packed:
+        positions[:, 200:] -= 200
+    q, k, v = attn.project(torch.randn(2, 512, 256, device="cuda"), None)
+    whole = attn.attend(q, k, v, attention_mask(positions.cpu(), window).cuda())
+    for rank in range(4):
+        index = zigzag_index(512, 4, rank, "cuda")
+        block = attention_mask(positions, window, index)
+        assert type(block).__name__ == "BlockMask"
+        part = attn.attend(q[:, :, index], k, v, block)
+        torch.testing.assert_close(part, whole[:, :, index], rtol=2e-3, atol=2e-4)

@@ -1,0 +1,43 @@
+"""Context parallel pieces that need no process group: the zigzag split of a sequence and the masks of a rank's
+queries against the whole sequence (the FlexAttention BlockMask the GPU runs, checked here in forward on CPU).
+The layouts themselves are compared with the single-process model in tests/distributed."""
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import flex_attention
+
+from megatron_exaone.model.attention import Attention, _block_mask, attention_mask, document_ids
+from megatron_exaone.model.sequence_shard import SequenceShard, zigzag_index, zigzag_order
+
+
+def test_zigzag_pairs_early_and_late_chunks_and_covers_the_sequence():
+    assert zigzag_index(16, 2, 0).tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+    assert zigzag_index(16, 2, 1).tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
+    assert sorted(zigzag_order(48, 4).tolist()) == list(range(48))
+    # causal work (keys before each query) is the same on every rank
+    work = [int((zigzag_index(48, 4, r) + 1).sum()) for r in range(4)]
+    assert len(set(work)) == 1
+    x = torch.arange(32).view(2, 16)
+    assert torch.equal(SequenceShard(2, 1).take(x), x[:, 4:12])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        zigzag_index(20, 4, 0)
+
+
+@pytest.mark.parametrize("window", [16, None])
+def test_a_ranks_queries_see_what_they_see_in_the_whole_sequence(window):
+    torch.manual_seed(0)
+    attn = Attention(256, 8, 2, 32, 1e-5, use_rope=False)
+    positions = torch.arange(512).expand(2, 512).clone()
+    positions[:, 200:] -= 200  # two packed documents
+    with torch.no_grad():  # FlexAttention has no CPU backward
+        q, k, v = attn.project(torch.randn(2, 512, 256), None)
+        whole = attn.attend(q, k, v, attention_mask(positions, window))
+        for rank in range(4):
+            index = zigzag_index(512, 4, rank)
+            rows = whole[:, :, index]
+            dense = attention_mask(positions, window, index)  # what SDPA gets on CPU
+            assert dense.shape == (2, 1, 128, 512)
+            torch.testing.assert_close(attn.attend(q[:, :, index], k, v, dense), rows)
+            block = _block_mask(document_ids(positions), window, 2, 512, "cpu", index)  # what the GPU gets
+            flex = flex_attention(q[:, :, index], k, v, block_mask=block, scale=32 ** -0.5, enable_gqa=True)
+            torch.testing.assert_close(flex, rows, rtol=1e-5, atol=1e-5)
