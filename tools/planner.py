@@ -38,7 +38,8 @@ per rank under sequence parallel, a = 2 B (bf16):
     - the copy feeding o_proj.
     It runs SDPA's flash kernel (causal) or FlexAttention (sliding window, packed documents, context parallel):
     no S x S probabilities and no dense mask. Under context parallel (s/cp tokens per rank) attention also keeps
-    the whole sequence's K and V, gathered over cp.
+    the K and V it gathered over cp: the whole sequence's for global layers, every chunk's last W - 1 tokens for
+    sliding layers.
   * The dense MLP keeps the gathered input and four [tokens, I/tp] tensors.
   * The MoE block keeps:
     - fp32 router input and scores;
@@ -89,7 +90,7 @@ from typing import Any
 import torch
 
 from megatron_exaone.model import ExaoneMoeForCausalLM, ModelConfig
-from megatron_exaone.model.config import DENSE, PRESETS
+from megatron_exaone.model.config import DENSE, PRESETS, SLIDING
 from megatron_exaone.model.init import is_stacked_experts
 from megatron_exaone.parallel.build import check_supported
 from megatron_exaone.parallel.mesh import LayoutError, ParallelDims
@@ -269,7 +270,7 @@ def _norm(c: _Ctx) -> float:
     return c.ts * c.m.hidden_size * (4 + c.a)
 
 
-def _attention(c: _Ctx, fp8: bool) -> float:
+def _attention(c: _Ctx, fp8: bool, sliding: bool) -> float:
     h, t = c.m.hidden_size, c.tokens
     gathered = 3 * t * h * 1 if fp8 else t * h * c.a
     q = t * c.q_loc * (4 + 2 * c.a)
@@ -277,8 +278,18 @@ def _attention(c: _Ctx, fp8: bool) -> float:
     v = t * c.kv_loc * c.a
     out = t * c.q_loc * c.a + t * c.q_loc * (1 if fp8 else c.a)  # SDPA output + o_proj input copy
     lse = c.batch * (c.m.num_attention_heads // c.tp) * c.seq * 4
-    whole_kv = 2 * c.batch * c.keys * c.kv_loc * c.a if c.cp > 1 else 0  # K and V gathered over cp
-    return gathered + q + k + v + out + lse + whole_kv
+    return gathered + q + k + v + out + lse + 2 * c.batch * _gathered_keys(c, sliding) * c.kv_loc * c.a
+
+
+def _gathered_keys(c: _Ctx, sliding: bool) -> int:
+    """Keys a layer gathers over cp (K and V each): the whole sequence, or for a sliding layer every chunk's last
+    W - 1 tokens when a chunk is that long (parallel/context_parallel.py); none without cp."""
+    if c.cp == 1:
+        return 0
+    window = c.m.sliding_window
+    if sliding and window and window - 1 <= c.seq // 2:
+        return 2 * c.cp * (window - 1) + c.seq
+    return c.keys
 
 
 def _swiglu(c: _Ctx, tokens: float, inter_local: float, fp8: bool) -> float:
@@ -299,10 +310,10 @@ def _moe(c: _Ctx, fp8: bool) -> float:
     return router + dispatched + experts + combine + shared
 
 
-def layer_activations(c: _Ctx, mlp_type: str, fp8: bool, recompute: str, modules: tuple[str, ...]
-                      ) -> tuple[float, float]:
+def layer_activations(c: _Ctx, attention_type: str, mlp_type: str, fp8: bool, recompute: str,
+                      modules: tuple[str, ...]) -> tuple[float, float]:
     """(saved bytes of one decoder layer for one micro-batch, bytes alive while it is recomputed/backpropagated)."""
-    attention = _attention(c, fp8)
+    attention = _attention(c, fp8, attention_type == SLIDING)
     mlp = _swiglu(c, c.tokens, c.m.intermediate_size / c.tp, fp8) if mlp_type == DENSE else _moe(c, fp8)
     whole = 2 * _norm(c) + attention + mlp
     layer_input = c.ts * c.m.hidden_size * c.a
@@ -328,9 +339,9 @@ def head_activations(c: _Ctx, fp8_mtp: bool, recompute: str, modules: tuple[str,
     saved = _norm(c) + losses * (c.tokens * h * c.a + m.vocab_size / c.tp * h * 4)
     transient = 3 * 1024 * m.vocab_size / c.tp * 4  # a chunk of fp32 logits, exp and gradient
     if mtp_enabled(m):
-        for _ in m.mtp_layer_types:
+        for kind in m.mtp_layer_types:
             per_depth = 3 * _norm(c) + c.ts * 2 * h * c.a + c.tokens * 2 * h * c.a + c.tokens * h * c.a
-            layer_saved, layer_peak = layer_activations(c, DENSE, fp8_mtp, recompute, modules)
+            layer_saved, layer_peak = layer_activations(c, kind, DENSE, fp8_mtp, recompute, modules)
             saved += per_depth + layer_saved
             transient = max(transient, layer_peak)
     return saved, transient
@@ -402,8 +413,8 @@ def plan(inp: PlanInput) -> Plan:
             chunk = per_microbatch
             for j in spec.layers:
                 layer_fp8 = fp8 and not (j < first_bf16 or j >= m.num_hidden_layers - last_bf16)
-                layer_saved, layer_peak = layer_activations(c, m.mlp_layer_types[j], layer_fp8, inp.recompute,
-                                                            inp.recompute_modules)
+                layer_saved, layer_peak = layer_activations(c, m.layer_types[j], m.mlp_layer_types[j], layer_fp8,
+                                                            inp.recompute, inp.recompute_modules)
                 chunk += layer_saved
                 transient = max(transient, layer_peak)
             saved += chunk * r.in_flight

@@ -21,14 +21,16 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cumsum((position_ids == 0).to(torch.int32), dim=-1)
 
 
-def attention_mask(position_ids: torch.Tensor | None, window: int | None, query_index: torch.Tensor | None = None):
+def attention_mask(position_ids: torch.Tensor | None, window: int | None, query_index: torch.Tensor | None = None,
+                   keys: tuple[torch.Tensor, torch.Tensor] | None = None):
     """The mask for causal attention within documents and within `window` if given (transformers' semantics:
     query i sees key j when i - window < j <= i).
 
-    `query_index` (context parallel): the sequence positions of the queries, a subset of the S keys; the mask is
-    then [queries, S]. None for a plain causal mask (all queries, one document per row, no window): SDPA's causal
-    (flash) kernel. On GPU a FlexAttention `BlockMask`, which skips the blocks outside the window or the document,
-    so sliding layers cost O(S * W). Otherwise a boolean [B, 1, queries, S] mask (True = attend) for SDPA.
+    Context parallel: `query_index`, the sequence positions of this rank's queries; `keys`, (sequence positions,
+    usable) of the keys when they are not the whole sequence in order (a sliding layer's gathered chunk tails).
+    None for a plain causal mask (all queries and keys, one document per row, no window): SDPA's causal (flash)
+    kernel. On GPU a FlexAttention `BlockMask`, which skips the blocks outside the window or the document, so
+    sliding layers cost O(S * W). Otherwise a boolean [B, 1, queries, keys] mask (True = attend) for SDPA.
     """
     if position_ids is None:
         return None
@@ -37,31 +39,42 @@ def attention_mask(position_ids: torch.Tensor | None, window: int | None, query_
         return None
     docs = document_ids(position_ids) if packed else None
     if position_ids.is_cuda and BlockMask is not None:
-        return _block_mask(docs, window, *position_ids.shape, position_ids.device, query_index)
-    keys = torch.arange(position_ids.shape[-1], device=position_ids.device)
-    queries = keys if query_index is None else query_index
-    allowed = keys[None, :] <= queries[:, None]
+        return _block_mask(docs, window, *position_ids.shape, position_ids.device, query_index, keys)
+    seq = position_ids.shape[-1]
+    key_index, usable = keys if keys is not None else (torch.arange(seq, device=position_ids.device), None)
+    queries = torch.arange(seq, device=position_ids.device) if query_index is None else query_index
+    allowed = key_index[None, :] <= queries[:, None]
     if window is not None:
-        allowed = allowed & (queries[:, None] - keys[None, :] < window)
+        allowed = allowed & (queries[:, None] - key_index[None, :] < window)
+    if usable is not None:
+        allowed = allowed & usable[None, :]
     allowed = allowed.unsqueeze(0)
     if docs is not None:
-        allowed = allowed & (docs[:, queries, None] == docs[:, None, :])
+        allowed = allowed & (docs[:, queries, None] == docs[:, None, key_index])
     return allowed.unsqueeze(1)
 
 
 def _block_mask(docs: torch.Tensor | None, window: int | None, batch: int, seq: int, device: torch.device,
-                query_index: torch.Tensor | None = None):
+                query_index: torch.Tensor | None = None, keys: tuple[torch.Tensor, torch.Tensor] | None = None):
+    key_index, usable = keys if keys is not None else (None, None)
+
     def mask_mod(b, h, q, kv):
         if query_index is not None:
             q = query_index[q]
+        usable_key = None
+        if key_index is not None:
+            usable_key, kv = usable[kv], key_index[kv]
         allowed = kv <= q
+        if usable_key is not None:
+            allowed = allowed & usable_key
         if window is not None:
             allowed = allowed & (q - kv < window)
         if docs is not None:
             allowed = allowed & (docs[b, q] == docs[b, kv])
         return allowed
     queries = seq if query_index is None else query_index.numel()
-    return create_block_mask(mask_mod, batch if docs is not None else None, None, queries, seq, device=device)
+    kv_len = seq if key_index is None else key_index.numel()
+    return create_block_mask(mask_mod, batch if docs is not None else None, None, queries, kv_len, device=device)
 
 
 class Attention(nn.Module):

@@ -26,6 +26,29 @@ class SequenceShard:
         """This rank's tokens of `x` [B, S, ...]."""
         return x.index_select(1, self.index(x.shape[1], x.device))
 
+    def halo(self, seq_len: int, window: int | None) -> int | None:
+        """Keys each chunk needs from the chunk before it under a sliding `window` (W - 1), or None when the whole
+        sequence must be gathered instead (no window, or a chunk shorter than W - 1)."""
+        if window is None or window < 2 or window - 1 > seq_len // (2 * self.size):
+            return None
+        return window - 1
+
+    def halo_keys(self, seq_len: int, halo: int, device: torch.device | str | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence positions, usable) of a sliding layer's keys: the last `halo` tokens of every chunk of every
+        rank (gathered over cp, in rank order, each rank's two chunks in the order it holds them), then this rank's
+        own tokens. This rank's own chunk tails are duplicates and not usable."""
+        chunk = seq_len // (2 * self.size)
+        tails, owners = [], []
+        for rank in range(self.size):
+            for first in zigzag_index(seq_len, self.size, rank, device)[::chunk].tolist():
+                tails.append(torch.arange(first + chunk - halo, first + chunk, device=device))
+                owners.append(torch.full((halo,), rank, device=device))
+        own = self.index(seq_len, device)
+        positions = torch.cat([*tails, own])
+        usable = torch.cat([torch.cat(owners) != self.rank, torch.ones_like(own, dtype=torch.bool)])
+        return positions, usable
+
 
 def zigzag_index(seq_len: int, size: int, rank: int, device: torch.device | str | None = None) -> torch.Tensor:
     if seq_len % (2 * size):

@@ -4,11 +4,12 @@ A pass over the meta-device model or pipeline chunk, after tensor and expert par
 - The model gets a `SequenceShard`: it still receives whole sequences (every rank of a cp group loads the same
   ones) and computes only its zigzag share, 2 chunks of S / (2 cp) tokens, so causal-attention work is balanced.
   MTP inputs and labels are shifted on the whole sequences before sharding.
-- Attention gathers keys and values over cp (backward: their gradients reduce-scattered back), restores sequence
-  order and attends with the local queries to the whole sequence under the causal, window and document mask of
-  their positions. Exact for every window and packed document, and it composes with TP/SP (heads and the local
-  sequence split over tp). It moves the whole K/V each layer, like TE's `all_gather` scheme; sliding layers need
-  only the previous W - 1 tokens (a halo exchange), which is the next step for long sequences.
+- Attention gathers keys and values over cp (backward: their gradients reduce-scattered back) and attends with
+  the local queries under the causal, window and document mask of their positions, so it is exact for every
+  window and packed document, and composes with TP/SP (heads and the local sequence split over tp). Global
+  layers gather the whole sequence (TE's `all_gather` scheme). Sliding layers gather only the last W - 1 tokens
+  of every chunk (a halo: 2 cp (W - 1) tokens instead of S; a chunk shorter than W - 1 falls back to the whole
+  sequence); this rank's own tails among them are masked out as duplicates.
 - MoE blocks sum their per-sequence statistics (sequence aux loss) over cp x tp.
 Loss normalisation, gradient reduction (dp x cp) and expert-load counts (all ranks of a stage) already span cp.
 """
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_exaone.model.attention import Attention
+from megatron_exaone.model.layers import DecoderLayer
 from megatron_exaone.model.moe import MoEBlock
 from megatron_exaone.model.sequence_shard import SequenceShard, zigzag_order
 
@@ -29,31 +31,46 @@ from .tensor_parallel import sequence_stats_reducer
 
 
 class ContextParallelAttention(Attention):
-    """Attention of this rank's queries over the whole sequence; `cp_group` is set by `apply_context_parallel`."""
+    """Attention of this rank's queries over the keys before them; `cp_group`, `shard` and `window` (sliding
+    layers; None for global ones) are set by `apply_context_parallel`."""
 
     cp_group: dist.ProcessGroup
+    shard: SequenceShard
+    window: int | None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask) -> torch.Tensor:
         batch, seq, _ = x.shape
         q, k, v = self.project(x, rope)
-        k, v = self.gather_sequence(k), self.gather_sequence(v)
-        return self.o_proj(self.attend(q, k, v, mask).transpose(1, 2).reshape(batch, seq, -1))
+        halo = self.shard.halo(seq * self.shard.size, self.window)
+        gather = self.gather_sequence if halo is None else lambda t: self.gather_halo(t, halo)
+        return self.o_proj(self.attend(q, gather(k), gather(v), mask).transpose(1, 2).reshape(batch, seq, -1))
 
     def gather_sequence(self, t: torch.Tensor) -> torch.Tensor:
         """[B, heads, S / cp, D] of this rank -> [B, heads, S, D] of the whole sequence, in sequence order."""
         gathered = comm.gather_from_sp(t, self.cp_group, dim=2)
-        order = zigzag_order(gathered.shape[2], dist.get_world_size(self.cp_group), t.device)
+        order = zigzag_order(gathered.shape[2], self.shard.size, t.device)
         return gathered.index_select(2, torch.argsort(order))
+
+    def gather_halo(self, t: torch.Tensor, halo: int) -> torch.Tensor:
+        """A sliding layer's keys: the last `halo` tokens of every chunk of every rank, then this rank's own
+        ([B, heads, 2 cp halo + S / cp, D], the order of `SequenceShard.halo_keys`). Moves 2 cp (W - 1) tokens
+        instead of the whole sequence."""
+        chunk = t.shape[2] // 2
+        tails = torch.cat([t[:, :, chunk - halo:chunk], t[:, :, 2 * chunk - halo:]], dim=2)
+        return torch.cat([comm.gather_from_sp(tails, self.cp_group, dim=2), t], dim=2)
 
 
 def apply_context_parallel(root: nn.Module, mesh: ParallelMesh) -> None:
     """Make `root` (an ExaoneMoeForCausalLM or a PipelineChunk) compute this rank's share of every sequence."""
     if mesh.dims.cp == 1:
         return
+    shard = SequenceShard(mesh.dims.cp, mesh.cp_rank)
+    window = root.config.sliding_window
     for module in root.modules():
-        if type(module) is Attention:
-            module.__class__ = ContextParallelAttention
-            module.cp_group = mesh.cp_group
+        if isinstance(module, DecoderLayer) and type(module.self_attn) is Attention:
+            attn = module.self_attn
+            attn.__class__ = ContextParallelAttention
+            attn.cp_group, attn.shard, attn.window = mesh.cp_group, shard, window if module.is_sliding else None
         elif isinstance(module, MoEBlock):
             module.reduce_aux_stats = sequence_stats_reducer(mesh.cp_tp_group)
-    root.sequence_shard = SequenceShard(mesh.dims.cp, mesh.cp_rank)
+    root.sequence_shard = shard

@@ -38,7 +38,9 @@ LAYOUTS = {
         "tp4_replicated_kv": (dict(tp=4), True, False, "none", False),
         "tp2_dp2_ep2_fsdp_compiled": (dict(tp=2, dp=2, ep=2), True, True, "none", True),
         "cp2_tp2_ep2_sp_fsdp_recompute": (dict(cp=2, tp=2, ep=2), True, True, "full", False),
-        "cp2_dp2_fsdp": (dict(cp=2, dp=2), True, True, "none", False)},
+        "cp2_dp2_fsdp": (dict(cp=2, dp=2), True, True, "none", False),
+        # chunks of 16 / 8 = 2 tokens, shorter than the window's 3-token halo: sliding layers gather everything
+        "cp4": (dict(cp=4), True, False, "none", False)},
 }
 
 

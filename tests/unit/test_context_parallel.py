@@ -41,3 +41,32 @@ def test_a_ranks_queries_see_what_they_see_in_the_whole_sequence(window):
             block = _block_mask(document_ids(positions), window, 2, 512, "cpu", index)  # what the GPU gets
             flex = flex_attention(q[:, :, index], k, v, block_mask=block, scale=32 ** -0.5, enable_gqa=True)
             torch.testing.assert_close(flex, rows, rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_layers_need_only_every_chunks_last_window_tokens():
+    """A sliding layer's keys under cp: the last W - 1 tokens of every rank's chunks (what the halo all-gather
+    yields; this rank's own tails masked out) and this rank's tokens give the whole-sequence rows."""
+    torch.manual_seed(0)
+    attn = Attention(256, 8, 2, 32, 1e-5, use_rope=False)
+    positions = torch.arange(512).expand(2, 512).clone()
+    positions[:, 200:] -= 200
+    window, cp = 16, 4
+    with torch.no_grad():
+        q, k, v = attn.project(torch.randn(2, 512, 256), None)
+        whole = attn.attend(q, k, v, attention_mask(positions, window))
+        for rank in range(cp):
+            shard = SequenceShard(cp, rank)
+            halo = shard.halo(512, window)
+            keys = shard.halo_keys(512, halo)
+            assert halo == window - 1 and keys[0].numel() == 2 * cp * halo + 128
+            index = shard.index(512)
+            rows = whole[:, :, index]
+            gathered_k, gathered_v = k[:, :, keys[0]], v[:, :, keys[0]]  # the gather, done on the whole tensors
+            dense = attention_mask(positions, window, index, keys)
+            torch.testing.assert_close(attn.attend(q[:, :, index], gathered_k, gathered_v, dense), rows)
+            block = _block_mask(document_ids(positions), window, 2, 512, "cpu", index, keys)
+            flex = flex_attention(q[:, :, index], gathered_k, gathered_v, block_mask=block, scale=32 ** -0.5,
+                                  enable_gqa=True)
+            torch.testing.assert_close(flex, rows, rtol=1e-5, atol=1e-5)
+    assert SequenceShard(4, 0).halo(64, 16) is None  # chunks of 8 tokens are shorter than the window
+    assert SequenceShard(4, 0).halo(512, None) is None
