@@ -173,6 +173,8 @@ def _unknown_key(key: str, source: str) -> str:
     if parent and not valid:  # a name -> value map (mixture, datasets): its entries are not fixed by the schema
         return (f"'{parent}' has no entry '{leaf}' (from {source}); add a new entry with '+{key}=VALUE', or replace "
                 "the whole map in the recipe file.")
+    if leaf in valid:  # a valid field the composed recipe does not set (model recipes list only what they change)
+        return (f"'{key}' is not set by the recipes composed here (from {source}); add it with '+{key}=VALUE'.")
     close = difflib.get_close_matches(leaf, valid, n=1)
     hint = f" Did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
     where = f"'{parent}'" if parent else "the top level"

@@ -122,7 +122,11 @@ class Trainer:
         p, seed = self.cfg.parallel, self.cfg.trainer.seed
         precision = PrecisionPlan.from_config(self.cfg.precision)
         if self.mesh.dims.pp > 1:
-            chunks = build_pipeline_chunks(self.model_config, self.mesh, seed, self.device, p.pipeline_schedule,
+            # The last stage runs MTP (and holds a copy of the embedding) only if built to: build it for the
+            # curriculum's largest MTP weight, so a stage that turns MTP on trains it; each stage sets its own.
+            config = dataclasses.replace(self.model_config, mtp_loss_weight=max(
+                [self.model_config.mtp_loss_weight] + [s.mtp_loss_weight for s in self.curriculum.stages]))
+            chunks = build_pipeline_chunks(config, self.mesh, seed, self.device, p.pipeline_schedule,
                                            p.pipeline_layout, p.sequence_parallel, precision)
         else:
             chunks = [build_parallel_model(self.model_config, self.mesh, seed, self.device, p.sequence_parallel,

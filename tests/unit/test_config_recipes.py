@@ -117,6 +117,13 @@ def test_unknown_key_is_named_with_a_suggestion(override, key, suggestion):
     assert "\n" not in message
 
 
+def test_a_model_field_the_recipe_does_not_set_says_how_to_add_it():
+    with pytest.raises(RecipeError, match=r"'model.mtp_loss_weight' is not set .* add it with "
+                                          r"'\+model.mtp_loss_weight=VALUE'"):
+        _load("model.mtp_loss_weight=0")
+    assert _load("+model.mtp_loss_weight=0").model["mtp_loss_weight"] == 0
+
+
 def test_unknown_key_in_a_recipe_file_names_the_file(tmp_path):
     recipes = tmp_path / "recipes"
     shutil.copytree(RECIPES, recipes)
