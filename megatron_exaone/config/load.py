@@ -13,6 +13,8 @@ import difflib
 import math
 import os
 import re
+import site
+import sysconfig
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,13 +64,20 @@ class ValidatedConfig:
 # ---------------------------------------------------------------------------------------------- loading
 def recipes_dir(override: str | os.PathLike | None = None) -> Path:
     """The recipes directory: `override` (the CLI's --config-dir), else $MEGATRON_EXAONE_RECIPES, else the
-    `recipes/` folder beside the package (a source checkout or editable install)."""
+    `recipes/` folder beside the package (a source checkout or editable install), else the copy a wheel install
+    puts under <prefix>/share/megatron-exaone/recipes (pyproject.toml's data-files)."""
     chosen = override or os.environ.get(RECIPES_ENV)
-    path = Path(chosen) if chosen else Path(__file__).resolve().parents[2] / "recipes"
-    if not (path / "config.yaml").is_file():
-        origin = "--config-dir" if override else RECIPES_ENV if chosen else "the source checkout"
-        raise RecipeError(f"no recipes found at {path} (from {origin}): it has no config.yaml. Point "
-                          f"--config-dir or ${RECIPES_ENV} at megatron-exaone's recipes/ folder (or a copy of it).")
+    if chosen:
+        candidates = [Path(chosen)]
+    else:
+        installed = Path("share") / "megatron-exaone" / "recipes"
+        candidates = [Path(__file__).resolve().parents[2] / "recipes", Path(sysconfig.get_path("data")) / installed,
+                      Path(site.getuserbase()) / installed]
+    path = next((c for c in candidates if (c / "config.yaml").is_file()), None)
+    if path is None:
+        origin = "--config-dir" if override else RECIPES_ENV if chosen else "the source checkout or the installation"
+        raise RecipeError(f"no recipes found at {', '.join(map(str, candidates))} (from {origin}): no config.yaml. "
+                          f"Point --config-dir or ${RECIPES_ENV} at megatron-exaone's recipes/ folder (or a copy).")
     return path.resolve()
 
 

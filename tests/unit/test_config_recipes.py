@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,6 +210,17 @@ def test_relative_data_paths_resolve_against_run_dir(tmp_path):
     cfg = _load(f"run_dir={tmp_path}")
     assert cfg.data.resolved_datasets(cfg.run_dir) == {"sample": [str(tmp_path / "data" / "sample")]}
     assert cfg.data.resolved_path(cfg.data.tokenizer, cfg.run_dir) == str(tmp_path / "data" / "tokenizer")
+
+
+def test_every_recipe_is_installed_with_the_package():
+    """A wheel install has no source checkout: pyproject.toml's data-files must ship every recipe."""
+    tomllib = pytest.importorskip("tomllib")
+    root = RECIPES.parent
+    data_files = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    shipped = {path for patterns in data_files.values() for pattern in patterns for path in root.glob(pattern)}
+    assert shipped == set(RECIPES.rglob("*.yaml"))
+    for target, patterns in data_files.items():  # each file lands where recipes_dir expects its group
+        assert all(Path(target) == Path("share/megatron-exaone") / Path(p).parent for p in patterns), target
 
 
 def test_recipes_dir_override(tmp_path, monkeypatch):
