@@ -33,8 +33,9 @@ def default_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
 class AttentionInputs:
     """Per-forward attention inputs shared by every layer: RoPE cos/sin and one mask per attention type, for the
     tokens this rank computes (all of them, or its `shard` under context parallelism: then the masks let those
-    queries see the keys the attention modules gather: the whole sequence, or for sliding layers every chunk's
-    last W - 1 tokens, `SequenceShard.halo_keys`)."""
+    queries see the keys the attention modules gather, in gathered order: every rank's tokens
+    (`SequenceShard.gathered_keys`), or for sliding layers every chunk's last W - 1 tokens and this rank's own
+    (`SequenceShard.halo_keys`))."""
 
     def __init__(self, config: ModelConfig, position_ids: torch.Tensor, dtype: torch.dtype,
                  shard: SequenceShard | None = None) -> None:
@@ -42,10 +43,13 @@ class AttentionInputs:
         seq, device = position_ids.shape[1], position_ids.device
         queries = shard.index(seq, device) if shard is not None else None
         window = config.sliding_window
-        halo = shard.halo(seq, window) if shard is not None else None
-        sliding_keys = shard.halo_keys(seq, halo, device) if halo is not None else None
+        all_keys = sliding_keys = None
+        if shard is not None:
+            all_keys = shard.gathered_keys(seq, device)
+            halo = shard.halo(seq, window)
+            sliding_keys = shard.halo_keys(seq, halo, device) if halo is not None else all_keys
         self.rope = rope_cos_sin(self.take(position_ids), config.head_dim, config.rope_theta, dtype)
-        self.masks = {FULL: attention_mask(position_ids, None, queries),
+        self.masks = {FULL: attention_mask(position_ids, None, queries, all_keys),
                       SLIDING: attention_mask(position_ids, window, queries, sliding_keys) if window else None}
 
     def take(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,12 @@ class SequenceShard:
         """This rank's tokens of `x` [B, S, ...]."""
         return x.index_select(1, self.index(x.shape[1], x.device))
 
+    def gathered_keys(self, seq_len: int, device: torch.device | str | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence positions, usable) of the keys an all-gather of every rank's tokens yields, in rank order."""
+        positions = zigzag_order(seq_len, self.size, device)
+        return positions, torch.ones_like(positions, dtype=torch.bool)
+
     def halo(self, seq_len: int, window: int | None) -> int | None:
         """Keys each chunk needs from the chunk before it under a sliding `window` (W - 1), or None when the whole
         sequence must be gathered instead (no window, or a chunk shorter than W - 1)."""

@@ -23,7 +23,7 @@ from torch import nn
 from megatron_exaone.model.attention import Attention
 from megatron_exaone.model.layers import DecoderLayer
 from megatron_exaone.model.moe import MoEBlock
-from megatron_exaone.model.sequence_shard import SequenceShard, zigzag_order
+from megatron_exaone.model.sequence_shard import SequenceShard
 
 from . import comm
 from .mesh import ParallelMesh
@@ -46,10 +46,9 @@ class ContextParallelAttention(Attention):
         return self.o_proj(self.attend(q, gather(k), gather(v), mask).transpose(1, 2).reshape(batch, seq, -1))
 
     def gather_sequence(self, t: torch.Tensor) -> torch.Tensor:
-        """[B, heads, S / cp, D] of this rank -> [B, heads, S, D] of the whole sequence, in sequence order."""
-        gathered = comm.gather_from_sp(t, self.cp_group, dim=2)
-        order = zigzag_order(gathered.shape[2], self.shard.size, t.device)
-        return gathered.index_select(2, torch.argsort(order))
+        """[B, heads, S / cp, D] of this rank -> [B, heads, S, D]: every rank's tokens in rank order (the mask
+        knows their positions, `SequenceShard.gathered_keys`, so no reordering copy is needed)."""
+        return comm.gather_from_sp(t, self.cp_group, dim=2)
 
     def gather_halo(self, t: torch.Tensor, halo: int) -> torch.Tensor:
         """A sliding layer's keys: the last `halo` tokens of every chunk of every rank, then this rank's own

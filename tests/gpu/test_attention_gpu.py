@@ -34,18 +34,23 @@ def test_flex_attention_matches_masked_sdpa(window, packed):
 def test_context_parallel_queries_match_masked_sdpa(window, packed):
     """Context parallel: a rank's zigzag queries against the whole sequence's keys, as a FlexAttention BlockMask
     with Q_LEN < KV_LEN, equal the same rows of the single-device attention."""
-    from megatron_exaone.model.sequence_shard import zigzag_index
+    from megatron_exaone.model.sequence_shard import SequenceShard
 
     torch.manual_seed(0)
     attn = Attention(256, 8, 2, 32, 1e-5, use_rope=False).cuda()
     positions = torch.arange(512, device="cuda").expand(2, 512).clone()
     if packed:
         positions[:, 200:] -= 200
-    q, k, v = attn.project(torch.randn(2, 512, 256, device="cuda"), None)
+    x = torch.randn(2, 512, 256, device="cuda", requires_grad=True)
+    q, k, v = attn.project(x, None)
     whole = attn.attend(q, k, v, attention_mask(positions.cpu(), window).cuda())
     for rank in range(4):
-        index = zigzag_index(512, 4, rank, "cuda")
-        block = attention_mask(positions, window, index)
+        shard = SequenceShard(4, rank)
+        index, keys = shard.index(512, "cuda"), shard.gathered_keys(512, "cuda")  # keys in all-gather order
+        block = attention_mask(positions, window, index, keys)
         assert type(block).__name__ == "BlockMask"
-        part = attn.attend(q[:, :, index], k, v, block)
+        part = attn.attend(q[:, :, index], k[:, :, keys[0]], v[:, :, keys[0]], block)
         torch.testing.assert_close(part, whole[:, :, index], rtol=2e-3, atol=2e-4)
+        want = torch.autograd.grad(whole[:, :, index].square().sum(), x, retain_graph=True)[0]
+        got = torch.autograd.grad(part.square().sum(), x, retain_graph=True)[0]
+        torch.testing.assert_close(got, want, rtol=5e-3, atol=5e-4)

@@ -33,14 +33,17 @@ def test_a_ranks_queries_see_what_they_see_in_the_whole_sequence(window):
         q, k, v = attn.project(torch.randn(2, 512, 256), None)
         whole = attn.attend(q, k, v, attention_mask(positions, window))
         for rank in range(4):
-            index = zigzag_index(512, 4, rank)
+            shard = SequenceShard(4, rank)
+            index, keys = shard.index(512), shard.gathered_keys(512)
             rows = whole[:, :, index]
-            dense = attention_mask(positions, window, index)  # what SDPA gets on CPU
-            assert dense.shape == (2, 1, 128, 512)
-            torch.testing.assert_close(attn.attend(q[:, :, index], k, v, dense), rows)
-            block = _block_mask(document_ids(positions), window, 2, 512, "cpu", index)  # what the GPU gets
-            flex = flex_attention(q[:, :, index], k, v, block_mask=block, scale=32 ** -0.5, enable_gqa=True)
-            torch.testing.assert_close(flex, rows, rtol=1e-5, atol=1e-5)
+            gathered_k, gathered_v = k[:, :, keys[0]], v[:, :, keys[0]]  # every rank's tokens in rank order
+            for key_layout, (kk, vv) in ((None, (k, v)), (keys, (gathered_k, gathered_v))):
+                dense = attention_mask(positions, window, index, key_layout)  # what SDPA gets on CPU
+                assert dense.shape == (2, 1, 128, 512)
+                torch.testing.assert_close(attn.attend(q[:, :, index], kk, vv, dense), rows)
+                block = _block_mask(document_ids(positions), window, 2, 512, "cpu", index, key_layout)  # GPU's
+                flex = flex_attention(q[:, :, index], kk, vv, block_mask=block, scale=32 ** -0.5, enable_gqa=True)
+                torch.testing.assert_close(flex, rows, rtol=1e-5, atol=1e-5)
 
 
 def test_sliding_layers_need_only_every_chunks_last_window_tokens():
