@@ -344,10 +344,9 @@ def test_converted_model_keeps_names_init_outputs_and_gradients(stub_recipe, te_
     assert te.entered == [(True, recipe, "stage-group")]
 
 
-def test_expert_splits_are_padded_to_the_recipe_alignment(stub_recipe):
-    config = tiny(vocab_size=128)
-    model, _ = converted_model(config, FakeTE())
-    experts = model.model.layers[1].mlp.experts
+@pytest.fixture
+def grouped_splits(monkeypatch):
+    """The m_splits of every FakeGroupedLinear call, in order."""
     seen = []
     original = FakeGroupedLinear.forward
 
@@ -355,37 +354,30 @@ def test_expert_splits_are_padded_to_the_recipe_alignment(stub_recipe):
         seen.append(list(m_splits))
         return original(self, inp, m_splits)
 
-    FakeGroupedLinear.forward = spy
-    try:
-        counts = torch.tensor([3, 0, 17, 1, 0, 0, 5, 2])
-        x = torch.randn(int(counts.sum()), config.hidden_size)
-        out = experts(x, counts)
-    finally:
-        FakeGroupedLinear.forward = original
-    assert seen == [[16, 0, 32, 16, 0, 0, 16, 16]] * 3
+    monkeypatch.setattr(FakeGroupedLinear, "forward", spy)
+    return seen
+
+
+def test_expert_splits_are_padded_to_the_recipe_alignment(stub_recipe, grouped_splits):
+    config = tiny(vocab_size=128)
+    model, _ = converted_model(config, FakeTE())
+    experts = model.model.layers[1].mlp.experts
+    counts = torch.tensor([3, 0, 17, 1, 0, 0, 5, 2])
+    x = torch.randn(int(counts.sum()), config.hidden_size)
+    out = experts(x, counts)
+    assert grouped_splits == [[16, 0, 32, 16, 0, 0, 16, 16]] * 3
     torch.testing.assert_close(out, GroupedExperts.forward(experts, x, counts))
 
 
-def test_experts_with_no_routed_tokens_still_run_every_grouped_gemm(stub_recipe):
+def test_experts_with_no_routed_tokens_still_run_every_grouped_gemm(stub_recipe, grouped_splits):
     # DelayedScaling registers each TE module's amaxes on its first forward and all-reduces them by position over
     # the amax group, so a rank whose experts received no tokens must still call every GroupedLinear.
     model, _ = converted_model(tiny(vocab_size=128), FakeTE())
     experts = model.model.layers[1].mlp.experts
-    seen = []
-    original = FakeGroupedLinear.forward
-
-    def spy(self, inp, m_splits):
-        seen.append(list(m_splits))
-        return original(self, inp, m_splits)
-
-    FakeGroupedLinear.forward = spy
-    try:
-        x = torch.randn(0, 64, requires_grad=True)
-        out = experts(x, torch.zeros(8, dtype=torch.long))
-        out.sum().backward()
-    finally:
-        FakeGroupedLinear.forward = original
-    assert seen == [[16, 0, 0, 0, 0, 0, 0, 0]] * 3
+    x = torch.randn(0, 64, requires_grad=True)
+    out = experts(x, torch.zeros(8, dtype=torch.long))
+    out.sum().backward()
+    assert grouped_splits == [[16, 0, 0, 0, 0, 0, 0, 0]] * 3
     assert out.shape == (0, 64) and x.grad.shape == (0, 64)
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in experts.parameters())
 
