@@ -29,8 +29,7 @@ from megatron_exaone.checkpoint.store import find_checkpoint, read_meta, save_ch
 from megatron_exaone.model import ModelConfig
 from megatron_exaone.model.config import ConfigError
 
-from .hf import (HFFormatError, SafetensorsDir, check_shapes, expected_shapes, map_hf_keys, parse_size,
-                 read_hf_config, safetensors_files, to_hf_tensors, write_hf_dir)
+from .hf import HFFormatError, expected_shapes, open_hf_dir, parse_size, to_hf_tensors, write_hf_dir
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +163,7 @@ def hf_to_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> P
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new output directory.")
-    config = read_hf_config(hf_dir)
-    weights = SafetensorsDir(safetensors_files(hf_dir))
-    sources = map_hf_keys(weights.shapes, config, source=str(hf_dir))
-    shapes = {k: s.shape(weights.shapes) for k, s in sources.items()}
-    check_shapes(shapes, config, str(hf_dir))
+    config, weights, sources, shapes = open_hf_dir(hf_dir)
     dtypes = {k: weights.dtypes[s.keys[0]] for k, s in sources.items()}
     placeholders = {k: torch.empty(shapes[k], dtype=dtypes[k], device="meta") for k in sources}
     total = sum(t.numel() * t.element_size() for t in placeholders.values())

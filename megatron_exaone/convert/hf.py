@@ -120,10 +120,18 @@ def map_hf_keys(hf_keys: Iterable[str], config: ModelConfig, source: str = "stat
 def from_hf_tensors(hf: Mapping[str, torch.Tensor], config: ModelConfig, source: str = "state dict"
                     ) -> dict[str, torch.Tensor]:
     """Our full state dict from HF tensors (per-expert or fused layout), checked against `config`."""
-    sources = map_hf_keys(hf, config, source)
-    hf_shapes = {k: v.shape for k, v in hf.items()}
-    check_shapes({k: s.shape(hf_shapes) for k, s in sources.items()}, config, source)
+    sources, _ = checked_sources({k: v.shape for k, v in hf.items()}, config, source)
     return {k: s.build(hf.__getitem__) for k, s in sources.items()}
+
+
+def checked_sources(hf_shapes: Mapping[str, Sequence[int]], config: ModelConfig, source: str
+                    ) -> tuple[dict[str, HFSource], dict[str, tuple[int, ...]]]:
+    """`map_hf_keys` of HF tensor shapes, every resulting name and shape checked against `config`: (our key ->
+    its source, our key -> its shape). Reads no tensor data."""
+    sources = map_hf_keys(hf_shapes, config, source)
+    shapes = {k: s.shape(hf_shapes) for k, s in sources.items()}
+    check_shapes(shapes, config, source)
+    return sources, shapes
 
 
 def check_shapes(shapes: Mapping[str, Sequence[int]], config: ModelConfig, source: str) -> None:
@@ -329,8 +337,14 @@ def from_hf(hf_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Ten
 
     `mtp.*` tensors are required when config.json has num_nextn_predict_layers > 0.
     """
+    config, weights, sources, _ = open_hf_dir(hf_dir)
+    return config, {k: s.build(weights.load) for k, s in sources.items()}
+
+
+def open_hf_dir(hf_dir: str | os.PathLike) -> tuple[ModelConfig, SafetensorsDir, dict[str, HFSource],
+                                                      dict[str, tuple[int, ...]]]:
+    """(config, its weights' headers, our key -> source, our key -> shape) of an HF directory, every name and
+    shape checked against config.json before any tensor data is read."""
     config = read_hf_config(hf_dir)
     weights = SafetensorsDir(safetensors_files(hf_dir))
-    sources = map_hf_keys(weights.shapes, config, source=str(hf_dir))
-    check_shapes({k: s.shape(weights.shapes) for k, s in sources.items()}, config, str(hf_dir))
-    return config, {k: s.build(weights.load) for k, s in sources.items()}
+    return config, weights, *checked_sources(weights.shapes, config, str(hf_dir))
