@@ -43,7 +43,8 @@ def test_context_parallel_queries_match_masked_sdpa(window, packed):
         positions[:, 200:] -= 200
     x = torch.randn(2, 512, 256, device="cuda", requires_grad=True)
     q, k, v = attn.project(x, None)
-    whole = attn.attend(q, k, v, attention_mask(positions.cpu(), window).cuda())
+    dense = attention_mask(positions.cpu(), window)  # None: plain causal (SDPA's is_causal)
+    whole = attn.attend(q, k, v, None if dense is None else dense.cuda())
     for rank in range(4):
         shard = SequenceShard(4, rank)
         index, keys = shard.index(512, "cuda"), shard.gathered_keys(512, "cuda")  # keys in all-gather order
