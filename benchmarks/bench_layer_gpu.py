@@ -50,7 +50,7 @@ def layer_flops_per_token(config, seq_len: int) -> float:
 def time_layer(config, variant: str, seq_len: int, batch: int, steps: int, warmup: int, profile: bool = False
                ) -> tuple[float, float]:
     """(median seconds per forward + backward, peak GiB)."""
-    plan, compile_layers = parse_variant(variant)
+    plan, options = parse_variant(variant)
     torch.manual_seed(0)
     with torch.device(DEVICE):
         layer = DecoderLayer(config, SLIDING, SPARSE).to(torch.bfloat16)
@@ -63,7 +63,7 @@ def time_layer(config, variant: str, seq_len: int, batch: int, steps: int, warmu
     if plan.name != "bf16":  # the single layer is not one of the "first/last layers kept in BF16"
         apply_precision(root, dataclasses.replace(plan, keep_bf16_first_layers=0, keep_bf16_last_layers=0), 1,
                         DEVICE)
-    if compile_layers:
+    if "compile" in options:
         apply_compile(root)
     positions = torch.arange(seq_len, device=DEVICE).expand(batch, seq_len)
     rope = rope_cos_sin(positions, config.head_dim, config.rope_theta, torch.bfloat16)

@@ -6,7 +6,9 @@ Each variant is a precision with options (`parse_variant`), e.g. `fp8_torch:roww
 `parallel.compile`, every decoder layer compiled). Prints
 tokens/s and MFU against the H100 dense BF16 peak (989 TFLOP/s) with the device name, and each variant's speed-up
 over the first one, measured in the same process: `name: value (ratio vs baseline)`. `--profile VARIANT` adds a
-table of the CUDA kernels of one step of that variant.
+table of the CUDA kernels of one step of that variant. `--micro-batches N` accumulates gradients over N
+forward + backward passes per optimizer step, as pretraining does (the optimizer and FSDP's gradient reduction
+then run once per N micro-batches).
 Run on a GPU, from the repository root:
   PYTHONPATH=. python benchmarks/bench_train_gpu.py [--variants bf16,bf16+compile,fp8_torch+compile] [--seq-len 4096]
 """
@@ -90,50 +92,55 @@ def measure_variants(variants: list[str], measure: Callable[[str], tuple[float, 
             yield variant, seconds, peak, f"{baseline[1] / seconds:.2f}x the speed of {baseline[0]}"
 
 
-def parse_variant(variant: str) -> tuple[PrecisionPlan, bool]:
-    """"<precision>[:<recipe>][+compile][+fp8_wgrad]" -> (precision plan, compile the layers). fp8_wgrad runs the
-    routed experts' weight gradient in FP8 too (PrecisionPlan.fp8_expert_wgrad)."""
+VARIANT_OPTIONS = ("compile", "fp8_wgrad", "keep_gathered")
+
+
+def parse_variant(variant: str) -> tuple[PrecisionPlan, set[str]]:
+    """"<precision>[:<recipe>][+option...]" -> (precision plan, options). Options: compile (every decoder layer
+    compiled), fp8_wgrad (the routed experts' weight gradient in FP8 too: PrecisionPlan.fp8_expert_wgrad),
+    keep_gathered (FSDP2 keeps gathered parameters from forward to backward: parallel.reshard_after_forward=false)."""
     name, *options = variant.split("+")
-    unknown = set(options) - {"compile", "fp8_wgrad"}
+    unknown = set(options) - set(VARIANT_OPTIONS)
     if unknown:
-        raise SystemExit(f"variant {variant!r}: unknown options {sorted(unknown)}; use +compile and/or +fp8_wgrad")
+        raise SystemExit(f"variant {variant!r}: unknown options {sorted(unknown)}; choose from {VARIANT_OPTIONS}")
     precision, _, recipe = name.partition(":")
-    return PrecisionPlan(precision, recipe=recipe or None, fp8_expert_wgrad="fp8_wgrad" in options), \
-        "compile" in options
+    return PrecisionPlan(precision, recipe=recipe or None, fp8_expert_wgrad="fp8_wgrad" in options), set(options)
 
 
-def time_steps(config: ModelConfig, variant: str, seq_len: int, micro_batch: int, steps: int, warmup: int,
-               profile: bool) -> tuple[float, float]:
-    """(median seconds per optimizer step, peak GiB) for one variant (see `parse_variant`)."""
-    plan, compile_layers = parse_variant(variant)
+def time_steps(config: ModelConfig, variant: str, seq_len: int, micro_batch: int, micro_batches: int, steps: int,
+               warmup: int, profile: bool) -> tuple[float, float]:
+    """(median seconds per optimizer step, peak GiB) for one variant (see `parse_variant`). A step accumulates
+    gradients over `micro_batches` forward + backward passes as the trainer does (FSDP2 reduces them after the
+    last one), then runs the optimizer."""
+    plan, options = parse_variant(variant)
     mesh = build_mesh(ParallelDims(), "cuda")
     model = build_parallel_model(config, mesh, seed=0, device="cuda", precision=plan)
-    if compile_layers:
+    if "compile" in options:
         apply_compile(model)
-    apply_data_parallel(model, mesh, bf16=True)
+    apply_data_parallel(model, mesh, bf16=True, reshard_after_forward="keep_gathered" not in options)
     optimizer = build_optimizer([model], "adamw", lr=1e-4)
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randint(0, config.vocab_size, (micro_batch, seq_len), device="cuda", generator=gen)
     labels = shift_left(x, 1, -100)
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(warmup + steps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = model(x, labels=labels, return_logits=False)
-        out.loss.backward()
+
+    def step() -> None:
+        for micro in range(micro_batches):
+            model.set_requires_gradient_sync(micro == micro_batches - 1)
+            model(x, labels=labels, return_logits=False).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for index in range(warmup + steps):
         torch.cuda.synchronize()
-        if step >= warmup:
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        if index >= warmup:
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30
     if profile:
-        def step() -> None:
-            model(x, labels=labels, return_logits=False).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-
         print_kernel_profile(step, f"one {variant} step")
     del model, optimizer
     torch.cuda.empty_cache()
@@ -144,6 +151,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="forward + backward passes per optimizer step (gradient accumulation)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--layers", type=int, default=None, help="override the proxy's layer count")
@@ -161,15 +170,15 @@ def main() -> None:
     dist.init_process_group("nccl", rank=0, world_size=1)
     torch.cuda.set_device(0)
     config = proxy_config(args.layers)
-    tokens = args.micro_batch * args.seq_len
+    tokens = args.micro_batches * args.micro_batch * args.seq_len
     flops = flops_per_token(config, args.seq_len)
     name = torch.cuda.get_device_name(0)
     print(f"device: {name}; torch {torch.__version__}; proxy model {config.num_hidden_layers} layers, "
-          f"{config.num_experts} experts top-{config.num_experts_per_tok}; {args.micro_batch} x {args.seq_len} "
-          f"tokens per step; {flops / 1e9:.2f} GFLOP per token (model FLOPs)")
+          f"{config.num_experts} experts top-{config.num_experts_per_tok}; {args.micro_batches} x {args.micro_batch} x "
+          f"{args.seq_len} tokens per optimizer step; {flops / 1e9:.2f} GFLOP per token (model FLOPs)")
     def measure(variant: str) -> tuple[float, float]:
-        return time_steps(config, variant, args.seq_len, args.micro_batch, args.steps, args.warmup,
-                          profile=variant in args.profile.split(","))
+        return time_steps(config, variant, args.seq_len, args.micro_batch, args.micro_batches, args.steps,
+                          args.warmup, profile=variant in args.profile.split(","))
 
     for variant, seconds, peak, ratio in measure_variants(args.variants.split(","), measure):
         rate = tokens / seconds

@@ -62,7 +62,8 @@ per rank under sequence parallel, a = 2 B (bf16):
     - the all-to-all send and receive buffers of one MoE layer;
     - one TP all-gather;
     - FSDP2's all-gather of the current and the prefetched layer (bf16), and the reduce-scatter of one layer
-      (bf16 gradient + fp32 reduce buffer);
+      (bf16 gradient + fp32 reduce buffer); with --keep-gathered (parallel.reshard_after_forward=false) every
+      local layer's gathered bf16 parameters instead, kept from its forward to its backward;
     - the root module's parameters (embedding, head, MTP fc), which stay gathered for the whole step
       (reshard_after_forward=False).
   * The optimizer step runs after backward. foreach AdamW then allocates one fp32 copy of its local state
@@ -122,6 +123,7 @@ class PlanInput:
     recompute: str = "full"  # full | selective | none
     recompute_modules: tuple[str, ...] = ("attention",)
     sharding: str = "fsdp"  # fsdp | zero1 | none
+    keep_gathered: bool = False  # fsdp: parallel.reshard_after_forward=false
     optimizer: str = "adamw"  # adamw | muon
     sequence_parallel: bool = True
     packed: bool = True
@@ -469,14 +471,20 @@ def _comm_bytes(inp: PlanInput, c: _Ctx, units: dict[str, UnitParams], names: li
     total += 2 * c.ts * h * c.a  # pipeline send/recv
     if inp.sharding == "fsdp":
         if dense_shards > 1 and layers:
-            biggest = max(u.dense for u in layers)
-            total += 2 * 2 * biggest + (2 + 4) * biggest  # gather current + prefetch, reduce-scatter
+            total += _gathered(inp, [u.dense for u in layers])
             root = sum(units[n].dense for n in names if not n.startswith("L"))
             total += 2 * root  # root unit stays gathered (reshard_after_forward=False)
         if expert_shards > 1 and has_moe:
-            biggest = max(u.expert for u in layers)
-            total += 2 * 2 * biggest + (2 + 4) * biggest
+            total += _gathered(inp, [u.expert for u in layers])
     return total
+
+
+def _gathered(inp: PlanInput, layer_params: list[int]) -> float:
+    """FSDP2's bf16 all-gathers and one layer's reduce-scatter (bf16 gradient + fp32 buffer): the current and the
+    prefetched layer, or every local layer when gathered parameters are kept from forward to backward."""
+    biggest = max(layer_params)
+    gathered = sum(layer_params) if inp.keep_gathered else 2 * biggest
+    return 2 * gathered + (2 + 4) * biggest
 
 
 def recompute_flops_per_token(m: ModelConfig, seq_len: int, recompute: str, modules: tuple[str, ...]) -> float:
@@ -594,10 +602,12 @@ def build_input(args: argparse.Namespace, layout: dict[str, Any] | None = None, 
         dp = (args.world_size // (tp * pp * cp)) if args.world_size else 1
     dims = ParallelDims(tp=tp, pp=pp, vpp=pick("vpp", 1), ep=pick("ep", 1), etp=pick("etp", 1), dp=dp, cp=cp)
     sharding = args.sharding or ("fsdp" if layout.get("fsdp", True) else "none")
+    keep_gathered = args.keep_gathered or not layout.get("reshard_after_forward", True)
     return PlanInput(model=load_model(args.model), dims=dims, seq_len=args.seq_len, micro_batch=args.micro_batch,
                      precision=precision or args.precision, recompute=pick("recompute", "full"),
                      recompute_modules=tuple(args.recompute_modules.split(",")), sharding=sharding,
-                     optimizer=args.optimizer, sequence_parallel=layout.get("sequence_parallel", True)
+                     keep_gathered=keep_gathered and sharding == "fsdp", optimizer=args.optimizer,
+                     sequence_parallel=layout.get("sequence_parallel", True)
                      and not args.no_sequence_parallel, packed=not args.no_packing,
                      bf16_layers=tuple(args.bf16_layers), moe_imbalance=args.moe_imbalance, gpu_gib=args.gpu_gib,
                      model_name=args.model, layout_name=layout_name)
@@ -621,6 +631,9 @@ def parser() -> argparse.ArgumentParser:
     group.add_argument("--fsdp", dest="sharding", action="store_const", const="fsdp")
     group.add_argument("--zero1", dest="sharding", action="store_const", const="zero1")
     group.add_argument("--no-sharding", dest="sharding", action="store_const", const="none")
+    p.add_argument("--keep-gathered", action="store_true",
+                   help="fsdp: keep gathered parameters from forward to backward (parallel.reshard_after_forward="
+                        "false)")
     p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
     p.add_argument("--no-sequence-parallel", action="store_true")
     p.add_argument("--no-packing", action="store_true", help="one document per sequence (no global-layer mask)")

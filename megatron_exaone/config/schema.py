@@ -61,7 +61,10 @@ class ParallelConfig:
 
     `dp=None` derives data parallel from the world size. `ep` folds into tp*cp*dp (MoE parallel folding), so it
     does not multiply the world size. `fsdp`: shard parameters, gradients and optimizer state over dp (FSDP2, the
-    distributed-optimizer equivalent); False replicates them. `pipeline_layout`: an explicit stage split in
+    distributed-optimizer equivalent); False replicates them. `reshard_after_forward`: FSDP2 frees each decoder
+    layer's gathered BF16 parameters after its forward and gathers them again for its backward; False keeps them
+    from forward to backward (one gather per micro-batch instead of two, for the memory of every local layer's
+    gathered parameters; ZBV/DualPipeV always keep them). `pipeline_layout`: an explicit stage split in
     `parallel.pipeline.pipeline_layout` syntax (e.g. "Et|tt|tL"); None splits evenly. `compile`: compile each
     decoder layer with torch.compile (`parallel.compile`; fuses the elementwise work, needed for FP8 speed).
     """
@@ -77,6 +80,7 @@ class ParallelConfig:
     pipeline_schedule: str = "1f1b"
     pipeline_layout: Optional[str] = None
     fsdp: bool = True
+    reshard_after_forward: bool = True
     recompute: str = "none"
     recompute_modules: List[str] = field(default_factory=lambda: ["attention"])
     compile: bool = False

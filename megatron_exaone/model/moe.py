@@ -213,6 +213,32 @@ def permute_by_expert(indices: torch.Tensor, num_experts: int) -> tuple[torch.Te
     return order, counts.scatter_add_(0, flat, torch.ones_like(flat))
 
 
+class _Dispatch(torch.autograd.Function):
+    """x[order // top_k]: each token's row once per routed slot, in expert-major order. Autograd's backward of
+    that gather is an atomic scatter-add of T*k rows into T; this one gathers the slot gradients back into token
+    order (`order` is a permutation) and sums each token's k rows, a reduction that a compiler fuses with the
+    gather: deterministic and free of atomics."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        ctx.top_k = top_k
+        return x[order // top_k]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (order,) = ctx.saved_tensors
+        row_of_slot = torch.empty_like(order)
+        row_of_slot[order] = torch.arange(order.numel(), device=order.device)
+        by_token = grad[row_of_slot].view(-1, ctx.top_k, grad.shape[-1]).sum(dim=1)
+        return by_token, None, None
+
+
+def dispatch(x: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Rows of `x` [T, H] for the T*k slots in `order` (from `permute_by_expert`): [T*k, H], expert-major."""
+    return _Dispatch.apply(x, order, top_k)
+
+
 def combine(expert_out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Undo the permutation and sum the k expert outputs of each token, weighted by the gates (deterministic)."""
     num_tokens, top_k = weights.shape
@@ -254,8 +280,7 @@ class MoEBlock(nn.Module):
         if self.count_routed_tokens:
             with torch.no_grad():
                 self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
-        token_of_slot = order // self.router.top_k
-        out = combine(self.experts(flat[token_of_slot], counts), order, weights)
+        out = combine(self.experts(dispatch(flat, order, self.router.top_k), counts), order, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         out = out.view(batch, seq, hidden)

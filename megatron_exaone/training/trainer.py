@@ -140,7 +140,8 @@ class Trainer:
                 apply_activation_checkpointing(chunk, p.recompute, tuple(p.recompute_modules))
             if p.fsdp:
                 apply_data_parallel(chunk, self.mesh, bf16=self._compute_dtype() == torch.bfloat16,
-                                    reshard_after_forward=not splits_weight_backward(p.pipeline_schedule))
+                                    reshard_after_forward=p.reshard_after_forward
+                                    and not splits_weight_backward(p.pipeline_schedule))
         params = sum(param.numel() for chunk in chunks for param in chunk.parameters())
         log.info("rank %d: %s; %d model chunk(s), %.2fM local parameters", self.rank, self.mesh.describe(),
                  len(chunks), params / 1e6)

@@ -7,8 +7,8 @@ from transformers.models.exaone_moe.modeling_exaone_moe import ExaoneMoeTopkRout
 
 from megatron_exaone.model import ExaoneMoeForCausalLM, build_model, tiny, update_expert_bias
 from megatron_exaone.model.init import full_init
-from megatron_exaone.model.moe import (MoEBlock, RouterSettings, grouped_mm, grouped_mm_usable, grouped_wgrad, route,
-                                       sequence_aux_loss)
+from megatron_exaone.model.moe import (MoEBlock, RouterSettings, dispatch, grouped_mm, grouped_mm_usable, grouped_wgrad,
+                                       permute_by_expert, route, sequence_aux_loss)
 from megatron_exaone.model.mtp import shift_left
 
 
@@ -120,6 +120,26 @@ def test_grouped_mm_matches_per_expert_loop_forward_and_backward(k, m):
     torch.testing.assert_close(grouped_wgrad(x.detach(), upstream, counts), rw)
     wide = torch.cat([x.detach(), torch.randn(13, 5, generator=gen)], dim=1)  # a column slice, as gate of gate_up
     torch.testing.assert_close(grouped_wgrad(wide[:, :k], upstream, counts), rw)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_dispatch_gradient_sums_each_tokens_slots(compiled):
+    """dispatch's backward (gather back to slot order, sum over k) equals autograd's scatter-add of x[order // k],
+    eagerly and inside a compiled graph."""
+    gen = torch.Generator().manual_seed(0)
+    tokens, top_k, experts = 11, 3, 5
+    indices = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    order, _ = permute_by_expert(indices, experts)
+    x = torch.randn(tokens, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(tokens * top_k, 6, generator=gen, dtype=torch.float64)
+    run = torch.compile(dispatch, backend="inductor", fullgraph=True) if compiled else dispatch
+    out = run(x, order, top_k)
+    ref = x[order // top_k]
+    torch.testing.assert_close(out, ref)
+    got, = torch.autograd.grad(out, x, upstream)
+    want, = torch.autograd.grad(ref, x, upstream)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, want)
 
 
 def test_bf16_grouped_weight_gradient_under_compile_matches_loop():
