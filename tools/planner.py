@@ -61,8 +61,8 @@ per rank under sequence parallel, a = 2 B (bf16):
   * Transients at the peak, not saved:
     - the all-to-all send and receive buffers of one MoE layer;
     - one TP all-gather;
-    - FSDP2's all-gather of the current and the prefetched layer (bf16), and the reduce-scatter of one layer
-      (bf16 gradient + fp32 reduce buffer); with --keep-gathered (parallel.reshard_after_forward=false) every
+    - FSDP2's all-gather of the current and the prefetched layer (bf16; also over a group of one rank, where it
+      casts), and the reduce-scatter of one layer (bf16 gradient + fp32 reduce buffer); with --keep-gathered (parallel.reshard_after_forward=false) every
       local layer's gathered bf16 parameters instead, kept from its forward to its backward;
     - the root module's parameters (embedding, head, MTP fc), which stay gathered for the whole step
       (reshard_after_forward=False).
@@ -426,7 +426,7 @@ def plan(inp: PlanInput) -> Plan:
                 transient = max(transient, head_peak)
         r.bytes["activations (saved)"] = saved
         r.bytes["recompute / transient layer"] = transient
-        r.bytes["communication buffers"] = _comm_bytes(inp, c, units, names, dense_shards, expert_shards)
+        r.bytes["communication buffers"] = _comm_bytes(inp, c, units, names)
         r.bytes["runtime overhead"] = RUNTIME_OVERHEAD_GIB * GIB
         ranks.append(r)
     total = sum(math.prod(s) for _, s in _model_params(m))
@@ -461,20 +461,19 @@ def _state_bytes(r: RankMemory, inp: PlanInput, dense_adamw: int, dense_shards: 
     r.bytes["optimizer step temporaries"] = 4 * adamw_local  # foreach AdamW: one fp32 copy (exp_avg_sq.sqrt())
 
 
-def _comm_bytes(inp: PlanInput, c: _Ctx, units: dict[str, UnitParams], names: list[str], dense_shards: int,
-                expert_shards: int) -> float:
+def _comm_bytes(inp: PlanInput, c: _Ctx, units: dict[str, UnitParams], names: list[str]) -> float:
     m, h = c.m, c.m.hidden_size
     layers = [units[n] for n in names if n.startswith("L")]
     rows = c.tm * m.num_experts_per_tok * c.imbalance
     has_moe = any(u.expert for u in layers)
     total = (2 * rows * h * c.a if has_moe else 0) + c.tokens * h * c.a  # all-to-all send+recv, one TP gather
     total += 2 * c.ts * h * c.a  # pipeline send/recv
-    if inp.sharding == "fsdp":
-        if dense_shards > 1 and layers:
-            total += _gathered(inp, [u.dense for u in layers])
-            root = sum(units[n].dense for n in names if not n.startswith("L"))
-            total += 2 * root  # root unit stays gathered (reshard_after_forward=False)
-        if expert_shards > 1 and has_moe:
+    # FSDP2 gathers a BF16 copy of every unit on GPU, also over a group of one rank (that is where it casts).
+    if inp.sharding == "fsdp" and layers:
+        total += _gathered(inp, [u.dense for u in layers])
+        root = sum(units[n].dense for n in names if not n.startswith("L"))
+        total += 2 * root  # root unit stays gathered (reshard_after_forward=False)
+        if has_moe:
             total += _gathered(inp, [u.expert for u in layers])
     return total
 
