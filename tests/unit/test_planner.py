@@ -82,6 +82,22 @@ def test_tiny_tp2_ep2_dp2_shards_by_hand():
     assert zero1.bytes["optimizer state"] == 12 * local_dense / 2 + 12 * (experts // 2) / edp
 
 
+def test_fsdp_gathers_are_counted_on_one_rank_and_grow_when_kept():
+    """FSDP2 gathers a BF16 copy of each unit on GPU even over a one-rank group; keeping the gathered parameters
+    from forward to backward (parallel.reshard_after_forward=false) holds every layer's copy instead of two."""
+    config = tiny()
+    (fsdp,) = run(config).ranks
+    (replicated,) = run(config, sharding="none").ranks
+    (kept,) = planner.plan(planner.PlanInput(model=config, dims=ParallelDims(dp=1), seq_len=64,
+                                             keep_gathered=True)).ranks
+    _, experts = hand_params(config)
+    expert_layer = experts // config.mlp_layer_types.count("sparse")
+    gathers = fsdp.bytes["communication buffers"] - replicated.bytes["communication buffers"]
+    assert gathers >= 2 * 2 * expert_layer + (2 + 4) * expert_layer  # experts: two layers gathered, one reduced
+    extra_layers = config.mlp_layer_types.count("sparse") - 2
+    assert kept.bytes["communication buffers"] - fsdp.bytes["communication buffers"] >= 2 * extra_layers * expert_layer
+
+
 def test_more_tensor_or_pipeline_parallelism_needs_less_memory_per_gpu():
     config = k_exaone_236b()
 
