@@ -4,9 +4,11 @@
 
 The proxy benchmark (bench_train_gpu.py) spends most of its FLOPs in a 153,600-row output head that stays in
 BF16; this one measures the part of the real model that FP8 covers: prints ms per forward + backward, achieved
-TFLOP/s and each variant's speed-up over the first, with the device name.
+TFLOP/s and each variant's speed-up over the first, with the device name. `--micro-batches N` runs N forward +
+backward passes per weight update (what `+weight_cache`, precision.fp8_weight_cache, amortizes) and reports the
+time per pass.
 Run on a GPU, from the repository root:
-  PYTHONPATH=. python benchmarks/bench_layer_gpu.py [--variants bf16+compile,fp8_torch+compile] [--tokens 16384]
+  PYTHONPATH=. python benchmarks/bench_layer_gpu.py [--variants bf16+compile,fp8_torch+compile] [--batch 4] [--micro-batches 4]
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from megatron_exaone.model.config import SLIDING, SPARSE, k_exaone_236b
 from megatron_exaone.model.layers import DecoderLayer
 from megatron_exaone.model.rope import rope_cos_sin
 from megatron_exaone.parallel.compile import apply_compile
-from megatron_exaone.precision import apply_precision
+from megatron_exaone.precision import apply_precision, mark_fp8_weights_stale
 from megatron_exaone.training.flops import attention_weights, moe_active_weights, attended_keys
 
 
@@ -47,9 +49,11 @@ def layer_flops_per_token(config, seq_len: int) -> float:
     return 6 * (attention_weights(config) + moe_active_weights(config)) + attention
 
 
-def time_layer(config, variant: str, seq_len: int, batch: int, steps: int, warmup: int, profile: bool = False
-               ) -> tuple[float, float]:
-    """(median seconds per forward + backward, peak GiB)."""
+def time_layer(config, variant: str, seq_len: int, batch: int, micro_batches: int, steps: int, warmup: int,
+               profile: bool = False) -> tuple[float, float]:
+    """(median seconds per forward + backward, peak GiB). A step accumulates gradients over `micro_batches`
+    forward + backward passes of the same weights (the FP8 weight cache, `+weight_cache`, quantizes them on the
+    first)."""
     plan, options = parse_variant(variant)
     torch.manual_seed(0)
     with torch.device(DEVICE):
@@ -70,20 +74,26 @@ def time_layer(config, variant: str, seq_len: int, batch: int, steps: int, warmu
     masks = {SLIDING: attention_mask(positions, config.sliding_window)}
     x = torch.randn(batch, seq_len, config.hidden_size, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(warmup + steps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        layer(x, rope, masks).backward(grad)
-        torch.cuda.synchronize()
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
+
+    def step() -> None:
+        mark_fp8_weights_stale(root)
+        for _ in range(micro_batches):
+            layer(x, rope, masks).backward(grad)
         for param in layer.parameters():
             param.grad = None
+
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for index in range(warmup + steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        if index >= warmup:
+            times.append((time.perf_counter() - start) / micro_batches)
     peak = torch.cuda.max_memory_allocated() / 2**30
     if profile:
-        print_kernel_profile(lambda: layer(x, rope, masks).backward(grad), f"one {variant} forward + backward")
+        print_kernel_profile(step, f"one {variant} step of {micro_batches} forward + backward")
     return statistics.median(times), peak
 
 
@@ -92,6 +102,8 @@ def main() -> None:
     parser.add_argument("--variants", default="bf16+compile,fp8_torch+compile")
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="forward + backward passes per step (weights unchanged within a step)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--profile", default="", metavar="VARIANTS",
@@ -105,7 +117,7 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; one K-EXAONE sliding MoE layer, "
           f"{args.batch} x {args.seq_len} tokens, {flops / 1e12:.1f} TFLOP per forward + backward")
     def measure(variant: str) -> tuple[float, float]:
-        return time_layer(config, variant, args.seq_len, args.batch, args.steps, args.warmup,
+        return time_layer(config, variant, args.seq_len, args.batch, args.micro_batches, args.steps, args.warmup,
                           profile=variant in args.profile.split(","))
 
     for variant, seconds, peak, ratio in measure_variants(args.variants.split(","), measure):

@@ -34,7 +34,7 @@ from megatron_exaone.parallel.build import build_parallel_model
 from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.parallel.data_parallel import apply_data_parallel
 from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
-from megatron_exaone.precision import PrecisionPlan
+from megatron_exaone.precision import PrecisionPlan, mark_fp8_weights_stale
 from megatron_exaone.training.flops import H100_BF16_DENSE_PEAK, flops_per_token
 from megatron_exaone.training.optim import build_optimizer
 
@@ -92,19 +92,22 @@ def measure_variants(variants: list[str], measure: Callable[[str], tuple[float, 
             yield variant, seconds, peak, f"{baseline[1] / seconds:.2f}x the speed of {baseline[0]}"
 
 
-VARIANT_OPTIONS = ("compile", "fp8_wgrad", "keep_gathered")
+VARIANT_OPTIONS = ("compile", "fp8_wgrad", "keep_gathered", "weight_cache")
 
 
 def parse_variant(variant: str) -> tuple[PrecisionPlan, set[str]]:
     """"<precision>[:<recipe>][+option...]" -> (precision plan, options). Options: compile (every decoder layer
     compiled), fp8_wgrad (the routed experts' weight gradient in FP8 too: PrecisionPlan.fp8_expert_wgrad),
-    keep_gathered (FSDP2 keeps gathered parameters from forward to backward: parallel.reshard_after_forward=false)."""
+    keep_gathered (FSDP2 keeps gathered parameters from forward to backward: parallel.reshard_after_forward=false),
+    weight_cache (FP8 weights quantized once per optimizer step: precision.fp8_weight_cache)."""
     name, *options = variant.split("+")
     unknown = set(options) - set(VARIANT_OPTIONS)
     if unknown:
         raise SystemExit(f"variant {variant!r}: unknown options {sorted(unknown)}; choose from {VARIANT_OPTIONS}")
     precision, _, recipe = name.partition(":")
-    return PrecisionPlan(precision, recipe=recipe or None, fp8_expert_wgrad="fp8_wgrad" in options), set(options)
+    plan = PrecisionPlan(precision, recipe=recipe or None, fp8_expert_wgrad="fp8_wgrad" in options,
+                         fp8_weight_cache="weight_cache" in options)
+    return plan, set(options)
 
 
 def time_steps(config: ModelConfig, variant: str, seq_len: int, micro_batch: int, micro_batches: int, steps: int,
@@ -124,6 +127,7 @@ def time_steps(config: ModelConfig, variant: str, seq_len: int, micro_batch: int
     labels = shift_left(x, 1, -100)
 
     def step() -> None:
+        mark_fp8_weights_stale(model)
         for micro in range(micro_batches):
             model.set_requires_gradient_sync(micro == micro_batches - 1)
             model(x, labels=labels, return_logits=False).loss.backward()

@@ -26,3 +26,32 @@ def fixed_batch_losses() -> Callable[[nn.Module, torch.Tensor, int], list[float]
     """`fixed_batch_losses(model, tokens, steps)`: that many AdamW steps (lr 1e-3) of next-token prediction on
     one fixed batch; the LM loss of each step (how the FP8 tests compare precisions)."""
     return _fixed_batch_losses
+
+
+def _accumulated_losses(model: nn.Module, steps: int, micro_batches: int, mark_stale: bool = True) -> list[float]:
+    # Imported here: the precision package is not needed by every test directory that loads this file.
+    from megatron_exaone.precision import mark_fp8_weights_stale
+
+    param = next(model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gen = torch.Generator(device=param.device).manual_seed(4)
+    losses = []
+    for _ in range(steps):
+        if mark_stale:
+            mark_fp8_weights_stale(model)
+        for _ in range(micro_batches):
+            x = torch.randint(0, model.config.vocab_size, (2, 16), device=param.device, generator=gen)
+            out = model(x, labels=shift_left(x, 1, -100))
+            out.loss.backward()
+            losses.append(out.lm_loss.item())
+        optimizer.step()
+        optimizer.zero_grad()
+    return losses
+
+
+@pytest.fixture
+def accumulated_losses() -> Callable[..., list[float]]:
+    """`accumulated_losses(model, steps, micro_batches, mark_stale=True)`: that many AdamW steps (lr 1e-2) of
+    `micro_batches` accumulated micro-batches each (new tokens every time), marking the FP8 weights stale at the
+    start of each step as the trainer does (unless `mark_stale` is False); the LM loss of every micro-batch."""
+    return _accumulated_losses

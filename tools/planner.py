@@ -25,7 +25,9 @@ Training state per parameter, "fsdp" (the default; FSDP2 as `parallel/data_paral
 parameter 2 B and an fp32 gradient 4 B, unsharded, and fp32 master + moments sharded over dp / edp.
 "no-sharding" is this trainer with parallel.fsdp=false: everything fp32 and unsharded. It also COMPUTES in fp32,
 so activations take 4 B per value.
-fp8 (Transformer Engine) keeps the same master weights, gradients and optimizer state as bf16.
+fp8 keeps the same master weights, gradients and optimizer state as bf16; with --fp8-weight-cache
+(precision.fp8_weight_cache) the parameters row adds the FP8 copies of each FP8 layer's weights that the step
+keeps (forward's and the transposed one for backward: 2 B per element).
 
 Activations per micro-batch and decoder layer are what autograd saves in this model's code, with b*s tokens, s/tp
 per rank under sequence parallel, a = 2 B (bf16):
@@ -124,6 +126,7 @@ class PlanInput:
     recompute_modules: tuple[str, ...] = ("attention",)
     sharding: str = "fsdp"  # fsdp | zero1 | none
     keep_gathered: bool = False  # fsdp: parallel.reshard_after_forward=false
+    fp8_weight_cache: bool = False  # fp8: precision.fp8_weight_cache
     optimizer: str = "adamw"  # adamw | muon
     sequence_parallel: bool = True
     packed: bool = True
@@ -403,6 +406,10 @@ def plan(inp: PlanInput) -> Plan:
         r.expert_params = sum(u.expert for u in rank_units)
         dense_adamw = sum(u.dense_adamw for u in rank_units)
         _state_bytes(r, inp, dense_adamw, dense_shards, expert_shards)
+        if fp8 and inp.fp8_weight_cache:  # forward's and backward's FP8 copies of every FP8 layer's weights
+            fp8_layers = [f"L{j}" for i in stage_ids for j in specs[i].layers
+                          if first_bf16 <= j < m.num_hidden_layers - last_bf16]
+            r.bytes["parameters"] += 2 * sum(units[n].dense + units[n].expert for n in fp8_layers)
         if inp.optimizer == "muon":  # Newton-Schulz on one gathered full matrix at a time (x, gram, update)
             r.bytes["optimizer step temporaries"] += 3 * 4 * max(u.largest_matrix for u in rank_units)
         # activations: each chunk's layers for every micro-batch in flight; the head for one (the last stage
@@ -605,7 +612,8 @@ def build_input(args: argparse.Namespace, layout: dict[str, Any] | None = None, 
     return PlanInput(model=load_model(args.model), dims=dims, seq_len=args.seq_len, micro_batch=args.micro_batch,
                      precision=precision or args.precision, recompute=pick("recompute", "full"),
                      recompute_modules=tuple(args.recompute_modules.split(",")), sharding=sharding,
-                     keep_gathered=keep_gathered and sharding == "fsdp", optimizer=args.optimizer,
+                     keep_gathered=keep_gathered and sharding == "fsdp", fp8_weight_cache=args.fp8_weight_cache,
+                     optimizer=args.optimizer,
                      sequence_parallel=layout.get("sequence_parallel", True)
                      and not args.no_sequence_parallel, packed=not args.no_packing,
                      bf16_layers=tuple(args.bf16_layers), moe_imbalance=args.moe_imbalance, gpu_gib=args.gpu_gib,
@@ -633,6 +641,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-gathered", action="store_true",
                    help="fsdp: keep gathered parameters from forward to backward (parallel.reshard_after_forward="
                         "false)")
+    p.add_argument("--fp8-weight-cache", action="store_true",
+                   help="fp8: FP8 weight copies kept through the step (precision.fp8_weight_cache)")
     p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
     p.add_argument("--no-sequence-parallel", action="store_true")
     p.add_argument("--no-packing", action="store_true", help="one document per sequence (no global-layer mask)")

@@ -9,5 +9,6 @@ trainer turns its `PrecisionConfig` into a `PrecisionPlan`.
 
 from .apply import PrecisionPlan, PrecisionReport, apply_precision
 from .fp8_common import Fp8Unavailable
+from .fp8_ops import mark_fp8_weights_stale
 
-__all__ = ["PrecisionPlan", "PrecisionReport", "apply_precision", "Fp8Unavailable"]
+__all__ = ["PrecisionPlan", "PrecisionReport", "apply_precision", "Fp8Unavailable", "mark_fp8_weights_stale"]

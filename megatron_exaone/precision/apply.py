@@ -57,6 +57,7 @@ class PrecisionPlan:
     `recipe`: "tensorwise" (default) or "rowwise" for the dense linears. `fp8_format`: "hybrid" (E5M2 gradients)
     or "e4m3". `fp8_expert_wgrad`: the routed experts' weight gradient in FP8 too (else BF16).
     `fp8_experts=False` keeps the routed experts in BF16 (where `torch._scaled_grouped_mm` cannot run).
+    `fp8_weight_cache`: quantize the weights once per optimizer step (`fp8_ops.CachesFp8Weights`).
     Transformer Engine precisions also read `amax_history_len`, `amax_compute_algo` (DelayedScaling),
     `te_attention` and `fp8_mtp` (see PrecisionConfig).
     """
@@ -72,6 +73,7 @@ class PrecisionPlan:
     amax_compute_algo: str = "max"
     te_attention: bool = False
     fp8_mtp: bool = False
+    fp8_weight_cache: bool = False
 
     @classmethod
     def from_config(cls, cfg: PrecisionConfig, fp8_experts: bool = True) -> PrecisionPlan:
@@ -79,7 +81,8 @@ class PrecisionPlan:
                    keep_bf16_first_layers=cfg.keep_bf16_first_layers,
                    keep_bf16_last_layers=cfg.keep_bf16_last_layers, fp8_expert_wgrad=cfg.fp8_expert_wgrad,
                    fp8_experts=fp8_experts, amax_history_len=cfg.amax_history_len,
-                   amax_compute_algo=cfg.amax_compute_algo, te_attention=cfg.te_attention, fp8_mtp=cfg.fp8_mtp)
+                   amax_compute_algo=cfg.amax_compute_algo, te_attention=cfg.te_attention, fp8_mtp=cfg.fp8_mtp,
+                   fp8_weight_cache=cfg.fp8_weight_cache)
 
     def fp8_recipe(self, amax_group: dist.ProcessGroup | None) -> Fp8Recipe:
         scaling = self.recipe or "tensorwise"
@@ -123,14 +126,16 @@ def apply_precision(root: nn.Module, precision: PrecisionPlan | str, num_layers:
         for sub, module in layer.named_modules():
             full = f"{name}.{sub}"
             if type(module) is nn.Linear:
-                _convert(report, full, tuple(module.weight.shape), lambda m=module: convert_linear(m, gemms, recipe))
+                _convert(report, full, tuple(module.weight.shape),
+                         lambda m=module: convert_linear(m, gemms, recipe, plan.fp8_weight_cache))
             elif isinstance(module, GroupedExperts):
                 if not plan.fp8_experts:
                     report.bf16[full] = "routed experts kept in BF16 (fp8_experts=False)"
                     continue
                 gemms.require_grouped()
                 _convert(report, full, tuple(module.gate_proj.shape[1:]),
-                         lambda m=module: convert_experts(m, gemms, plan.fp8_expert_wgrad))
+                         lambda m=module: convert_experts(m, gemms, plan.fp8_expert_wgrad,
+                                                          plan.fp8_weight_cache))
     _log(plan, recipe, report)
     return report
 

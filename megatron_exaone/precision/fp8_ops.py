@@ -15,13 +15,18 @@ the input gradient reuses forward's scale on W^T. Forward and input gradient run
 contracts over each expert's tokens, so in FP8 (`fp8_expert_wgrad`) it needs per-(expert, column) scales and each
 expert's tokens padded to 16 rows; by default it runs as BF16 grouped GEMMs instead.
 
+With `fp8_cache_weights` (precision.fp8_weight_cache) a module quantizes its weights once per optimizer step, on
+its first forward after `mark_fp8_weights_stale`, and reuses those FP8 operands (the backward's too) for the
+step's other micro-batches, as Transformer Engine does with `is_first_microbatch`; the values are the same as
+quantizing them again, for 2 bytes per weight element held through the step.
+
 A backend (`Fp8Gemms`) only supplies the GEMMs: `fp8_torch.TorchGemms` (scaled matmul kernels) or
 `fp8_emulated.EmulatedGemms` (dequantize, then fp64 matmul); quantization is the same code for both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -29,8 +34,7 @@ from torch import nn
 
 from megatron_exaone.model.moe import GroupedExperts, grouped_wgrad
 
-from .fp8_common import (E4M3, Fp8Recipe, Quantized, current_scale, per_group_scale, quantize, quantize_with_scale,
-                         to_fp8, to_fp8_per_group_columns)
+from .fp8_common import E4M3, Fp8Recipe, Quantized, per_group_scale, quantize, to_fp8, to_fp8_per_group_columns
 
 
 class Fp8Gemms(Protocol):
@@ -54,20 +58,34 @@ class Fp8Gemms(Protocol):
         """Raise `Fp8Unavailable` unless `grouped_mm` / `grouped_wgrad` run here."""
 
 
+def linear_weight_operands(weight: torch.Tensor, recipe: Fp8Recipe) -> tuple[torch.Tensor, ...]:
+    """A linear weight's FP8 operands for one optimizer step: (data, scale_inv) quantized along K for forward,
+    then along N for the input gradient (the same tensors under tensorwise scaling)."""
+    with torch.no_grad():
+        rows = to_fp8(weight, E4M3, recipe.scaling, 1, recipe.amax_group)
+        cols = rows if recipe.scaling == "tensorwise" else to_fp8(weight, E4M3, "rowwise", 0)
+    return rows.data, rows.scale_inv, cols.data, cols.scale_inv
+
+
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, gemms: Fp8Gemms, recipe: Fp8Recipe) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, gemms: Fp8Gemms, recipe: Fp8Recipe,
+                cached: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        scale_x = current_scale(x2, E4M3, recipe.scaling, 1, recipe.amax_group)
-        scale_w = current_scale(weight, E4M3, recipe.scaling, 1, recipe.amax_group)
-        qx, qw = quantize_with_scale(x2, scale_x, E4M3), quantize_with_scale(weight, scale_w, E4M3)
+        qx = to_fp8(x2, E4M3, recipe.scaling, 1, recipe.amax_group)
+        if cached is None:
+            qw, w_cols = to_fp8(weight, E4M3, recipe.scaling, 1, recipe.amax_group), None
+        else:  # linear_weight_operands, made on the step's first micro-batch
+            qw, w_cols = Quantized(cached[0], cached[1]), Quantized(cached[2], cached[3])
         y = gemms.mm(qx, qw.t(), x.dtype, fast_accum=True)
         if recipe.scaling == "tensorwise":
             # A tensorwise scale does not depend on the GEMM's axis, so the backward GEMMs reuse these FP8
             # operands as they are: no second amax or cast, and X is saved at half its BF16 size.
             ctx.save_for_backward(qx.data, qx.scale_inv, qw.data, qw.scale_inv)
-        else:
+        elif w_cols is None:
             ctx.save_for_backward(x2, weight)
+        else:
+            ctx.save_for_backward(x2, w_cols.data, w_cols.scale_inv)
         ctx.gemms, ctx.recipe = gemms, recipe
         ctx.x_shape, ctx.x_dtype, ctx.weight_dtype = x.shape, x.dtype, weight.dtype
         return y.view(*x.shape[:-1], weight.shape[0])
@@ -81,9 +99,11 @@ class _Fp8Linear(torch.autograd.Function):
             x_cols, w_cols = Quantized(qx_data, x_scale_inv), Quantized(qw_data, w_scale_inv)
             dy_rows = dy_cols = to_fp8(dy, recipe.grad_dtype, "tensorwise", 1, recipe.amax_group)
         else:  # rowwise scales run along the other axis in backward: re-quantize from high precision
-            x2, weight = ctx.saved_tensors
+            x2, *w_saved = ctx.saved_tensors
             dy_rows = to_fp8(dy, recipe.grad_dtype, "rowwise", 1) if ctx.needs_input_grad[0] else None
-            w_cols = to_fp8(weight, E4M3, "rowwise", 0) if ctx.needs_input_grad[0] else None
+            w_cols = None
+            if ctx.needs_input_grad[0]:
+                w_cols = to_fp8(w_saved[0], E4M3, "rowwise", 0) if len(w_saved) == 1 else Quantized(*w_saved)
             dy_cols = to_fp8(dy, recipe.grad_dtype, "rowwise", 0) if ctx.needs_input_grad[1] else None
             x_cols = to_fp8(x2, E4M3, "rowwise", 0) if ctx.needs_input_grad[1] else None
         grad_x = grad_w = None
@@ -91,7 +111,24 @@ class _Fp8Linear(torch.autograd.Function):
             grad_x = gemms.mm(dy_rows, w_cols, ctx.x_dtype, fast_accum=False).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             grad_w = gemms.mm(dy_cols.t(), x_cols, ctx.weight_dtype, fast_accum=False)
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None, None, None
+
+
+def grouped_weight_operands(weights: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Stacked expert weights' FP8 operands for one optimizer step: the forward operand (the weights concatenated
+    along N, quantized), their per-expert scale [G, 1, 1], then each weight's transpose [G, K, N_i] quantized
+    with that scale for the input gradient."""
+    with torch.no_grad():
+        weight = torch.cat(tuple(weights), dim=1) if len(weights) > 1 else weights[0]
+        scale_w = per_group_scale(weight, E4M3)
+        return quantize(weight, scale_w, E4M3), scale_w, *(_transposed(w, scale_w) for w in weights)
+
+
+def _transposed(weight: torch.Tensor, scale_w: torch.Tensor) -> torch.Tensor:
+    """W^T [G, K, N] in FP8 with forward's per-expert scale, contiguous: the K-major layout of the input-gradient
+    GEMM. Cast per weight: cast from the concatenated gate and up weights, torch.compile made that one badly tiled
+    kernel (26 ms at K-EXAONE size on an H100, against 1.6 ms for down_proj alone)."""
+    return quantize(weight.transpose(1, 2), scale_w, E4M3).contiguous()
 
 
 class _Fp8GroupedLinear(torch.autograd.Function):
@@ -105,56 +142,90 @@ class _Fp8GroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, counts: torch.Tensor, gemms: Fp8Gemms, fp8_wgrad: bool,
-                *weights: torch.Tensor) -> torch.Tensor:
-        weight = torch.cat(weights, dim=1) if len(weights) > 1 else weights[0]
-        scale_w = per_group_scale(weight, E4M3)
-        qw = quantize_with_scale(weight, scale_w, E4M3)
-        ctx.save_for_backward(x, counts, scale_w, *weights)
-        ctx.gemms, ctx.fp8_wgrad = gemms, fp8_wgrad
-        return gemms.grouped_mm(to_fp8(x, E4M3, "rowwise", 1), Quantized(qw.data.transpose(1, 2), qw.scale_inv),
-                                counts, x.dtype, fast_accum=True)
+                cached: tuple[torch.Tensor, ...] | None, *weights: torch.Tensor) -> torch.Tensor:
+        if cached is None:
+            weight = torch.cat(weights, dim=1) if len(weights) > 1 else weights[0]
+            scale_w = per_group_scale(weight, E4M3)
+            qw_data, transposed = quantize(weight, scale_w, E4M3), ()
+        else:  # grouped_weight_operands, made on the step's first micro-batch
+            qw_data, scale_w, *transposed = cached
+        ctx.save_for_backward(x, counts, scale_w, *transposed, *weights)
+        ctx.gemms, ctx.fp8_wgrad, ctx.cached = gemms, fp8_wgrad, cached is not None
+        return gemms.grouped_mm(to_fp8(x, E4M3, "rowwise", 1),
+                                Quantized(qw_data.transpose(1, 2), scale_w.reciprocal()), counts, x.dtype,
+                                fast_accum=True)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x, counts, scale_w, *weights = ctx.saved_tensors
+        x, counts, scale_w, *saved = ctx.saved_tensors
+        transposed, weights = (saved[:len(saved) // 2], saved[len(saved) // 2:]) if ctx.cached else ([], saved)
         gemms = ctx.gemms
         grad_parts = grad_y.split([w.shape[1] for w in weights], dim=1)
         grad_x = None
         grad_ws = [None] * len(weights)
         if ctx.needs_input_grad[0]:
-            # One GEMM per weight, summed. Each W^T is cast straight into the K-major layout its GEMM needs; cast
-            # from the concatenated weights, torch.compile made that one badly tiled kernel (26 ms for gate + up
-            # at K-EXAONE size on an H100, against 1.6 ms for down_proj alone).
-            for part, weight in zip(grad_parts, weights):
-                w_t = quantize(weight.transpose(1, 2), scale_w, E4M3).contiguous()  # [G, K, N_i]
+            # One GEMM per weight (see `_transposed`), summed.
+            for i, (part, weight) in enumerate(zip(grad_parts, weights)):
+                w_t = transposed[i] if ctx.cached else _transposed(weight, scale_w)  # [G, K, N_i]
                 term = gemms.grouped_mm(to_fp8(part, E4M3, "rowwise", 1),
                                         Quantized(w_t.transpose(1, 2), scale_w.reciprocal()), counts, x.dtype,
                                         fast_accum=False)
                 grad_x = term if grad_x is None else grad_x + term
-        if any(ctx.needs_input_grad[4:]):
+        if any(ctx.needs_input_grad[5:]):
             if ctx.fp8_wgrad:
                 qx = to_fp8_per_group_columns(x, counts, E4M3)
                 grad_ws = [gemms.grouped_wgrad(to_fp8_per_group_columns(part, counts, E4M3), qx, counts, w.dtype)
                            for part, w in zip(grad_parts, weights)]
             else:
                 grad_ws = [grouped_wgrad(part, x, counts).to(w.dtype) for part, w in zip(grad_parts, weights)]
-        return grad_x, None, None, None, *grad_ws
+        return grad_x, None, None, None, None, *grad_ws
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, gemms: Fp8Gemms, recipe: Fp8Recipe) -> torch.Tensor:
-    """x [..., K] @ weight [N, K]^T in FP8 (forward and backward); the result has x's dtype."""
-    return _Fp8Linear.apply(x, weight, gemms, recipe)
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, gemms: Fp8Gemms, recipe: Fp8Recipe,
+               cached: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    """x [..., K] @ weight [N, K]^T in FP8 (forward and backward); the result has x's dtype. `cached`: the
+    weight's `linear_weight_operands` for this optimizer step (else it is quantized now)."""
+    return _Fp8Linear.apply(x, weight, gemms, recipe, cached)
 
 
 def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor], counts: torch.Tensor,
-                       gemms: Fp8Gemms, fp8_wgrad: bool = True) -> torch.Tensor:
+                       gemms: Fp8Gemms, fp8_wgrad: bool = True, cached: tuple[torch.Tensor, ...] | None = None
+                       ) -> torch.Tensor:
     """x [T, K] sorted by group, weight [G, N, K] (or several, stacked along N), counts [G]: each group's rows
-    times its weight^T, in FP8 (the weight gradient too with `fp8_wgrad`, else in BF16)."""
+    times its weight^T, in FP8 (the weight gradient too with `fp8_wgrad`, else in BF16). `cached`: the weights'
+    `grouped_weight_operands` for this optimizer step (else they are quantized now)."""
     weights = (weight,) if isinstance(weight, torch.Tensor) else tuple(weight)
-    return _Fp8GroupedLinear.apply(x, counts, gemms, fp8_wgrad, *weights)
+    return _Fp8GroupedLinear.apply(x, counts, gemms, fp8_wgrad, cached, *weights)
 
 
-class Fp8Linear(nn.Linear):
+class CachesFp8Weights:
+    """Mixin of the FP8 modules: with `fp8_cache_weights`, the weights' FP8 operands are made on the first forward
+    after `mark_fp8_weights_stale` and kept (`fp8_weight_cache`) for the forwards that follow, until the next mark.
+    The trainer marks every module at the start of each optimizer step. Compiled code specializes on
+    `fp8_weights_stale`: one graph for the first micro-batch, one for the others."""
+
+    fp8_cache_weights: bool = False
+    fp8_weights_stale: bool = True
+    fp8_weight_cache: tuple | None = None
+
+    def _fp8_operands(self, make: Callable[[], tuple]) -> tuple | None:
+        if not self.fp8_cache_weights:
+            return None
+        if self.fp8_weights_stale:
+            self.fp8_weight_cache = make()
+            self.fp8_weights_stale = False
+        return self.fp8_weight_cache
+
+
+def mark_fp8_weights_stale(root: nn.Module) -> None:
+    """Make every FP8 module under `root` that caches its FP8 weights quantize them again on its next forward: call
+    it whenever the weights may have changed (each optimizer step, a checkpoint load)."""
+    for module in root.modules():
+        if isinstance(module, CachesFp8Weights) and module.fp8_cache_weights:
+            module.fp8_weights_stale = True
+
+
+class Fp8Linear(nn.Linear, CachesFp8Weights):
     """An `nn.Linear` (same parameters and names) whose matmul runs in FP8. The precision pass sets the class of
     an existing `nn.Linear` to this one and adds `fp8_gemms` / `fp8_recipe`, so it works on meta modules and under
     the tensor-parallel hooks of the parent modules."""
@@ -163,14 +234,15 @@ class Fp8Linear(nn.Linear):
     fp8_recipe: Fp8Recipe
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fp8_linear(x, self.weight, self.fp8_gemms, self.fp8_recipe)
+        cached = self._fp8_operands(lambda: linear_weight_operands(self.weight, self.fp8_recipe))
+        y = fp8_linear(x, self.weight, self.fp8_gemms, self.fp8_recipe, cached)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fp8={self.fp8_gemms.name}/{self.fp8_recipe.scaling}"
 
 
-class Fp8GroupedExperts(GroupedExperts):
+class Fp8GroupedExperts(GroupedExperts, CachesFp8Weights):
     """`GroupedExperts` with its grouped matmuls in FP8 (E4M3; tokens scaled per row, weights per expert): forward
     and input gradient always, the weight gradient when `fp8_wgrad` (it contracts over each expert's tokens, so it
     needs per-(expert, column) scales and token groups padded to 16 rows; otherwise it runs in BF16)."""
@@ -180,28 +252,35 @@ class Fp8GroupedExperts(GroupedExperts):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         gemms, fp8_wgrad = self.fp8_gemms, self.fp8_wgrad
-        gate_up = fp8_grouped_linear(x, (self.gate_proj, self.up_proj), counts, gemms, fp8_wgrad)
+        cached = self._fp8_operands(lambda: (grouped_weight_operands((self.gate_proj, self.up_proj)),
+                                             grouped_weight_operands((self.down_proj,))))
+        gate_up_cached, down_cached = cached or (None, None)
+        gate_up = fp8_grouped_linear(x, (self.gate_proj, self.up_proj), counts, gemms, fp8_wgrad, gate_up_cached)
         gate, up = gate_up.chunk(2, dim=-1)
-        return fp8_grouped_linear(torch.nn.functional.silu(gate) * up, self.down_proj, counts, gemms, fp8_wgrad)
+        return fp8_grouped_linear(torch.nn.functional.silu(gate) * up, self.down_proj, counts, gemms, fp8_wgrad,
+                                  down_cached)
 
     def extra_repr(self) -> str:
         return f"fp8={self.fp8_gemms.name}/rowwise, weight gradient in {'FP8' if self.fp8_wgrad else 'BF16'}"
 
 
-def convert_linear(module: nn.Linear, gemms: Fp8Gemms, recipe: Fp8Recipe) -> None:
-    """Switch `module` (exactly `nn.Linear`) to FP8 compute in place; parameters are untouched."""
+def convert_linear(module: nn.Linear, gemms: Fp8Gemms, recipe: Fp8Recipe, cache_weights: bool = False) -> None:
+    """Switch `module` (exactly `nn.Linear`) to FP8 compute in place; parameters are untouched. `cache_weights`:
+    see `CachesFp8Weights`."""
     if type(module) is not nn.Linear:
         raise TypeError(f"convert_linear expects a plain nn.Linear, got {type(module).__name__}.")
     module.__class__ = Fp8Linear
-    module.fp8_gemms, module.fp8_recipe = gemms, recipe
+    module.fp8_gemms, module.fp8_recipe, module.fp8_cache_weights = gemms, recipe, cache_weights
 
 
 _FP8_SUBCLASSES: dict[type, type] = {}
 
 
-def convert_experts(module: GroupedExperts, gemms: Fp8Gemms, fp8_wgrad: bool = False) -> None:
+def convert_experts(module: GroupedExperts, gemms: Fp8Gemms, fp8_wgrad: bool = False,
+                    cache_weights: bool = False) -> None:
     """Switch `module` (a `GroupedExperts`, or a subclass such as the expert-parallel dispatcher, whose forward
-    ends in `GroupedExperts.forward`) to FP8 grouped matmuls in place; parameters are untouched."""
+    ends in `GroupedExperts.forward`) to FP8 grouped matmuls in place; parameters are untouched. `cache_weights`:
+    see `CachesFp8Weights`."""
     if not isinstance(module, GroupedExperts):
         raise TypeError(f"convert_experts expects GroupedExperts, got {type(module).__name__}.")
     base = type(module)
@@ -209,4 +288,4 @@ def convert_experts(module: GroupedExperts, gemms: Fp8Gemms, fp8_wgrad: bool = F
         # MRO: the subclass's forward (e.g. all-to-all dispatch) runs first, then Fp8GroupedExperts.forward.
         _FP8_SUBCLASSES[base] = type(f"Fp8{base.__name__}", (base, Fp8GroupedExperts), {})
     module.__class__ = Fp8GroupedExperts if base is GroupedExperts else _FP8_SUBCLASSES[base]
-    module.fp8_gemms, module.fp8_wgrad = gemms, fp8_wgrad
+    module.fp8_gemms, module.fp8_wgrad, module.fp8_cache_weights = gemms, fp8_wgrad, cache_weights

@@ -37,7 +37,7 @@ from megatron_exaone.parallel.mesh import ParallelDims, ParallelMesh, build_mesh
 from megatron_exaone.parallel.pipeline import (PipelineRunner, embedding_copies, splits_weight_backward,
                                                sync_embedding_grads)
 from megatron_exaone.parallel.tensor_parallel import reduce_tp_partial_grads
-from megatron_exaone.precision import PrecisionPlan
+from megatron_exaone.precision import PrecisionPlan, mark_fp8_weights_stale
 
 from .flops import flops_per_token, peak_flops
 from .metrics import MetricsLogger
@@ -237,6 +237,8 @@ class Trainer:
         start = time.perf_counter()
         self.optimizer.set_lr(plan.lr)
         batch = {k: v.to(self.device) for k, v in self.loader.next_batch(plan.global_batch_size).items()}
+        for chunk in self.chunks:  # the optimizer changed the weights: FP8 weight caches quantize them again
+            mark_fp8_weights_stale(chunk)
         losses = self._forward_backward(batch, plan)
         self._reduce_grads()
         grad_norm = clip_grad_norm_(self.chunks, self.cfg.optim.clip_grad, self.mesh,

@@ -261,3 +261,16 @@ def test_resume_single_process_checkpoint_under_cp2_tp2_across_the_stage_switch(
     assert sorted(metrics) == [SWITCH + 1, SWITCH + 2] and metrics[SWITCH + 1]["stage"] == 1
     assert_same_losses(metrics, expected, [SWITCH + 1, SWITCH + 2], RESHARD_RTOL)
     assert read_meta(find_checkpoint(run_dir / "checkpoints"))["layout"]["cp"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- FP8 weight cache
+def test_fp8_weight_cache_trains_as_quantizing_every_micro_batch(tmp_path, data_overrides):
+    """exaone-train with precision.fp8_weight_cache (weights quantized once per optimizer step, on the first of its
+    eight micro-batches) follows the run that quantizes them for every micro-batch exactly."""
+    runs = {}
+    for cache in ("false", "true"):
+        run_dir = tmp_path / f"cache_{cache}"
+        train(overrides(run_dir, data_overrides, "precision=fp8_emulated", f"precision.fp8_weight_cache={cache}",
+                        "trainer.max_steps=3", "checkpoint.interval=0"))
+        runs[cache] = [(r["lm_loss"], r["grad_norm"]) for r in records(run_dir)]
+    assert len(runs["true"]) == 3 and runs["true"] == runs["false"]

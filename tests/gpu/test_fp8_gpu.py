@@ -145,3 +145,21 @@ def test_compiled_fp8_layers_train_like_eager_fp8(recipe, grouped, fixed_batch_l
     compiled = train(fixed_batch_losses, torch.bfloat16, plan, steps=10, compile=True)
     assert abs(compiled[0] - eager[0]) < 0.01 * eager[0], (compiled[0], eager[0])
     assert abs(compiled[-1] - eager[-1]) < 0.03 * eager[-1], (compiled, eager)
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_compiled_weight_cache_trains_as_quantizing_every_micro_batch(recipe, grouped, accumulated_losses):
+    """precision.fp8_weight_cache under torch.compile (one graph for a step's first micro-batch, one for the
+    others): the same FP8 operands as quantizing the weights for every micro-batch, so the same losses up to
+    the order of floating-point sums."""
+    runs = []
+    for cache in (False, True):
+        cfg = tiny(vocab_size=256)
+        model = build_model(cfg, seed=0, device=DEVICE).to(torch.bfloat16)
+        plan = PrecisionPlan("fp8_torch", recipe=recipe, keep_bf16_first_layers=0, keep_bf16_last_layers=0,
+                             fp8_weight_cache=cache)
+        apply_precision(model, plan, cfg.num_hidden_layers, DEVICE)
+        apply_compile(model)
+        runs.append(accumulated_losses(model, 3, 3))
+        torch._dynamo.reset()
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-3, atol=0)

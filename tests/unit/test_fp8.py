@@ -5,6 +5,7 @@ The GPU kernels (`fp8_torch`) are checked against this emulation in tests/gpu/te
 build has `torch._scaled_mm`, the torch backend's calling conventions are checked here too (a real call).
 """
 
+import dataclasses
 import logging
 
 import pytest
@@ -17,13 +18,14 @@ from megatron_exaone.model import ExaoneMoeForCausalLM, build_model, tiny
 from megatron_exaone.model.moe import GroupedExperts, Router, grouped_wgrad
 from megatron_exaone.model.mtp import shift_left
 from megatron_exaone.parallel.build import all_reduce_grads, build_parallel_model
+from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.parallel.data_parallel import apply_data_parallel
 from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
 from megatron_exaone.parallel.pipeline import PipelineChunk, StageSpec
 from megatron_exaone.parallel.sharding import layout_of, materialize
 from megatron_exaone.parallel.tensor_parallel import reduce_tp_partial_grads
 from megatron_exaone.parallel.testing import run_distributed
-from megatron_exaone.precision import Fp8Unavailable, PrecisionPlan, apply_precision
+from megatron_exaone.precision import Fp8Unavailable, PrecisionPlan, apply_precision, mark_fp8_weights_stale
 from megatron_exaone.precision.fp8_common import (E4M3, E5M2, FP8_MAX, Fp8Recipe, amax, current_scale,
                                                   per_group_scale, quantize, quantize_with_scale, scale_from_amax,
                                                   to_fp8, to_fp8_per_group_columns)
@@ -293,6 +295,44 @@ def test_fifty_fp8_steps_track_fp32(fixed_batch_losses):
     for recipe in ("tensorwise", "rowwise"):
         got = train(fixed_batch_losses, PrecisionPlan("fp8_emulated", recipe=recipe, **ALL_FP8))
         assert abs(got[-1] - want[-1]) < 0.02 * want[-1], (recipe, got[-1], want[-1])
+
+
+def _weight_cache_run(accumulated_losses, plan: PrecisionPlan, steps: int, micro_batches: int,
+                      mark_stale: bool = True, compile_backend: str | None = None
+                      ) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """(every micro-batch's LM loss, final weights) of the tiny model trained with `plan`."""
+    cfg = config()
+    model = build_model(cfg, seed=0)
+    apply_precision(model, plan, cfg.num_hidden_layers, "cpu")
+    if compile_backend:
+        apply_compile(model, backend=compile_backend)
+    losses = accumulated_losses(model, steps, micro_batches, mark_stale)
+    torch._dynamo.reset()
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("recipe,compile_backend", [("tensorwise", None), ("rowwise", None),
+                                                    ("tensorwise", "aot_eager")])
+def test_weight_cache_reuses_one_quantization_per_optimizer_step(accumulated_losses, recipe, compile_backend):
+    """precision.fp8_weight_cache: FP8 weights quantized on each step's first micro-batch and reused for the others
+    train exactly as quantizing them every time (eagerly and compiled); not marking them stale after the optimizer
+    step (what the trainer does) would train on the old weights, which shows the cache is what runs."""
+    plan = PrecisionPlan("fp8_emulated", recipe=recipe, **ALL_FP8)
+    cached = dataclasses.replace(plan, fp8_weight_cache=True)
+    want_losses, want_weights = _weight_cache_run(accumulated_losses, plan, 3, 3, compile_backend=compile_backend)
+    got_losses, got_weights = _weight_cache_run(accumulated_losses, cached, 3, 3, compile_backend=compile_backend)
+    assert got_losses == want_losses
+    for name, want in want_weights.items():
+        assert torch.equal(got_weights[name], want), name
+    fresh_losses, _ = _weight_cache_run(accumulated_losses, plan, 2, 2)
+    stale_losses, _ = _weight_cache_run(accumulated_losses, cached, 2, 2, mark_stale=False)
+    assert stale_losses[:2] == fresh_losses[:2] and stale_losses[2] != fresh_losses[2]
+
+
+def test_weight_cache_needs_a_torch_native_fp8_precision():
+    with pytest.raises(ValueError, match="fp8_weight_cache"):
+        PrecisionConfig(name="fp8_te_tensorwise", fp8_weight_cache=True)
+    PrecisionConfig(name="fp8_torch", fp8_weight_cache=True)
 
 
 # ---------------------------------------------------------------------------------------------- TP / FSDP2

@@ -98,6 +98,16 @@ def test_fsdp_gathers_are_counted_on_one_rank_and_grow_when_kept():
     assert kept.bytes["communication buffers"] - fsdp.bytes["communication buffers"] >= 2 * extra_layers * expert_layer
 
 
+def test_fp8_weight_cache_holds_two_bytes_per_fp8_layer_weight():
+    config = tiny()  # 4 layers: the first and last stay bf16
+    plain, cached = (planner.plan(planner.PlanInput(model=config, dims=ParallelDims(dp=1), seq_len=64,
+                                                    precision="fp8", fp8_weight_cache=cache)).ranks[0]
+                     for cache in (False, True))
+    units = planner.unit_params(config, ParallelDims(dp=1))
+    fp8_layers = sum(units[f"L{j}"].dense + units[f"L{j}"].expert for j in (1, 2))
+    assert cached.bytes["parameters"] - plain.bytes["parameters"] == 2 * fp8_layers
+
+
 def test_more_tensor_or_pipeline_parallelism_needs_less_memory_per_gpu():
     config = k_exaone_236b()
 
