@@ -17,10 +17,17 @@ pipeline_layout` and the rank's stages, and cut as the passes cut them:
 With MTP and pp > 1 the last stage holds a second copy of the embedding.
 
 Training state per parameter, "fsdp" (the default; FSDP2 as `parallel/data_parallel.py` applies it):
-  * an fp32 parameter, an fp32 gradient, and the optimizer state: AdamW 8 B, Muon 4 B on hidden matrices and AdamW
-    on the embedding, lm_head, router and norms (`training/optim.py`);
-  * all of it sharded over dp x cp for dense parameters and over edp = tp*cp*dp/ep for routed experts (unsharded
-    when edp = 1).
+  * an fp32 parameter and the optimizer state: AdamW 8 B, Muon 4 B on hidden matrices and AdamW on the embedding,
+    lm_head, router and norms (`training/optim.py`), sharded over dp x cp for dense parameters and over
+    edp = tp*cp*dp/ep for routed experts (unsharded when edp = 1);
+  * an fp32 gradient. A step of several micro-batches accumulates it unsharded (FSDP2 without gradient sync, as
+    the trainer and the pipeline schedules run it) and reduce-scatters it after the last one, so backward holds
+    4 B per local parameter and the optimizer step the sharded 4 B. `--reduce-each-micro-batch`
+    (parallel.reduce_grads_each_micro_batch, or a step of one micro-batch) reduce-scatters it in every backward:
+    sharded 4 B throughout.
+  * Under pipeline parallelism the schedules also keep each stage's gathered bf16 parameters (2 B) from the first
+    backward to the end of the step, unless gradients are reduced each micro-batch; `--keep-gathered`
+    (parallel.reshard_after_forward=false) keeps them from the first forward.
 "zero1" is Megatron's distributed optimizer, for comparison (this trainer does not implement it): a bf16
 parameter 2 B and an fp32 gradient 4 B, unsharded, and fp32 master + moments sharded over dp / edp.
 "no-sharding" is this trainer with parallel.fsdp=false: everything fp32 and unsharded. It also COMPUTES in fp32,
@@ -64,13 +71,14 @@ per rank under sequence parallel, a = 2 B (bf16):
     - the all-to-all send and receive buffers of one MoE layer;
     - one TP all-gather;
     - FSDP2's all-gather of the current and the prefetched layer (bf16; also over a group of one rank, where it
-      casts), and the reduce-scatter of one layer (bf16 gradient + fp32 reduce buffer); with --keep-gathered (parallel.reshard_after_forward=false) every
-      local layer's gathered bf16 parameters instead, kept from its forward to its backward;
+      casts) unless the step holds them all (see above), and the reduce-scatter of one layer (bf16 gradient + fp32
+      reduce buffer);
     - the root module's parameters (embedding, head, MTP fc), which stay gathered for the whole step
       (reshard_after_forward=False).
-  * The optimizer step runs after backward. foreach AdamW then allocates one fp32 copy of its local state
-    (`exp_avg_sq.sqrt()`). Muon also holds three fp32 copies of the largest full matrix it orthogonalises. The
-    peak is states + max(training transients + activations, step temporaries).
+  * The optimizer step runs after backward, on reduced (sharded) gradients, with the gathered copies freed.
+    foreach AdamW then allocates one fp32 copy of its local state (`exp_avg_sq.sqrt()`). Muon also holds three
+    fp32 copies of the largest full matrix it orthogonalises. The peak is the larger of backward's (states +
+    activations + training transients) and the step's (its states + step temporaries).
   * A fixed 2 GiB covers the CUDA context and the NCCL / cuBLAS workspaces. Allocator fragmentation is not
     modelled: keep a margin.
 
@@ -126,6 +134,7 @@ class PlanInput:
     recompute_modules: tuple[str, ...] = ("attention",)
     sharding: str = "fsdp"  # fsdp | zero1 | none
     keep_gathered: bool = False  # fsdp: parallel.reshard_after_forward=false
+    reduce_each_micro_batch: bool = False  # fsdp: parallel.reduce_grads_each_micro_batch
     fp8_weight_cache: bool = False  # fp8: precision.fp8_weight_cache
     optimizer: str = "adamw"  # adamw | muon
     sequence_parallel: bool = True
@@ -148,13 +157,15 @@ class RankMemory:
     dense_params: int = 0
     expert_params: int = 0
     bytes: dict[str, float] = field(default_factory=dict)
+    step_states: float = 0.0  # parameters + gradients + optimizer state as the optimizer step holds them
 
     @property
     def peak(self) -> float:
         b = self.bytes
         states = b["parameters"] + b["gradients"] + b["optimizer state"]
         training = b["activations (saved)"] + b["recompute / transient layer"] + b["communication buffers"]
-        return states + max(training, b["optimizer step temporaries"]) + b["runtime overhead"]
+        step = self.step_states + b["optimizer step temporaries"]
+        return max(states + training, step) + b["runtime overhead"]
 
 
 @dataclass
@@ -450,9 +461,11 @@ def _state_bytes(r: RankMemory, inp: PlanInput, dense_adamw: int, dense_shards: 
     expert_moments = (4 if muon else 8) * expert
     adamw_params = (dense_adamw if muon else dense + expert)
     if inp.sharding == "fsdp":
-        r.bytes["parameters"] = 4 * dense / dense_shards + 4 * expert / expert_shards
-        r.bytes["gradients"] = 4 * dense / dense_shards + 4 * expert / expert_shards
+        sharded = 4 * dense / dense_shards + 4 * expert / expert_shards
+        r.bytes["parameters"] = sharded + (2 * (dense + expert) if _holds_gathered(inp) else 0)
+        r.bytes["gradients"] = 4 * (dense + expert) if _accumulates(inp) else sharded
         r.bytes["optimizer state"] = dense_moments / dense_shards + expert_moments / expert_shards
+        r.step_states = 2 * sharded + r.bytes["optimizer state"]  # gathered copies freed, gradients reduced
         adamw_local = adamw_params / dense_shards if muon else dense / dense_shards + expert / expert_shards
     elif inp.sharding == "zero1":
         r.bytes["parameters"] = 2 * (dense + expert)
@@ -466,6 +479,19 @@ def _state_bytes(r: RankMemory, inp: PlanInput, dense_adamw: int, dense_shards: 
         r.bytes["optimizer state"] = dense_moments + expert_moments
         adamw_local = adamw_params
     r.bytes["optimizer step temporaries"] = 4 * adamw_local  # foreach AdamW: one fp32 copy (exp_avg_sq.sqrt())
+    if inp.sharding != "fsdp":
+        r.step_states = r.bytes["parameters"] + r.bytes["gradients"] + r.bytes["optimizer state"]
+
+
+def _accumulates(inp: PlanInput) -> bool:
+    """FSDP2 accumulates unsharded gradients over the step's micro-batches."""
+    return not inp.reduce_each_micro_batch
+
+
+def _holds_gathered(inp: PlanInput) -> bool:
+    """FSDP2 keeps gathered bf16 parameters through the step: the pipeline schedules do (from the first backward)
+    unless gradients are reduced each micro-batch, and parallel.reshard_after_forward=false does."""
+    return inp.keep_gathered or (inp.dims.pp > 1 and not inp.reduce_each_micro_batch)
 
 
 def _comm_bytes(inp: PlanInput, c: _Ctx, units: dict[str, UnitParams], names: list[str]) -> float:
@@ -478,19 +504,19 @@ def _comm_bytes(inp: PlanInput, c: _Ctx, units: dict[str, UnitParams], names: li
     # FSDP2 gathers a BF16 copy of every unit on GPU, also over a group of one rank (that is where it casts).
     if inp.sharding == "fsdp" and layers:
         total += _gathered(inp, [u.dense for u in layers])
-        root = sum(units[n].dense for n in names if not n.startswith("L"))
-        total += 2 * root  # root unit stays gathered (reshard_after_forward=False)
+        if not _holds_gathered(inp):  # else counted with the parameters
+            root = sum(units[n].dense for n in names if not n.startswith("L"))
+            total += 2 * root  # root unit stays gathered (reshard_after_forward=False)
         if has_moe:
             total += _gathered(inp, [u.expert for u in layers])
     return total
 
 
 def _gathered(inp: PlanInput, layer_params: list[int]) -> float:
-    """FSDP2's bf16 all-gathers and one layer's reduce-scatter (bf16 gradient + fp32 buffer): the current and the
-    prefetched layer, or every local layer when gathered parameters are kept from forward to backward."""
+    """FSDP2's bf16 all-gathers of the current and the prefetched layer (unless the step holds every layer's,
+    counted with the parameters) and one layer's reduce-scatter (bf16 gradient + fp32 buffer)."""
     biggest = max(layer_params)
-    gathered = sum(layer_params) if inp.keep_gathered else 2 * biggest
-    return 2 * gathered + (2 + 4) * biggest
+    return (0 if _holds_gathered(inp) else 2 * 2 * biggest) + (2 + 4) * biggest
 
 
 def recompute_flops_per_token(m: ModelConfig, seq_len: int, recompute: str, modules: tuple[str, ...]) -> float:
@@ -609,11 +635,12 @@ def build_input(args: argparse.Namespace, layout: dict[str, Any] | None = None, 
     dims = ParallelDims(tp=tp, pp=pp, vpp=pick("vpp", 1), ep=pick("ep", 1), etp=pick("etp", 1), dp=dp, cp=cp)
     sharding = args.sharding or ("fsdp" if layout.get("fsdp", True) else "none")
     keep_gathered = args.keep_gathered or not layout.get("reshard_after_forward", True)
+    reduce_each = args.reduce_each_micro_batch or layout.get("reduce_grads_each_micro_batch", False)
     return PlanInput(model=load_model(args.model), dims=dims, seq_len=args.seq_len, micro_batch=args.micro_batch,
                      precision=precision or args.precision, recompute=pick("recompute", "full"),
                      recompute_modules=tuple(args.recompute_modules.split(",")), sharding=sharding,
                      keep_gathered=keep_gathered and sharding == "fsdp", fp8_weight_cache=args.fp8_weight_cache,
-                     optimizer=args.optimizer,
+                     reduce_each_micro_batch=reduce_each, optimizer=args.optimizer,
                      sequence_parallel=layout.get("sequence_parallel", True)
                      and not args.no_sequence_parallel, packed=not args.no_packing,
                      bf16_layers=tuple(args.bf16_layers), moe_imbalance=args.moe_imbalance, gpu_gib=args.gpu_gib,
@@ -641,6 +668,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-gathered", action="store_true",
                    help="fsdp: keep gathered parameters from forward to backward (parallel.reshard_after_forward="
                         "false)")
+    p.add_argument("--reduce-each-micro-batch", action="store_true",
+                   help="fsdp: gradients reduce-scattered in every micro-batch's backward (parallel."
+                        "reduce_grads_each_micro_batch, or one micro-batch per step)")
     p.add_argument("--fp8-weight-cache", action="store_true",
                    help="fp8: FP8 weight copies kept through the step (precision.fp8_weight_cache)")
     p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")

@@ -64,7 +64,11 @@ class ParallelConfig:
     distributed-optimizer equivalent); False replicates them. `reshard_after_forward`: FSDP2 frees each decoder
     layer's gathered BF16 parameters after its forward and gathers them again for its backward; False keeps them
     from forward to backward (one gather per micro-batch instead of two, for the memory of every local layer's
-    gathered parameters; ZBV/DualPipeV always keep them). `pipeline_layout`: an explicit stage split in
+    gathered parameters; ZBV/DualPipeV always keep them). `reduce_grads_each_micro_batch`: FSDP2 reduce-scatters
+    every micro-batch's gradients in its backward, instead of accumulating unsharded FP32 gradients (4 B per local
+    parameter) over the step and, under a pipeline, holding every layer's gathered BF16 parameters (2 B) until the
+    step's last backward: one reduce-scatter per micro-batch for that memory (what long-context stages with many
+    layers per rank need; not with ZBV/DualPipeV). `pipeline_layout`: an explicit stage split in
     `parallel.pipeline.pipeline_layout` syntax (e.g. "Et|tt|tL"); None splits evenly. `compile`: compile each
     decoder layer with torch.compile (`parallel.compile`; fuses the elementwise work, needed for FP8 speed).
     """
@@ -81,6 +85,7 @@ class ParallelConfig:
     pipeline_layout: Optional[str] = None
     fsdp: bool = True
     reshard_after_forward: bool = True
+    reduce_grads_each_micro_batch: bool = False
     recompute: str = "none"
     recompute_modules: List[str] = field(default_factory=lambda: ["attention"])
     compile: bool = False
@@ -88,6 +93,10 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         _one_of("parallel.pipeline_schedule", self.pipeline_schedule, PIPELINE_SCHEDULES)
         _one_of("parallel.recompute", self.recompute, RECOMPUTE_MODES)
+        if self.reduce_grads_each_micro_batch and self.pipeline_schedule in ("zbv", "dualpipev"):
+            raise ValueError(f"parallel.reduce_grads_each_micro_batch=true with pipeline_schedule="
+                             f"{self.pipeline_schedule}: that schedule splits each backward and keeps parameters "
+                             "gathered; use 1f1b or interleaved_1f1b, or set it to false.")
         for module in self.recompute_modules:
             _one_of("parallel.recompute_modules entry", module, RECOMPUTE_MODULES)
 

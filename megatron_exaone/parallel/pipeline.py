@@ -23,8 +23,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleDualPipeV, ScheduleInterleaved1F1B,
                                           ScheduleZBVZeroBubble)
+from torch.distributed.pipelining._backward import stage_backward  # the full backward PipelineStage runs
 
 from megatron_exaone.model import ExaoneMoeForCausalLM, ModelConfig
 from megatron_exaone.model.loss import IGNORE_INDEX
@@ -362,12 +364,35 @@ def embedding_copies(config: ModelConfig, pp: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- running a step
+class ReducingEachMicroBatchStage(PipelineStage):
+    """A `PipelineStage` whose FSDP2 module reduce-scatters every micro-batch's gradients during that micro-batch's
+    backward, layer by layer, and reshards its parameters after it, as FSDP2 does outside a pipeline.
+
+    The plain stage runs FSDP2 without gradient sync until the step's last backward: it accumulates unsharded FP32
+    gradients (4 B per local parameter) and keeps the gathered BF16 parameters (2 B) through the step, which a
+    long-context stage with many layers per rank cannot afford. This one trades that memory for one
+    reduce-scatter per micro-batch. Full backward only: zero-bubble schedules split it and keep parameters
+    gathered anyway."""
+
+    def backward_maybe_with_nosync(self, backward_type: str, bwd_kwargs: dict, last_backward: bool = False):
+        if backward_type != "full" or not isinstance(self.submod, FSDPModule):
+            return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
+        self.submod.set_requires_gradient_sync(True)
+        self.submod.set_reshard_after_backward(True)
+        grads = stage_backward(bwd_kwargs["stage_output"], bwd_kwargs["output_grads"], bwd_kwargs["input_values"])
+        self.perform_reduce_grad(1)  # the units whose post-backward hooks did not fire (no input grad), then wait
+        return grads, None
+
+
 def make_pipeline_stages(chunks: Sequence[PipelineChunk], mesh: ParallelMesh, micro_batch: int, seq_len: int,
-                         activation_dtype: torch.dtype) -> list[PipelineStage]:
-    """`PipelineStage`s with static shapes for [micro_batch, seq_len] micro-batches.
+                         activation_dtype: torch.dtype, reduce_each_micro_batch: bool = False
+                         ) -> list[PipelineStage]:
+    """`PipelineStage`s with static shapes for [micro_batch, seq_len] micro-batches (`ReducingEachMicroBatchStage`s
+    with `reduce_each_micro_batch`).
 
     Static shapes, because runtime shape inference would run each stage's forward on uninitialised buffers (token
     ids out of range, routing counts polluted)."""
+    stage_class = ReducingEachMicroBatchStage if reduce_each_micro_batch else PipelineStage
     stages = []
     for chunk in chunks:
         device = next(chunk.parameters()).device
@@ -377,8 +402,8 @@ def make_pipeline_stages(chunks: Sequence[PipelineChunk], mesh: ParallelMesh, mi
             else hidden
         outputs = torch.empty((), dtype=torch.float32, device="meta", requires_grad=True) if chunk.is_last \
             else hidden
-        stages.append(PipelineStage(chunk, chunk.stage_index, chunk.num_stages, device, input_args=inputs,
-                                    output_args=outputs, group=mesh.pp_group))
+        stages.append(stage_class(chunk, chunk.stage_index, chunk.num_stages, device, input_args=inputs,
+                                  output_args=outputs, group=mesh.pp_group))
     return stages
 
 
@@ -406,13 +431,18 @@ class PipelineRunner:
     `step` splits this rank's share of the global batch into `n_microbatches`, sets the global counts on the chunks
     and runs the schedule; every rank of the pipeline passes the same batch. Schedules are built per micro-batch
     shape. `activation_dtype` is the dtype of the hidden states sent between stages (default: the parameters'; pass
-    bfloat16 when FSDP2 computes in bf16 over fp32 parameters).
+    bfloat16 when FSDP2 computes in bf16 over fp32 parameters). `reduce_each_micro_batch`: FSDP2 reduce-scatters
+    every micro-batch's gradients (`ReducingEachMicroBatchStage`; not with zero-bubble schedules).
     """
 
     def __init__(self, chunks: Sequence[PipelineChunk], mesh: ParallelMesh, schedule: str, n_microbatches: int,
-                 activation_dtype: torch.dtype | None = None) -> None:
+                 activation_dtype: torch.dtype | None = None, reduce_each_micro_batch: bool = False) -> None:
         dims = mesh.dims
         check_schedule(schedule, dims.pp, dims.vpp, n_microbatches)
+        if reduce_each_micro_batch and splits_weight_backward(schedule):
+            raise LayoutError(f"reducing gradients each micro-batch needs a full backward per micro-batch; {schedule} "
+                              "splits it (and keeps parameters gathered): use 1f1b or interleaved_1f1b.")
+        self.reduce_each_micro_batch = reduce_each_micro_batch
         expected = local_stage_indices(schedule, mesh.pp_rank, dims.pp, dims.vpp)
         if [c.stage_index for c in chunks] != expected:
             raise LayoutError(f"{schedule} runs stages {expected} on pipeline rank {mesh.pp_rank}, but the chunks "
@@ -460,7 +490,8 @@ class PipelineRunner:
     def _schedule_for(self, micro_batch: int, seq_len: int) -> Any:
         key = (micro_batch, seq_len, self.n_microbatches)
         if key not in self._schedules:
-            stages = make_pipeline_stages(self.chunks, self.mesh, micro_batch, seq_len, self.activation_dtype)
+            stages = make_pipeline_stages(self.chunks, self.mesh, micro_batch, seq_len, self.activation_dtype,
+                                          self.reduce_each_micro_batch)
             self._schedules[key] = build_pipeline_schedule(stages, self.mesh, self.n_microbatches, self.schedule)
         return self._schedules[key]
 

@@ -86,7 +86,9 @@ class Trainer:
             tp_group=self.mesh.tp_group, tp_size=dims.tp)
         self.loader = self._build_loader()
         self.runner = (PipelineRunner(self.chunks, self.mesh, cfg.parallel.pipeline_schedule, self._microbatches(),
-                                      activation_dtype=self._compute_dtype()) if dims.pp > 1 else None)
+                                      activation_dtype=self._compute_dtype(),
+                                      reduce_each_micro_batch=cfg.parallel.reduce_grads_each_micro_batch)
+                       if dims.pp > 1 else None)
         self.metrics = MetricsLogger(self.run_dir, enabled=self.rank == 0, total_tokens=curriculum.total_tokens,
                                      wandb_settings={**dataclasses.asdict(cfg.wandb),
                                                      "mode": cfg.wandb.resolved_mode()},
@@ -269,8 +271,8 @@ class Trainer:
         totals = {"lm_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
         for first in range(0, rows, micro):
             last_micro = first + micro >= rows
-            if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once, after the last one
-                model.set_requires_gradient_sync(last_micro)
+            if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter after the last one (or each)
+                model.set_requires_gradient_sync(last_micro or self.cfg.parallel.reduce_grads_each_micro_batch)
             part = slice(first, first + micro)
             out = model(batch["input_ids"][part], labels=labels[part], position_ids=batch["position_ids"][part],
                         return_logits=False, loss_normalizer=valid, aux_loss_scale=micro / plan.global_batch_size)

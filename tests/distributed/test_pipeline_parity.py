@@ -7,8 +7,11 @@ local slice; both embedding copies), the global gradient norm and the routed-tok
 world size runs every layout of that size.
 """
 
+import contextlib
+
 import pytest
 import torch
+import torch.distributed.fsdp._fully_shard._fsdp_param_group as fsdp_param_group
 from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 from torch.distributed.tensor import DTensor
 
@@ -31,8 +34,8 @@ from megatron_exaone.parallel.testing import run_distributed
 SEED = 3
 MICROBATCHES = 4
 TOLERANCE = 1e-5  # relative to each tensor's largest magnitude (fp32)
-# name -> (ParallelDims kwargs, schedule, layout string, FSDP2 with full recompute[, compiled layers]); sequence
-# parallel throughout.
+# name -> (ParallelDims kwargs, schedule, layout string, FSDP2 with full recompute[, compiled layers[, FSDP2
+# reduce-scatters each micro-batch's gradients]]); sequence parallel throughout.
 LAYOUTS = {
     2: {"pp2_1f1b": (dict(pp=2), "1f1b", None, False),
         "pp2_1f1b_compiled": (dict(pp=2), "1f1b", None, False, True),
@@ -44,6 +47,8 @@ LAYOUTS = {
         "pp2_tp2_sp_zbv": (dict(pp=2, vpp=2, tp=2), "zbv", None, False),
         "pp2_dp2_fsdp_recompute_interleaved": (dict(pp=2, vpp=2, dp=2), "interleaved_1f1b", None, True),
         "pp2_dp2_fsdp_recompute_zbv": (dict(pp=2, vpp=2, dp=2), "zbv", None, True),
+        "pp2_dp2_fsdp_recompute_interleaved_reduce_each_micro_batch":
+            (dict(pp=2, vpp=2, dp=2), "interleaved_1f1b", None, True, False, True),
         "pp2_cp2_1f1b": (dict(pp=2, cp=2), "1f1b", None, False),
         "pp2_cp2_fsdp_recompute_interleaved": (dict(pp=2, vpp=2, cp=2), "interleaved_1f1b", None, True)},
     8: {"pp2_tp2_dp2_ep2_interleaved": (dict(pp=2, vpp=2, tp=2, ep=2), "interleaved_1f1b", None, False)},
@@ -74,7 +79,7 @@ def reference():
     return dict(model.named_parameters()), losses, norm
 
 
-def run_layout(ref_params, dims_kw, schedule, layout, fsdp, compiled=False):
+def run_layout(ref_params, dims_kw, schedule, layout, fsdp, compiled=False, reduce_each_micro_batch=False):
     mesh = build_mesh(ParallelDims(**dims_kw), "cpu")
     chunks = build_pipeline_chunks(config(), mesh, SEED, "cpu", schedule, layout)
     for chunk in chunks if compiled else ():
@@ -89,7 +94,9 @@ def run_layout(ref_params, dims_kw, schedule, layout, fsdp, compiled=False):
     x, positions, labels = batch()
     per = x.shape[0] // mesh.dims.dp
     rows = slice(mesh.dp_rank * per, (mesh.dp_rank + 1) * per)
-    losses = PipelineRunner(chunks, mesh, schedule, MICROBATCHES).step(x[rows], labels[rows], positions[rows])
+    runner = PipelineRunner(chunks, mesh, schedule, MICROBATCHES, reduce_each_micro_batch=reduce_each_micro_batch)
+    with counting_fsdp_reductions() as reductions:
+        losses = runner.step(x[rows], labels[rows], positions[rows])
     if fsdp:  # FSDP2 reduced over dp during backward
         for chunk in chunks:
             reduce_tp_partial_grads(chunk, mesh.tp_group)
@@ -108,7 +115,24 @@ def run_layout(ref_params, dims_kw, schedule, layout, fsdp, compiled=False):
                  if hasattr(m, "tokens_per_expert"))
     names = sorted({n for c in chunks for n, _ in c.named_parameters()})
     return {"init": init_err, "grads": grad_errors, "losses": losses, "norm": norm, "tokens_counted": counts,
-            "names": names}
+            "names": names, "reductions": reductions[0]}
+
+
+@contextlib.contextmanager
+def counting_fsdp_reductions():
+    """Counts FSDP2's gradient reductions (one per FSDP unit and reduce-scatter) while the block runs: [count]."""
+    count = [0]
+    original = fsdp_param_group.foreach_reduce
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return original(*args, **kwargs)
+
+    fsdp_param_group.foreach_reduce = counted
+    try:
+        yield count
+    finally:
+        fsdp_param_group.foreach_reduce = original
 
 
 def run_all(rank, world):
@@ -140,6 +164,18 @@ def test_pipeline_layouts_match_single_process(results):
             if abs(got["norm"] - r["ref_norm"]) > TOLERANCE * r["ref_norm"]:
                 failures.append(f"{name} rank {rank}: global grad norm {got['norm']} != {r['ref_norm']}")
     assert not failures, "\n".join(failures)
+
+
+def test_reducing_each_micro_batch_reduces_every_micro_batchs_gradients(results):
+    """ReducingEachMicroBatchStage reduce-scatters each FSDP unit once per micro-batch; the plain stage once per
+    step, after the last (it accumulates unsharded gradients until then)."""
+    world, per_rank = results
+    if world != 4:
+        pytest.skip("the layouts compared run on 4 ranks")
+    for r in per_rank:
+        once = r["layouts"]["pp2_dp2_fsdp_recompute_interleaved"]["reductions"]
+        each = r["layouts"]["pp2_dp2_fsdp_recompute_interleaved_reduce_each_micro_batch"]["reductions"]
+        assert once > 0 and each == MICROBATCHES * once, (once, each)
 
 
 def test_every_parameter_and_routed_token_is_covered(results):

@@ -210,7 +210,8 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path, data_ov
 # ---------------------------------------------------------------------------------------------- resharding
 def test_resume_tp2_pp2_checkpoint_under_ep2_dp2(tmp_path, data_overrides):
     """Layout A = tp2 x pp2 (ep2 folded into each stage's tp x dp ranks), 4 ranks; layout B = ep2 x dp2, 2 ranks,
-    with FSDP2 keeping gathered parameters from forward to backward (parallel.reshard_after_forward=false)."""
+    with FSDP2 keeping gathered parameters from forward to backward (parallel.reshard_after_forward=false) and
+    reducing every micro-batch's gradients (parallel.reduce_grads_each_micro_batch=true)."""
     first, more = 2, 2
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     # The model recipe's MTP weight is 0 and the curriculum's stages set 0.05: the pipeline's last stage must
@@ -222,7 +223,8 @@ def test_resume_tp2_pp2_checkpoint_under_ep2_dp2(tmp_path, data_overrides):
     assert sorted(expected) == list(range(1, first + more + 1))
     assert all(record["mtp_loss"] > 0 for record in expected.values())
     layout_b = ["parallel.tp=1", "parallel.pp=1", "parallel.ep=2", "parallel.dp=2", "parallel.sequence_parallel=false"]
-    layout_b += ["+model.mtp_loss_weight=0", "parallel.reshard_after_forward=false"]
+    layout_b += ["+model.mtp_loss_weight=0", "parallel.reshard_after_forward=false",
+                 "parallel.reduce_grads_each_micro_batch=true"]
     train_ranks(2, overrides(b_dir, data_overrides, *layout_b, f"trainer.max_steps={first + more}",
                              f"checkpoint.load={a_dir}/checkpoints/step_{first:08d}"))
     metrics = by_step(b_dir)

@@ -179,6 +179,10 @@ def test_mixture_of_an_unknown_dataset_names_it():
       "precision.te_attention=true"], 4, "context parallel attention runs on SDPA"),
     (["precision=fp8_torch", "precision.te_attention=true"], 1,
      "precision.te_attention=true needs a Transformer Engine precision"),
+    (["precision=fp8_te_delayed", "precision.fp8_weight_cache=true"], 1,
+     "precision.fp8_weight_cache=true applies to fp8_torch and fp8_emulated"),
+    (["experiment=cpu_tiny", "parallel.pipeline_schedule=zbv", "parallel.vpp=2",
+      "parallel.reduce_grads_each_micro_batch=true"], 4, "use 1f1b or interleaved_1f1b"),
 ])
 def test_cross_field_checks(overrides, world_size, expected):
     assert expected in _error(overrides, world_size)
@@ -194,7 +198,8 @@ def test_k_exaone_curriculum():
                for s in checked.curriculum.stages)
     # dp gives way to context parallel in the long-context stages.
     assert [(p.tp, p.cp, p.pp, p.dp) for p in checked.stage_parallel] == \
-        [(4, 1, 8, 2)] * 3 + [(4, 2, 8, 1), (2, 8, 4, 1)]
+        [(4, 1, 8, 2)] * 3 + [(4, 2, 8, 1), (4, 8, 2, 1)]
+    assert [p.reduce_grads_each_micro_batch for p in checked.stage_parallel] == [False] * 4 + [True]
     assert cfg.optim.name == "muon" and cfg.parallel.recompute == "full"
 
 

@@ -329,12 +329,6 @@ def test_weight_cache_reuses_one_quantization_per_optimizer_step(accumulated_los
     assert stale_losses[:2] == fresh_losses[:2] and stale_losses[2] != fresh_losses[2]
 
 
-def test_weight_cache_needs_a_torch_native_fp8_precision():
-    with pytest.raises(ValueError, match="fp8_weight_cache"):
-        PrecisionConfig(name="fp8_te_tensorwise", fp8_weight_cache=True)
-    PrecisionConfig(name="fp8_torch", fp8_weight_cache=True)
-
-
 # ---------------------------------------------------------------------------------------------- TP / FSDP2
 # name -> (ParallelDims kwargs, sequence parallel, FSDP2, recipe)
 LAYOUTS = {"tp2_sp_tensorwise": (dict(tp=2), True, False, "tensorwise"),

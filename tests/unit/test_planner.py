@@ -82,20 +82,34 @@ def test_tiny_tp2_ep2_dp2_shards_by_hand():
     assert zero1.bytes["optimizer state"] == 12 * local_dense / 2 + 12 * (experts // 2) / edp
 
 
-def test_fsdp_gathers_are_counted_on_one_rank_and_grow_when_kept():
+def test_fsdp_gathers_are_counted_on_one_rank_and_held_when_kept():
     """FSDP2 gathers a BF16 copy of each unit on GPU even over a one-rank group; keeping the gathered parameters
-    from forward to backward (parallel.reshard_after_forward=false) holds every layer's copy instead of two."""
+    from forward to backward (parallel.reshard_after_forward=false) holds every layer's copy through the step."""
     config = tiny()
     (fsdp,) = run(config).ranks
     (replicated,) = run(config, sharding="none").ranks
     (kept,) = planner.plan(planner.PlanInput(model=config, dims=ParallelDims(dp=1), seq_len=64,
                                              keep_gathered=True)).ranks
-    _, experts = hand_params(config)
+    dense, experts = hand_params(config)
     expert_layer = experts // config.mlp_layer_types.count("sparse")
     gathers = fsdp.bytes["communication buffers"] - replicated.bytes["communication buffers"]
     assert gathers >= 2 * 2 * expert_layer + (2 + 4) * expert_layer  # experts: two layers gathered, one reduced
-    extra_layers = config.mlp_layer_types.count("sparse") - 2
-    assert kept.bytes["communication buffers"] - fsdp.bytes["communication buffers"] >= 2 * extra_layers * expert_layer
+    assert kept.bytes["parameters"] - fsdp.bytes["parameters"] == 2 * (dense + experts)
+
+
+def test_accumulated_gradients_are_unsharded_unless_reduced_each_micro_batch():
+    """A step of several micro-batches holds unsharded FP32 gradients (FSDP2 without gradient sync), and under a
+    pipeline the gathered BF16 parameters too; reducing each micro-batch holds sharded gradients only."""
+    config = k_exaone_236b()
+    dims = ParallelDims(tp=4, pp=8, ep=8, dp=2)
+    accumulated, each = (planner.plan(planner.PlanInput(model=config, dims=dims, reduce_each_micro_batch=flag))
+                         for flag in (False, True))
+    for a, e in zip(accumulated.ranks, each.ranks):
+        local = a.dense_params + a.expert_params
+        sharded = 4 * a.dense_params / 2 + 4 * a.expert_params / 1  # dense over dp=2, experts over edp=1
+        assert a.bytes["gradients"] == 4 * local and e.bytes["gradients"] == sharded
+        assert a.bytes["parameters"] - e.bytes["parameters"] == 2 * local
+    assert accumulated.worst.peak > each.worst.peak
 
 
 def test_fp8_weight_cache_holds_two_bytes_per_fp8_layer_weight():
