@@ -3,22 +3,15 @@ layout fits an 80 GiB H100 while an impossible one is flagged, and invalid layou
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
 from megatron_exaone.model import k_exaone_236b, tiny
 from megatron_exaone.parallel.mesh import LayoutError, ParallelDims
 from megatron_exaone.training.flops import flops_per_token
+from tools import planner
 
-_PATH = Path(__file__).resolve().parents[2] / "tools" / "planner.py"
-_spec = importlib.util.spec_from_file_location("exaone_planner", _PATH)
-planner = importlib.util.module_from_spec(_spec)
-sys.modules["exaone_planner"] = planner
-_spec.loader.exec_module(planner)
 
 GIB = 1024 ** 3
 
