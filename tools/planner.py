@@ -4,6 +4,7 @@
         --precision bf16 --recompute full [--vpp N] [--zero1 | --fsdp | --no-sharding] [--optimizer adamw|muon]
     python tools/planner.py --layout k_exaone_236b_h100x64 [--seq-len 32768 ...]   (recipes/parallel/<name>.yaml)
     python tools/planner.py --all-published                                         (the K-EXAONE layouts)
+    python tools/planner.py --experiment k_exaone_236b_h100x64    (each curriculum stage of recipes/experiment/<name>.yaml)
 
 This is an ESTIMATE of what this implementation keeps. It reports every pipeline rank and flags ranks whose peak
 exceeds the GPU (80 GiB by default). These are the assumptions:
@@ -653,6 +654,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="k_exaone_236b", help="preset (k_exaone_236b, tiny) or recipes/model name")
     p.add_argument("--layout", help="a recipes/parallel/<name>.yaml (flags given explicitly override it)")
     p.add_argument("--all-published", action="store_true", help="summarise the published K-EXAONE layouts")
+    p.add_argument("--experiment", metavar="NAME",
+                   help="summarise every curriculum stage of recipes/experiment/NAME.yaml with its own layout")
     for name in ("tp", "pp", "ep", "etp", "dp", "cp", "vpp"):
         p.add_argument(f"--{name}", type=int)
     p.add_argument("--world-size", type=int, help="derive dp from it when --dp is not given")
@@ -683,19 +686,68 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def experiment_plans(name: str, world_size: int | None = None, gpu_gib: float = 80.0) -> list[Plan]:
+    """One plan per curriculum stage of the experiment recipe `name` (recipes/experiment/<name>.yaml): the stage's
+    layout and sequence length with the recipe's micro-batch, precision, optimizer, recompute and FSDP settings,
+    on `world_size` GPUs (default: the recipe's layout with its dp)."""
+    from megatron_exaone.config.load import load_config, validate  # composes the Hydra recipe
+
+    cfg = load_config([f"experiment={name}"])
+    p = cfg.parallel
+    world = world_size or p.tp * p.cp * p.pp * (p.dp or 1)
+    checked = validate(cfg, world)
+    precision = cfg.precision
+    plans = []
+    for stage, layout in zip(cfg.curriculum.stages, checked.stage_parallel):
+        inp = PlanInput(model=checked.model, dims=layout.to_dims(), seq_len=stage.seq_len,
+                        micro_batch=cfg.trainer.micro_batch_size, precision="fp8" if precision.is_fp8 else "bf16",
+                        recompute=layout.recompute, recompute_modules=tuple(layout.recompute_modules),
+                        sharding="fsdp" if layout.fsdp else "none", keep_gathered=not layout.reshard_after_forward,
+                        reduce_each_micro_batch=layout.reduce_grads_each_micro_batch,
+                        fp8_weight_cache=precision.fp8_weight_cache, optimizer=cfg.optim.name,
+                        sequence_parallel=layout.sequence_parallel,
+                        bf16_layers=(precision.keep_bf16_first_layers, precision.keep_bf16_last_layers),
+                        gpu_gib=gpu_gib, model_name=name,
+                        layout_name=f"{stage.name} ({_tokens(stage.seq_len)})")
+        plans.append(plan(inp))
+    return plans
+
+
+def _tokens(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+SUMMARY_HEADER = (f"{'layout':<30}{'GPUs':>5}  {'parallel':<22}{'prec':<6}{'optim':<7}{'GiB/GPU':>8}  "
+                  f"{'fits':<5}{'FLOPs/token':>11}")
+
+
 def summary_row(p: Plan) -> str:
     d, w = p.inp.dims, p.worst
-    layout = f"tp{d.tp} pp{d.pp} ep{d.ep} dp{d.dp}" + (f" vpp{d.vpp}" if d.vpp > 1 else "")
-    return (f"{p.inp.layout_name:<26}{d.world_size:>5}  {layout:<22}{p.inp.precision:<6}{p.inp.optimizer:<7}"
+    layout = f"tp{d.tp} pp{d.pp} ep{d.ep}" + (f" cp{d.cp}" if d.cp > 1 else "") + f" dp{d.dp}" + \
+        (f" vpp{d.vpp}" if d.vpp > 1 else "")
+    return (f"{p.inp.layout_name:<30}{d.world_size:>5}  {layout:<22}{p.inp.precision:<6}{p.inp.optimizer:<7}"
             f"{w.peak / GIB:>8.1f}  {'yes' if p.fits else 'NO':<5}{p.flops_per_token:>11.3e}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if args.experiment:
+            from megatron_exaone.config.load import RecipeError
+
+            try:
+                plans = experiment_plans(args.experiment, args.world_size, args.gpu_gib)
+            except RecipeError as exc:
+                print(f"invalid recipe: {exc}", file=sys.stderr)
+                return 2
+            print(SUMMARY_HEADER.replace("layout  ", "stage   "))
+            for result in plans:
+                print(summary_row(result))
+            print(f"(experiment {args.experiment}: each stage's layout, sequence length and settings; worst "
+                  "pipeline rank)")
+            return 0 if all(result.fits for result in plans) else 1
         if args.all_published:
-            print(f"{'layout':<26}{'GPUs':>5}  {'parallel':<22}{'prec':<6}{'optim':<7}{'GiB/GPU':>8}  "
-                  f"{'fits':<5}{'FLOPs/token':>11}")
+            print(SUMMARY_HEADER)
             for name in published_layouts():
                 for precision in ("bf16", "fp8"):
                     for optimizer in ("adamw", "muon"):

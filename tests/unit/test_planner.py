@@ -163,6 +163,18 @@ def test_published_layout_fits_and_an_impossible_one_is_flagged(capsys):
     assert not planner.plan(replace(result.inp, gpu_gib=40.0)).fits
 
 
+def test_every_stage_of_the_k_exaone_experiments_fits(capsys):
+    """--experiment plans each curriculum stage with its own layout: all fit 80 GB on 64 and 256 H100s. The 256K
+    stage fits because it reduces gradients every micro-batch; accumulating them over the step would not."""
+    for name in ("k_exaone_236b_h100x64", "k_exaone_236b_h100x256"):
+        assert planner.main(["--experiment", name]) == 0
+    out = capsys.readouterr().out
+    assert out.count("context_256k (256K)") == 2 and "tp4 pp2 ep8 cp8 dp1" in out
+    last = planner.experiment_plans("k_exaone_236b_h100x64")[-1]
+    assert last.inp.seq_len == 262144 and last.inp.reduce_each_micro_batch and last.fits
+    assert not planner.plan(replace(last.inp, reduce_each_micro_batch=False)).fits
+
+
 def test_all_published_lists_every_k_exaone_layout(capsys):
     assert planner.main(["--all-published"]) == 0
     out = capsys.readouterr().out
