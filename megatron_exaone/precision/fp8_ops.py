@@ -119,9 +119,15 @@ def grouped_weight_operands(weights: Sequence[torch.Tensor]) -> tuple[torch.Tens
     along N, quantized), their per-expert scale [G, 1, 1], then each weight's transpose [G, K, N_i] quantized
     with that scale for the input gradient."""
     with torch.no_grad():
-        weight = torch.cat(tuple(weights), dim=1) if len(weights) > 1 else weights[0]
-        scale_w = per_group_scale(weight, E4M3)
-        return quantize(weight, scale_w, E4M3), scale_w, *(_transposed(w, scale_w) for w in weights)
+        qw_data, scale_w = _forward_operand(weights)
+        return qw_data, scale_w, *(_transposed(w, scale_w) for w in weights)
+
+
+def _forward_operand(weights: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights concatenated along N and quantized with one scale per expert: (FP8 data, scale [G, 1, 1])."""
+    weight = torch.cat(tuple(weights), dim=1) if len(weights) > 1 else weights[0]
+    scale_w = per_group_scale(weight, E4M3)
+    return quantize(weight, scale_w, E4M3), scale_w
 
 
 def _transposed(weight: torch.Tensor, scale_w: torch.Tensor) -> torch.Tensor:
@@ -144,13 +150,11 @@ class _Fp8GroupedLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, counts: torch.Tensor, gemms: Fp8Gemms, fp8_wgrad: bool,
                 cached: tuple[torch.Tensor, ...] | None, *weights: torch.Tensor) -> torch.Tensor:
         if cached is None:
-            weight = torch.cat(weights, dim=1) if len(weights) > 1 else weights[0]
-            scale_w = per_group_scale(weight, E4M3)
-            qw_data, transposed = quantize(weight, scale_w, E4M3), ()
+            (qw_data, scale_w), transposed = _forward_operand(weights), ()
         else:  # grouped_weight_operands, made on the step's first micro-batch
             qw_data, scale_w, *transposed = cached
         ctx.save_for_backward(x, counts, scale_w, *transposed, *weights)
-        ctx.gemms, ctx.fp8_wgrad, ctx.cached = gemms, fp8_wgrad, cached is not None
+        ctx.gemms, ctx.fp8_wgrad, ctx.cached, ctx.n_weights = gemms, fp8_wgrad, cached is not None, len(weights)
         return gemms.grouped_mm(to_fp8(x, E4M3, "rowwise", 1),
                                 Quantized(qw_data.transpose(1, 2), scale_w.reciprocal()), counts, x.dtype,
                                 fast_accum=True)
@@ -158,7 +162,7 @@ class _Fp8GroupedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         x, counts, scale_w, *saved = ctx.saved_tensors
-        transposed, weights = (saved[:len(saved) // 2], saved[len(saved) // 2:]) if ctx.cached else ([], saved)
+        transposed, weights = saved[:-ctx.n_weights], saved[-ctx.n_weights:]  # no transposed ones unless cached
         gemms = ctx.gemms
         grad_parts = grad_y.split([w.shape[1] for w in weights], dim=1)
         grad_x = None
