@@ -92,21 +92,22 @@ def measure_variants(variants: list[str], measure: Callable[[str], tuple[float, 
             yield variant, seconds, peak, f"{baseline[1] / seconds:.2f}x the speed of {baseline[0]}"
 
 
-VARIANT_OPTIONS = ("compile", "fp8_wgrad", "keep_gathered", "weight_cache")
+VARIANT_OPTIONS = ("compile", "fp8_wgrad", "keep_gathered", "weight_cache", "fp8_mtp")
 
 
 def parse_variant(variant: str) -> tuple[PrecisionPlan, set[str]]:
     """"<precision>[:<recipe>][+option...]" -> (precision plan, options). Options: compile (every decoder layer
     compiled), fp8_wgrad (the routed experts' weight gradient in FP8 too: PrecisionPlan.fp8_expert_wgrad),
     keep_gathered (FSDP2 keeps gathered parameters from forward to backward: parallel.reshard_after_forward=false),
-    weight_cache (FP8 weights quantized once per optimizer step: precision.fp8_weight_cache)."""
+    weight_cache (FP8 weights quantized once per optimizer step: precision.fp8_weight_cache), fp8_mtp (the MTP
+    module's projections in FP8 too: precision.fp8_mtp)."""
     name, *options = variant.split("+")
     unknown = set(options) - set(VARIANT_OPTIONS)
     if unknown:
         raise SystemExit(f"variant {variant!r}: unknown options {sorted(unknown)}; choose from {VARIANT_OPTIONS}")
     precision, _, recipe = name.partition(":")
     plan = PrecisionPlan(precision, recipe=recipe or None, fp8_expert_wgrad="fp8_wgrad" in options,
-                         fp8_weight_cache="weight_cache" in options)
+                         fp8_weight_cache="weight_cache" in options, fp8_mtp="fp8_mtp" in options)
     return plan, set(options)
 
 

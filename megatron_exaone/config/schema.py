@@ -136,9 +136,10 @@ class PrecisionConfig:
     `keep_bf16_first_layers` / `keep_bf16_last_layers`: decoder layers kept in bf16 at each end (the usual
     stability choice, as Megatron's `--first-last-layers-bf16`). `fp8_expert_wgrad` (fp8_torch, fp8_emulated): the
     routed experts' weight-gradient GEMM in FP8 as well; by default it runs in BF16 (see `precision.fp8_ops`).
-    Transformer Engine only (fp8_te_*): `te_attention` runs the attention cores in TE's DotProductAttention (its
-    fused BF16 kernels: sliding window, packed documents as THD) instead of SDPA / FlexAttention; `fp8_mtp` runs
-    the MTP module's projections in FP8 too (by default it stays BF16 like lm_head). `fp8_weight_cache` (fp8_torch,
+    `fp8_mtp` (any FP8 precision) runs the MTP module's projections in FP8 too (by default it stays BF16 like
+    lm_head). Transformer Engine only (fp8_te_*): `te_attention` runs the attention cores in TE's
+    DotProductAttention (its fused BF16 kernels: sliding window, packed documents as THD) instead of SDPA /
+    FlexAttention. `fp8_weight_cache` (fp8_torch,
     fp8_emulated): quantize each FP8 weight once per optimizer step, on its first micro-batch, and reuse the FP8
     copies (forward's and backward's) for the step's other micro-batches, as Transformer Engine does with
     `is_first_microbatch`: same results, fewer casts, 2 bytes per FP8 weight element held through the step.
@@ -158,10 +159,12 @@ class PrecisionConfig:
 
     def __post_init__(self) -> None:
         _one_of("precision.name", self.name, tuple(PRECISIONS))
-        for key in ("te_attention", "fp8_mtp"):
-            if getattr(self, key) and not self.name.startswith("fp8_te_"):
-                raise ValueError(f"precision.{key}=true needs a Transformer Engine precision (fp8_te_*), not "
-                                 f"{self.name}; remove it or pick an fp8_te_* precision.")
+        if self.te_attention and not self.name.startswith("fp8_te_"):
+            raise ValueError(f"precision.te_attention=true needs a Transformer Engine precision (fp8_te_*), not "
+                             f"{self.name}; remove it or pick an fp8_te_* precision.")
+        if self.fp8_mtp and not self.is_fp8:
+            raise ValueError(f"precision.fp8_mtp=true needs an FP8 precision, not {self.name}; remove it or pick "
+                             "an fp8_* precision.")
         if self.fp8_weight_cache and self.name not in ("fp8_torch", "fp8_emulated"):
             raise ValueError(f"precision.fp8_weight_cache=true applies to fp8_torch and fp8_emulated, not {self.name}; "
                              "remove it or pick one of those.")

@@ -8,7 +8,8 @@ tensor-parallel hooks on the parent modules still apply, and FSDP2 later wraps t
 What runs in FP8: the attention projections, dense MLPs, shared experts and routed experts of decoder layers
 `model.layers.<i>` with keep_bf16_first_layers <= i < num_layers - keep_bf16_last_layers (global indices, so a
 pipeline chunk gets the same answer as the whole model). What stays in BF16: those first/last layers, the router
-(`mlp.gate`, fp32 anyway), the embedding, norms, lm_head and the MTP module; and, listed in the report and the
+(`mlp.gate`, fp32 anyway), the embedding, norms, lm_head and the MTP module (its fc and decoder layer run in FP8
+with `fp8_mtp`); and, listed in the report and the
 log, any linear whose local shape is not a multiple of 16 (a limit of the FP8 kernels, applied by the emulation
 too so that it converts the same modules). Routed experts stay BF16 only when `fp8_experts=False` is asked for.
 
@@ -47,6 +48,7 @@ BACKENDS: dict[str, Callable[[str], Fp8Gemms]] = {
 }
 HIGH_PRECISION = ("fp32", "bf16")
 LAYER_PREFIX = "model.layers."
+MTP_NAME = "mtp"
 ALIGN = 16
 
 
@@ -58,8 +60,8 @@ class PrecisionPlan:
     or "e4m3". `fp8_expert_wgrad`: the routed experts' weight gradient in FP8 too (else BF16).
     `fp8_experts=False` keeps the routed experts in BF16 (where `torch._scaled_grouped_mm` cannot run).
     `fp8_weight_cache`: quantize the weights once per optimizer step (`fp8_ops.CachesFp8Weights`).
-    Transformer Engine precisions also read `amax_history_len`, `amax_compute_algo` (DelayedScaling),
-    `te_attention` and `fp8_mtp` (see PrecisionConfig).
+    `fp8_mtp`: the MTP module's linears in FP8 too. Transformer Engine precisions also read `amax_history_len`,
+    `amax_compute_algo` (DelayedScaling) and `te_attention` (see PrecisionConfig).
     """
 
     name: str = "bf16"
@@ -116,14 +118,19 @@ def apply_precision(root: nn.Module, precision: PrecisionPlan | str, num_layers:
     gemms = BACKENDS[plan.name](device_type)
     recipe = plan.fp8_recipe(amax_group)
     first, last = plan.keep_bf16_first_layers, num_layers - plan.keep_bf16_last_layers
-    for name, layer in root.named_modules():
-        index = _layer_index(name, layer)
-        if index is None:
-            continue
-        if not first <= index < last:
-            report.bf16[name] = "first/last decoder layers stay in BF16 (keep_bf16_first/last_layers)"
-            continue
-        for sub, module in layer.named_modules():
+    for name, block in root.named_modules():
+        if name == MTP_NAME:
+            if not plan.fp8_mtp:
+                report.bf16[name] = "MTP module stays in BF16 (fp8_mtp=False)"
+                continue
+        else:
+            index = _layer_index(name, block)
+            if index is None:
+                continue
+            if not first <= index < last:
+                report.bf16[name] = "first/last decoder layers stay in BF16 (keep_bf16_first/last_layers)"
+                continue
+        for sub, module in block.named_modules():
             full = f"{name}.{sub}"
             if type(module) is nn.Linear:
                 _convert(report, full, tuple(module.weight.shape),

@@ -221,7 +221,7 @@ def test_pass_converts_middle_layers_and_keeps_the_rest():
     assert {n: tuple(p.shape) for n, p in model.named_parameters()} == names
     model.load_state_dict(state)  # same keys and shapes: checkpoints load either way
     kept = {f"model.layers.{i}" for i in (0, cfg.num_hidden_layers - 1)}
-    assert set(report.bf16) == kept
+    assert set(report.bf16) == kept | {"mtp"}
     for name, module in model.named_modules():
         if isinstance(module, Fp8Linear | Fp8GroupedExperts):
             assert name in report.fp8
@@ -232,6 +232,21 @@ def test_pass_converts_middle_layers_and_keeps_the_rest():
     assert all(type(m) is torch.nn.Linear for m in model.mtp.modules() if isinstance(m, torch.nn.Linear))
     assert all(type(m) is Router for m in model.modules() if isinstance(m, Router))
     assert any(n.endswith("mlp.experts") for n in report.fp8)
+
+
+def test_fp8_mtp_converts_the_mtp_projections():
+    cfg = config()
+    model = build_model(cfg, seed=0)
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    labels = shift_left(x, 1, -100)
+    want = model(x, labels=labels).mtp_loss
+    report = apply_precision(model, PrecisionPlan("fp8_emulated", fp8_mtp=True), cfg.num_hidden_layers, "cpu")
+    mtp_linears = [n for n, m in model.named_modules() if n.startswith("mtp.") and isinstance(m, torch.nn.Linear)]
+    assert mtp_linears and all(n in report.fp8 for n in mtp_linears) and "mtp" not in report.bf16
+    assert type(model.mtp.fc) is Fp8Linear
+    assert abs(model(x, labels=labels).mtp_loss - want) < 0.02 * want
+    with pytest.raises(ValueError, match="fp8_mtp=true needs an FP8 precision"):
+        PrecisionConfig(name="bf16", fp8_mtp=True)
 
 
 def test_pass_on_meta_then_materialize_gives_the_same_weights():
