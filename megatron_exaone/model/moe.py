@@ -235,7 +235,8 @@ class _Dispatch(torch.autograd.Function):
 
 
 def dispatch(x: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Rows of `x` [T, H] for the T*k slots in `order` (from `permute_by_expert`): [T*k, H], expert-major."""
+    """Rows of `x` [T, H] for the T*k slots in `order` (from `permute_by_expert`): [T*k, H], expert-major. With
+    top_k=1, `x` permuted by `order` (a permutation of its rows)."""
     return _Dispatch.apply(x, order, top_k)
 
 

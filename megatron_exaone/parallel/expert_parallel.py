@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_exaone.model.moe import GroupedExperts, MoEBlock
+from megatron_exaone.model.moe import GroupedExperts, MoEBlock, dispatch
 
 from . import comm
 from .sharding import Shard, shard_parameter
@@ -45,7 +45,7 @@ class ExpertParallelExperts(GroupedExperts):
                                           counts_recv.reshape(-1))
         expert_major_key = (segment % local_experts) * ep + segment // local_experts
         row_order = torch.argsort(expert_major_key, stable=True)
-        expert_out = super().forward(received[row_order], counts_recv.sum(dim=0))
+        expert_out = super().forward(dispatch(received, row_order, 1), counts_recv.sum(dim=0))
         restored = torch.empty_like(expert_out)
         restored[row_order] = expert_out
         return comm.all_to_all(restored, self.group, send_splits, recv_splits)
