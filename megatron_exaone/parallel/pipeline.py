@@ -26,7 +26,6 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleDualPipeV, ScheduleInterleaved1F1B,
                                           ScheduleZBVZeroBubble)
-from torch.distributed.pipelining._backward import stage_backward  # the full backward PipelineStage runs
 
 from megatron_exaone.model import ExaoneMoeForCausalLM, ModelConfig
 from megatron_exaone.model.loss import IGNORE_INDEX
@@ -377,6 +376,9 @@ class ReducingEachMicroBatchStage(PipelineStage):
     def backward_maybe_with_nosync(self, backward_type: str, bwd_kwargs: dict, last_backward: bool = False):
         if backward_type != "full" or not isinstance(self.submod, FSDPModule):
             return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
+        # The full backward PipelineStage itself runs (a torch internal, imported where it is needed).
+        from torch.distributed.pipelining._backward import stage_backward
+
         self.submod.set_requires_gradient_sync(True)
         self.submod.set_reshard_after_backward(True)
         grads = stage_backward(bwd_kwargs["stage_output"], bwd_kwargs["output_grads"], bwd_kwargs["input_values"])
