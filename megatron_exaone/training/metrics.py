@@ -51,10 +51,12 @@ class MetricsLogger:
         rate = record.get("tokens_per_s") or 0.0
         eta = (self.total_tokens - record["tokens"]) / rate if rate else float("nan")
         mfu = f"{100 * record['mfu']:.1f}%" if record.get("mfu") is not None else "n/a"
+        memory = (f" | memory {record['peak_memory_gib']:.1f} of {record['gpu_memory_gib']:.0f} GiB"
+                  if record.get("peak_memory_gib") is not None else "")
         log.info("step %d | stage %d %s | loss %.4f (lm %.4f, mtp %.4f, aux %.2e) | grad norm %.3f | lr %.2e | "
-                 "%.0f tok/s | MFU %s | %s tokens | ETA %s%s", record["step"], record["stage"], stage_name,
+                 "%.0f tok/s | MFU %s%s | %s tokens | ETA %s%s", record["step"], record["stage"], stage_name,
                  record["loss"], record["lm_loss"], record["mtp_loss"], record["aux_loss"], record["grad_norm"],
-                 record["lr"], rate, mfu, f"{record['tokens']:,}", _duration(eta) if eta == eta else "?",
+                 record["lr"], rate, mfu, memory, f"{record['tokens']:,}", _duration(eta) if eta == eta else "?",
                  " | step skipped (non-finite)" if record.get("skipped") else "")
 
     def close(self) -> None:

@@ -241,6 +241,8 @@ class Trainer:
         batch = {k: v.to(self.device) for k, v in self.loader.next_batch(plan.global_batch_size).items()}
         for chunk in self.chunks:  # the optimizer changed the weights: FP8 weight caches quantize them again
             mark_fp8_weights_stale(chunk)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         losses = self._forward_backward(batch, plan)
         self._reduce_grads()
         grad_norm = clip_grad_norm_(self.chunks, self.cfg.optim.clip_grad, self.mesh,
@@ -338,9 +340,19 @@ class Trainer:
                   "tokens_per_s": tokens_per_s, "step_tokens": plan.tokens, "mfu": mfu, "skipped": skipped,
                   "skipped_steps": self.progress.skipped_steps,
                   "expert_imbalance_max": max(imbalance.values()) if imbalance else None,
-                  "expert_imbalance": imbalance}
+                  "expert_imbalance": imbalance, **self._peak_memory()}
         if self.progress.step % self.cfg.trainer.log_interval == 0 or plan.ends_stage or skipped:
             self.metrics.log(record, plan.stage.name)
+
+    def _peak_memory(self) -> dict[str, float | None]:
+        """`peak_memory_gib`: the most GPU memory any rank allocated during the step (what tools/planner.py
+        estimates), with the GPU's size as `gpu_memory_gib`; None on CPU."""
+        if self.device.type != "cuda":
+            return {"peak_memory_gib": None, "gpu_memory_gib": None}
+        peak = torch.tensor(float(torch.cuda.max_memory_allocated(self.device)), device=self.device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return {"peak_memory_gib": peak.item() / 2**30, "gpu_memory_gib": total / 2**30}
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _interval_due(self) -> bool:
