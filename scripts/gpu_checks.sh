@@ -14,10 +14,10 @@ py="${PYTHON:-python}"
 out="${OUT:-gpu_checks}"
 mkdir -p "$out"
 status=0
-timeout 150 "$py" benchmarks/bench_layer_gpu.py --micro-batches 4 \
+timeout 140 "$py" benchmarks/bench_layer_gpu.py --micro-batches 4 \
     --variants bf16+compile,fp8_torch+compile,fp8_torch+compile+weight_cache >"$out/layer.txt" 2>&1 || status=1
-timeout 190 "$py" -m pytest -q tests/gpu -p no:cacheprovider "$@" >"$out/tests.txt" 2>&1 || status=1
-timeout 250 "$py" benchmarks/bench_train_gpu.py --micro-batch 4 --micro-batches 4 --steps 3 --warmup 2 \
+timeout 220 "$py" -m pytest -q tests/gpu -p no:cacheprovider "$@" >"$out/tests.txt" 2>&1 || status=1
+timeout 230 "$py" benchmarks/bench_train_gpu.py --micro-batch 4 --micro-batches 4 --steps 3 --warmup 2 \
     --variants bf16+compile+keep_gathered,fp8_torch+compile+keep_gathered,fp8_torch+compile+keep_gathered+weight_cache,fp8_torch+compile+keep_gathered+weight_cache+fp8_mtp \
     --profile fp8_torch+compile+keep_gathered \
     >"$out/proxy.txt" 2>&1 || status=1
