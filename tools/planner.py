@@ -58,7 +58,7 @@ per rank under sequence parallel, a = 2 B (bf16):
     - the fp32 weighted copy in `combine`;
     - the shared expert like the dense MLP.
   * fp8: every FP8 linear saves its input quantized (1 B), once per linear. q/k/v and gate/up each quantize the
-    same input. The first/last layers (--bf16-layers) and MTP stay bf16.
+    same input. The first/last layers (--bf16-layers) and MTP (unless --fp8-mtp) stay bf16.
   * Recompute "full" keeps each layer's input and recomputes one layer at a time in backward (counted once).
     "selective" keeps the inputs of the recomputed modules (--recompute-modules).
   * Per micro-batch, each stage also keeps FlexAttention's block masks (int32 block indices of 128 x 128 tiles,
@@ -137,6 +137,7 @@ class PlanInput:
     keep_gathered: bool = False  # fsdp: parallel.reshard_after_forward=false
     reduce_each_micro_batch: bool = False  # fsdp: parallel.reduce_grads_each_micro_batch
     fp8_weight_cache: bool = False  # fp8: precision.fp8_weight_cache
+    fp8_mtp: bool = False  # fp8: precision.fp8_mtp
     optimizer: str = "adamw"  # adamw | muon
     sequence_parallel: bool = True
     packed: bool = True
@@ -440,7 +441,8 @@ def plan(inp: PlanInput) -> Plan:
                 transient = max(transient, layer_peak)
             saved += chunk * r.in_flight
             if spec.head:
-                head_saved, head_peak = head_activations(c, False, inp.recompute, inp.recompute_modules)
+                head_saved, head_peak = head_activations(c, fp8 and inp.fp8_mtp, inp.recompute,
+                                                         inp.recompute_modules)
                 saved += head_saved
                 transient = max(transient, head_peak)
         r.bytes["activations (saved)"] = saved
@@ -641,6 +643,7 @@ def build_input(args: argparse.Namespace, layout: dict[str, Any] | None = None, 
                      precision=precision or args.precision, recompute=pick("recompute", "full"),
                      recompute_modules=tuple(args.recompute_modules.split(",")), sharding=sharding,
                      keep_gathered=keep_gathered and sharding == "fsdp", fp8_weight_cache=args.fp8_weight_cache,
+                     fp8_mtp=args.fp8_mtp,
                      reduce_each_micro_batch=reduce_each, optimizer=args.optimizer,
                      sequence_parallel=layout.get("sequence_parallel", True)
                      and not args.no_sequence_parallel, packed=not args.no_packing,
@@ -676,6 +679,7 @@ def parser() -> argparse.ArgumentParser:
                         "reduce_grads_each_micro_batch, or one micro-batch per step)")
     p.add_argument("--fp8-weight-cache", action="store_true",
                    help="fp8: FP8 weight copies kept through the step (precision.fp8_weight_cache)")
+    p.add_argument("--fp8-mtp", action="store_true", help="fp8: the MTP layer in FP8 too (precision.fp8_mtp)")
     p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
     p.add_argument("--no-sequence-parallel", action="store_true")
     p.add_argument("--no-packing", action="store_true", help="one document per sequence (no global-layer mask)")
@@ -704,7 +708,8 @@ def experiment_plans(name: str, world_size: int | None = None, gpu_gib: float = 
                         recompute=layout.recompute, recompute_modules=tuple(layout.recompute_modules),
                         sharding="fsdp" if layout.fsdp else "none", keep_gathered=not layout.reshard_after_forward,
                         reduce_each_micro_batch=layout.reduce_grads_each_micro_batch,
-                        fp8_weight_cache=precision.fp8_weight_cache, optimizer=cfg.optim.name,
+                        fp8_weight_cache=precision.fp8_weight_cache, fp8_mtp=precision.fp8_mtp,
+                        optimizer=cfg.optim.name,
                         sequence_parallel=layout.sequence_parallel,
                         bf16_layers=(precision.keep_bf16_first_layers, precision.keep_bf16_last_layers),
                         gpu_gib=gpu_gib, model_name=name,
