@@ -27,6 +27,9 @@ from megatron_exaone.model.layers import DecoderLayer
 from megatron_exaone.model.moe import grouped_mm_usable
 
 
+RECOMPILE_LIMIT = 64
+
+
 def _compiled(forward: Callable, recompute: bool, backend: str) -> Callable:
     compiled = torch.compile(forward, backend=backend)
     if not recompute:
@@ -49,6 +52,9 @@ def apply_compile(root: nn.Module, recompute: bool = False, backend: str = "indu
     for dtype in (torch.float32, torch.bfloat16):
         grouped_mm_usable(device.type, dtype)  # checked eagerly now; compiled code reads the cached answer
     layers = [m for m in root.modules() if isinstance(m, DecoderLayer)]
+    # Every layer shares DecoderLayer.forward's code, so its graphs (one per kind x precision x FP8-weight-cache
+    # state x shape) count against one recompile limit; past the default 8, Dynamo would run the rest eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for layer in layers:
         layer.forward = _compiled(layer.forward, recompute, backend)
     return len(layers)
