@@ -8,7 +8,8 @@ TFLOP/s and each variant's speed-up over the first, with the device name. `--mic
 backward passes per weight update (what `+weight_cache`, precision.fp8_weight_cache, amortizes) and reports the
 time per pass.
 Run on a GPU, from the repository root:
-  PYTHONPATH=. python benchmarks/bench_layer_gpu.py [--variants bf16+compile,fp8_torch+compile] [--batch 4] [--micro-batches 4]
+  PYTHONPATH=. python benchmarks/bench_layer_gpu.py [--variants bf16+compile,fp8_torch+compile] [--batch 4] \
+      [--micro-batches 4]
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
         --precision bf16 --recompute full [--vpp N] [--zero1 | --fsdp | --no-sharding] [--optimizer adamw|muon]
     python tools/planner.py --layout k_exaone_236b_h100x64 [--seq-len 32768 ...]   (recipes/parallel/<name>.yaml)
     python tools/planner.py --all-published                                         (the K-EXAONE layouts)
-    python tools/planner.py --experiment k_exaone_236b_h100x64    (each curriculum stage of recipes/experiment/<name>.yaml)
+    python tools/planner.py --experiment k_exaone_236b_h100x64  (each stage of recipes/experiment/<name>.yaml)
 
 This is an ESTIMATE of what this implementation keeps. It reports every pipeline rank and flags ranks whose peak
 exceeds the GPU (80 GiB by default). These are the assumptions:
@@ -402,6 +402,10 @@ def plan(inp: PlanInput) -> Plan:
     c = _Ctx(m, inp.micro_batch * inp.seq_len // d.cp, inp.seq_len // d.cp, inp.micro_batch, d.tp,
              inp.sequence_parallel and d.tp > 1, a, inp.moe_imbalance, d.cp)
     first_bf16, last_bf16 = inp.bf16_layers
+
+    def is_fp8_layer(j: int) -> bool:  # the precision pass's rule: the first/last decoder layers stay bf16
+        return fp8 and first_bf16 <= j < m.num_hidden_layers - last_bf16
+
     dense_shards = d.dp * d.cp
     expert_shards = d.edp
     ranks = []
@@ -420,8 +424,7 @@ def plan(inp: PlanInput) -> Plan:
         dense_adamw = sum(u.dense_adamw for u in rank_units)
         _state_bytes(r, inp, dense_adamw, dense_shards, expert_shards)
         if fp8 and inp.fp8_weight_cache:  # forward's and backward's FP8 copies of every FP8 layer's weights
-            fp8_layers = [f"L{j}" for i in stage_ids for j in specs[i].layers
-                          if first_bf16 <= j < m.num_hidden_layers - last_bf16]
+            fp8_layers = [f"L{j}" for i in stage_ids for j in specs[i].layers if is_fp8_layer(j)]
             r.bytes["parameters"] += 2 * sum(units[n].dense + units[n].expert for n in fp8_layers)
         if inp.optimizer == "muon":  # Newton-Schulz on one gathered full matrix at a time (x, gram, update)
             r.bytes["optimizer step temporaries"] += 3 * 4 * max(u.largest_matrix for u in rank_units)
@@ -429,14 +432,14 @@ def plan(inp: PlanInput) -> Plan:
         # runs its backward right after its forward)
         saved = transient = 0.0
         masks = 1 + (inp.packed or d.cp > 1)
-        per_microbatch = masks * 16 * c.batch * -(-c.seq // 128) * -(-c.keys // 128) + 2 * c.batch * c.seq * m.head_dim * a
+        block_masks = masks * 16 * c.batch * -(-c.seq // 128) * -(-c.keys // 128)
+        per_microbatch = block_masks + 2 * c.batch * c.seq * m.head_dim * a  # + RoPE's cos and sin
         for i in stage_ids:
             spec = specs[i]
             chunk = per_microbatch
             for j in spec.layers:
-                layer_fp8 = fp8 and not (j < first_bf16 or j >= m.num_hidden_layers - last_bf16)
-                layer_saved, layer_peak = layer_activations(c, m.layer_types[j], m.mlp_layer_types[j], layer_fp8,
-                                                            inp.recompute, inp.recompute_modules)
+                layer_saved, layer_peak = layer_activations(c, m.layer_types[j], m.mlp_layer_types[j],
+                                                            is_fp8_layer(j), inp.recompute, inp.recompute_modules)
                 chunk += layer_saved
                 transient = max(transient, layer_peak)
             saved += chunk * r.in_flight

@@ -32,7 +32,7 @@ from megatron_exaone.checkpoint.store import read_meta
 from megatron_exaone.curriculum import Curriculum, CurriculumError
 from megatron_exaone.model.config import ConfigError, ModelConfig
 from megatron_exaone.parallel.mesh import LayoutError, ParallelDims
-from megatron_exaone.parallel.pipeline import check_schedule, pipeline_layout
+from megatron_exaone.parallel.pipeline import check_schedule, pipeline_layout, splits_weight_backward
 from megatron_exaone.precision.fp8_te import is_te_precision
 
 from .precision import PrecisionUnavailable, validate_precision
@@ -276,6 +276,10 @@ def _check_stage(cfg: TrainConfig, index: int, stage: StageConfig, model: ModelC
         overrides = f" with the stage's parallel overrides {dict(stage.parallel)}" if stage.parallel else ""
         raise fail(f"layout{overrides} for {world_size} ranks: {exc}") from None
     layout = dataclasses.replace(layout, dp=dims.dp)
+    if layout.reduce_grads_each_micro_batch and splits_weight_backward(layout.pipeline_schedule):
+        raise fail(f"parallel.reduce_grads_each_micro_batch=true with pipeline_schedule={layout.pipeline_schedule}: "
+                   "that schedule splits each backward and keeps parameters gathered; use 1f1b or "
+                   "interleaved_1f1b, or set it to false.")
     if layout.compile and layout.recompute == "selective":
         raise fail("parallel.compile=true with recompute=selective: compiled layers recompute as a whole "
                    "(parallel/compile.py); use parallel.recompute=full or none, or parallel.compile=false.")

@@ -61,9 +61,9 @@ def validate_precision(cfg: PrecisionConfig, device_type: str | None) -> None:
     """Raise `PrecisionUnavailable` unless `cfg.name` can run on `device_type` ("cpu" or "cuda") here.
 
     `device_type=None` checks only this build (does it contain the backend?), not this machine, so a GPU recipe can
-    be checked on a laptop. fp32 and bf16 run anywhere (bf16 computes in fp32 on CPU). fp8_te_* need the backend, Transformer Engine and a
-    CUDA device of a capability their recipe runs on (`_CAPABILITY`); fp8_torch the backend and an sm_89+ GPU;
-    fp8_emulated only the backend.
+    be checked on a laptop. fp32 and bf16 run anywhere (bf16 computes in fp32 on CPU). fp8_te_* need the backend,
+    Transformer Engine and a CUDA device of a capability their recipe runs on (`_CAPABILITY`); fp8_torch the
+    backend and an sm_89+ GPU; fp8_emulated only the backend.
     """
     name = cfg.name
     if name not in FP8_BACKEND_MODULES:

@@ -93,10 +93,6 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         _one_of("parallel.pipeline_schedule", self.pipeline_schedule, PIPELINE_SCHEDULES)
         _one_of("parallel.recompute", self.recompute, RECOMPUTE_MODES)
-        if self.reduce_grads_each_micro_batch and self.pipeline_schedule in ("zbv", "dualpipev"):
-            raise ValueError(f"parallel.reduce_grads_each_micro_batch=true with pipeline_schedule="
-                             f"{self.pipeline_schedule}: that schedule splits each backward and keeps parameters "
-                             "gathered; use 1f1b or interleaved_1f1b, or set it to false.")
         for module in self.recompute_modules:
             _one_of("parallel.recompute_modules entry", module, RECOMPUTE_MODULES)
 
@@ -137,12 +133,12 @@ class PrecisionConfig:
     stability choice, as Megatron's `--first-last-layers-bf16`). `fp8_expert_wgrad` (fp8_torch, fp8_emulated): the
     routed experts' weight-gradient GEMM in FP8 as well; by default it runs in BF16 (see `precision.fp8_ops`).
     `fp8_mtp` (any FP8 precision) runs the MTP module's projections in FP8 too (by default it stays BF16 like
-    lm_head). Transformer Engine only (fp8_te_*): `te_attention` runs the attention cores in TE's
-    DotProductAttention (its fused BF16 kernels: sliding window, packed documents as THD) instead of SDPA /
-    FlexAttention. `fp8_weight_cache` (fp8_torch,
-    fp8_emulated): quantize each FP8 weight once per optimizer step, on its first micro-batch, and reuse the FP8
-    copies (forward's and backward's) for the step's other micro-batches, as Transformer Engine does with
-    `is_first_microbatch`: same results, fewer casts, 2 bytes per FP8 weight element held through the step.
+    lm_head). `fp8_weight_cache` (fp8_torch, fp8_emulated): quantize each FP8 weight once per optimizer step, on
+    its first micro-batch, and reuse the FP8 copies (forward's and backward's) for the step's other micro-batches,
+    as Transformer Engine does with `is_first_microbatch`: same results, fewer casts, 2 bytes per FP8 weight
+    element held through the step. Transformer Engine only (fp8_te_*): `te_attention` runs the attention cores in
+    TE's DotProductAttention (its fused BF16 kernels: sliding window, packed documents as THD) instead of SDPA /
+    FlexAttention.
     """
 
     name: str = "bf16"
