@@ -340,9 +340,9 @@ class Trainer:
                   "tokens_per_s": tokens_per_s, "step_tokens": plan.tokens, "mfu": mfu, "skipped": skipped,
                   "skipped_steps": self.progress.skipped_steps,
                   "expert_imbalance_max": max(imbalance.values()) if imbalance else None,
-                  "expert_imbalance": imbalance, **self._peak_memory()}
+                  "expert_imbalance": imbalance}
         if self.progress.step % self.cfg.trainer.log_interval == 0 or plan.ends_stage or skipped:
-            self.metrics.log(record, plan.stage.name)
+            self.metrics.log({**record, **self._peak_memory()}, plan.stage.name)  # its all-reduce only when logged
 
     def _peak_memory(self) -> dict[str, float | None]:
         """`peak_memory_gib`: the most GPU memory any rank allocated during the step (what tools/planner.py
