@@ -133,10 +133,12 @@ class PrecisionConfig:
     stability choice, as Megatron's `--first-last-layers-bf16`). `fp8_expert_wgrad` (fp8_torch, fp8_emulated): the
     routed experts' weight-gradient GEMM in FP8 as well; by default it runs in BF16 (see `precision.fp8_ops`).
     `fp8_mtp` (any FP8 precision) runs the MTP module's projections in FP8 too (by default it stays BF16 like
-    lm_head). `fp8_weight_cache` (fp8_torch, fp8_emulated): quantize each FP8 weight once per optimizer step, on
-    its first micro-batch, and reuse the FP8 copies (forward's and backward's) for the step's other micro-batches,
-    as Transformer Engine does with `is_first_microbatch`: same results, fewer casts, 2 bytes per FP8 weight
-    element held through the step. Transformer Engine only (fp8_te_*): `te_attention` runs the attention cores in
+    lm_head). `fp8_lm_head` (fp8_torch, fp8_emulated) runs the output head's logits and the loss's hidden-state
+    gradient in FP8 (main and MTP losses; the head's weight gradient stays BF16 with fp32 accumulation): off by
+    default, as in Megatron and DeepSeek-V3. `fp8_weight_cache` (fp8_torch, fp8_emulated): quantize each FP8
+    weight once per optimizer step, on its first micro-batch, and reuse the FP8 copies (forward's and backward's)
+    for the step's other micro-batches, as Transformer Engine does with `is_first_microbatch`: same results, fewer
+    casts, 2 bytes per FP8 weight element held through the step. Transformer Engine only (fp8_te_*): `te_attention` runs the attention cores in
     TE's DotProductAttention (its fused BF16 kernels: sliding window, packed documents as THD) instead of SDPA /
     FlexAttention.
     """
@@ -152,6 +154,7 @@ class PrecisionConfig:
     te_attention: bool = False
     fp8_mtp: bool = False
     fp8_weight_cache: bool = False
+    fp8_lm_head: bool = False
 
     def __post_init__(self) -> None:
         _one_of("precision.name", self.name, tuple(PRECISIONS))
@@ -161,9 +164,10 @@ class PrecisionConfig:
         if self.fp8_mtp and not self.is_fp8:
             raise ValueError(f"precision.fp8_mtp=true needs an FP8 precision, not {self.name}; remove it or pick "
                              "an fp8_* precision.")
-        if self.fp8_weight_cache and self.name not in ("fp8_torch", "fp8_emulated"):
-            raise ValueError(f"precision.fp8_weight_cache=true applies to fp8_torch and fp8_emulated, not {self.name}; "
-                             "remove it or pick one of those.")
+        for option in ("fp8_weight_cache", "fp8_lm_head"):
+            if getattr(self, option) and self.name not in ("fp8_torch", "fp8_emulated"):
+                raise ValueError(f"precision.{option}=true applies to fp8_torch and fp8_emulated, not {self.name}; "
+                                 "remove it or pick one of those.")
         allowed = PRECISIONS[self.name]
         if self.recipe is not None:
             if not allowed:

@@ -65,11 +65,31 @@ def _add_matmul_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> No
         acc += (a @ b).float()
 
 
-def _accumulate_chunk_grads(grad_logits: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
-                           grad_hidden_rows: torch.Tensor, grad_weight: torch.Tensor) -> None:
-    """Add a chunk's logit gradient [c, V] to the hidden-state rows (written) and the fp32 weight gradient."""
-    torch.mm(grad_logits, weight, out=grad_hidden_rows)
-    _add_matmul_fp32_(grad_weight, grad_logits.T, h)
+class HeadGemms:
+    """The output head's GEMMs that depend on how its weight [V, H] is stored for compute: the logits and the
+    hidden-state gradient. High precision here; `precision.fp8_ops.Fp8HeadGemms` runs them in FP8
+    (precision.fp8_lm_head). The weight gradient always accumulates in fp32 from the high-precision operands."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H] @ W^T -> [..., V]."""
+        return hidden @ self.weight.T
+
+    def grad_hidden(self, grad_logits: torch.Tensor, out: torch.Tensor) -> None:
+        """out [c, H] = grad_logits [c, V] @ W."""
+        torch.mm(grad_logits, self.weight, out=out)
+
+
+class ComputesHeadGemms:
+    """Mixin of the output heads (a `weight` [V, H]): `head_gemms` gives the GEMMs the logits and the fused loss
+    run on. The precision pass swaps it for the FP8 ones (`precision.fp8_ops.Fp8Head`)."""
+
+    weight: torch.Tensor
+
+    def head_gemms(self) -> HeadGemms:
+        return HeadGemms(self.weight)
 
 
 class GradientsInForward(torch.autograd.Function):
@@ -96,14 +116,17 @@ ChunkStatsReducer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
-                                 vocab_start: int = 0, reduce_stats: ChunkStatsReducer | None = None
+                                 vocab_start: int = 0, reduce_stats: ChunkStatsReducer | None = None,
+                                 gemms: HeadGemms | None = None
                                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Sum over valid rows of CE(hidden @ weight.T, labels), and its gradients for `hidden` and (fp32) `weight`
     (None when neither requires grad), computed `chunk_size` rows at a time without keeping the logits.
 
     For a vocabulary-parallel head, `weight` holds rows [vocab_start, vocab_start + rows) and `reduce_stats`
     combines the chunk statistics over the ranks holding the other rows; the hidden-state gradient is then this
-    rank's partial sum."""
+    rank's partial sum. `gemms`: how the logits and the hidden-state gradient are computed (default: `HeadGemms`
+    of `weight`)."""
+    gemms = gemms or HeadGemms(weight)
     needs_grad = hidden.requires_grad or weight.requires_grad
     grad_hidden = torch.empty_like(hidden) if needs_grad else None
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
@@ -116,7 +139,7 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
         if reduce_stats is not None:
             is_target = valid & (y >= vocab_start) & (y < vocab_start + weight.shape[0])
         local_y = torch.where(is_target, y - vocab_start, 0)
-        logits = h @ weight.T
+        logits = gemms.logits(h)
         row_max, sum_exp, target = fused(_chunk_statistics, logits)(logits, local_y, is_target)
         if reduce_stats is not None:
             row_max, sum_exp, target = reduce_stats(row_max, sum_exp, target)
@@ -124,7 +147,8 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
         total += ((lse - target) * valid).sum()
         if needs_grad:
             grad_logits = fused(_logit_grads, logits)(logits, lse, local_y, is_target, valid)
-            _accumulate_chunk_grads(grad_logits, h, weight, grad_hidden[rows], grad_weight)
+            gemms.grad_hidden(grad_logits, grad_hidden[rows])
+            _add_matmul_fp32_(grad_weight, grad_logits.T, h)
     return total, grad_hidden, grad_weight
 
 
@@ -133,17 +157,20 @@ class _LinearCrossEntropy(GradientsInForward):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor,
-                chunk_size: int) -> torch.Tensor:
-        total, grad_hidden, grad_weight = chunked_linear_cross_entropy(hidden, weight, labels, chunk_size)
-        GradientsInForward.save_grads(ctx, grad_hidden, grad_weight, normalizer, weight.dtype, other_inputs=3)
+                chunk_size: int, gemms: HeadGemms | None) -> torch.Tensor:
+        total, grad_hidden, grad_weight = chunked_linear_cross_entropy(hidden, weight, labels, chunk_size,
+                                                                       gemms=gemms)
+        GradientsInForward.save_grads(ctx, grad_hidden, grad_weight, normalizer, weight.dtype, other_inputs=4)
         return total / normalizer
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         normalizer: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
+                         normalizer: torch.Tensor | None = None, chunk_size: int | None = None,
+                         gemms: HeadGemms | None = None) -> torch.Tensor:
     """CE of `hidden @ weight.T` against `labels` without keeping the logits; hidden [..., H], labels [...].
 
     `normalizer` defaults to the number of valid labels (pass a global token count for data-parallel training).
+    `gemms`: the head's logit and hidden-gradient GEMMs (default: high precision on `weight`).
     """
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
@@ -151,10 +178,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         normalizer = (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
     normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=hidden.device)
     return _LinearCrossEntropy.apply(flat_hidden, weight, flat_labels, normalizer,
-                                     chunk_size or chunk_rows(weight.shape[0]))
+                                     chunk_size or chunk_rows(weight.shape[0]), gemms)
 
 
-class OutputHead(nn.Linear):
+class OutputHead(nn.Linear, ComputesHeadGemms):
     """`lm_head`: the output projection, and the loss computed from hidden states through it.
 
     Parallel passes replace this module (vocab-parallel head) without touching the model code.
@@ -163,7 +190,10 @@ class OutputHead(nn.Linear):
     def __init__(self, hidden_size: int, vocab_size: int) -> None:
         super().__init__(hidden_size, vocab_size, bias=False)
 
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head_gemms().logits(hidden)
+
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor | float | None = None
              ) -> torch.Tensor:
         """Sum of token CE over valid labels / `normalizer` (default: the number of valid labels)."""
-        return linear_cross_entropy(hidden, self.weight, labels, normalizer)
+        return linear_cross_entropy(hidden, self.weight, labels, normalizer, gemms=self.head_gemms())

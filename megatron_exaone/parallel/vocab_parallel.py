@@ -7,8 +7,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_exaone.model.loss import (IGNORE_INDEX, GradientsInForward, chunk_rows,
-                                        chunked_linear_cross_entropy)
+from megatron_exaone.model.loss import (IGNORE_INDEX, ComputesHeadGemms, GradientsInForward, HeadGemms,
+                                        chunk_rows, chunked_linear_cross_entropy)
 
 from . import comm
 
@@ -58,7 +58,7 @@ class _VocabParallelLinearCE(GradientsInForward):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, normalizer, group, chunk_size):
+    def forward(ctx, hidden, weight, labels, normalizer, group, chunk_size, gemms: HeadGemms):
         def reduce_stats(local_max, local_sum_exp, target):
             row_max = local_max.clone()
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
@@ -68,12 +68,12 @@ class _VocabParallelLinearCE(GradientsInForward):
 
         start, _ = _vocab_range(weight.shape[0], group)
         total, grad_hidden, grad_weight = chunked_linear_cross_entropy(hidden, weight, labels, chunk_size, start,
-                                                                       reduce_stats)
-        GradientsInForward.save_grads(ctx, grad_hidden, grad_weight, normalizer, weight.dtype, other_inputs=4)
+                                                                       reduce_stats, gemms)
+        GradientsInForward.save_grads(ctx, grad_hidden, grad_weight, normalizer, weight.dtype, other_inputs=5)
         return total / normalizer
 
 
-class VocabParallelOutputHead(_VocabShard):
+class VocabParallelOutputHead(_VocabShard, ComputesHeadGemms):
     """`lm_head` holding vocabulary rows [start, end): `forward` gathers full logits (evaluation only);
     `loss` computes the cross entropy from the local logits."""
 
@@ -83,7 +83,7 @@ class VocabParallelOutputHead(_VocabShard):
         return comm.copy_to_tp(hidden, self.group)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        local = F.linear(self._replicated_input(hidden), self.weight)
+        local = self.head_gemms().logits(self._replicated_input(hidden))
         return comm.all_gather_along(local, self.group, dim=-1)
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor | float | None = None,
@@ -96,4 +96,4 @@ class VocabParallelOutputHead(_VocabShard):
             normalizer = (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
         normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=hidden.device)
         return _VocabParallelLinearCE.apply(hidden.reshape(-1, hidden.shape[-1]), self.weight, flat_labels,
-                                            normalizer, self.group, chunk_size)
+                                            normalizer, self.group, chunk_size, self.head_gemms())

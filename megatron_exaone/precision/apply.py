@@ -8,8 +8,9 @@ tensor-parallel hooks on the parent modules still apply, and FSDP2 later wraps t
 What runs in FP8: the attention projections, dense MLPs, shared experts and routed experts of decoder layers
 `model.layers.<i>` with keep_bf16_first_layers <= i < num_layers - keep_bf16_last_layers (global indices, so a
 pipeline chunk gets the same answer as the whole model). What stays in BF16: those first/last layers, the router
-(`mlp.gate`, fp32 anyway), the embedding, norms, lm_head and the MTP module (its fc and decoder layer run in FP8
-with `fp8_mtp`); and, listed in the report and the log, any linear whose local shape is not a multiple of 16 (a
+(`mlp.gate`, fp32 anyway), the embedding, norms, lm_head (its logits and hidden-state gradient run in FP8 with
+`fp8_lm_head`) and the MTP module (its fc and decoder layer run in FP8 with `fp8_mtp`); and, listed in the report
+and the log, any linear whose local shape is not a multiple of 16 (a
 limit of the FP8 kernels, applied by the emulation too so that it converts the same modules). Routed experts stay
 BF16 only when `fp8_experts=False` is asked for.
 
@@ -30,11 +31,12 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_exaone.model.layers import DecoderLayer
+from megatron_exaone.model.loss import ComputesHeadGemms
 from megatron_exaone.model.moe import GroupedExperts
 
 from . import fp8_emulated, fp8_torch
 from .fp8_common import E4M3, E5M2, Fp8Recipe, Fp8Unavailable
-from .fp8_ops import Fp8Gemms, convert_experts, convert_linear
+from .fp8_ops import Fp8Gemms, convert_experts, convert_head, convert_linear
 
 if TYPE_CHECKING:
     from megatron_exaone.config.schema import PrecisionConfig
@@ -49,6 +51,7 @@ BACKENDS: dict[str, Callable[[str], Fp8Gemms]] = {
 HIGH_PRECISION = ("fp32", "bf16")
 LAYER_PREFIX = "model.layers."
 MTP_NAME = "mtp"
+HEAD_NAME = "lm_head"
 ALIGN = 16
 
 
@@ -60,7 +63,8 @@ class PrecisionPlan:
     or "e4m3". `fp8_expert_wgrad`: the routed experts' weight gradient in FP8 too (else BF16).
     `fp8_experts=False` keeps the routed experts in BF16 (where `torch._scaled_grouped_mm` cannot run).
     `fp8_weight_cache`: quantize the weights once per optimizer step (`fp8_ops.CachesFp8Weights`).
-    `fp8_mtp`: the MTP module's linears in FP8 too. Transformer Engine precisions also read `amax_history_len`,
+    `fp8_mtp`: the MTP module's linears in FP8 too. `fp8_lm_head`: the output head's logits and hidden-state
+    gradient in FP8 (for the main and the MTP losses). Transformer Engine precisions also read `amax_history_len`,
     `amax_compute_algo` (DelayedScaling) and `te_attention` (see PrecisionConfig).
     """
 
@@ -76,6 +80,7 @@ class PrecisionPlan:
     te_attention: bool = False
     fp8_mtp: bool = False
     fp8_weight_cache: bool = False
+    fp8_lm_head: bool = False
 
     @classmethod
     def from_config(cls, cfg: PrecisionConfig, fp8_experts: bool = True) -> PrecisionPlan:
@@ -84,7 +89,7 @@ class PrecisionPlan:
                    keep_bf16_last_layers=cfg.keep_bf16_last_layers, fp8_expert_wgrad=cfg.fp8_expert_wgrad,
                    fp8_experts=fp8_experts, amax_history_len=cfg.amax_history_len,
                    amax_compute_algo=cfg.amax_compute_algo, te_attention=cfg.te_attention, fp8_mtp=cfg.fp8_mtp,
-                   fp8_weight_cache=cfg.fp8_weight_cache)
+                   fp8_weight_cache=cfg.fp8_weight_cache, fp8_lm_head=cfg.fp8_lm_head)
 
     def fp8_recipe(self, amax_group: dist.ProcessGroup | None) -> Fp8Recipe:
         scaling = self.recipe or "tensorwise"
@@ -119,6 +124,13 @@ def apply_precision(root: nn.Module, precision: PrecisionPlan | str, num_layers:
     recipe = plan.fp8_recipe(amax_group)
     first, last = plan.keep_bf16_first_layers, num_layers - plan.keep_bf16_last_layers
     for name, block in root.named_modules():
+        if name == HEAD_NAME and isinstance(block, ComputesHeadGemms):
+            if plan.fp8_lm_head:
+                _convert(report, name, tuple(block.weight.shape),
+                         lambda m=block: convert_head(m, gemms, recipe, plan.fp8_weight_cache))
+            else:
+                report.bf16[name] = "output head stays in BF16 (fp8_lm_head=False)"
+            continue
         if name == MTP_NAME:
             if not plan.fp8_mtp:
                 report.bf16[name] = "MTP module stays in BF16 (fp8_mtp=False)"

@@ -20,6 +20,9 @@ its first forward after `mark_fp8_weights_stale`, and reuses those FP8 operands 
 step's other micro-batches, as Transformer Engine does with `is_first_microbatch`; the values are the same as
 quantizing them again, for 2 bytes per weight element held through the step.
 
+With precision.fp8_lm_head the output head (`Fp8Head`) computes its logits and, in the fused loss, the
+hidden-state gradient in FP8 too (`Fp8HeadGemms`); its weight gradient stays in high precision.
+
 A backend (`Fp8Gemms`) only supplies the GEMMs: `fp8_torch.TorchGemms` (scaled matmul kernels) or
 `fp8_emulated.EmulatedGemms` (dequantize, then fp64 matmul); quantization is the same code for both.
 """
@@ -32,6 +35,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from megatron_exaone.model.loss import ComputesHeadGemms, HeadGemms
 from megatron_exaone.model.moe import GroupedExperts, grouped_wgrad
 
 from .fp8_common import E4M3, Fp8Recipe, Quantized, per_group_scale, quantize, to_fp8, to_fp8_per_group_columns
@@ -59,12 +63,13 @@ class Fp8Gemms(Protocol):
 
 
 def linear_weight_operands(weight: torch.Tensor, recipe: Fp8Recipe) -> tuple[torch.Tensor, ...]:
-    """A linear weight's FP8 operands for one optimizer step: (data, scale_inv) quantized along K for forward,
-    then along N for the input gradient (the same tensors under tensorwise scaling)."""
+    """A linear weight's [N, K] FP8 operands, made once and used for several GEMMs: (data, scale_inv) quantized
+    along K for forward, then along N for the input gradient (the same values under tensorwise scaling), stored
+    column-major: the layout that GEMM's right operand needs, so the kernels do not transpose it at each use."""
     with torch.no_grad():
         rows = to_fp8(weight, E4M3, recipe.scaling, 1, recipe.amax_group)
         cols = rows if recipe.scaling == "tensorwise" else to_fp8(weight, E4M3, "rowwise", 0)
-    return rows.data, rows.scale_inv, cols.data, cols.scale_inv
+    return rows.data, rows.scale_inv, cols.data.t().contiguous().t(), cols.scale_inv
 
 
 class _Fp8Linear(torch.autograd.Function):
@@ -80,8 +85,10 @@ class _Fp8Linear(torch.autograd.Function):
         y = gemms.mm(qx, qw.t(), x.dtype, fast_accum=True)
         if recipe.scaling == "tensorwise":
             # A tensorwise scale does not depend on the GEMM's axis, so the backward GEMMs reuse these FP8
-            # operands as they are: no second amax or cast, and X is saved at half its BF16 size.
-            ctx.save_for_backward(qx.data, qx.scale_inv, qw.data, qw.scale_inv)
+            # operands (the cached weight in its input-gradient layout): no second amax or cast, and X is saved
+            # at half its BF16 size.
+            w_back = qw if w_cols is None else w_cols
+            ctx.save_for_backward(qx.data, qx.scale_inv, w_back.data, w_back.scale_inv)
         elif w_cols is None:
             ctx.save_for_backward(x2, weight)
         else:
@@ -268,6 +275,43 @@ class Fp8GroupedExperts(GroupedExperts, CachesFp8Weights):
         return f"fp8={self.fp8_gemms.name}/rowwise, weight gradient in {'FP8' if self.fp8_wgrad else 'BF16'}"
 
 
+class Fp8HeadGemms(HeadGemms):
+    """The output head's logits and the fused loss's hidden-state gradient in FP8 (precision.fp8_lm_head), scaled
+    as the dense linears (`_Fp8Linear`): hidden states and the weight in E4M3, logit gradients in the recipe's
+    gradient format, tensorwise amaxes of the vocabulary-sharded logit gradients max-reduced over TP. The weight's
+    operands (`linear_weight_operands`) are made once per loss call, or per optimizer step with the cache. The
+    weight gradient stays in high precision (`model.loss`), as the routed experts' does by default."""
+
+    def __init__(self, weight: torch.Tensor, gemms: Fp8Gemms, recipe: Fp8Recipe,
+                 operands: tuple[torch.Tensor, ...]) -> None:
+        super().__init__(weight)
+        self.gemms, self.recipe, self.operands = gemms, recipe, operands
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # The autograd function, so that logits taken outside the fused loss (evaluation, unfused CE) train too.
+        return fp8_linear(hidden, self.weight, self.gemms, self.recipe, self.operands)
+
+    def grad_hidden(self, grad_logits: torch.Tensor, out: torch.Tensor) -> None:
+        recipe = self.recipe
+        q = to_fp8(grad_logits, recipe.grad_dtype, recipe.scaling, 1, recipe.amax_group)
+        out.copy_(self.gemms.mm(q, Quantized(self.operands[2], self.operands[3]), out.dtype, fast_accum=False))
+
+
+class Fp8Head(CachesFp8Weights):
+    """Mixin that `convert_head` puts in front of an output head's class (`model.loss.OutputHead`, the
+    vocabulary-parallel head): its logits and loss run on `Fp8HeadGemms`."""
+
+    fp8_gemms: Fp8Gemms
+    fp8_recipe: Fp8Recipe
+    weight: torch.Tensor
+
+    def head_gemms(self) -> Fp8HeadGemms:
+        def make() -> tuple[torch.Tensor, ...]:
+            return linear_weight_operands(self.weight, self.fp8_recipe)
+
+        return Fp8HeadGemms(self.weight, self.fp8_gemms, self.fp8_recipe, self._fp8_operands(make) or make())
+
+
 def convert_linear(module: nn.Linear, gemms: Fp8Gemms, recipe: Fp8Recipe, cache_weights: bool = False) -> None:
     """Switch `module` (exactly `nn.Linear`) to FP8 compute in place; parameters are untouched. `cache_weights`:
     see `CachesFp8Weights`."""
@@ -280,6 +324,23 @@ def convert_linear(module: nn.Linear, gemms: Fp8Gemms, recipe: Fp8Recipe, cache_
 _FP8_SUBCLASSES: dict[type, type] = {}
 
 
+def _fp8_class(base: type, bases: tuple[type, ...]) -> type:
+    """The FP8 class of modules of class `base`: `bases` (`base` and an FP8 class, in method-resolution order),
+    made once per base."""
+    if base not in _FP8_SUBCLASSES:
+        _FP8_SUBCLASSES[base] = type(f"Fp8{base.__name__}", bases, {})
+    return _FP8_SUBCLASSES[base]
+
+
+def convert_head(module: nn.Module, gemms: Fp8Gemms, recipe: Fp8Recipe, cache_weights: bool = False) -> None:
+    """Switch an output head (`model.loss.ComputesHeadGemms`) to FP8 logits and hidden-state gradient in place;
+    parameters are untouched. `cache_weights`: see `CachesFp8Weights`."""
+    if not isinstance(module, ComputesHeadGemms):
+        raise TypeError(f"convert_head expects an output head, got {type(module).__name__}.")
+    module.__class__ = _fp8_class(type(module), (Fp8Head, type(module)))
+    module.fp8_gemms, module.fp8_recipe, module.fp8_cache_weights = gemms, recipe, cache_weights
+
+
 def convert_experts(module: GroupedExperts, gemms: Fp8Gemms, fp8_wgrad: bool = False,
                     cache_weights: bool = False) -> None:
     """Switch `module` (a `GroupedExperts`, or a subclass such as the expert-parallel dispatcher, whose forward
@@ -288,8 +349,6 @@ def convert_experts(module: GroupedExperts, gemms: Fp8Gemms, fp8_wgrad: bool = F
     if not isinstance(module, GroupedExperts):
         raise TypeError(f"convert_experts expects GroupedExperts, got {type(module).__name__}.")
     base = type(module)
-    if base is not GroupedExperts and base not in _FP8_SUBCLASSES:
-        # MRO: the subclass's forward (e.g. all-to-all dispatch) runs first, then Fp8GroupedExperts.forward.
-        _FP8_SUBCLASSES[base] = type(f"Fp8{base.__name__}", (base, Fp8GroupedExperts), {})
-    module.__class__ = Fp8GroupedExperts if base is GroupedExperts else _FP8_SUBCLASSES[base]
+    # MRO of a subclass: its forward (e.g. all-to-all dispatch) runs first, then Fp8GroupedExperts.forward.
+    module.__class__ = Fp8GroupedExperts if base is GroupedExperts else _fp8_class(base, (base, Fp8GroupedExperts))
     module.fp8_gemms, module.fp8_wgrad, module.fp8_cache_weights = gemms, fp8_wgrad, cache_weights

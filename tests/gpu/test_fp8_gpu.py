@@ -13,7 +13,9 @@ from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.precision import PrecisionPlan, apply_precision
 from megatron_exaone.precision.fp8_common import E4M3, E5M2, Fp8Recipe, to_fp8
 from megatron_exaone.precision.fp8_emulated import EmulatedGemms
-from megatron_exaone.precision.fp8_ops import Fp8GroupedExperts, fp8_grouped_linear, fp8_linear
+from megatron_exaone.model.loss import linear_cross_entropy
+from megatron_exaone.precision.fp8_ops import (Fp8GroupedExperts, Fp8HeadGemms, fp8_grouped_linear, fp8_linear,
+                                               linear_weight_operands)
 from megatron_exaone.precision.fp8_torch import TorchGemms, grouped_supported
 
 pytestmark = pytest.mark.gpu
@@ -75,6 +77,26 @@ def test_fp8_linear_forward_backward(scaling, grad_dtype):
     # Against the emulation: the forward uses fast accumulation, all outputs are rounded to bf16.
     assert rel(y, y_emulated) < 1e-2
     assert rel(got[0], emulated[0]) < 1e-2 and rel(got[1], emulated[1]) < 1e-2
+
+
+@pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
+def test_fp8_head_loss(scaling):
+    """precision.fp8_lm_head: the fused loss with FP8 logits and hidden-state gradient (4 chunks) on the scaled
+    matmul kernels, against the emulation and against high precision."""
+    hidden = randn(512, 256, seed=10, dtype=torch.bfloat16).requires_grad_()
+    weight = randn(1024, 256, seed=11, scale=0.05, dtype=torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 1024, (512,), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(12))
+    recipe = Fp8Recipe(scaling, E5M2)
+    results = []
+    for gemms in (TORCH, EMULATED, None):
+        head = None if gemms is None else Fp8HeadGemms(weight, gemms, recipe, linear_weight_operands(weight, recipe))
+        loss = linear_cross_entropy(hidden, weight, labels, chunk_size=128, gemms=head)
+        results.append((loss, *torch.autograd.grad(loss, (hidden, weight))))
+    (loss, *grads), (emulated_loss, *emulated), (want_loss, *want) = results
+    assert abs(loss - emulated_loss) < 1e-3 * emulated_loss and abs(loss - want_loss) < 1e-2 * want_loss
+    for got, emulation, reference in zip(grads, emulated, want):
+        assert got.dtype == torch.bfloat16
+        assert rel(got, emulation) < 1e-2 and rel(got, reference) < 0.08
 
 
 @pytest.mark.parametrize("fp8_wgrad", [False, True])
@@ -150,14 +172,14 @@ def test_compiled_fp8_layers_train_like_eager_fp8(recipe, grouped, fixed_batch_l
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_compiled_weight_cache_trains_as_quantizing_every_micro_batch(recipe, grouped, accumulated_losses):
     """precision.fp8_weight_cache under torch.compile (one graph for a step's first micro-batch, one for the
-    others): the same FP8 operands as quantizing the weights for every micro-batch, so the same losses up to
+    others), the FP8 head and MTP included: the same FP8 operands as quantizing the weights for every micro-batch, so the same losses up to
     the order of floating-point sums."""
     runs = []
     for cache in (False, True):
         cfg = tiny(vocab_size=256)
         model = build_model(cfg, seed=0, device=DEVICE).to(torch.bfloat16)
         plan = PrecisionPlan("fp8_torch", recipe=recipe, keep_bf16_first_layers=0, keep_bf16_last_layers=0,
-                             fp8_weight_cache=cache)
+                             fp8_weight_cache=cache, fp8_lm_head=True, fp8_mtp=True)
         apply_precision(model, plan, cfg.num_hidden_layers, DEVICE)
         apply_compile(model)
         runs.append(accumulated_losses(model, 3, 3))

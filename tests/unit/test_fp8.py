@@ -10,6 +10,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from megatron_exaone.config.precision import PrecisionUnavailable, validate_precision
@@ -30,7 +31,9 @@ from megatron_exaone.precision.fp8_common import (E4M3, E5M2, FP8_MAX, Fp8Recipe
                                                   per_group_scale, quantize, quantize_with_scale, scale_from_amax,
                                                   to_fp8, to_fp8_per_group_columns)
 from megatron_exaone.precision.fp8_emulated import EmulatedGemms
-from megatron_exaone.precision.fp8_ops import Fp8GroupedExperts, Fp8Linear, fp8_grouped_linear, fp8_linear
+from megatron_exaone.model.loss import linear_cross_entropy
+from megatron_exaone.precision.fp8_ops import (Fp8GroupedExperts, Fp8Head, Fp8HeadGemms, Fp8Linear, fp8_grouped_linear,
+                                               fp8_linear, linear_weight_operands)
 from megatron_exaone.precision.fp8_torch import TorchGemms, pad_groups
 
 EMULATED = EmulatedGemms()
@@ -207,6 +210,66 @@ def test_torch_backend_linear_matches_emulation_on_cpu(scaling, k):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
+# ---------------------------------------------------------------------------------------------- FP8 output head
+def _head_case(seed: int = 3):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(40, 64, generator=gen, requires_grad=True)
+    weight = (torch.randn(96, 64, generator=gen) * 0.1).requires_grad_()
+    labels = torch.randint(0, 96, (40,), generator=gen)
+    labels[::7] = -100
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
+def test_fp8_head_loss_quantizes_logits_and_hidden_gradient(scaling):
+    """precision.fp8_lm_head in the fused loss (chunks of 16 rows): logits = q(h) @ q(W)^T per chunk, the hidden
+    gradient q(dlogits) @ q(W along V) in E5M2, the weight gradient dlogits^T @ h in high precision, against the
+    same arithmetic written out in fp64."""
+    hidden, weight, labels = _head_case()
+    recipe = Fp8Recipe(scaling, E5M2)
+    gemms = Fp8HeadGemms(weight, EMULATED, recipe, linear_weight_operands(weight, recipe))
+    loss = linear_cross_entropy(hidden, weight, labels, chunk_size=16, gemms=gemms)
+    grad_h, grad_w = torch.autograd.grad(loss, (hidden, weight))
+
+    def deq(t, dtype, dim):
+        return to_fp8(t.detach(), dtype, scaling, dim).dequantize().double()
+
+    valid = labels != -100
+    want_loss, want_gh, want_gw = 0.0, [], torch.zeros_like(weight, dtype=torch.float64)
+    for rows in torch.arange(40).split(16):
+        h, y = hidden[rows].detach(), labels[rows]
+        logits = (deq(h, E4M3, 1) @ deq(weight, E4M3, 1).t()).float()
+        lse = logits.logsumexp(-1)
+        want_loss += ((lse - logits.gather(1, y.clamp(min=0)[:, None])[:, 0]) * valid[rows]).sum()
+        dlogits = (logits.softmax(-1) - F.one_hot(y.clamp(min=0), 96)) * valid[rows, None]
+        want_gh.append(deq(dlogits, E5M2, 1) @ deq(weight, E4M3, 0))
+        want_gw += dlogits.double().t() @ h.double()
+    count = valid.sum()
+    torch.testing.assert_close(loss, (want_loss / count).float())
+    torch.testing.assert_close(grad_h, (torch.cat(want_gh) / count).float())
+    torch.testing.assert_close(grad_w, (want_gw / count).float())
+    # and close to the high-precision loss
+    want = linear_cross_entropy(hidden, weight, labels, chunk_size=16)
+    assert abs(loss - want) < 0.01 * want
+    assert rel(grad_h, torch.autograd.grad(want, hidden)[0]) < 0.1
+
+
+@pytest.mark.skipif(not _cpu_scaled_mm_works(), reason="this torch build has no CPU torch._scaled_mm")
+@pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
+def test_torch_backend_head_matches_emulation_on_cpu(scaling):
+    """The head's operands in their GEMM layouts (the weight's input-gradient copy column-major) on torch's CPU
+    scaled-matmul kernel: the same loss and gradients as the emulation."""
+    hidden, weight, labels = _head_case(seed=4)
+    recipe = Fp8Recipe(scaling, E5M2)
+    results = []
+    for gemms in (TorchGemms(), EMULATED):
+        head = Fp8HeadGemms(weight, gemms, recipe, linear_weight_operands(weight, recipe))
+        loss = linear_cross_entropy(hidden, weight, labels, chunk_size=16, gemms=head)
+        results.append((loss, *torch.autograd.grad(loss, (hidden, weight))))
+    for got, want in zip(*results):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- the pass
 def config(**overrides):
     return tiny(vocab_size=256, **overrides)
@@ -221,7 +284,7 @@ def test_pass_converts_middle_layers_and_keeps_the_rest():
     assert {n: tuple(p.shape) for n, p in model.named_parameters()} == names
     model.load_state_dict(state)  # same keys and shapes: checkpoints load either way
     kept = {f"model.layers.{i}" for i in (0, cfg.num_hidden_layers - 1)}
-    assert set(report.bf16) == kept | {"mtp"}
+    assert set(report.bf16) == kept | {"mtp", "lm_head"}
     for name, module in model.named_modules():
         if isinstance(module, Fp8Linear | Fp8GroupedExperts):
             assert name in report.fp8
@@ -247,6 +310,28 @@ def test_fp8_mtp_converts_the_mtp_projections():
     assert abs(model(x, labels=labels).mtp_loss - want) < 0.02 * want
     with pytest.raises(ValueError, match="fp8_mtp=true needs an FP8 precision"):
         PrecisionConfig(name="bf16", fp8_mtp=True)
+
+
+def test_fp8_lm_head_converts_the_output_head():
+    """Logits (evaluation) and the fused losses, main and MTP, through the FP8 head: close to BF16, and logits
+    taken outside the fused loss still train the head."""
+    cfg = config()
+    model = build_model(cfg, seed=0)
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    labels = shift_left(x, 1, -100)
+    want = model(x, labels=labels, return_logits=False)
+    report = apply_precision(model, PrecisionPlan("fp8_emulated", fp8_lm_head=True), cfg.num_hidden_layers, "cpu")
+    assert "lm_head" in report.fp8 and "lm_head" not in report.bf16 and isinstance(model.lm_head, Fp8Head)
+    got = model(x, labels=labels, return_logits=False)
+    for name in ("lm_loss", "mtp_loss"):
+        assert abs(getattr(got, name) - getattr(want, name)) < 0.01 * getattr(want, name), name
+    unfused = model(x, labels=labels)  # full logits, CE through autograd
+    torch.testing.assert_close(unfused.lm_loss, got.lm_loss, rtol=1e-5, atol=1e-5)
+    unfused.lm_loss.backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0
+    for name in ("fp8_te_tensorwise", "bf16"):
+        with pytest.raises(ValueError, match="fp8_lm_head=true applies to fp8_torch and fp8_emulated"):
+            PrecisionConfig(name=name, fp8_lm_head=True)
 
 
 def test_pass_on_meta_then_materialize_gives_the_same_weights():
@@ -304,12 +389,14 @@ def train(fixed_batch_losses, plan: PrecisionPlan | None, steps: int = 50) -> li
 
 
 def test_fifty_fp8_steps_track_fp32(fixed_batch_losses):
-    """Every decoder layer in FP8 (no BF16 ends): the loss falls as in fp32 and ends within 2% of it."""
+    """Every decoder layer in FP8 (no BF16 ends), and then the head and MTP too: the loss falls as in fp32 and ends
+    within 2% of it."""
     want = train(fixed_batch_losses, None)
     assert want[-1] < 0.5 * want[0]
-    for recipe in ("tensorwise", "rowwise"):
-        got = train(fixed_batch_losses, PrecisionPlan("fp8_emulated", recipe=recipe, **ALL_FP8))
-        assert abs(got[-1] - want[-1]) < 0.02 * want[-1], (recipe, got[-1], want[-1])
+    for recipe, head in (("tensorwise", False), ("rowwise", False), ("tensorwise", True)):
+        plan = PrecisionPlan("fp8_emulated", recipe=recipe, fp8_lm_head=head, fp8_mtp=head, **ALL_FP8)
+        got = train(fixed_batch_losses, plan)
+        assert abs(got[-1] - want[-1]) < 0.02 * want[-1], (recipe, head, got[-1], want[-1])
 
 
 def _weight_cache_run(accumulated_losses, plan: PrecisionPlan, steps: int, micro_batches: int,
@@ -332,7 +419,7 @@ def test_weight_cache_reuses_one_quantization_per_optimizer_step(accumulated_los
     """precision.fp8_weight_cache: FP8 weights quantized on each step's first micro-batch and reused for the others
     train exactly as quantizing them every time (eagerly and compiled); not marking them stale after the optimizer
     step (what the trainer does) would train on the old weights, which shows the cache is what runs."""
-    plan = PrecisionPlan("fp8_emulated", recipe=recipe, **ALL_FP8)
+    plan = PrecisionPlan("fp8_emulated", recipe=recipe, fp8_lm_head=True, fp8_mtp=True, **ALL_FP8)
     cached = dataclasses.replace(plan, fp8_weight_cache=True)
     want_losses, want_weights = _weight_cache_run(accumulated_losses, plan, 3, 3, compile_backend=compile_backend)
     got_losses, got_weights = _weight_cache_run(accumulated_losses, cached, 3, 3, compile_backend=compile_backend)
@@ -361,7 +448,8 @@ def _single_process(recipe: str, micro_batches: int):
     current scaling takes each part's own amax)."""
     cfg = config(aux_loss_coeff=0.0)
     model = build_model(cfg, seed=5)
-    apply_precision(model, PrecisionPlan("fp8_emulated", recipe=recipe, **ALL_FP8), cfg.num_hidden_layers, "cpu")
+    apply_precision(model, PrecisionPlan("fp8_emulated", recipe=recipe, fp8_lm_head=True, **ALL_FP8),
+                    cfg.num_hidden_layers, "cpu")
     x, labels = _batch(cfg)
     loss = 0.0
     for part, part_labels in zip(x.chunk(micro_batches), labels.chunk(micro_batches)):
@@ -376,7 +464,7 @@ def _run_layouts(rank, world):
     for name, (dims, sequence_parallel, fsdp, recipe) in LAYOUTS.items():
         cfg = config(aux_loss_coeff=0.0)
         mesh = build_mesh(ParallelDims(**dims), "cpu")
-        plan = PrecisionPlan("fp8_emulated", recipe=recipe, **ALL_FP8)
+        plan = PrecisionPlan("fp8_emulated", recipe=recipe, fp8_lm_head=True, **ALL_FP8)
         model = build_parallel_model(cfg, mesh, seed=5, device="cpu", sequence_parallel=sequence_parallel,
                                      precision=plan)
         layouts = {n: layout_of(model, n, p) for n, p in model.named_parameters()}
@@ -398,13 +486,15 @@ def _run_layouts(rank, world):
         loss = torch.tensor(out.lm_loss.item())
         torch.distributed.all_reduce(loss, group=mesh.dp_cp_group)  # the dp ranks' shares of the global loss
         results[name] = {"loss": (loss.item(), want_loss), "grads": grads,
-                         "fp8": sum(isinstance(m, Fp8Linear) for m in model.modules())}
+                         "fp8": sum(isinstance(m, Fp8Linear) for m in model.modules()),
+                         "fp8_head": isinstance(model.lm_head, Fp8Head)}
     return results
 
 
 def test_tensor_parallel_and_fsdp_match_single_process_fp8():
-    """The same FP8 losses as one process, for tp2 + SP (tensorwise, amax max-reduced over TP), tp2 (rowwise: scales
-    per local shard where TP splits the contraction) and FSDP2 over dp2 (the reference accumulates the dp ranks'
+    """The same FP8 losses as one process (decoder layers and the vocabulary-parallel head in FP8), for tp2 + SP
+    (tensorwise, amax max-reduced over TP), tp2 (rowwise: scales per local shard where TP splits the contraction)
+    and FSDP2 over dp2 (the reference accumulates the dp ranks'
     halves of the batch, since current scaling takes each micro-batch's own amax).
 
     Gradients: equal up to summation order (and the FP8 rounding flips it causes) for FSDP2 and TP's dense layers.
@@ -415,7 +505,7 @@ def test_tensor_parallel_and_fsdp_match_single_process_fp8():
         for name, r in results.items():
             got, want = r["loss"]
             assert abs(got - want) < 1e-3 * want, (name, rank, got, want)
-            assert r["fp8"] > 0
+            assert r["fp8"] > 0 and r["fp8_head"]
             if name == "tp2_rowwise":
                 continue
             for param, err in r["grads"].items():
