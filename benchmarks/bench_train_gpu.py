@@ -35,7 +35,7 @@ from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.parallel.data_parallel import apply_data_parallel
 from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
 from megatron_exaone.precision import PrecisionPlan, mark_fp8_weights_stale
-from megatron_exaone.training.flops import H100_BF16_DENSE_PEAK, flops_per_token
+from megatron_exaone.training.flops import H100_BF16_DENSE_PEAK, flops_per_token, fp8_matmul_flops
 from megatron_exaone.training.optim import build_optimizer
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "model" / "proxy_2b.yaml"
@@ -92,7 +92,7 @@ def measure_variants(variants: list[str], measure: Callable[[str], tuple[float, 
             yield variant, seconds, peak, f"{baseline[1] / seconds:.2f}x the speed of {baseline[0]}"
 
 
-VARIANT_OPTIONS = ("compile", "fp8_wgrad", "keep_gathered", "weight_cache", "fp8_mtp")
+VARIANT_OPTIONS = ("compile", "fp8_wgrad", "keep_gathered", "weight_cache", "fp8_mtp", "fp8_head")
 
 
 def parse_variant(variant: str) -> tuple[PrecisionPlan, set[str]]:
@@ -100,15 +100,27 @@ def parse_variant(variant: str) -> tuple[PrecisionPlan, set[str]]:
     compiled), fp8_wgrad (the routed experts' weight gradient in FP8 too: PrecisionPlan.fp8_expert_wgrad),
     keep_gathered (FSDP2 keeps gathered parameters from forward to backward: parallel.reshard_after_forward=false),
     weight_cache (FP8 weights quantized once per optimizer step: precision.fp8_weight_cache), fp8_mtp (the MTP
-    module's projections in FP8 too: precision.fp8_mtp)."""
+    module's projections in FP8 too: precision.fp8_mtp), fp8_head (the output head's logits and hidden-state
+    gradient in FP8: precision.fp8_lm_head)."""
     name, *options = variant.split("+")
     unknown = set(options) - set(VARIANT_OPTIONS)
     if unknown:
         raise SystemExit(f"variant {variant!r}: unknown options {sorted(unknown)}; choose from {VARIANT_OPTIONS}")
     precision, _, recipe = name.partition(":")
     plan = PrecisionPlan(precision, recipe=recipe or None, fp8_expert_wgrad="fp8_wgrad" in options,
-                         fp8_weight_cache="weight_cache" in options, fp8_mtp="fp8_mtp" in options)
+                         fp8_weight_cache="weight_cache" in options, fp8_mtp="fp8_mtp" in options,
+                         fp8_lm_head="fp8_head" in options)
     return plan, set(options)
+
+
+def fp8_share(config: ModelConfig, seq_len: int, plan: PrecisionPlan) -> str:
+    """The part of the model's FLOPs that `plan` runs in FP8 GEMMs, and the speed-up that allows (Amdahl)."""
+    if not plan.name.startswith("fp8"):
+        return ""
+    share = fp8_matmul_flops(config, plan.keep_bf16_first_layers, plan.keep_bf16_last_layers, plan.fp8_expert_wgrad,
+                             plan.fp8_mtp, plan.fp8_lm_head) / flops_per_token(config, seq_len)
+    return (f"; FP8 GEMMs are {100 * share:.0f}% of the model FLOPs: at most {1 / (1 - share / 2):.2f}x the BF16 "
+            "step if they ran twice as fast")
 
 
 def time_steps(config: ModelConfig, variant: str, seq_len: int, micro_batch: int, micro_batches: int, steps: int,
@@ -145,6 +157,9 @@ def time_steps(config: ModelConfig, variant: str, seq_len: int, micro_batch: int
         if index >= warmup:
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30
+    retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+    if retries:  # the allocator freed its cache to satisfy an allocation: slows the steps, near the memory limit
+        print(f"{variant}: {retries} allocator retries (memory pressure)", flush=True)
     if profile:
         print_kernel_profile(step, f"one {variant} step")
     del model, optimizer
@@ -188,8 +203,9 @@ def main() -> None:
     for variant, seconds, peak, ratio in measure_variants(args.variants.split(","), measure):
         rate = tokens / seconds
         mfu = flops * rate / H100_BF16_DENSE_PEAK
+        share = fp8_share(config, args.seq_len, parse_variant(variant)[0])
         print(f"{variant}: {rate:,.0f} tokens/s, {seconds * 1e3:.1f} ms/step, MFU {100 * mfu:.1f}% of 989 "
-              f"TFLOP/s, peak memory {peak:.1f} GiB ({ratio})", flush=True)
+              f"TFLOP/s, peak memory {peak:.1f} GiB ({ratio}{share})", flush=True)
     dist.destroy_process_group()
 
 

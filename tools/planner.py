@@ -35,7 +35,8 @@ parameter 2 B and an fp32 gradient 4 B, unsharded, and fp32 master + moments sha
 so activations take 4 B per value.
 fp8 keeps the same master weights, gradients and optimizer state as bf16; with --fp8-weight-cache
 (precision.fp8_weight_cache) the parameters row adds the FP8 copies of each FP8 layer's weights that the step
-keeps (forward's and the transposed one for backward: 2 B per element).
+keeps (forward's and the transposed one for backward: 2 B per element), and of the head's with --fp8-lm-head
+(precision.fp8_lm_head; without the cache the loss makes those 2 B per head weight as a transient).
 
 Activations per micro-batch and decoder layer are what autograd saves in this model's code, with b*s tokens, s/tp
 per rank under sequence parallel, a = 2 B (bf16):
@@ -108,7 +109,7 @@ from megatron_exaone.parallel.build import check_supported
 from megatron_exaone.parallel.mesh import LayoutError, ParallelDims
 from megatron_exaone.parallel.pipeline import (check_schedule, embedding_copies, local_stage_indices, mtp_enabled,
                                                pipeline_layout)
-from megatron_exaone.training.flops import attended_keys, flops_per_token
+from megatron_exaone.training.flops import attended_keys, flops_per_token, fp8_matmul_flops
 
 REPO = Path(__file__).resolve().parent.parent
 PARALLEL_RECIPES = REPO / "recipes" / "parallel"
@@ -138,6 +139,7 @@ class PlanInput:
     reduce_each_micro_batch: bool = False  # fsdp: parallel.reduce_grads_each_micro_batch
     fp8_weight_cache: bool = False  # fp8: precision.fp8_weight_cache
     fp8_mtp: bool = False  # fp8: precision.fp8_mtp
+    fp8_lm_head: bool = False  # fp8: precision.fp8_lm_head
     optimizer: str = "adamw"  # adamw | muon
     sequence_parallel: bool = True
     packed: bool = True
@@ -177,6 +179,7 @@ class Plan:
     total_params: int
     flops_per_token: float
     flops_per_token_recompute: float
+    fp8_flops_per_token: float  # of flops_per_token, in FP8 GEMMs
 
     @property
     def worst(self) -> RankMemory:
@@ -350,12 +353,15 @@ def layer_activations(c: _Ctx, attention_type: str, mlp_type: str, fp8: bool, re
     return whole, 0.0
 
 
-def head_activations(c: _Ctx, fp8_mtp: bool, recompute: str, modules: tuple[str, ...]) -> tuple[float, float]:
-    """(saved, transient) bytes of the last stage's final norm, losses and MTP for one micro-batch."""
+def head_activations(c: _Ctx, fp8_mtp: bool, recompute: str, modules: tuple[str, ...], fp8_head_operands: float = 0
+                     ) -> tuple[float, float]:
+    """(saved, transient) bytes of the last stage's final norm, losses and MTP for one micro-batch.
+    `fp8_head_operands`: the FP8 head weight copies a loss call makes (precision.fp8_lm_head without the cache)."""
     m, h = c.m, c.m.hidden_size
     losses = 1 + (m.num_nextn_predict_layers if mtp_enabled(m) else 0)
     saved = _norm(c) + losses * (c.tokens * h * c.a + m.vocab_size / c.tp * h * 4)
-    transient = 3 * 1024 * m.vocab_size / c.tp * 4  # a chunk of fp32 logits, exp and gradient
+    # a chunk of fp32 logits, exp and gradient
+    transient = 3 * 1024 * m.vocab_size / c.tp * 4 + fp8_head_operands
     if mtp_enabled(m):
         for kind in m.mtp_layer_types:
             per_depth = 3 * _norm(c) + c.ts * 2 * h * c.a + c.tokens * 2 * h * c.a + c.tokens * h * c.a
@@ -408,6 +414,7 @@ def plan(inp: PlanInput) -> Plan:
 
     dense_shards = d.dp * d.cp
     expert_shards = d.edp
+    head_weights = m.vocab_size // d.tp * m.hidden_size
     ranks = []
     for pp_rank in range(d.pp):
         stage_ids = local_stage_indices(_schedule(d), pp_rank, d.pp, d.vpp) if d.pp > 1 else [0]
@@ -426,6 +433,8 @@ def plan(inp: PlanInput) -> Plan:
         if fp8 and inp.fp8_weight_cache:  # forward's and backward's FP8 copies of every FP8 layer's weights
             fp8_layers = [f"L{j}" for i in stage_ids for j in specs[i].layers if is_fp8_layer(j)]
             r.bytes["parameters"] += 2 * sum(units[n].dense + units[n].expert for n in fp8_layers)
+            if inp.fp8_lm_head and "H" in names:
+                r.bytes["parameters"] += 2 * head_weights
         if inp.optimizer == "muon":  # Newton-Schulz on one gathered full matrix at a time (x, gram, update)
             r.bytes["optimizer step temporaries"] += 3 * 4 * max(u.largest_matrix for u in rank_units)
         # activations: each chunk's layers for every micro-batch in flight; the head for one (the last stage
@@ -444,8 +453,9 @@ def plan(inp: PlanInput) -> Plan:
                 transient = max(transient, layer_peak)
             saved += chunk * r.in_flight
             if spec.head:
+                head_operands = 2 * head_weights if fp8 and inp.fp8_lm_head and not inp.fp8_weight_cache else 0
                 head_saved, head_peak = head_activations(c, fp8 and inp.fp8_mtp, inp.recompute,
-                                                         inp.recompute_modules)
+                                                         inp.recompute_modules, head_operands)
                 saved += head_saved
                 transient = max(transient, head_peak)
         r.bytes["activations (saved)"] = saved
@@ -455,8 +465,9 @@ def plan(inp: PlanInput) -> Plan:
         ranks.append(r)
     total = sum(math.prod(s) for _, s in _model_params(m))
     fpt = flops_per_token(m, inp.seq_len)
+    fp8_fpt = fp8_matmul_flops(m, first_bf16, last_bf16, fp8_mtp=inp.fp8_mtp, fp8_lm_head=inp.fp8_lm_head) if fp8 else 0
     return Plan(inp, ranks, total, fpt, fpt + recompute_flops_per_token(m, inp.seq_len, inp.recompute,
-                                                                        inp.recompute_modules))
+                                                                        inp.recompute_modules), fp8_fpt)
 
 
 def _state_bytes(r: RankMemory, inp: PlanInput, dense_adamw: int, dense_shards: int, expert_shards: int) -> None:
@@ -571,9 +582,11 @@ def describe(inp: PlanInput) -> str:
 def format_plan(p: Plan) -> str:
     inp = p.inp
     ranks = p.ranks if len(p.ranks) <= 8 else _pick(p.ranks)
+    fp8_share = (f"; {100 * p.fp8_flops_per_token / p.flops_per_token:.0f}% of them in FP8 GEMMs"
+                 if p.fp8_flops_per_token else "")
     lines = [describe(inp),
              f"  parameters {p.total_params / 1e9:.1f}B; model FLOPs/token {p.flops_per_token:.3e} "
-             f"(fwd+bwd), {p.flops_per_token_recompute:.3e} with recompute",
+             f"(fwd+bwd), {p.flops_per_token_recompute:.3e} with recompute{fp8_share}",
              ""]
     header = f"  {'per-GPU memory (GiB)':<34}" + "".join(f"{'pp' + str(r.pp_rank):>9}" for r in ranks)
     lines.append(header)
@@ -646,7 +659,7 @@ def build_input(args: argparse.Namespace, layout: dict[str, Any] | None = None, 
                      precision=precision or args.precision, recompute=pick("recompute", "full"),
                      recompute_modules=tuple(args.recompute_modules.split(",")), sharding=sharding,
                      keep_gathered=keep_gathered and sharding == "fsdp", fp8_weight_cache=args.fp8_weight_cache,
-                     fp8_mtp=args.fp8_mtp,
+                     fp8_mtp=args.fp8_mtp, fp8_lm_head=args.fp8_lm_head,
                      reduce_each_micro_batch=reduce_each, optimizer=args.optimizer,
                      sequence_parallel=layout.get("sequence_parallel", True)
                      and not args.no_sequence_parallel, packed=not args.no_packing,
@@ -683,6 +696,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8-weight-cache", action="store_true",
                    help="fp8: FP8 weight copies kept through the step (precision.fp8_weight_cache)")
     p.add_argument("--fp8-mtp", action="store_true", help="fp8: the MTP layer in FP8 too (precision.fp8_mtp)")
+    p.add_argument("--fp8-lm-head", action="store_true",
+                   help="fp8: the output head's logits and input gradient in FP8 (precision.fp8_lm_head)")
     p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
     p.add_argument("--no-sequence-parallel", action="store_true")
     p.add_argument("--no-packing", action="store_true", help="one document per sequence (no global-layer mask)")
@@ -712,7 +727,7 @@ def experiment_plans(name: str, world_size: int | None = None, gpu_gib: float = 
                         sharding="fsdp" if layout.fsdp else "none", keep_gathered=not layout.reshard_after_forward,
                         reduce_each_micro_batch=layout.reduce_grads_each_micro_batch,
                         fp8_weight_cache=precision.fp8_weight_cache, fp8_mtp=precision.fp8_mtp,
-                        optimizer=cfg.optim.name,
+                        fp8_lm_head=precision.fp8_lm_head, optimizer=cfg.optim.name,
                         sequence_parallel=layout.sequence_parallel,
                         bf16_layers=(precision.keep_bf16_first_layers, precision.keep_bf16_last_layers),
                         gpu_gib=gpu_gib, model_name=name,

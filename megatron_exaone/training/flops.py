@@ -58,6 +58,36 @@ def flops_per_token(c: ModelConfig, seq_len: int) -> float:
     return 6 * active_matmul_weights(c) + attention
 
 
+def fp8_matmul_flops(c: ModelConfig, keep_bf16_first_layers: int = 1, keep_bf16_last_layers: int = 1,
+                     fp8_expert_wgrad: bool = False, fp8_mtp: bool = False, fp8_lm_head: bool = False) -> float:
+    """FLOPs per token of the GEMMs that an FP8 precision runs in FP8 (`precision.apply`'s rule). All three GEMMs
+    (6 FLOPs per weight) of the attention projections, dense MLPs and shared experts of decoder layers
+    first <= i < L - last. Of their routed experts, forward and input gradient (4); the weight gradient too with
+    `fp8_expert_wgrad`. The MTP layer's fc, attention and MLP with `fp8_mtp`. The output head's logits and input
+    gradient (4 per weight, for the main loss and each MTP loss) with `fp8_lm_head`. The router, attention
+    scores and the rest stay BF16. Amdahl: FP8 GEMMs x times faster make a step at most
+    1 / (1 - share + share / x) faster, share = this / `flops_per_token`."""
+    dense_mlp = 3 * c.hidden_size * c.intermediate_size
+    expert = 3 * c.hidden_size * c.moe_intermediate_size
+    total = 0
+    last = c.num_hidden_layers - keep_bf16_last_layers
+    for index, mlp_type in enumerate(c.mlp_layer_types):
+        if not keep_bf16_first_layers <= index < last:
+            continue
+        total += 6 * attention_weights(c)
+        if mlp_type == DENSE:
+            total += 6 * dense_mlp
+        else:
+            routed = (6 if fp8_expert_wgrad else 4) * expert * c.num_experts_per_tok
+            total += 6 * expert * c.num_shared_experts + routed
+    mtp_layers = c.num_nextn_predict_layers if c.mtp_loss_weight > 0 else 0
+    if fp8_mtp:
+        total += 6 * (2 * c.hidden_size * c.hidden_size + attention_weights(c) + dense_mlp) * mtp_layers
+    if fp8_lm_head:
+        total += 4 * c.hidden_size * c.vocab_size * (1 + mtp_layers)
+    return float(total)
+
+
 def peak_flops(device_name: str) -> float | None:
     """Dense BF16 peak of one device, when known (H100/H200: 989 TFLOP/s); None on CPU or unknown devices."""
     name = device_name.lower()

@@ -115,6 +115,22 @@ def test_fp8_weight_cache_holds_two_bytes_per_fp8_layer_weight():
     assert cached.bytes["parameters"] - plain.bytes["parameters"] == 2 * fp8_layers
 
 
+def test_fp8_lm_head_counts_the_head_operands_and_its_flops():
+    config = tiny()
+
+    def rank(**fp8):
+        return planner.plan(planner.PlanInput(model=config, dims=ParallelDims(dp=1), seq_len=64, precision="fp8",
+                                              **fp8))
+
+    head = config.vocab_size * config.hidden_size
+    cached = rank(fp8_weight_cache=True).ranks[0]
+    cached_head = rank(fp8_weight_cache=True, fp8_lm_head=True).ranks[0]
+    assert cached_head.bytes["parameters"] - cached.bytes["parameters"] == 2 * head
+    plain, with_head = rank(), rank(fp8_lm_head=True)
+    assert with_head.flops_per_token == plain.flops_per_token
+    assert with_head.fp8_flops_per_token - plain.fp8_flops_per_token == 4 * head * 2  # main and MTP loss
+
+
 def test_more_tensor_or_pipeline_parallelism_needs_less_memory_per_gpu():
     config = k_exaone_236b()
 
