@@ -268,11 +268,13 @@ def test_resume_single_process_checkpoint_under_cp2_tp2_across_the_stage_switch(
 # ---------------------------------------------------------------------------------------------- FP8 weight cache
 def test_fp8_weight_cache_trains_as_quantizing_every_micro_batch(tmp_path, data_overrides):
     """exaone-train with precision.fp8_weight_cache (weights quantized once per optimizer step, on the first of its
-    eight micro-batches) follows the run that quantizes them for every micro-batch exactly."""
+    eight micro-batches; the output head and MTP in FP8 too) follows the run that quantizes them for every
+    micro-batch exactly."""
     runs = {}
     for cache in ("false", "true"):
         run_dir = tmp_path / f"cache_{cache}"
         train(overrides(run_dir, data_overrides, "precision=fp8_emulated", f"precision.fp8_weight_cache={cache}",
-                        "trainer.max_steps=3", "checkpoint.interval=0"))
+                        "precision.fp8_lm_head=true", "precision.fp8_mtp=true", "trainer.max_steps=3",
+                        "checkpoint.interval=0"))
         runs[cache] = [(r["lm_loss"], r["grad_norm"]) for r in records(run_dir)]
     assert len(runs["true"]) == 3 and runs["true"] == runs["false"]

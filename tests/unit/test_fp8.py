@@ -352,7 +352,9 @@ def test_pass_rules_for_pipeline_chunks_experts_and_shapes(caplog):
     full = build_model(cfg)
     chunk = PipelineChunk(full, StageSpec(embedding=False, layers=(2, 3), head=True), 1, 2)
     with caplog.at_level(logging.WARNING, logger="megatron_exaone.precision"):
-        report = apply_precision(chunk, "fp8_emulated", cfg.num_hidden_layers, "cpu")
+        report = apply_precision(chunk, PrecisionPlan("fp8_emulated", fp8_lm_head=True), cfg.num_hidden_layers,
+                                 "cpu")
+    assert "lm_head" in report.fp8 and isinstance(chunk.lm_head, Fp8Head)  # the last stage's head
     assert "model.layers.3" in report.bf16  # the last layer by its global index
     assert "model.layers.2.self_attn.q_proj" in report.fp8
     assert "multiple of 16" in report.bf16["model.layers.2.mlp.experts"]
