@@ -2,9 +2,10 @@
 
 to-hf naive: load the whole checkpoint into one state dict, build transformers' ExaoneMoeForCausalLM, load the
 weights, `save_pretrained` (bf16). ours: the streamed converter (bf16). from-hf (of that bf16 export) naive: read
-every tensor into our full state dict (`from_hf`), then one DCP save. ours: the streamed importer. Each runs in a fresh Python process; peak resident
-memory is that process's ru_maxrss. Shards: the real default is 5GB for a 470 GB model (about 1%); on a 2 GB
-checkpoint the benchmark uses --max-shard-size (default 256MB) to keep the same proportion.
+every tensor into our full state dict (`from_hf`), then one DCP save. ours: the streamed importer. Each runs in a
+fresh Python process; peak resident memory is that process's ru_maxrss. Shards: the real default is 5GB for a
+470 GB model (about 1%); on a 2 GB checkpoint the benchmark uses --max-shard-size (default 256MB) to keep the same
+proportion.
 
 Prints `name: value (ratio vs baseline)` lines.
 """

@@ -138,9 +138,9 @@ class PrecisionConfig:
     default, as in Megatron and DeepSeek-V3. `fp8_weight_cache` (fp8_torch, fp8_emulated): quantize each FP8
     weight once per optimizer step, on its first micro-batch, and reuse the FP8 copies (forward's and backward's)
     for the step's other micro-batches, as Transformer Engine does with `is_first_microbatch`: same results, fewer
-    casts, 2 bytes per FP8 weight element held through the step. Transformer Engine only (fp8_te_*): `te_attention` runs the attention cores in
-    TE's DotProductAttention (its fused BF16 kernels: sliding window, packed documents as THD) instead of SDPA /
-    FlexAttention.
+    casts, 2 bytes per FP8 weight element held through the step. Transformer Engine only (fp8_te_*):
+    `te_attention` runs the attention cores in TE's DotProductAttention (its fused BF16 kernels: sliding window,
+    packed documents as THD) instead of SDPA / FlexAttention.
     """
 
     name: str = "bf16"

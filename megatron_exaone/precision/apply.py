@@ -10,9 +10,9 @@ What runs in FP8: the attention projections, dense MLPs, shared experts and rout
 pipeline chunk gets the same answer as the whole model). What stays in BF16: those first/last layers, the router
 (`mlp.gate`, fp32 anyway), the embedding, norms, lm_head (its logits and hidden-state gradient run in FP8 with
 `fp8_lm_head`) and the MTP module (its fc and decoder layer run in FP8 with `fp8_mtp`); and, listed in the report
-and the log, any linear whose local shape is not a multiple of 16 (a
-limit of the FP8 kernels, applied by the emulation too so that it converts the same modules). Routed experts stay
-BF16 only when `fp8_experts=False` is asked for.
+and the log, any linear whose local shape is not a multiple of 16 (a limit of the FP8 kernels, applied by the
+emulation too so that it converts the same modules). Routed experts stay BF16 only when `fp8_experts=False` is
+asked for.
 
 Tensor parallel: with `amax_group` (the TP group) tensorwise amaxes are max-reduced over it, so every rank scales
 with the amax of the full, unsharded operand and the result matches the single-process model (as TE reduces amax

@@ -1,6 +1,7 @@
 """exaone-train is resumable: a run killed (SIGKILL) or stopped (SIGTERM) and relaunched continues with exactly the
 losses of an uninterrupted run, across a curriculum stage boundary too; a checkpoint resumed under another layout
-continues within fp32 tolerance (context parallel included); a truncated newest checkpoint is skipped for the previous complete one.
+continues within fp32 tolerance (context parallel included); a truncated newest checkpoint is skipped for the
+previous complete one.
 
 Every run goes through the `exaone-train` code (`cli.train.main` in a forked process, `cli.train.run_training` on
 forked gloo ranks) with the cpu_tiny experiment: 30 steps, stage `short` for steps 1-20, `long` for 21-30.

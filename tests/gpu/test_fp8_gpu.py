@@ -172,8 +172,8 @@ def test_compiled_fp8_layers_train_like_eager_fp8(recipe, grouped, fixed_batch_l
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_compiled_weight_cache_trains_as_quantizing_every_micro_batch(recipe, grouped, accumulated_losses):
     """precision.fp8_weight_cache under torch.compile (one graph for a step's first micro-batch, one for the
-    others), the FP8 head and MTP included: the same FP8 operands as quantizing the weights for every micro-batch, so the same losses up to
-    the order of floating-point sums."""
+    others), the FP8 head and MTP included: the same FP8 operands as quantizing the weights for every
+    micro-batch, so the same losses up to the order of floating-point sums."""
     runs = []
     for cache in (False, True):
         cfg = tiny(vocab_size=256)
