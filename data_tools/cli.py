@@ -12,6 +12,7 @@ import os
 import sys
 
 from data_tools.superbpe import PRETOKENIZERS
+from megatron_exaone.errors import UserError, one_line, reported
 
 log = logging.getLogger("exaone_data")
 
@@ -89,7 +90,9 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--docs-per-shard", type=int, default=100_000,
                    help="records per resumable part (default 100000); finished parts survive an interruption")
     p.add_argument("--split-chars", type=int, default=16_384,
-                   help="cut longer documents at newlines for parallel encoding (ids unchanged); 0 never cuts")
+                   help="cut longer documents where no token can cross (line breaks, space runs, number edges) "
+                        "for parallel encoding, ids unchanged; 0 never cuts (then a document too long for the "
+                        "tokenizer's regex engine is a bad line)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_run_tokenize)
@@ -137,9 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="exaone-data: %(message)s", stream=sys.stderr)
     try:
-        args.run(args)
-    except (OSError, ValueError, RuntimeError) as e:  # user-facing problems: one clear line, no traceback
-        log.error("%s", e)
+        with reported("exaone-data"):  # a UserError (bad input, corrupted shard): one line, exit status 2
+            args.run(args)
+    except SystemExit as e:
+        return int(e.code)
+    except UserError:  # let through by `reported` only when $MEGATRON_EXAONE_DEBUG asks for the traceback
+        raise
+    except (OSError, ValueError, RuntimeError) as e:  # other user-facing problems: one clear line, no traceback
+        log.error("%s", one_line(str(e)))
         return 1
     except KeyboardInterrupt:
         log.error("interrupted")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from megatron_exaone.data.indexed import IndexedDataset, dataset_paths
+from megatron_exaone.data.indexed import IndexedDataset, dataset_paths, read_stats
 from megatron_exaone.data.tokenizer import load_tokenizer
 
 
@@ -26,11 +25,6 @@ def find_shards(path: str | os.PathLike) -> list[Path]:
     return [idx_path.with_suffix("")]
 
 
-def sidecar(prefix: Path) -> dict:
-    path = prefix.with_name(prefix.name + ".stats.json")
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 def shard_stats(prefix: Path) -> dict:
     ds = IndexedDataset(prefix)
     lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
@@ -39,7 +33,7 @@ def shard_stats(prefix: Path) -> dict:
     if len(lengths):
         stats.update(min_length=int(lengths.min()), mean_length=round(float(lengths.mean()), 1),
                      median_length=int(np.median(lengths)), max_length=int(lengths.max()))
-    side = sidecar(prefix)
+    side = read_stats(prefix)
     for key in ("bytes", "bytes_per_token", "bad_lines", "empty_documents"):
         if key in side:
             stats[key] = side[key]

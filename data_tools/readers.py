@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_exaone.errors import UserError
+
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 COMPRESSED_SUFFIXES = (".gz", ".zst")
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -23,7 +25,7 @@ PROGRESS_EVERY = 4096  # records between progress callbacks
 Record = tuple[int, int, "bytes | str | None"]
 
 
-class BadRecord(ValueError):
+class BadRecord(UserError, ValueError):
     """One input record that cannot be used as a document."""
 
 

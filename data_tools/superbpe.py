@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-# name -> (stage-1 regex, stage-2 regex). Every alternative that can hold a newline ends with it and no pretoken
-# starts with one, so a document may be cut after a newline followed by a non-space character without changing
-# its ids (see data_tools.tokenize_corpus.safe_split).
+# name -> (stage-1 regex, stage-2 regex). Every alternative that can hold a newline ends with it, runs of spaces
+# end before their last space, and digits are pretokens of their own, so a document may be cut at those points
+# without changing its ids (see data_tools.encode_worker.SAFE_CUT); keep it so when changing these.
 _SB_REST = r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _SB_CHUNK = r"(?:[^\s\p{N}:]|:(?=\S))+"  # a ':' inside a superword must not be followed by a space
 _KX_REST = r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]?|\s*[\r\n]|\s+(?!\S)|\s+"

@@ -23,18 +23,20 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_tools.encode_worker import EncodedBatch, EncodeSettings, encode_records, init_worker
+from data_tools.encode_worker import EncodedBatch, EncodeSettings, encode_records, init_pool_worker, init_worker
 from data_tools.jsonio import write_json
 from data_tools.readers import InputFile, Record, iter_records, resolve_inputs
-from megatron_exaone.data.indexed import IndexedDatasetWriter, dataset_paths, merge_datasets, optimal_dtype
+from megatron_exaone.data.indexed import (IndexedDatasetWriter, dataset_paths, merge_datasets, optimal_dtype,
+                                          stats_path)
 from megatron_exaone.data.tokenizer import file_sha256, load_tokenizer, resolve_eod, tokenizer_json_path
+from megatron_exaone.errors import UserError
 
 log = logging.getLogger("exaone_data")
 STAT_KEYS = ("records", "documents", "tokens", "bytes", "empty_documents", "bad_lines")
 MAX_BAD_EXAMPLES = 20
 
 
-class BadInputError(ValueError):
+class BadInputError(UserError, ValueError):
     """An input record that cannot be tokenized, with --on-bad-line fail."""
 
 
@@ -125,6 +127,7 @@ class _PartWriter:
         self.parts, self.part = parts, part
         self.writer = IndexedDatasetWriter(parts.prefix(part), dtype)
         self.stats = dict.fromkeys(STAT_KEYS, 0)
+        self.max_id = -1  # the largest token id written (-1: none), so a loader can check its vocabulary early
         self.bad_examples: list[str] = []
 
     def add(self, result: EncodedBatch, records: int) -> None:
@@ -133,10 +136,13 @@ class _PartWriter:
                            ("bytes", result.text_bytes), ("empty_documents", result.empty),
                            ("bad_lines", len(result.bad))):
             self.stats[key] += value
+        if len(result.tokens):
+            self.max_id = max(self.max_id, int(result.tokens.max()))
 
     def finish(self) -> None:
         self.writer.finish()
-        write_json(self.parts.prefix(self.part).with_suffix(".json"), dict(self.stats, bad_examples=self.bad_examples))
+        write_json(self.parts.prefix(self.part).with_suffix(".json"), dict(self.stats, max_id=self.max_id,
+                                                                              bad_examples=self.bad_examples))
 
 
 def _input_manifest(inputs: list[InputFile], tokenizer: Path, cfg: TokenizeConfig, eod_id: int | None,
@@ -164,7 +170,6 @@ def tokenize(cfg: TokenizeConfig) -> dict:
     eod_token, eod_id = resolve_eod(tok_path, tokenizer, cfg.eod_token) if cfg.append_eod else (None, None)
     prefix = Path(cfg.output_prefix)
     out_bin, out_idx = dataset_paths(prefix)
-    stats_path = prefix.with_name(prefix.name + ".stats.json")
     if (out_bin.exists() or out_idx.exists()) and not cfg.overwrite:
         raise FileExistsError(f"{out_bin} / {out_idx} already exist; pass --overwrite to replace them")
     parts = _Parts(prefix, _input_manifest(inputs, tok_path, cfg, eod_id, dtype))
@@ -179,7 +184,7 @@ def tokenize(cfg: TokenizeConfig) -> dict:
     settings = EncodeSettings(str(tok_path), cfg.text_field, eod_id, str(dtype), cfg.split_chars,
                               threads=0 if cfg.workers == 1 else max(1, (os.cpu_count() or 1) // cfg.workers))
     _encode_parts(cfg, settings, inputs, parts, done, dtype, total_bytes)
-    return _finalize(parts, prefix, stats_path, inputs, tok_path, eod_token, eod_id, dtype, vocab_size, cfg, started)
+    return _finalize(parts, prefix, inputs, tok_path, eod_token, eod_id, dtype, vocab_size, cfg, started)
 
 
 def _encode_parts(cfg: TokenizeConfig, settings: EncodeSettings, inputs: list[InputFile], parts: _Parts,
@@ -189,8 +194,9 @@ def _encode_parts(cfg: TokenizeConfig, settings: EncodeSettings, inputs: list[In
         init_worker(settings)
         executor = _InlineExecutor()
     else:
-        executor = ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn"), initializer=init_worker,
-                                       initargs=(settings,))
+        # Workers die with this process, even when it is killed (they are started by submit() in this thread).
+        executor = ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn"), initializer=init_pool_worker,
+                                       initargs=(os.getpid(), settings))
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not cfg.show_progress)
     open_parts: dict[int, _PartWriter] = {}
     pending: deque[tuple[int, int, bool, Future]] = deque()
@@ -235,7 +241,7 @@ def _collect(item: tuple[int, int, bool, Future], open_parts: dict[int, _PartWri
         open_parts.pop(part).finish()
 
 
-def _finalize(parts: _Parts, prefix: Path, stats_path: Path, inputs: list[InputFile], tok_path: Path,
+def _finalize(parts: _Parts, prefix: Path, inputs: list[InputFile], tok_path: Path,
               eod_token: str | None, eod_id: int | None, dtype, vocab_size: int, cfg: TokenizeConfig,
               started: float) -> dict:
     finished = parts.finished()
@@ -254,6 +260,7 @@ def _finalize(parts: _Parts, prefix: Path, stats_path: Path, inputs: list[InputF
     text_tokens = totals["tokens"] - (totals["documents"] if eod_id is not None else 0)
     stats = {
         "format": "megatron-mmidx-v1", "prefix": str(prefix), "dtype": str(dtype), "vocab_size": vocab_size,
+        "max_id": _max_id(part_stats),
         **totals, "text_tokens": text_tokens, "bytes_per_token": totals["bytes"] / max(text_tokens, 1),
         "bad_line_examples": [e for s in part_stats for e in s["bad_examples"]][:MAX_BAD_EXAMPLES],
         "tokenizer": {"path": str(tok_path.resolve()), "sha256": file_sha256(tok_path), "eod_token": eod_token,
@@ -261,10 +268,15 @@ def _finalize(parts: _Parts, prefix: Path, stats_path: Path, inputs: list[InputF
         "text_field": cfg.text_field, "inputs": [{"path": str(i.path), "size": i.size} for i in inputs],
         "workers": cfg.workers, "seconds": round(time.time() - started, 3),
     }
-    write_json(stats_path, stats)
+    write_json(stats_path(prefix), stats)
     shutil.rmtree(parts.dir)
     log.info("wrote %s.{bin,idx}: %d documents, %d tokens, %.2f bytes/token, %d bad line(s) skipped, %.1f s",
              prefix, stats["documents"], stats["tokens"], stats["bytes_per_token"], stats["bad_lines"],
              stats["seconds"])
     return stats
 
+
+def _max_id(part_stats: list[dict]) -> int | None:
+    """The largest token id over all parts; None when a part (from an older version of this tool) lacks it."""
+    ids = [s.get("max_id") for s in part_stats]
+    return None if None in ids else max(ids, default=-1)

@@ -55,3 +55,29 @@ def accumulated_losses() -> Callable[..., list[float]]:
     `micro_batches` accumulated micro-batches each (new tokens every time), marking the FP8 weights stale at the
     start of each step as the trainer does (unless `mark_stale` is False); the LM loss of every micro-batch."""
     return _accumulated_losses
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory) -> list[str]:
+    """exaone-train overrides that read the sample corpus's tokenizer and shards, built once per session for the
+    cpu_tiny model (so runs skip the tokenizer training)."""
+    from megatron_exaone.config.load import load_config, validate
+    from megatron_exaone.training.sample_data import prepare_sample_data
+
+    vocab = validate(load_config(["experiment=cpu_tiny", "parallel=single"]), 1, "cpu").model.vocab_size
+    tokenizer, prefix = prepare_sample_data(tmp_path_factory.mktemp("sample_data"), vocab)
+    return ["data.prepare_sample=false", f"data.datasets.sample=[{prefix}]", f"data.tokenizer={tokenizer}"]
+
+
+@pytest.fixture(scope="session")
+def tokenizers_dir(tmp_path_factory) -> dict:
+    """A SuperBPE tokenizer (1,500 tokens) trained on the sample corpus with each pretokenizer, by name."""
+    from data_tools.sample_corpus import files
+    from data_tools.train_tokenizer import TrainTokenizerConfig, train_tokenizer
+
+    out = {}
+    for name in ("superbpe-default", "k-exaone"):
+        out[name] = tmp_path_factory.mktemp(name)
+        train_tokenizer(TrainTokenizerConfig(inputs=files(), output=out[name], vocab_size=1500, pretokenizer=name,
+                                             show_progress=False))
+    return out

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_exaone.data.indexed import IndexedDatasetError
+
 log = logging.getLogger(__name__)
 POLL_S = 0.2
 STALE_LOCK_S = 1800.0  # a lock older than this belongs to a builder that died
@@ -54,7 +56,10 @@ def cached_array(path: Path, build: Callable[[], np.ndarray]) -> np.ndarray:
         finally:
             os.close(fd)
             lock.unlink(missing_ok=True)
-    return np.load(path, mmap_mode="r")
+    try:  # never unpickle: a cache file is untrusted input like any other
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise IndexedDatasetError(f"{path}: not a plain index array ({exc}); delete it and it is built again") from None
 
 
 def _wait(path: Path, lock: Path) -> None:

@@ -12,12 +12,15 @@ A dataset is named by its prefix: `out/corpus` means `out/corpus.bin` + `out/cor
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
 from pathlib import Path
 
 import numpy as np
+
+from megatron_exaone.errors import UserError
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -26,9 +29,10 @@ DTYPE_CODES: dict[int, type[np.generic]] = {
     1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16,
 }
 CODE_OF_DTYPE = {np.dtype(t): code for code, t in DTYPE_CODES.items()}
+RECREATE = "re-create the dataset (exaone-data tokenize)"
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(UserError, ValueError):
     """A `.bin/.idx` pair that is missing, truncated, corrupted or inconsistent."""
 
 
@@ -43,6 +47,27 @@ def dataset_paths(prefix: str | os.PathLike) -> tuple[Path, Path]:
     if p.suffix in (".bin", ".idx"):
         p = p.with_suffix("")
     return p.with_name(p.name + ".bin"), p.with_name(p.name + ".idx")
+
+
+def stats_path(prefix: str | os.PathLike) -> Path:
+    """`PREFIX.stats.json`, the sidecar `exaone-data tokenize` writes beside a dataset."""
+    p = dataset_paths(prefix)[0].with_suffix("")
+    return p.with_name(p.name + ".stats.json")
+
+
+def read_stats(prefix: str | os.PathLike) -> dict:
+    """The stats sidecar of a dataset; empty when there is none."""
+    path = stats_path(prefix)
+    if not path.is_file():
+        return {}
+    try:
+        stats = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IndexedDatasetError(f"{path}: unreadable statistics sidecar ({e}); delete it or {RECREATE}") from None
+    if not isinstance(stats, dict):
+        raise IndexedDatasetError(f"{path}: not a statistics sidecar (expected a JSON object); delete it or "
+                                  f"{RECREATE}")
+    return stats
 
 
 def _replace_tmp(tmp: Path, final: Path) -> None:
@@ -106,6 +131,21 @@ class IndexedDatasetWriter:
             self.abort()
 
 
+def _check_files(prefix: str | os.PathLike, bin_path: Path, idx_path: Path) -> None:
+    """Both files of `prefix` exist and are regular files, or an error that says what a prefix is."""
+    for path in (idx_path, bin_path):
+        if path.is_file():
+            continue
+        if Path(prefix).is_dir():
+            found = sorted(str(p.with_suffix("")) for p in Path(prefix).glob("*.idx"))[:3]
+            hint = f" (datasets in it: {', '.join(found)})" if found else ""
+            raise IndexedDatasetError(f"{prefix} is a directory, not a dataset prefix{hint}; a prefix PREFIX names "
+                                      "the files PREFIX.bin + PREFIX.idx")
+        problem = "is not a regular file" if path.exists() else "file not found"
+        raise IndexedDatasetError(f"{path}: {problem}, so {idx_path.with_suffix('')} is not a dataset; a prefix "
+                                  "PREFIX names the files PREFIX.bin + PREFIX.idx: check the path")
+
+
 def write_index(path: Path, dtype: np.dtype, lengths: np.ndarray, document_indices: np.ndarray) -> None:
     """Write an `.idx` file for sequences of `lengths` (byte offsets follow from them)."""
     lengths = np.asarray(lengths, dtype=np.int32)
@@ -126,10 +166,15 @@ class IndexedDataset:
 
     def __init__(self, prefix: str | os.PathLike) -> None:
         self.bin_path, self.idx_path = dataset_paths(prefix)
-        for p in (self.idx_path, self.bin_path):
-            if not p.is_file():
-                raise IndexedDatasetError(f"{p}: file not found (a dataset prefix names a .bin/.idx pair)")
-        self.dtype, self.sequence_lengths, self.sequence_pointers, self.document_indices = read_index(self.idx_path)
+        _check_files(prefix, self.bin_path, self.idx_path)
+        try:
+            self.dtype, self.sequence_lengths, self.sequence_pointers, self.document_indices = read_index(self.idx_path)
+            self._tokens = self._map_tokens()
+        except OSError as e:  # permissions, I/O errors: name the file, never a bare OS traceback
+            raise IndexedDatasetError(f"{e.filename or self.bin_path}: cannot read ({e.strerror or e}); make the "
+                                      "file readable by this user, or copy the dataset where it can be read") from None
+
+    def _map_tokens(self) -> np.ndarray:
         expected = (int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize
                     if len(self.sequence_lengths) else 0)
         actual = self.bin_path.stat().st_size
@@ -137,10 +182,9 @@ class IndexedDataset:
             raise IndexedDatasetError(
                 f"{self.bin_path}: {actual} bytes but {self.idx_path.name} describes {expected} bytes "
                 f"({'truncated' if actual < expected else 'trailing data'}); the pair does not belong together or "
-                "the write was interrupted: re-create it")
+                f"the write was interrupted: {RECREATE}")
         # np.memmap cannot map an empty file.
-        self._tokens = (np.memmap(self.bin_path, dtype=self.dtype, mode="r") if expected
-                        else np.zeros(0, dtype=self.dtype))
+        return np.memmap(self.bin_path, dtype=self.dtype, mode="r") if expected else np.zeros(0, dtype=self.dtype)
 
     def __len__(self) -> int:
         return len(self.sequence_lengths)
@@ -169,31 +213,36 @@ def read_index(path: Path) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray
     size = path.stat().st_size
     if size < HEADER.size:
         raise IndexedDatasetError(f"{path}: {size} bytes, shorter than the {HEADER.size}-byte MMIDIDX header "
-                                  "(truncated or not an index file)")
+                                  f"(truncated or not an index file): {RECREATE}")
     with open(path, "rb") as f:
         magic, version, code, n, d = HEADER.unpack(f.read(HEADER.size))
     if magic != MAGIC:
         raise IndexedDatasetError(f"{path}: starts with {magic!r}, not the MMIDIDX magic {MAGIC!r}; "
-                                  "not a Megatron indexed-dataset index")
+                                  f"not a Megatron indexed-dataset index: check the path, or {RECREATE}")
     if version != VERSION:
-        raise IndexedDatasetError(f"{path}: index version {version}, only version {VERSION} is supported")
+        raise IndexedDatasetError(f"{path}: index version {version}, only version {VERSION} is supported: "
+                                  f"{RECREATE}")
     if code not in DTYPE_CODES:
-        raise IndexedDatasetError(f"{path}: unknown dtype code {code} at byte 17; valid codes: "
-                                  + ", ".join(f"{c}={np.dtype(t)}" for c, t in DTYPE_CODES.items()))
+        raise IndexedDatasetError(f"{path}: unknown dtype code {code} at byte 17 (valid codes: "
+                                  + ", ".join(f"{c}={np.dtype(t)}" for c, t in DTYPE_CODES.items())
+                                  + f"); the file is corrupted: {RECREATE}")
     expected = HEADER.size + 12 * n + 8 * d
     if size != expected:
         raise IndexedDatasetError(f"{path}: {size} bytes but its header ({n} sequences, {d} document boundaries) "
-                                  f"needs {expected}; the file is truncated or corrupted: re-create it")
+                                  f"needs {expected}; the file is truncated or corrupted: {RECREATE}")
     dtype = np.dtype(DTYPE_CODES[code])
     lengths = np.memmap(path, dtype=np.int32, mode="r", offset=HEADER.size, shape=(n,)) if n else np.zeros(0, np.int32)
     pointers = (np.memmap(path, dtype=np.int64, mode="r", offset=HEADER.size + 4 * n, shape=(n,)) if n
                 else np.zeros(0, np.int64))
     docs = np.memmap(path, dtype=np.int64, mode="r", offset=HEADER.size + 12 * n, shape=(d,)) if d else np.zeros(0)
     if d < 1 or docs[0] != 0 or docs[-1] != n or np.any(np.diff(docs) < 0):
-        raise IndexedDatasetError(f"{path}: document boundaries must rise from 0 to the sequence count {n}")
-    if n and (lengths.min() < 0 or pointers[0] != 0 or
-              np.any(np.diff(pointers) != lengths[:-1].astype(np.int64) * dtype.itemsize)):
-        raise IndexedDatasetError(f"{path}: sequence byte offsets do not match the sequence lengths (corrupted)")
+        raise IndexedDatasetError(f"{path}: document boundaries must rise from 0 to the sequence count {n} "
+                                  f"(corrupted): {RECREATE}")
+    if n and lengths.min() < 0:
+        raise IndexedDatasetError(f"{path}: negative sequence length {lengths.min()} (corrupted): {RECREATE}")
+    if n and (pointers[0] != 0 or np.any(np.diff(pointers) != lengths[:-1].astype(np.int64) * dtype.itemsize)):
+        raise IndexedDatasetError(f"{path}: sequence byte offsets do not match the sequence lengths (corrupted): "
+                                  f"{RECREATE}")
     return dtype, lengths, pointers, docs
 
 

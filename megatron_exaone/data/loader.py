@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from megatron_exaone.data.cache import cache_key, cached_array
-from megatron_exaone.data.indexed import IndexedDataset
+from megatron_exaone.data.indexed import IndexedDataset, IndexedDatasetError, read_stats, stats_path
 from megatron_exaone.data.mixture import blend, normalize_weights
 from megatron_exaone.data.packing import PACKING_MODES, EpochIndex, Pieces, assemble, build_epoch
 
@@ -40,13 +40,15 @@ class DataStage:
 
 
 class _Source:
-    """A named dataset: one or more shard prefixes read as one list of sequences."""
+    """A named dataset: one or more shard prefixes read as one list of sequences. With `vocab_size`, every read is
+    checked to hold only ids the model can embed (an id past the embedding would fail deep inside the model)."""
 
-    def __init__(self, name: str, prefixes: Sequence[str | os.PathLike], cache_dir: str | os.PathLike | None):
+    def __init__(self, name: str, prefixes: Sequence[str | os.PathLike], cache_dir: str | os.PathLike | None,
+                 vocab_size: int | None = None):
         if not prefixes:
             raise ValueError(f"dataset {name!r} names no shard prefix")
-        self.name = name
-        self.parts = [IndexedDataset(p) for p in prefixes]
+        self.name, self.vocab_size = name, vocab_size
+        self.parts = [self._open(p) for p in prefixes]
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
         self.lengths = np.concatenate([np.asarray(p.sequence_lengths, dtype=np.int64) for p in self.parts])
         digest = hashlib.sha256(self.lengths.tobytes())
@@ -55,9 +57,37 @@ class _Source:
         self.digest = digest.hexdigest()
         self.cache_dir = Path(cache_dir) if cache_dir else Path(prefixes[0]).parent / "index-cache"
 
+    def _open(self, prefix: str | os.PathLike) -> IndexedDataset:
+        try:
+            part = IndexedDataset(prefix)
+            stats = read_stats(prefix) if self.vocab_size is not None else {}
+        except IndexedDatasetError as e:
+            raise IndexedDatasetError(f"dataset {self.name!r}: {e}") from None
+        if self.vocab_size is not None:
+            self._check_recorded_ids(part, stats)
+        return part
+
+    def _check_recorded_ids(self, part: IndexedDataset, stats: dict) -> None:
+        """Fail before training when the shard's stats sidecar says it holds ids the model cannot embed."""
+        recorded = {key: stats[key] for key in ("max_id", "vocab_size") if isinstance(stats.get(key), int)}
+        largest = recorded["max_id"] if "max_id" in recorded else recorded.get("vocab_size", 0) - 1
+        if largest >= self.vocab_size:
+            detail = ", ".join(f"{key} {value}" for key, value in recorded.items())
+            raise self._vocab_error(part, f"holds token ids up to {largest} ({stats_path(part.bin_path)} records "
+                                          f"{detail})")
+
+    def _vocab_error(self, part: IndexedDataset, finding: str) -> IndexedDatasetError:
+        return IndexedDatasetError(
+            f"dataset {self.name!r}: {part.bin_path} {finding}, but the model's vocabulary has {self.vocab_size} ids "
+            f"(0..{self.vocab_size - 1}); tokenize the data with the tokenizer the model was built for, or raise "
+            "model.vocab_size to cover every id")
+
     def read(self, seq: int, start: int, count: int) -> np.ndarray:
         part = int(np.searchsorted(self.offsets, seq, side="right")) - 1
-        return self.parts[part].get(seq - int(self.offsets[part]), start, count)
+        tokens = self.parts[part].get(seq - int(self.offsets[part]), start, count)
+        if self.vocab_size is not None and len(tokens) and int(tokens.max()) >= self.vocab_size:
+            raise self._vocab_error(self.parts[part], f"holds token id {int(tokens.max())}")
+        return tokens
 
 
 def _as_prefixes(value: Prefixes) -> list[str | os.PathLike]:
@@ -73,19 +103,25 @@ class MixtureLoader:
     stages: one DataStage (or a plain weights mapping) per curriculum stage.
     packing: "concat" (Megatron) or "best_fit" (no cuts in documents that fit a sample; pads). Index files are
     cached in cache_dir (default: `index-cache/` beside each dataset) and shared by all ranks and later runs.
+    vocab_size: the model's vocabulary; an id at or past it, recorded in a shard's stats sidecar or met in a sample,
+    raises IndexedDatasetError naming the dataset and shard.
     """
 
     def __init__(self, datasets: Mapping[str, Prefixes] | Sequence[tuple[str, Prefixes]],
                  stages: Sequence[DataStage | Mapping[str, float]], seq_len: int, global_batch_size: int,
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 1234, packing: str = "concat",
-                 pad_token_id: int = 0, cache_dir: str | os.PathLike | None = None) -> None:
+                 pad_token_id: int = 0, cache_dir: str | os.PathLike | None = None,
+                 vocab_size: int | None = None) -> None:
         if packing not in PACKING_MODES:
             raise ValueError(f"packing must be one of {', '.join(PACKING_MODES)}, not {packing!r}")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
         if seed < 0:
             raise ValueError("seed must be a non-negative integer")
-        self.sources = {name: _Source(name, _as_prefixes(p), cache_dir) for name, p in dict(datasets).items()}
+        if vocab_size is not None and vocab_size < 1:
+            raise ValueError(f"vocab_size must be positive, not {vocab_size}")
+        self.sources = {name: _Source(name, _as_prefixes(p), cache_dir, vocab_size)
+                        for name, p in dict(datasets).items()}
         self.stages = [s if isinstance(s, DataStage) else DataStage(dict(s)) for s in stages]
         if not self.stages:
             raise ValueError("give at least one stage (mixture weights by dataset name)")
@@ -199,7 +235,7 @@ class MixtureLoader:
         try:
             flat = cached_array(path, lambda: build_epoch(self.packing, src.lengths, seq_len, rng))
         except ValueError as e:
-            raise ValueError(f"dataset {name!r}: {e}") from None
+            raise type(e)(f"dataset {name!r}: {e}") from None
         index = self._epochs[key] = EpochIndex(flat, self.packing, seq_len)
         if len(self._epochs) > 4 * len(self.sources):
             self._epochs.popitem(last=False)
