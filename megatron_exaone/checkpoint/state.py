@@ -14,20 +14,22 @@ this rank's coordinates in the view reproduce the recorded cuts, so an unknown k
 of writing a checkpoint with wrong offsets.
 
 Keys: `<param or buffer name>` (model), `optim.<param name>.<state key>` (optimizer state: tensors of the
-parameter's shape share its view; scalars such as AdamW's per-parameter `step` are replicated), `extra` (a pickled
-dict of global Python values, from rank 0) and `rng.rank<N>` (each rank's pickled RNG states, restored only when
-the layout is unchanged). `te_extra_state.rank<N>`: each rank's Transformer Engine FP8 metadata (DelayedScaling
-amax histories; absent for the stateless recipes), restored when the layout is unchanged. `meta.json` (written by
-rank 0) records step, tokens, the layout, the world size and the model config.
+parameter's shape share its view; scalars such as AdamW's per-parameter `step` are replicated, Python numbers as
+0-d tensors), `extra` (a dict of global JSON values, from rank 0, as a uint8 tensor of its JSON text) and
+`rng.rank<N>` (each rank's RNG states as JSON text, restored only when the layout is unchanged).
+`te_extra_state.rank<N>.<module>._extra_state`: each rank's Transformer Engine FP8 metadata (DelayedScaling amax
+histories; absent for the stateless recipes), restored when the layout is unchanged. Nothing is pickled, so
+loading a checkpoint cannot run code. `meta.json` (written by rank 0) records step, tokens, the layout, the world
+size and the model config.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
-import pickle
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor import Shard as DShard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from megatron_exaone.errors import UserError
 from megatron_exaone.model.init import is_stacked_experts
 from megatron_exaone.parallel.mesh import ParallelDims, ParallelMesh, rank_coordinates
 from megatron_exaone.parallel.sharding import layout_of, plan_of
@@ -53,10 +56,9 @@ log = logging.getLogger(__name__)
 
 OPTIM_PREFIX = "optim."
 EXTRA_KEY = "extra"
-FORMAT_VERSION = 1
 
 
-class CheckpointLayoutError(ValueError):
+class CheckpointLayoutError(UserError, ValueError):
     """A tensor whose sharding the checkpoint code cannot describe (a new kind of shard), or a saved state that
     does not fit the model or optimizer it is loaded into."""
 
@@ -69,7 +71,17 @@ TE_PREFIX = "te_extra_state."
 
 
 def te_key(rank: int) -> str:
+    """The prefix of rank `rank`'s TE extra states (`<prefix>.<module>._extra_state`)."""
     return f"{TE_PREFIX}rank{rank}"
+
+
+def json_tensor(value: Any) -> torch.Tensor:
+    """`value` (JSON-serialisable) as a uint8 tensor of its JSON text: DCP saves it like any tensor."""
+    return torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
+
+
+def from_json_tensor(tensor: torch.Tensor) -> Any:
+    return json.loads(tensor.numpy().tobytes().decode())
 
 
 # ---------------------------------------------------------------------------------------------- mesh views
@@ -240,7 +252,8 @@ def _param_views(chunks: Sequence[nn.Module], mesh: ParallelMesh) -> dict[int, t
 
 
 def _optimizer_entries(chunks, optimizer, mesh) -> dict[str, tuple[torch.nn.Parameter, str, Any]]:
-    """key -> (parameter, state key, DCP value) for every optimizer state entry of this rank."""
+    """key -> (parameter, state key, DCP tensor) for every optimizer state entry of this rank (a Python number
+    becomes a 0-d tensor)."""
     views = _param_views(chunks, mesh)
     out = {}
     with torch.no_grad():
@@ -256,7 +269,7 @@ def _optimizer_entries(chunks, optimizer, mesh) -> dict[str, tuple[torch.nn.Para
                     elif isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.numel() == 1:
                         out[full_key] = p, key, value.detach()  # e.g. AdamW's step: the same on every holder
                     elif isinstance(value, (bool, int, float)):
-                        out[full_key] = p, key, value
+                        out[full_key] = p, key, torch.tensor(value)
                     else:
                         raise CheckpointLayoutError(f"{full_key}: cannot checkpoint optimizer state of type "
                                                     f"{type(value).__name__} / shape {getattr(value, 'shape', '')}")
@@ -324,42 +337,48 @@ def _prepare_optimizer_load(chunks, optimizer, mesh, saved_keys: set[str]
     state = {k: v for k, (_p, _key, v) in entries.items()}
 
     def finish(loaded: dict[str, Any]) -> None:
-        for key, (p, state_key, value) in entries.items():
-            if not isinstance(value, torch.Tensor):  # Python values are replaced, tensors loaded in place
-                optimizer.state[p][state_key] = loaded[key]
+        for key, (p, state_key, _value) in entries.items():
+            current = optimizer.state[p][state_key]
+            if not isinstance(current, torch.Tensor):  # a Python number, saved as a 0-d tensor
+                optimizer.state[p][state_key] = type(current)(loaded[key].item())
     return state, finish
 
 
 def load_optimizer_state(chunks: Sequence[nn.Module], optimizer: torch.optim.Optimizer, mesh: ParallelMesh,
                          checkpoint_dir: str | Path) -> None:
     """Load the optimizer state of `checkpoint_dir` (any layout) into `optimizer`, creating missing states first."""
-    state, finish = _prepare_optimizer_load(chunks, optimizer, mesh, store.saved_keys(checkpoint_dir))
+    state, finish = _prepare_optimizer_load(chunks, optimizer, mesh, set(store.saved_tensors(checkpoint_dir)))
     store.load_checkpoint(checkpoint_dir, state)
     finish(state)
 
 
 # ---------------------------------------------------------------------------------------------- RNG and extras
 def rng_state() -> dict[str, Any]:
-    """This process's RNG states: torch (CPU and, if initialized, every CUDA device), Python, NumPy."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """This process's RNG states as JSON values: torch (CPU and, if initialized, every CUDA device), Python,
+    NumPy."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {"torch": torch.get_rng_state().tolist(), "python": [version, list(internal), gauss]}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     try:
         import numpy as np
-        state["numpy"] = np.random.get_state()
+        name, keys, position, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [name, keys.tolist(), position, has_gauss, cached]
     except ImportError:
         pass
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
     if "numpy" in state:
         import numpy as np
-        np.random.set_state(state["numpy"])
+        name, keys, position, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
 
 
 def _rank_world() -> tuple[int, int]:
@@ -395,8 +414,8 @@ def save(root: str | Path, step: int, chunks: Sequence[nn.Module], optimizer: to
          mesh: ParallelMesh, extra: dict[str, Any] | None = None, keep_last: int | None = None, *,
          meta: dict[str, Any] | None = None, model_config: Any = None, async_save: bool = False
          ) -> Path | store.PendingCheckpoint:
-    """Save model, optimizer, `extra` (global plain Python values: progress, loader state, counters; rank 0's
-    copy is kept) and every rank's RNG states as ROOT/step_N. Collective: every rank calls it.
+    """Save model, optimizer, `extra` (global JSON values: progress, loader state, counters; rank 0's copy is
+    kept) and every rank's RNG states as ROOT/step_N. Collective: every rank calls it.
 
     meta.json gets step, tokens (`extra["tokens"]` if given), the layout, the world size and the model config
     (`model_config`, else the chunks' `.config`), then the entries of `meta` (JSON values; they win).
@@ -411,13 +430,11 @@ def save(root: str | Path, step: int, chunks: Sequence[nn.Module], optimizer: to
     if optimizer is not None:
         state.update(optimizer_state(chunks, optimizer, mesh))
     if rank == 0:
-        state[EXTRA_KEY] = pickle.dumps(extra)
-    state[rng_key(rank)] = pickle.dumps(rng_state())
-    fp8_state = te_state(chunks)
-    if fp8_state:
-        state[te_key(rank)] = pickle.dumps(fp8_state)
+        state[EXTRA_KEY] = json_tensor(extra)
+    state[rng_key(rank)] = json_tensor(rng_state())
+    state.update({f"{te_key(rank)}.{name}": value for name, value in te_state(chunks).items()})
     config = model_config if model_config is not None else getattr(chunks[0], "config", None)
-    record = {"format": FORMAT_VERSION, "tokens": extra.get("tokens"), **layout_record(mesh),
+    record = {"tokens": extra.get("tokens"), **layout_record(mesh),
               "model_config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
               **(meta or {})}
     if async_save:
@@ -430,40 +447,68 @@ def wait_pending_save() -> Path | None:
     return store.wait_pending()
 
 
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """What `load` read: the checkpoint directory, its meta.json and the saved `extra` values ({} for a
+    checkpoint without them, such as a converted HF model)."""
+
+    path: Path
+    meta: dict[str, Any]
+    extra: dict[str, Any]
+
+
 def load(path: str | Path, chunks: Sequence[nn.Module], optimizer: torch.optim.Optimizer | None,
-         mesh: ParallelMesh, restore_rng: bool = True) -> dict[str, Any] | None:
-    """Load the checkpoint at `path` (one checkpoint, or a root: its newest complete one) into this rank's chunks
-    and optimizer, whatever layout wrote it; return the saved `extra` dict (empty for a checkpoint without one,
-    such as a converted HF model), or None when there is no checkpoint. Collective.
+         mesh: ParallelMesh, restore_rng: bool = True) -> LoadedCheckpoint | None:
+    """Load the checkpoint at `path` (one checkpoint, or a root: its newest usable one) into this rank's chunks
+    and optimizer, whatever layout wrote it; None when there is no checkpoint. Collective.
+
+    The files' checksums are verified while they load. Under a root, a checkpoint whose files do not match falls
+    back to the previous one with a warning naming the file; a checkpoint named directly, or the last one left,
+    raises `store.CorruptCheckpointError`.
 
     Optimizer states absent from the checkpoint (a model-only checkpoint, or parameters never stepped) are left
     empty, as in a fresh optimizer. Per-rank RNG states are restored when the layout (sizes and world size) is
     unchanged, and skipped with a log line otherwise. Call before the first forward pass (FSDP2 parameters must be
     in their sharded state)."""
-    checkpoint = store.find_checkpoint(path)
-    if checkpoint is None:
-        return None
+    candidates = store.checkpoint_candidates(path)
+    for i, checkpoint in enumerate(candidates):
+        try:
+            return _load_one(checkpoint, chunks, optimizer, mesh, restore_rng)
+        except store.CorruptCheckpointError as exc:
+            if i + 1 == len(candidates):
+                raise
+            log.warning("%s; falling back to the previous checkpoint %s", exc, candidates[i + 1])
+    return None
+
+
+def _load_one(checkpoint: Path, chunks: Sequence[nn.Module], optimizer: torch.optim.Optimizer | None,
+              mesh: ParallelMesh, restore_rng: bool) -> LoadedCheckpoint:
     meta = store.read_meta(checkpoint)
     rank, _ = _rank_world()
-    saved = store.saved_keys(checkpoint)
+    saved = store.saved_tensors(checkpoint)
     state = model_state(chunks, mesh)
     finish = None
     if optimizer is not None:
-        optim_state, finish = _prepare_optimizer_load(chunks, optimizer, mesh, saved)
+        optim_state, finish = _prepare_optimizer_load(chunks, optimizer, mesh, set(saved))
         state.update(optim_state)
+
+    def receive(key: str) -> None:  # a JSON / TE entry: a uint8 tensor of the saved size
+        state[key] = torch.empty(tuple(saved[key].size), dtype=saved[key].properties.dtype)
+
     if EXTRA_KEY in saved:
-        state[EXTRA_KEY] = b""
+        receive(EXTRA_KEY)
     same_layout = {k: meta.get(k) for k in ("layout", "world_size")} == layout_record(mesh)
     rng_restored = restore_rng and same_layout and rng_key(rank) in saved
     if rng_restored:
-        state[rng_key(rank)] = b""
+        receive(rng_key(rank))
     elif restore_rng and rank == 0:
         log.info("checkpoint %s was written by layout %s on %s ranks, this run is %s on %s ranks: per-rank RNG "
                  "states are not restored", checkpoint, meta.get("layout"), meta.get("world_size"),
                  layout_record(mesh)["layout"], layout_record(mesh)["world_size"])
-    fp8_restored = same_layout and te_key(rank) in saved
-    if fp8_restored:
-        state[te_key(rank)] = b""
+    own_te = [key for key in saved if key.startswith(f"{te_key(rank)}.")]
+    if same_layout:
+        for key in own_te:
+            receive(key)
     elif rank == 0 and any(key.startswith(TE_PREFIX) for key in saved):
         log.info("the checkpoint's Transformer Engine FP8 scaling state was written by another layout: the "
                  "delayed-scaling amax history restarts")
@@ -472,7 +517,8 @@ def load(path: str | Path, chunks: Sequence[nn.Module], optimizer: torch.optim.O
     if finish is not None:
         finish(state)
     if rng_restored:
-        set_rng_state(pickle.loads(state[rng_key(rank)]))
-    if fp8_restored:
-        restore_te_state(chunks, pickle.loads(state[te_key(rank)]), checkpoint)
-    return pickle.loads(state[EXTRA_KEY]) if EXTRA_KEY in state else {}
+        set_rng_state(from_json_tensor(state[rng_key(rank)]))
+    if same_layout and own_te:
+        restore_te_state(chunks, {key[len(te_key(rank)) + 1:]: state[key] for key in own_te}, checkpoint)
+    extra = from_json_tensor(state[EXTRA_KEY]) if EXTRA_KEY in state else {}
+    return LoadedCheckpoint(checkpoint, meta, extra)

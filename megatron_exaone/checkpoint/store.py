@@ -1,71 +1,104 @@
-"""Checkpoint directories written with torch.distributed.checkpoint (DCP), visible only once complete.
+"""Checkpoint directories written with torch.distributed.checkpoint (DCP): visible only once complete, checksummed,
+read without unpickling anything but DCP's metadata classes, pruned by step number.
 
-Layout: ROOT/step_00000040/ (DCP files + meta.json), ROOT/latest (the name of the newest complete checkpoint,
-written last and atomically). DCP writes into ROOT/.step_00000040.tmp; rank 0 adds meta.json, renames it and
-rewrites `latest` only when every rank's data and DCP's .metadata are on disk. Works in one process (no process
-group) and on every rank of a job (all ranks call save; rank 0 alone touches directories and pointers).
+Layout: ROOT/step_00000040/ (DCP files + meta.json), ROOT/latest (the name of the newest checkpoint written, for
+people and tools). DCP writes into ROOT/.step_00000040.tmp, hashing each file as it goes (`integrity`); rank 0
+adds meta.json, renames the directory and rewrites `latest` only when every rank's data and DCP's .metadata are
+on disk. Works in one process (no process group) and on every rank of a job (all ranks call save; rank 0 alone
+touches directories and pointers).
 
-meta.json lists every file of the checkpoint with its size (`files`); `find_checkpoint` skips a checkpoint whose
-files are missing or have another size (a copy cut short, a full disk, a damaged file system) and falls back to
-the previous complete one. Checkpoints written before the manifest existed are accepted as they are.
+meta.json lists every file with its size and XXH3-128 checksum (`files`). Choosing a checkpoint
+(`checkpoint_candidates`) skips, with a warning, one whose files are missing or of another size; loading one
+(`load_checkpoint`) verifies the digests while DCP reads, and a mismatch raises `CorruptCheckpointError`, naming
+the file, so the caller can fall back to the previous checkpoint. Checkpoints are ordered by their step number.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import warnings
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlanner
+
+from megatron_exaone.errors import UserError
+from megatron_exaone.parallel.comm import all_gather_objects
+
+from . import integrity
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
 META = "meta.json"
+MANIFEST = "files"  # meta.json key: file name (relative to the checkpoint) -> {"bytes": n, "xxh128": digest}
+# 2: per-file checksums in the manifest, no pickled entries (format 1 pickled the run state).
+FORMAT = 2
+_STEP_DIR = re.compile(r"step_(\d+)$")
+
+
+class CorruptCheckpointError(UserError, ValueError):
+    """A checkpoint whose files do not match the checksums recorded when it was written."""
+
+    def __init__(self, checkpoint: Path, problems: list[str]) -> None:
+        self.checkpoint = checkpoint
+        self.problems = problems
+        super().__init__(f"checkpoint {checkpoint}: {'; '.join(problems)}")
+
+
+class CheckpointSaveError(UserError, OSError):
+    """A checkpoint that could not be written (a full disk, a permission); earlier checkpoints are untouched."""
+
+
+class NoUsableCheckpointError(UserError, FileNotFoundError):
+    """Checkpoints are there but none of them can be used."""
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-MANIFEST = "files"  # the meta.json key of the manifest: file name (relative to the checkpoint) -> size in bytes
+def checkpoint_dirs(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, directory) of every `step_N` directory under `root`, by step number."""
+    root = Path(root)
+    found = []
+    for path in root.glob("step_*") if root.is_dir() else ():
+        match = _STEP_DIR.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
 
 
-def is_complete(path: Path) -> bool:
-    return (path / ".metadata").is_file() and (path / META).is_file()
-
-
-def _manifest(directory: Path) -> dict[str, int]:
-    """Every file under `directory` (meta.json excepted) -> its size in bytes."""
-    return {p.relative_to(directory).as_posix(): p.stat().st_size for p in sorted(directory.rglob("*"))
-            if p.is_file() and p != directory / META}
-
-
-def verify(path: str | os.PathLike) -> str | None:
-    """Why checkpoint `path` cannot be used (missing .metadata / meta.json, a file of its manifest missing or of
-    another size), or None when it is complete. A checkpoint without a manifest (older ones) is checked for
-    .metadata and meta.json only."""
+def unusable_reason(path: str | os.PathLike) -> str | None:
+    """Why checkpoint `path` cannot be used without reading its data (missing .metadata or meta.json, a format
+    this version cannot load safely, a file of its manifest missing or of another size), or None."""
     path = Path(path)
-    if not is_complete(path):
+    if not ((path / ".metadata").is_file() and (path / META).is_file()):
         return "it is incomplete (no .metadata or meta.json)"
     try:
-        files = read_meta(path).get(MANIFEST)
+        meta = read_meta(path)
     except (OSError, ValueError) as exc:
         return f"its {META} cannot be read ({exc})"
-    for name, size in (files or {}).items():
+    if meta.get("format", 1) < FORMAT:
+        return ("it was written by an earlier development version of megatron-exaone whose run state is pickled, "
+                "which cannot be loaded safely")
+    for name, entry in (meta.get(MANIFEST) or {}).items():
         file = path / name
         if not file.is_file():
             return f"file {name} is missing"
-        actual = file.stat().st_size
+        actual, size = file.stat().st_size, entry["bytes"]
         if actual != size:
             return f"file {name} is {'truncated' if actual < size else 'the wrong size'} ({actual} of {size} bytes)"
     return None
@@ -95,8 +128,19 @@ def _quiet():
         yield
 
 
-def _prepare(root: str | os.PathLike, step: int) -> tuple[Path, Path, Path]:
+# ---------------------------------------------------------------------------------------------- saving
+def _check_tensors(state: dict[str, Any], prefix: str = "") -> None:
+    """Only tensors are saved: DCP would pickle anything else, and loading a pickle can run code."""
+    for key, value in state.items():
+        if isinstance(value, dict):
+            _check_tensors(value, f"{prefix}{key}.")
+        elif not isinstance(value, torch.Tensor):
+            raise TypeError(f"checkpoint entry {prefix}{key} is a {type(value).__name__}; save tensors only")
+
+
+def _prepare(root: str | os.PathLike, step: int, state: dict[str, Any]) -> tuple[Path, Path, Path]:
     """(root, final dir, temporary dir), the temporary dir emptied by rank 0 before any rank writes into it."""
+    _check_tensors(state)
     root = Path(root)
     final = root / step_dir_name(step)
     tmp = root / f".{final.name}.tmp"
@@ -107,38 +151,90 @@ def _prepare(root: str | os.PathLike, step: int) -> tuple[Path, Path, Path]:
     return root, final, tmp
 
 
+def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    """Every file under `directory` (meta.json excepted) -> its size and digest: the data files' from the ranks'
+    sidecars (hashed while written), the rest (DCP's .metadata) hashed here."""
+    digests = integrity.collect_digests(directory)
+    files: dict[str, dict[str, Any]] = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != META):
+        name = path.relative_to(directory).as_posix()
+        size, digest = digests.get(name) or integrity.file_digest(path)
+        if size != path.stat().st_size:
+            raise OSError(f"{path} changed after it was written ({path.stat().st_size} bytes, {size} hashed)")
+        files[name] = {"bytes": size, integrity.CHECKSUM: digest}
+    return files
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (a temporary name, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _publish(root: Path, final: Path, tmp: Path, step: int, meta: dict[str, Any] | None,
              keep_last: int | None) -> None:
-    """Rank 0, once the DCP files are complete: meta.json (with the manifest of the files), rename, `latest`,
-    retention. Every rank's files are complete here: DCP's coordinator (rank 0) writes .metadata and returns only
-    after every rank has reported its data files written (and fsynced); the same holds when an async save's future
-    completes on rank 0."""
-    record = {"step": step, **(meta or {}), MANIFEST: _manifest(tmp)}
-    (tmp / META).write_text(json.dumps(record, indent=2) + "\n")
-    if final.exists():
+    """Rank 0, once the DCP files are complete: meta.json (with the manifest), rename, `latest`, retention. Every
+    rank's files and digest sidecars are complete here: DCP's coordinator (rank 0) writes .metadata and returns
+    only after every rank has reported its data files written (and fsynced); the same holds when an async save's
+    future completes on rank 0."""
+    record = {"step": step, **(meta or {}), "format": FORMAT, MANIFEST: _manifest(tmp)}
+    _write_text(tmp / META, json.dumps(record, indent=2) + "\n")
+    if final.exists():  # the same step written again (a resumed run passing it anew): the new one replaces it
         shutil.rmtree(final)
     os.replace(tmp, final)
-    latest_tmp = root / f".{LATEST}.tmp"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, root / LATEST)
+    _write_text(root / LATEST, final.name + "\n")
     if keep_last:
-        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep_last]:
-            shutil.rmtree(old)
+        prune(root, step, keep_last)
+
+
+def prune(root: Path, newest: int, keep_last: int) -> list[Path]:
+    """Remove the checkpoints older than the `keep_last` newest usable ones up to step `newest` (the one just
+    written). Checkpoints of later steps are never removed (a run that resumed from an earlier checkpoint replaces
+    them as it passes their steps); unusable ones do not count towards `keep_last`. Returns what was removed."""
+    kept, removed = 0, []
+    for step, path in reversed(checkpoint_dirs(root)):
+        if step > newest:
+            continue
+        if kept >= keep_last:
+            shutil.rmtree(path)
+            removed.append(path)
+        elif unusable_reason(path) is None:
+            kept += 1
+    return removed
+
+
+def _failed_save(tmp: Path, step: int, exc: BaseException, writer: integrity.HashingWriter | None) -> UserError:
+    """Remove what a failed save wrote (rank 0, once every rank has stopped writing) and explain the failure."""
+    _barrier()
+    if _rank_world()[0] == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    cause = writer.fs.write_errors[0] if writer is not None and writer.fs.write_errors else exc
+    free = shutil.disk_usage(tmp.parent).free if tmp.parent.exists() else 0
+    full = getattr(cause, "errno", None) == errno.ENOSPC or "No space left" in str(cause)
+    what = "no space left on the device" if full else str(cause).splitlines()[0]
+    return CheckpointSaveError(f"could not write the checkpoint of step {step} to {tmp.parent}: {what} "
+                               f"({free / 2**30:.1f} GiB free there). Earlier checkpoints are intact; free space "
+                               "(or lower checkpoint.keep_last) and relaunch to resume from the newest one.")
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, state: dict[str, Any], meta: dict[str, Any] | None = None,
                     keep_last: int | None = None, planner: SavePlanner | None = None,
                     file_per_tensor: bool = False) -> Path:
-    """Save `state` (a DCP state dict) as ROOT/step_N; older checkpoints beyond `keep_last` are removed.
+    """Save `state` (a DCP state dict of tensors) as ROOT/step_N; older checkpoints beyond `keep_last` are removed.
     Collective under torch.distributed: returns on every rank once the checkpoint is visible. `planner`: DCP's
     default unless given (the HF importer's builds tensors as they are written). `file_per_tensor`: one file per
-    tensor instead of one per rank; DCP keeps every tensor of a file alive until the file is closed."""
-    root, final, tmp = _prepare(root, step)
-    with _quiet():
-        writer = FileSystemWriter(str(tmp), single_file_per_rank=not file_per_tensor)
-        dcp.save(state, storage_writer=writer, planner=planner)
-    if _rank_world()[0] == 0:
-        _publish(root, final, tmp, step, meta, keep_last)
+    tensor instead of one per rank; DCP keeps every tensor of a file alive until the file is closed. A failed
+    save removes its partial files and raises `CheckpointSaveError` on every rank."""
+    root, final, tmp = _prepare(root, step, state)
+    writer = integrity.HashingWriter(str(tmp), single_file_per_rank=not file_per_tensor)
+    try:
+        with _quiet():
+            dcp.save(state, storage_writer=writer, planner=planner)
+        if _rank_world()[0] == 0:
+            _publish(root, final, tmp, step, meta, keep_last)
+    except (Exception, CheckpointException) as exc:  # DCP's wrapper of the ranks' errors is a BaseException
+        raise _failed_save(tmp, step, exc, writer) from exc
     _barrier()
     return final
 
@@ -163,9 +259,10 @@ class PendingCheckpoint:
     written everything; `wait()` (collective) returns the checkpoint directory once it is visible on every rank."""
 
     def __init__(self, future: Future, root: Path, final: Path, tmp: Path, step: int,
-                 meta: dict[str, Any] | None, keep_last: int | None) -> None:
+                 meta: dict[str, Any] | None, keep_last: int | None, writer: integrity.HashingWriter) -> None:
         self.path = final
         self._future = future
+        self._tmp, self._step, self._writer = tmp, step, writer
         self._published = threading.Event()
         self._error: BaseException | None = None
         self._waited = False
@@ -194,6 +291,8 @@ class PendingCheckpoint:
                 self._published.wait()
                 if self._error is not None:
                     raise self._error
+            except (Exception, CheckpointException) as exc:  # as in save_checkpoint
+                raise _failed_save(self._tmp, self._step, exc, self._writer) from exc
             finally:
                 if _PENDING is self:
                     _PENDING = None
@@ -208,12 +307,13 @@ def async_save_checkpoint(root: str | os.PathLike, step: int, state: dict[str, A
     global _PENDING
     if _PENDING is not None:
         _PENDING.wait()
-    root, final, tmp = _prepare(root, step)
+    root, final, tmp = _prepare(root, step, state)
     group = _async_group()
+    writer = integrity.HashingWriter(str(tmp))
     with _quiet():
-        result = dcp.async_save(state, checkpoint_id=str(tmp), process_group=group, no_dist=group is None)
+        result = dcp.async_save(state, storage_writer=writer, process_group=group, no_dist=group is None)
     future = getattr(result, "upload_completion", result)
-    _PENDING = PendingCheckpoint(future, root, final, tmp, step, meta, keep_last)
+    _PENDING = PendingCheckpoint(future, root, final, tmp, step, meta, keep_last, writer)
     return _PENDING
 
 
@@ -222,44 +322,97 @@ def wait_pending() -> Path | None:
     return _PENDING.wait() if _PENDING is not None else None
 
 
-def find_checkpoint(path: str | os.PathLike) -> Path | None:
-    """A checkpoint directory itself, or the newest complete one under a root (following `latest`, and falling
-    back past an incomplete, truncated or corrupt newest one with a warning). None when there is none."""
+# ---------------------------------------------------------------------------------------------- choosing
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Is `path` one checkpoint (rather than a folder of them)?"""
     path = Path(path)
-    if (path / META).is_file() or (path / ".metadata").is_file():  # one checkpoint, named directly
-        problem = verify(path)
+    return (path / META).is_file() or (path / ".metadata").is_file()
+
+
+def checkpoint_candidates(path: str | os.PathLike) -> list[Path]:
+    """The usable checkpoints at `path`, newest first: `path` itself if it is one checkpoint, else the `step_N`
+    directories under it by step number, skipping (with a warning) incomplete, truncated or unloadable ones."""
+    path = Path(path)
+    if is_checkpoint(path):
+        problem = unusable_reason(path)
+        if problem is not None:
+            log.warning("cannot use checkpoint %s: %s", path, problem)
+            return []
+        return [path]
+    usable = []
+    for _step, candidate in reversed(checkpoint_dirs(path)):
+        problem = unusable_reason(candidate)
         if problem is None:
-            return path
-        log.warning("cannot use checkpoint %s: %s", path, problem)
-        return None
-    if not path.is_dir():
-        return None
-    candidates = sorted((p for p in path.glob("step_*") if p.is_dir()), reverse=True)
-    pointer = path / LATEST
-    if pointer.is_file():
-        named = path / pointer.read_text().strip()
-        if named.is_dir():
-            candidates = [named] + [p for p in candidates if p != named]
-    for candidate in candidates:
-        problem = verify(candidate)
-        if problem is None:
-            return candidate
-        log.warning("skipping checkpoint %s: %s; using the previous complete checkpoint instead", candidate, problem)
-    if candidates:
-        log.warning("no complete checkpoint under %s (%d incomplete one(s) skipped)", path, len(candidates))
-    return None
+            usable.append(candidate)
+        elif not usable:
+            log.warning("skipping checkpoint %s: %s; using the previous complete checkpoint instead", candidate,
+                        problem)
+    if not usable and checkpoint_dirs(path):
+        log.warning("no complete checkpoint under %s (%d incomplete one(s) skipped)", path,
+                    len(checkpoint_dirs(path)))
+    return usable
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path | None:
+    """The newest usable checkpoint at `path` (see `checkpoint_candidates`), or None. Sizes are checked, not the
+    checksums: those are verified as the checkpoint loads."""
+    candidates = checkpoint_candidates(path)
+    return candidates[0] if candidates else None
 
 
 def read_meta(checkpoint: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(checkpoint) / META).read_text())
 
 
-def saved_keys(checkpoint: str | os.PathLike) -> set[str]:
-    """The keys stored in a DCP checkpoint (read from its .metadata, no tensor data)."""
-    return set(dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata)
+def saved_tensors(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """The entries stored in a checkpoint (name -> DCP TensorStorageMetadata: size, dtype), read from its
+    .metadata with the safe reader, no tensor data."""
+    return dict(integrity.read_metadata(checkpoint).state_dict_metadata)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def checksum_problems(checkpoint: str | os.PathLike, share: int = 0, shares: int = 1) -> list[str]:
+    """What does not match meta.json's manifest in share `share` of `shares` of the checkpoint's files
+    (default: all of them), checked in threads."""
+    checkpoint = Path(checkpoint)
+    manifest = read_meta(checkpoint).get(MANIFEST) or {}
+    extra = sorted(p.name for p in checkpoint.iterdir() if p.is_file() and p.name not in manifest and p.name != META)
+    problems = [f"file {name} is not in the manifest" for name in extra if share == 0]
+    return problems + integrity.Verification(checkpoint, manifest, share, shares).result()
+
+
+def read_tensors(checkpoint: str | os.PathLike, state: dict[str, Any], metadata: Metadata | None = None) -> None:
+    """Load into `state` in place, without checking the checksums (callers that verify once for many reads, as
+    the streaming converter does). Collective under torch.distributed."""
+    metadata = metadata if metadata is not None else integrity.read_metadata(checkpoint)
+    with _quiet():
+        dcp.load(state, storage_reader=integrity.SafeReader(checkpoint, metadata))
 
 
 def load_checkpoint(checkpoint: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Load into `state` in place (DCP reshards to whatever layout `state` has)."""
-    with _quiet():
-        dcp.load(state, checkpoint_id=str(checkpoint))
+    """Load into `state` in place (DCP reshards to whatever layout `state` has), verifying the checkpoint's
+    checksums meanwhile: each rank checks a share of the files in background threads. Collective. Raises
+    `CorruptCheckpointError` on every rank when any file does not match."""
+    checkpoint = Path(checkpoint)
+    rank, world = _rank_world()
+    try:
+        metadata = integrity.read_metadata(checkpoint)
+    except integrity.UntrustedCheckpointError:
+        damaged = [p for p in checksum_problems(checkpoint) if f" {integrity.METADATA_FILE} " in p]
+        if damaged:  # not what was written: a damaged file, not a planted one
+            raise CorruptCheckpointError(checkpoint, damaged) from None
+        raise
+    checking = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-check")
+    problems_here = checking.submit(checksum_problems, checkpoint, rank, world)
+    error: BaseException | None = None
+    try:
+        read_tensors(checkpoint, state, metadata)
+    except (Exception, CheckpointException) as exc:  # a damaged file can fail the load itself: checksums say which
+        error = exc
+    finally:
+        checking.shutdown()
+    problems = [p for share in all_gather_objects(problems_here.result()) for p in share]
+    if problems:
+        raise CorruptCheckpointError(checkpoint, problems)
+    if error is not None:
+        raise error

@@ -7,6 +7,7 @@ when the group has one rank. Only tensor (`*_single`) forms of collectives are u
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -193,3 +194,13 @@ def global_sum(values: Sequence[float], group: ProcessGroup) -> list[float]:
     """Sum of each number over `group`, in one float64 all-reduce (exact for integers below 2**53)."""
     total = torch.tensor([float(v) for v in values], dtype=torch.float64)
     return all_reduce_(total, group).tolist()
+
+
+def all_gather_objects(value: Any, group: ProcessGroup | None = None) -> list[Any]:
+    """`value` (any picklable Python value) from every rank of `group` (default: the whole job), in rank order;
+    `[value]` when no process group is running. Only for values this job made itself, never data read from files."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, value, group=group)
+    return gathered

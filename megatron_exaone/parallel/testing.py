@@ -5,6 +5,7 @@ Fork, not spawn: children inherit the imported libraries, so 4 gloo ranks start 
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import socket
@@ -48,6 +49,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     A rank's exception is re-raised here with its traceback (`torch.multiprocessing.ProcessRaisedException`); ranks
     still running after `timeout_s` (plus a short grace) are killed and `TimeoutError` is raised.
     """
+    # Garbage from earlier work in this process (a process group left in a reference cycle by a run of the
+    # trainer) must be freed here: freed in a forked child, a gloo group's destructor joins threads that exist
+    # only in the parent, and hangs.
+    gc.collect()
     with tempfile.TemporaryDirectory(prefix="run_distributed_") as out_dir:
         context = mp.start_processes(
             _worker, args=(fn, world_size, _free_port(), backend, timeout_s, out_dir, args, kwargs),

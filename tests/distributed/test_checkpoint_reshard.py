@@ -137,7 +137,7 @@ def load_layout(rank, world, saved, layout, root):
         ckpt.load_optimizer_state([model], optimizer, mesh, path)
         extra = None
     else:
-        extra = ckpt.load(f"{root}/{saved}", [model], optimizer, mesh)
+        extra = ckpt.load(f"{root}/{saved}", [model], optimizer, mesh).extra
     draw = torch.rand(3)
     got = pieces(model, optimizer)
     losses = [train_step(layout, mesh, model, optimizer, i) for i in (2, 3)]
@@ -166,7 +166,7 @@ def load_pipeline(root):
     mesh = build_mesh(ParallelDims(), "cpu")
     model = build_parallel_model(tiny(**PIPELINE_CONFIG), mesh, seed=SEED + 1, device="cpu")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    extra = ckpt.load(f"{root}/pp2_vpp2_tp2", [model], optimizer, mesh)
+    extra = ckpt.load(f"{root}/pp2_vpp2_tp2", [model], optimizer, mesh).extra
     assert extra == {} and not optimizer.state  # a model-only checkpoint: the optimizer starts fresh
     reference = dict(build_model(tiny(**PIPELINE_CONFIG), seed=SEED).named_parameters())
     return [n for n, p in model.named_parameters() if not torch.equal(p, 1.5 * reference[n])]

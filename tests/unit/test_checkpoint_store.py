@@ -11,26 +11,36 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from megatron_exaone.checkpoint.state import (CheckpointLayoutError, _mesh_view, axis_index, init_optimizer_state,
                                               view_grid)
-from megatron_exaone.checkpoint.store import (async_save_checkpoint, find_checkpoint, load_checkpoint, read_meta,
-                                              save_checkpoint)
+from megatron_exaone.checkpoint.store import (async_save_checkpoint, checkpoint_dirs, find_checkpoint,
+                                              load_checkpoint, prune, read_meta, save_checkpoint)
 from megatron_exaone.parallel.mesh import ParallelDims, rank_coordinates
 
 
 def state(value: float) -> dict:
-    return {"model": {"w": torch.full((3, 2), value)}, "step": int(value)}
+    return {"model": {"w": torch.full((3, 2), value)}, "step": torch.tensor(int(value))}
+
+
+def steps(root) -> list[int]:
+    return [step for step, _ in checkpoint_dirs(root)]
 
 
 def test_save_find_load_and_retention(tmp_path):
     root = tmp_path / "ckpt"
     for step in (1, 2, 3):
         save_checkpoint(root, step, state(float(step)), meta={"tokens": step * 10}, keep_last=2)
-    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000002", "step_00000003"]
+    assert steps(root) == [2, 3]
     found = find_checkpoint(root)
     meta = read_meta(found)
-    assert found.name == "step_00000003" and meta.pop("files") and meta == {"step": 3, "tokens": 30}
+    assert found.name == "step_00000003" and meta.pop("files") and meta == {"step": 3, "tokens": 30, "format": 2}
     target = state(0.0)
     load_checkpoint(found, target)
     assert torch.equal(target["model"]["w"], torch.full((3, 2), 3.0)) and target["step"] == 3
+
+
+def test_only_tensors_are_saved(tmp_path):
+    with pytest.raises(TypeError, match="checkpoint entry step is a int; save tensors only"):
+        save_checkpoint(tmp_path / "ckpt", 1, {"w": torch.zeros(2), "step": 1})
+    assert steps(tmp_path / "ckpt") == []
 
 
 def test_incomplete_newest_is_skipped_with_a_warning(tmp_path, caplog):
@@ -45,12 +55,42 @@ def test_incomplete_newest_is_skipped_with_a_warning(tmp_path, caplog):
     assert find_checkpoint(root) is None
 
 
+# ---------------------------------------------------------------------------------------------- retention
+def test_retention_goes_by_step_number_and_never_removes_a_newer_checkpoint(tmp_path):
+    """The failure of the issue: steps 2..10 written, all made unusable, the run restarted and writing step 4
+    with keep_last=2 kept the broken steps 8 and 10 (highest names) and deleted step 4 itself."""
+    root = tmp_path / "ckpt"
+    for step in range(2, 11, 2):
+        save_checkpoint(root, step, state(float(step)))
+    for _, path in checkpoint_dirs(root):
+        (path / ".metadata").unlink()
+    save_checkpoint(root, 2, state(2.0), keep_last=2)
+    save_checkpoint(root, 4, state(4.0), keep_last=2)
+    assert steps(root) == [2, 4, 6, 8, 10]  # the later (broken) ones stay until the run passes their steps
+    assert (root / "latest").read_text().strip() == "step_00000004"
+    save_checkpoint(root, 6, state(6.0), keep_last=2)
+    assert steps(root) == [4, 6, 8, 10]
+    assert find_checkpoint(root).name == "step_00000006"  # the broken step 8 and 10 are skipped
+
+
+def test_unusable_checkpoints_do_not_count_towards_keep_last(tmp_path):
+    root = tmp_path / "ckpt"
+    for step in (1, 2, 3):
+        save_checkpoint(root, step, state(float(step)))
+    os.truncate(_data_file(root / "step_00000003"), 1)
+    save_checkpoint(root, 4, state(4.0))
+    assert [p.name for p in prune(root, newest=4, keep_last=2)] == ["step_00000001"]
+    assert steps(root) == [2, 3, 4]  # 4 and 2 are the two usable ones; the truncated 3 between them stays
+
+
 # ---------------------------------------------------------------------------------------------- the manifest
-def test_meta_lists_every_file_with_its_size(tmp_path):
+def test_meta_lists_every_file_with_its_size_and_checksum(tmp_path):
     path = save_checkpoint(tmp_path / "ckpt", 1, state(1.0), meta={"tokens": 10})
     files = read_meta(path)["files"]
-    assert files == {f.name: f.stat().st_size for f in path.iterdir() if f.name != "meta.json"}
-    assert ".metadata" in files and any(name.endswith(".distcp") for name in files) and all(files.values())
+    assert {name: entry["bytes"] for name, entry in files.items()} == {
+        f.name: f.stat().st_size for f in path.iterdir() if f.name != "meta.json"}
+    assert ".metadata" in files and any(name.endswith(".distcp") for name in files)
+    assert all(entry["bytes"] and len(entry["xxh128"]) == 32 for entry in files.values())
 
 
 def _data_file(checkpoint):
@@ -67,7 +107,7 @@ def test_truncated_newest_is_skipped_for_the_previous_one(tmp_path, caplog):
     os.truncate(data, size // 2)
     with caplog.at_level("WARNING"):
         found = find_checkpoint(root)
-    assert found.name == "step_00000002"  # `latest` names step 3; the previous complete one is used
+    assert found.name == "step_00000002"
     assert f"skipping checkpoint {newest}: file {data.name} is truncated ({size // 2} of {size} bytes)" in caplog.text
     assert "previous complete checkpoint" in caplog.text
     target = state(0.0)
@@ -95,14 +135,15 @@ def test_a_checkpoint_named_directly_is_verified_too(tmp_path, caplog):
     assert "file .metadata is truncated" in caplog.text
 
 
-def test_a_checkpoint_without_manifest_is_still_accepted(tmp_path):
+def test_a_checkpoint_of_the_pickled_format_is_refused(tmp_path, caplog):
     root = tmp_path / "ckpt"
     path = save_checkpoint(root, 4, state(4.0), meta={"tokens": 40})
     meta = read_meta(path)
-    del meta["files"]  # as written before the manifest existed
+    meta["format"] = 1  # as written before the run state became tensors + JSON
     (path / "meta.json").write_text(json.dumps(meta))
-    os.truncate(_data_file(path), 1)  # not detectable without a manifest
-    assert find_checkpoint(root) == path and find_checkpoint(path) == path
+    with caplog.at_level("WARNING"):
+        assert find_checkpoint(root) is None
+    assert "earlier development version" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------- async saves
@@ -115,7 +156,9 @@ def test_async_save_keeps_the_values_of_the_call_and_publishes_on_wait(tmp_path)
     path = pending.wait()
     assert path == root / "step_00000005" and find_checkpoint(root) == path and pending.done()
     assert (root / "latest").read_text().strip() == "step_00000005" and read_meta(path)["tokens"] == 50
-    assert read_meta(path)["files"] == {f.name: f.stat().st_size for f in path.iterdir() if f.name != "meta.json"}
+    files = read_meta(path)["files"]
+    assert {n: e["bytes"] for n, e in files.items()} == {
+        f.name: f.stat().st_size for f in path.iterdir() if f.name != "meta.json"}
     target = state(0.0)
     load_checkpoint(path, target)
     assert torch.equal(target["model"]["w"], torch.full((3, 2), 5.0))
