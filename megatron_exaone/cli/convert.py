@@ -2,21 +2,25 @@
 
   exaone-convert to-hf CHECKPOINT_DIR OUT_DIR [--dtype bf16|fp32] [--max-shard-size 5GB] [--tokenizer DIR]
   exaone-convert from-hf HF_DIR OUT_DIR
-  exaone-convert inspect PATH
+  exaone-convert inspect PATH [--json] [--verify]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
+from collections.abc import Iterator
 
 import torch
 
+from megatron_exaone.checkpoint.store import checksum_problems
 from megatron_exaone.convert.checkpoint import (CheckpointFormatError, checkpoint_to_hf, describe,
                                                 hf_to_checkpoint, verify_with_transformers)
-from megatron_exaone.convert.hf import HFFormatError
+from megatron_exaone.errors import UserError, one_line
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -41,12 +45,34 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="summary of a checkpoint or an HF directory")
     inspect.add_argument("path")
     inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.add_argument("--verify", action="store_true",
+                         help="also check every file of a training checkpoint against the checksums "
+                              "recorded when it was written (exit 1 on a mismatch)")
     return parser
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises SystemExit (status 143) instead of ending the process at once, so that a conversion's
+    `finally` removes its partial output on the way out. The previous handler is restored afterwards."""
+    def unwind(signum: int, _frame) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    with sigterm_unwinds():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "to-hf":
             out = checkpoint_to_hf(args.checkpoint, args.out_dir, DTYPES[args.dtype], args.max_shard_size,
@@ -62,16 +88,29 @@ def main(argv: list[str] | None = None) -> int:
                   f"checkpoint.load={args.out_dir}")
         else:
             summary = describe(args.path)
+            if args.verify:
+                summary["checksums"] = verify_checksums(summary)
             if args.json:
                 print(json.dumps(summary, indent=2))
             else:
                 for key, value in summary.items():
                     shown = f"{value:,}" if isinstance(value, int) and key.endswith("parameters") else value
                     print(f"{key:>28}: {shown}")
-    except (CheckpointFormatError, HFFormatError, OSError, ValueError) as exc:
-        print(f"exaone-convert {args.command}: {exc}", file=sys.stderr)
+            if args.verify and summary["checksums"] != "ok":
+                return 1
+    except (UserError, OSError, ValueError) as exc:
+        print(f"exaone-convert {args.command}: {one_line(str(exc))}", file=sys.stderr)
         return 2
     return 0
+
+
+def verify_checksums(summary: dict) -> str:
+    """"ok", or the files of the described training checkpoint that do not match their recorded checksums."""
+    if "checkpoint" not in summary:
+        raise CheckpointFormatError(f"{summary['path']}: --verify checks training checkpoints; this is a "
+                                    f"{summary['kind']} (safetensors files carry no checksums).")
+    problems = checksum_problems(summary["checkpoint"])
+    return "ok" if not problems else "; ".join(problems)
 
 
 if __name__ == "__main__":

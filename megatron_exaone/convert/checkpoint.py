@@ -12,29 +12,30 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem
 from tqdm import tqdm
 
-from megatron_exaone.checkpoint.store import find_checkpoint, read_meta, save_checkpoint
+from megatron_exaone.checkpoint.store import (CorruptCheckpointError, checksum_problems, find_checkpoint, read_meta,
+                                              read_tensors, save_checkpoint, saved_tensors)
+from megatron_exaone.data.tokenizer import special_token_ids, tokenizer_json_path
+from megatron_exaone.errors import UserError
 from megatron_exaone.model import ModelConfig
 from megatron_exaone.model.config import ConfigError
 
-from .hf import HFFormatError, expected_shapes, open_hf_dir, parse_size, to_hf_tensors, write_hf_dir
+from .hf import HFFormatError, expected_shapes, open_hf_dir, parse_size, staged_output, to_hf_tensors, write_hf_dir
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError, ValueError):
     """A training checkpoint that cannot be converted."""
 
 
@@ -60,7 +61,7 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
         config = ModelConfig(**meta["model_config"])
     except (TypeError, ConfigError) as exc:
         raise CheckpointFormatError(f"{checkpoint / 'meta.json'}: model_config is not valid: {exc}") from exc
-    metadata = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    metadata = saved_tensors(checkpoint)
     wanted = expected_shapes(config)
     tensors = {k: v for k, v in metadata.items() if k in wanted}
     missing = sorted(set(wanted) - set(tensors))
@@ -75,14 +76,22 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
 
 def _load(checkpoint: Path, metadata: dict[str, TensorStorageMetadata], keys: list[str]) -> dict[str, torch.Tensor]:
     state = {k: torch.empty(tuple(metadata[k].size), dtype=metadata[k].properties.dtype) for k in keys}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-        dcp.load(state, storage_reader=FileSystemReader(str(checkpoint)))
+    read_tensors(checkpoint, state)
     return state
 
 
 def stream_model_tensors(info: CheckpointInfo, group_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor) in the model's order, loaded from the checkpoint in groups of about `group_bytes`."""
+    """(name, full tensor) in the model's order, loaded from the checkpoint in groups of about `group_bytes`.
+    The checkpoint's checksums are verified meanwhile, in background threads; a mismatch raises
+    `CorruptCheckpointError` after the last tensor, before a consumer can finish its output."""
+    with ThreadPoolExecutor(1, thread_name_prefix="checkpoint-check") as checker:
+        problems = checker.submit(checksum_problems, info.path)
+        yield from _stream_groups(info, group_bytes)
+        if problems.result():
+            raise CorruptCheckpointError(info.path, problems.result())
+
+
+def _stream_groups(info: CheckpointInfo, group_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
     order = [k for k in expected_shapes(info.config) if k in info.tensors]
     total = sum(info.tensors[k].size.numel() * info.tensors[k].properties.dtype.itemsize for k in order)
     progress = tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=None)
@@ -108,11 +117,46 @@ def checkpoint_to_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
     info = open_checkpoint(checkpoint)
     log.info("converting %s (step %s, %s tokens, saved with layout %s) to %s", info.path, info.meta.get("step"),
              info.meta.get("tokens"), info.meta.get("layout"), out_dir)
-    tokenizer = tokenizer_dir or info.meta.get("tokenizer")
+    tokenizer = run_tokenizer(tokenizer_dir, info)
+    config = with_tokenizer_ids(info.config, tokenizer)
     extra = _tokenizer_files(tokenizer) if tokenizer else []
     limit = parse_size(max_shard_size)
-    tensors = to_hf_tensors(stream_model_tensors(info, limit), info.config.tie_word_embeddings)
-    return write_hf_dir(info.config, tensors, out_dir, max_shard_size=limit, dtype=dtype, extra_files=extra)
+    tensors = to_hf_tensors(stream_model_tensors(info, limit), config.tie_word_embeddings)
+    return write_hf_dir(config, tensors, out_dir, max_shard_size=limit, dtype=dtype, extra_files=extra)
+
+
+def run_tokenizer(tokenizer_dir: str | os.PathLike | None, info: CheckpointInfo) -> Path | None:
+    """The folder of the tokenizer to export: `tokenizer_dir` (a folder or its tokenizer.json; it must exist),
+    else the run's tokenizer recorded in meta.json while it still exists; None (with a warning naming the model
+    config's ids that the export keeps) when there is neither."""
+    if tokenizer_dir is not None:
+        return tokenizer_json_path(tokenizer_dir).parent
+    recorded = info.meta.get("tokenizer")
+    if recorded and (Path(recorded) / "tokenizer.json").is_file():
+        return Path(recorded)
+    why = (f"the run's tokenizer {recorded} has no tokenizer.json any more" if recorded
+           else f"{info.path / 'meta.json'} records no tokenizer")
+    config = info.config
+    log.warning("no tokenizer to export (%s): config.json and generation_config.json keep the model config's "
+                "bos_token_id=%s, eos_token_id=%s, pad_token_id=%s; pass --tokenizer DIR (the tokenizer the run "
+                "trained with) to take them from it", why, config.bos_token_id, config.eos_token_id,
+                config.pad_token_id)
+    return None
+
+
+def with_tokenizer_ids(config: ModelConfig, tokenizer: Path | None) -> ModelConfig:
+    """`config` with the bos/eos/pad token ids of `tokenizer` (those it defines), which config.json and
+    generation_config.json must name for generation to stop at the tokens the run's documents end with."""
+    if tokenizer is None:
+        return config
+    ids = special_token_ids(tokenizer)
+    for name, value in ids.items():
+        if not all(0 <= v < config.vocab_size for v in (value if isinstance(value, list) else [value])):
+            raise CheckpointFormatError(f"{tokenizer}: {name}={value} is outside the model's vocabulary "
+                                        f"(vocab_size={config.vocab_size}); pass --tokenizer DIR with the tokenizer "
+                                        "the run trained with.")
+    log.info("special token ids from %s: %s", tokenizer, ", ".join(f"{k}={v}" for k, v in ids.items()))
+    return dataclasses.replace(config, **ids)
 
 
 @torch.no_grad()
@@ -131,13 +175,9 @@ def verify_with_transformers(checkpoint: str | os.PathLike, hf_dir: str | os.Pat
     return (hf(ids).logits - ours(ids).logits).abs().max().item()
 
 
-def _tokenizer_files(tokenizer_dir: str | os.PathLike) -> list[Path]:
-    root = Path(tokenizer_dir)
+def _tokenizer_files(tokenizer_dir: Path) -> list[Path]:
     names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-    files = [root / n for n in names if (root / n).is_file()]
-    if not files:
-        log.warning("no tokenizer files in %s; the export has none", root)
-    return files
+    return [tokenizer_dir / n for n in names if (tokenizer_dir / n).is_file()]
 
 
 class _BuildOnWritePlanner(DefaultSavePlanner):
@@ -159,7 +199,8 @@ def hf_to_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> P
 
     Streamed: every name and shape is checked against config.json from the safetensors headers first, then each
     tensor (a layer's stacked experts at most) is read and written in turn. Peak memory is about the largest
-    tensor, not the model."""
+    tensor, not the model. Written into a folder beside OUT_DIR (`staged_output`) that becomes OUT_DIR when
+    complete."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new output directory.")
@@ -179,10 +220,12 @@ def hf_to_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> P
     meta = {"tokens": 0, "source": str(Path(hf_dir).resolve()), "model_config": dataclasses.asdict(config),
             "layout": None, "world_size": 1}
     try:
-        return save_checkpoint(out, 0, placeholders, meta=meta, planner=_BuildOnWritePlanner(build),
-                               file_per_tensor=True)
+        with staged_output(out) as folder:
+            written = save_checkpoint(folder, 0, placeholders, meta=meta, planner=_BuildOnWritePlanner(build),
+                                      file_per_tensor=True)
     finally:
         progress.close()
+    return out / written.name
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
@@ -198,7 +241,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     moe_layers = sum(t == "sparse" for t in config.mlp_layer_types)
     idle_experts = config.num_experts - config.num_experts_per_tok
     active = total - moe_layers * idle_experts * 3 * config.hidden_size * config.moe_intermediate_size
-    return {"kind": kind, "path": str(p), "step": meta.get("step"), "tokens": meta.get("tokens"),
+    where = {} if kind == "Hugging Face directory" else {"checkpoint": str(info.path)}
+    return {"kind": kind, "path": str(p), **where, "step": meta.get("step"), "tokens": meta.get("tokens"),
             "layout": meta.get("layout"), "world_size": meta.get("world_size"),
             "layers": config.num_hidden_layers, "mtp_layers": config.num_nextn_predict_layers,
             "hidden_size": config.hidden_size, "experts": f"{config.num_experts} (top-{config.num_experts_per_tok}, "

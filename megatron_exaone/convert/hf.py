@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
+import math
 import os
 import re
 import shutil
-import tempfile
+import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -22,17 +24,21 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from megatron_exaone.errors import UserError
 from megatron_exaone.model import ExaoneMoeForCausalLM, ModelConfig
-from megatron_exaone.model.config import ConfigError
+from megatron_exaone.model.config import SPARSE, ConfigError
 
 _STACKED = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_proj|up_proj|down_proj)$")
 _PER_EXPERT = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 _FUSED_GATE_UP = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.gate_up_proj$")
 _BIAS_IN_GATE = re.compile(r"^(?P<prefix>.*\.mlp)\.gate\.e_score_correction_bias$")
 _BIAS = "e_score_correction_bias"
+_SHARED_EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+log = logging.getLogger(__name__)
 
 
-class HFFormatError(ValueError):
+class HFFormatError(UserError, ValueError):
     """A Hugging Face directory or state dict that does not describe this model."""
 
 
@@ -45,6 +51,30 @@ def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     return shapes
+
+
+def empty_shared_expert_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF key -> shape of the zero-element shared-expert tensors transformers' `ExaoneMoeForCausalLM` keeps (and
+    saves) in every sparse layer when num_shared_experts is 0; our model has no such module."""
+    if config.num_shared_experts:
+        return {}
+    hidden = config.hidden_size
+    shapes = {"gate_proj": (0, hidden), "up_proj": (0, hidden), "down_proj": (hidden, 0)}
+    return {f"model.layers.{i}.mlp.shared_experts.{proj}.weight": shapes[proj]
+            for i, kind in enumerate(config.mlp_layer_types) if kind == SPARSE for proj in _SHARED_EXPERT_PROJS}
+
+
+def without_empty_shared_experts(hf_shapes: Mapping[str, Sequence[int]], config: ModelConfig, source: str
+                                 ) -> dict[str, Sequence[int]]:
+    """`hf_shapes` less the zero-element shared-expert tensors of a num_shared_experts=0 model; such a name
+    holding data is refused (config.json and the weights disagree)."""
+    empty = empty_shared_expert_shapes(config)
+    for key in empty.keys() & hf_shapes.keys():
+        if math.prod(hf_shapes[key]):
+            raise HFFormatError(f"{source}: {key} has shape {tuple(hf_shapes[key])}, but config.json has "
+                                "num_shared_experts=0, which leaves it empty; fix num_shared_experts in config.json "
+                                "or remove the tensor.")
+    return {k: v for k, v in hf_shapes.items() if k not in empty}
 
 
 def to_hf_tensors(tensors: Iterable[tuple[str, torch.Tensor]], tie_word_embeddings: bool = False
@@ -128,7 +158,7 @@ def checked_sources(hf_shapes: Mapping[str, Sequence[int]], config: ModelConfig,
                     ) -> tuple[dict[str, HFSource], dict[str, tuple[int, ...]]]:
     """`map_hf_keys` of HF tensor shapes, every resulting name and shape checked against `config`: (our key ->
     its source, our key -> its shape). Reads no tensor data."""
-    sources = map_hf_keys(hf_shapes, config, source)
+    sources = map_hf_keys(without_empty_shared_experts(hf_shapes, config, source), config, source)
     shapes = {k: s.shape(hf_shapes) for k, s in sources.items()}
     check_shapes(shapes, config, source)
     return sources, shapes
@@ -178,12 +208,126 @@ def _hf_dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+# ---------------------------------------------------------------------------------------------- output folders
+def current_umask() -> int:
+    """The process umask, read from /proc where possible: reading it with os.umask means setting it, which races
+    with other threads creating files."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def partial_dir(out: Path) -> Path:
+    """This process's hidden folder beside `out` while `out` is written, named after its owner (host, pid) so
+    that a later run can tell a dead owner's leftover from a live conversion's folder."""
+    return out.parent / f".{out.name}.partial-{socket.gethostname()}-{os.getpid()}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_dead_partials(out: Path) -> None:
+    """Remove the partial folders of `out` whose owner on this host no longer runs (a conversion killed by
+    SIGKILL, the OOM killer or a power loss). Another host's folder is left alone: its pid means nothing here."""
+    owned = re.compile(rf"\.{re.escape(out.name)}\.partial-{re.escape(socket.gethostname())}-(?P<pid>\d+)")
+    dead = [p for p in out.parent.iterdir() if (m := owned.fullmatch(p.name)) and not _process_alive(int(m["pid"]))]
+    for folder in dead:
+        shutil.rmtree(folder, ignore_errors=True)
+    if dead:
+        log.info("removed %s, left by a conversion to %s that was killed before it finished",
+                 ", ".join(p.name for p in dead), out)
+
+
+@contextlib.contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """A new folder to write `out` into (`partial_dir`), renamed to `out` when the body completes (replacing an
+    empty `out`) and removed when the body raises: an error, KeyboardInterrupt (SIGINT), or SystemExit (SIGTERM
+    under exaone-convert). Dead conversions' leftovers of `out` are removed first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_partials(out)
+    staging = partial_dir(out)
+    staging.mkdir()  # mode 0o777 less the umask, like any folder (tempfile.mkdtemp's is 0o700)
+    try:
+        yield staging
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_shards(tensors: Iterable[tuple[str, torch.Tensor]], folder: Path, limit: int, dtype: torch.dtype | None,
+                  empty_shapes: Mapping[str, tuple[int, ...]]) -> torch.dtype:
+    """Stream (HF key, tensor) pairs, then zero-element tensors of `empty_shapes` (in the weights' dtype), into
+    `folder`'s safetensors: `model.safetensors`, or `model-0000k-of-0000N.safetensors` and their index. Returns
+    the weights' dtype."""
+    file_mode = 0o666 & ~current_umask()  # safetensors creates its files 0o600
+    shards: list[list[str]] = []
+    pending: dict[str, torch.Tensor] = {}
+    pending_bytes = 0
+    total_bytes = 0
+    weights_dtype = dtype
+    written: list[str] = []
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        if pending:
+            name = f"shard-{len(written):05d}.safetensors"
+            save_file(pending, str(folder / name), metadata={"format": "pt"})
+            os.chmod(folder / name, file_mode)
+            written.append(name)
+            shards.append(list(pending))
+            pending, pending_bytes = {}, 0
+
+    def add(key: str, tensor: torch.Tensor) -> None:
+        nonlocal pending_bytes, total_bytes, weights_dtype
+        target = torch.float32 if key.endswith(_BIAS) else (dtype or tensor.dtype)
+        tensor = tensor.detach().to("cpu", target).contiguous()
+        weights_dtype = weights_dtype or tensor.dtype
+        size = tensor.numel() * tensor.element_size()
+        if pending and pending_bytes + size > limit:
+            flush()
+        pending[key] = tensor
+        pending_bytes += size
+        total_bytes += size
+
+    for key, tensor in tensors:
+        add(key, tensor)
+    weights_dtype = weights_dtype or torch.float32
+    for key, shape in empty_shapes.items():
+        add(key, torch.empty(shape, dtype=weights_dtype))
+    flush()
+
+    if len(written) == 1:
+        os.replace(folder / written[0], folder / "model.safetensors")
+    else:
+        weight_map: dict[str, str] = {}
+        for i, (name, keys) in enumerate(zip(written, shards)):
+            final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+            os.replace(folder / name, folder / final)
+            weight_map.update({k: final for k in keys})
+        write_json(folder / "model.safetensors.index.json",
+                   {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))})
+    return weights_dtype
+
+
 def write_hf_dir(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | os.PathLike,
                  max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None,
                  extra_files: Iterable[Path] = ()) -> Path:
     """Stream (HF key, tensor) pairs into safetensors shards of at most `max_shard_size` (a single tensor larger
-    than that gets a shard of its own). Written into a temporary directory next to `out_dir` and renamed into place
-    only when complete; an existing `out_dir` is refused rather than overwritten."""
+    than that gets a shard of its own), adding the zero-element shared-expert tensors transformers expects when
+    num_shared_experts is 0. Written into a folder beside `out_dir` (`staged_output`) and renamed into place only
+    when complete; an existing `out_dir` is refused rather than overwritten. Files and folders get the modes the
+    umask gives."""
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose a new output directory or remove it first.")
@@ -191,57 +335,14 @@ def write_hf_dir(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]
     existing = next(p for p in out.parents if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         raise NotADirectoryError(f"cannot create {out}: {existing} is not a writable directory.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        shards: list[list[str]] = []
-        pending: dict[str, torch.Tensor] = {}
-        pending_bytes = 0
-        total_bytes = 0
-        weights_dtype = dtype
-        written: list[str] = []
-
-        def flush() -> None:
-            nonlocal pending, pending_bytes
-            if pending:
-                name = f"shard-{len(written):05d}.safetensors"
-                save_file(pending, str(tmp / name), metadata={"format": "pt"})
-                written.append(name)
-                shards.append(list(pending))
-                pending, pending_bytes = {}, 0
-
-        for key, tensor in tensors:
-            target = torch.float32 if key.endswith(_BIAS) else (dtype or tensor.dtype)
-            tensor = tensor.detach().to("cpu", target).contiguous()
-            weights_dtype = weights_dtype or tensor.dtype
-            size = tensor.numel() * tensor.element_size()
-            if pending and pending_bytes + size > limit:
-                flush()
-            pending[key] = tensor
-            pending_bytes += size
-            total_bytes += size
-        flush()
-
-        weight_map: dict[str, str] = {}
-        if len(written) == 1:
-            os.replace(tmp / written[0], tmp / "model.safetensors")
-        else:
-            for i, (name, keys) in enumerate(zip(written, shards)):
-                final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
-                os.replace(tmp / name, tmp / final)
-                weight_map.update({k: final for k in keys})
-            write_json(tmp / "model.safetensors.index.json",
-                       {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))})
+    with staged_output(out) as folder:
+        weights_dtype = _write_shards(tensors, folder, limit, dtype, empty_shared_expert_shapes(config))
         hf_config = config.to_hf_config()
-        hf_config["dtype"] = _hf_dtype_name(weights_dtype or torch.float32)
-        write_json(tmp / "config.json", hf_config)
-        write_json(tmp / "generation_config.json", generation_config(config))
+        hf_config["dtype"] = _hf_dtype_name(weights_dtype)
+        write_json(folder / "config.json", hf_config)
+        write_json(folder / "generation_config.json", generation_config(config))
         for extra in extra_files:
-            shutil.copy2(extra, tmp / Path(extra).name)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            shutil.copyfile(extra, folder / Path(extra).name)  # not copy2: a copy gets the umask's mode
     return out
 
 

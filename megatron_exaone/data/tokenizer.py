@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -70,3 +71,27 @@ def resolve_eod(path: str | os.PathLike, tokenizer: Tokenizer, eod_token: str | 
     raise ValueError(f"{tokenizer_json_path(path)}: cannot tell which token ends a document (no eos_token in "
                      f"tokenizer_config.json and none of {', '.join(COMMON_EOD_TOKENS)} in the vocabulary); "
                      "pass --eod-token TOKEN, or --no-eod")
+
+
+def special_token_ids(path: str | os.PathLike) -> dict[str, int | list[int]]:
+    """{"bos_token_id", "eos_token_id", "pad_token_id"}: the ids of the tokens tokenizer_config.json names for
+    these roles, looked up in tokenizer.json; a role the tokenizer does not define is left out. Generation must
+    stop where the training documents ended, so the end-of-document token (`resolve_eod`) joins eos: eos is
+    [eos, end-of-document] when they differ, the end-of-document token alone when there is no eos_token."""
+    tokenizer = load_tokenizer(path)
+    cfg = tokenizer_config(path)
+    ids: dict[str, int | list[int]] = {}
+    for role in ("bos", "eos", "pad"):
+        token = _token_content(cfg.get(f"{role}_token"))
+        if token is None:
+            continue
+        token_id = tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"{tokenizer_json_path(path).with_name('tokenizer_config.json')}: {role}_token "
+                             f"{token!r} is not in the vocabulary of tokenizer.json; fix {role}_token there")
+        ids[f"{role}_token_id"] = token_id
+    with contextlib.suppress(ValueError):  # no end-of-document token either: the caller keeps its own id
+        eod = resolve_eod(path, tokenizer)[1]
+        eos = ids.get("eos_token_id")
+        ids["eos_token_id"] = eod if eos in (None, eod) else [eos, eod]
+    return ids

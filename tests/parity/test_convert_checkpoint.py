@@ -189,3 +189,40 @@ def test_bad_inputs_fail_clearly_and_leave_nothing(parallel_checkpoint, tmp_path
         assert needle in capsys.readouterr().err, (argv, needle)
         assert not out.exists(), out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "hf", "wrong_type"]
+
+
+def test_zero_shared_experts_import_and_export_with_transformers(tmp_path, capsys):
+    """transformers keeps zero-element shared-expert tensors when num_shared_experts is 0: from-hf skips them,
+    to-hf writes them, and a non-empty tensor under such a name is still refused."""
+    hf_config = ExaoneMoeConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        num_shared_experts=0, layer_types=["sliding_attention", "full_attention"], sliding_window=4,
+        first_k_dense_replace=1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    torch.manual_seed(0)
+    hf = HFModel(hf_config).eval()
+    hf.save_pretrained(tmp_path / "released")
+    assert full_state(tmp_path / "released")["model.layers.1.mlp.shared_experts.down_proj.weight"].numel() == 0
+    assert convert(["from-hf", str(tmp_path / "released"), str(tmp_path / "imported")]) == 0
+
+    from megatron_exaone.convert.checkpoint import open_checkpoint, stream_model_tensors
+    info = open_checkpoint(tmp_path / "imported")
+    ours = ExaoneMoeForCausalLM(info.config).eval()
+    ours.load_state_dict(dict(stream_model_tensors(info, 1 << 30)))
+    x = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(x).logits - hf(x).logits).abs().max() <= 1e-5
+
+    assert convert(["to-hf", str(tmp_path / "imported"), str(tmp_path / "exported"), "--dtype", "fp32"]) == 0
+    _, loading = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"] and not loading["mismatched_keys"]
+    released, exported = full_state(tmp_path / "released"), full_state(tmp_path / "exported")
+    assert released.keys() == exported.keys() and all(torch.equal(released[k], exported[k]) for k in released)
+
+    from safetensors.torch import save_file
+    key = "model.layers.1.mlp.shared_experts.gate_proj.weight"
+    save_file({**released, key: torch.zeros(2, 32)}, str(tmp_path / "released" / "model.safetensors"))
+    capsys.readouterr()
+    assert convert(["from-hf", str(tmp_path / "released"), str(tmp_path / "refused")]) == 2
+    error = capsys.readouterr().err
+    assert key in error and "num_shared_experts=0" in error and not (tmp_path / "refused").exists()
