@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Multi-node launch with torchrun's c10d rendezvous: run this same command on every node.
+# Multi-node launch with torchrun's c10d rendezvous: run this same command on every node. It runs torchrun through
+# megatron_exaone.cli.torchrun: SIGTERM, SIGINT or SIGUSR1 to it (or to any rank) saves a checkpoint after the
+# current step on every node and exits 0; its ranks die with it.
 #   NNODES=8 GPUS_PER_NODE=8 RDZV_HOST=node001 RDZV_ID=k-exaone-1 launch/torchrun.sh experiment=k_exaone_236b_h100x64
 # Single node: NNODES=1 RDZV_HOST=localhost launch/torchrun.sh ...
 set -euo pipefail
@@ -8,6 +10,6 @@ set -euo pipefail
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 RDZV_PORT=${RDZV_PORT:-29500}
 RDZV_ID=${RDZV_ID:-megatron-exaone}
-exec "${PYTHON:-python}" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" \
+exec "${PYTHON:-python}" -m megatron_exaone.cli.torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" \
   --rdzv-backend c10d --rdzv-endpoint "$RDZV_HOST:$RDZV_PORT" --rdzv-id "$RDZV_ID" \
   -m megatron_exaone.cli.train "$@"

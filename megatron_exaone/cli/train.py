@@ -16,13 +16,15 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from megatron_exaone.checkpoint.resume import resume_checkpoint
+from megatron_exaone import lifetime
+from megatron_exaone.checkpoint.resume import starting_checkpoint
 from megatron_exaone.checkpoint.store import read_meta
 from megatron_exaone.config.load import RecipeError, ValidatedConfig, load_config, save_resolved, validate
 from megatron_exaone.config.precision import resolve_device
 from megatron_exaone.config.schema import TrainConfig
+from megatron_exaone.errors import reported
 from megatron_exaone.parallel.build import check_supported
-from megatron_exaone.parallel.mesh import LayoutError, ParallelDims
+from megatron_exaone.parallel.mesh import ParallelDims
 
 log = logging.getLogger("megatron_exaone.train")
 
@@ -44,7 +46,7 @@ def _split_args(argv: list[str]) -> tuple[list[str], str | None]:
 
 def _starting_stage(cfg, validated) -> int:
     """The curriculum stage this launch starts in (from the checkpoint it resumes), which decides its layout."""
-    checkpoint = resume_checkpoint(cfg.run_dir, cfg.checkpoint.load)
+    checkpoint = starting_checkpoint(cfg.run_dir, cfg.checkpoint.load)
     if checkpoint is None:
         return 0
     tokens = int(read_meta(checkpoint).get("tokens") or 0)
@@ -76,13 +78,15 @@ def prepare(overrides: list[str], config_dir: str | None = None, world_size: int
 
 
 def train(cfg: TrainConfig, validated: ValidatedConfig, dims: ParallelDims) -> str:
-    """Train on every rank of the initialized process group (`prepare`'s results); returns why training stopped."""
+    """Train on every rank of the initialized process group (`prepare`'s results); returns why training stopped.
+    The run's config.yaml is (re)written only once the data, the model and the checkpoint have loaded, so a launch
+    that fails to start leaves the record of the run as it was."""
     from megatron_exaone.training.trainer import Trainer, default_device
 
+    trainer = Trainer(cfg, validated.model, dims, validated.curriculum, default_device(cfg.trainer.device))
     if dist.get_rank() == 0:
         path = save_resolved(cfg)
         log.info("resolved config written to %s", path)
-    trainer = Trainer(cfg, validated.model, dims, validated.curriculum, default_device(cfg.trainer.device))
     return trainer.run()
 
 
@@ -92,6 +96,10 @@ def run_training(overrides: list[str], config_dir: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First: a rank dies with its launcher, and stop signals (Slurm's, torchrun's forwarding, Ctrl-C) only ask for
+    # a checkpoint, even while the libraries below are still importing.
+    lifetime.bind_rank_to_launcher()
+    lifetime.install_stop_handlers()
     overrides, config_dir = _split_args(sys.argv[1:] if argv is None else argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -99,11 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        cfg, validated, dims = prepare(overrides, config_dir, world)
-    except (RecipeError, LayoutError, FileNotFoundError) as exc:  # FileNotFoundError: checkpoint.load finds none
-        if rank == 0:
-            print(f"exaone-train: {exc}", file=sys.stderr)
-        return 2
+        with reported("exaone-train", show=rank == 0):  # every rank finds the same configuration errors
+            cfg, validated, dims = prepare(overrides, config_dir, world)
+    except SystemExit as exc:
+        return int(exc.code)
 
     # Imported here so that `--help` and config errors stay fast.
     import torch
@@ -119,8 +126,12 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 timeout=timedelta(minutes=30))
+    program = "exaone-train" if rank == 0 else f"exaone-train (rank {rank})"  # a rank's own error, said by it
     try:
-        train(cfg, validated, dims)
+        with reported(program):
+            train(cfg, validated, dims)
+    except SystemExit as exc:
+        return int(exc.code)
     finally:
         dist.destroy_process_group()
     return 0

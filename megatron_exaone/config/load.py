@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import os
 import re
@@ -27,9 +28,10 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from megatron_exaone.checkpoint.resume import resume_checkpoint
+from megatron_exaone.checkpoint.resume import starting_checkpoint
 from megatron_exaone.checkpoint.store import read_meta
 from megatron_exaone.curriculum import Curriculum, CurriculumError
+from megatron_exaone.errors import UserError
 from megatron_exaone.model.config import ConfigError, ModelConfig
 from megatron_exaone.parallel.mesh import LayoutError, ParallelDims
 from megatron_exaone.parallel.pipeline import check_schedule, pipeline_layout, splits_weight_backward
@@ -42,7 +44,7 @@ RECIPES_ENV = "MEGATRON_EXAONE_RECIPES"
 SCHEMA_NAME = "train_schema"  # the ConfigStore node that recipes/config.yaml lists first in its defaults
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A configuration that cannot run; the message says what to change."""
 
 
@@ -229,6 +231,10 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str | None = None) 
     except CurriculumError as exc:
         raise RecipeError(f"{exc} Change the curriculum recipe (or the override of that stage).") from None
     _check_precision(cfg, model, device_type)
+    if cfg.wandb.enabled and importlib.util.find_spec("wandb") is None:
+        raise RecipeError("wandb.enabled=true but the wandb package is not installed: install it with "
+                          "`pip install 'megatron-exaone[wandb]'`, or set wandb.enabled=false.")
+    _check_resume(cfg, model)
     return ValidatedConfig(config=cfg, model=model, dims=dims, curriculum=curriculum, stage_parallel=stage_parallel)
 
 
@@ -238,10 +244,7 @@ def model_fields(cfg: TrainConfig) -> dict[str, Any]:
     fields = dict(cfg.model)
     if not fields.pop("from_checkpoint", False):
         return fields
-    try:
-        checkpoint = resume_checkpoint(cfg.run_dir, cfg.checkpoint.load)
-    except FileNotFoundError as exc:
-        raise RecipeError(str(exc)) from None
+    checkpoint = starting_checkpoint(cfg.run_dir, cfg.checkpoint.load)
     if checkpoint is None:
         raise RecipeError("model=from_checkpoint needs a checkpoint: set checkpoint.load=PATH (for example the "
                           "output of `exaone-convert from-hf`).")
@@ -250,6 +253,29 @@ def model_fields(cfg: TrainConfig) -> dict[str, Any]:
         raise RecipeError(f"{checkpoint}/meta.json has no model_config; use a model recipe instead of "
                           "model=from_checkpoint.")
     return {**saved, **fields}
+
+
+def _check_resume(cfg: TrainConfig, model: ModelConfig) -> None:
+    """A launch that continues from a checkpoint (its run's own, or checkpoint.load) needs the model the checkpoint
+    holds: checked here, before anything is loaded or written."""
+    checkpoint = starting_checkpoint(cfg.run_dir, cfg.checkpoint.load)
+    saved = read_meta(checkpoint).get("model_config") if checkpoint is not None else None
+    if not saved:
+        return
+    try:
+        differences = ModelConfig(**saved).weight_differences(model)
+    except (TypeError, ConfigError) as exc:
+        raise RecipeError(f"{checkpoint}/meta.json: its model_config is not valid ({exc}).") from None
+    if differences:
+        listed = ", ".join(f"{name} {_short(there)} there, {_short(here)} here"
+                           for name, (there, here) in list(differences.items())[:4])
+        raise RecipeError(f"{checkpoint} holds another model ({listed}): resume with the model it was trained with "
+                          "(model=from_checkpoint takes it from the checkpoint), or start a new run_dir.")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def build_model_config(fields: dict[str, Any]) -> ModelConfig:

@@ -10,6 +10,7 @@ import importlib.util
 
 import torch
 
+from megatron_exaone.errors import UserError
 from megatron_exaone.precision.fp8_te import INSTALL_HINT
 
 from .schema import DEVICES, PrecisionConfig
@@ -34,7 +35,7 @@ _FP8_CAPABILITY = ("8.9 or newer", lambda cc: cc >= (8, 9))
 _BLOCKWISE_MIN_CUDA = (12, 9)
 
 
-class PrecisionUnavailable(ValueError):
+class PrecisionUnavailable(UserError, ValueError):
     """The requested precision cannot run in this build or on this device."""
 
 

@@ -13,8 +13,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from megatron_exaone.errors import UserError
 
-class CurriculumError(ValueError):
+
+class CurriculumError(UserError, ValueError):
     """A curriculum whose stages do not add up."""
 
 

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from megatron_exaone.errors import UserError
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 DENSE = "dense"
@@ -18,9 +20,13 @@ _HF_BOOKKEEPING_KEYS = {
 }
 # config.json fields of the MTP layers that are read by vLLM / Megatron-Bridge but not by our model.
 _HF_MTP_PASSTHROUGH_KEYS = {"mtp_sliding_windows", "mtp_num_speculative_steps", "mtp_share_layers"}
+# Fields of the training objective, not of the model: not in config.json, free to change between launches.
+TRAINING_ONLY_FIELDS = frozenset({"mtp_loss_weight", "aux_loss_coeff", "bias_update_rate", "init_depth_scaled"})
+# Fields a resumed run may change without changing what its weights mean (initialization, special-token ids).
+_RESUMABLE_FIELDS = TRAINING_ONLY_FIELDS | {"initializer_range", "bos_token_id", "eos_token_id", "pad_token_id"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A model configuration that cannot describe a valid EXAONE-MoE model."""
 
 
@@ -180,13 +186,18 @@ class ModelConfig:
 
     def to_hf_config(self) -> dict[str, Any]:
         """A config.json dict that transformers' `ExaoneMoeConfig` and vLLM read (explicit layer_types always)."""
-        training_only = {"mtp_loss_weight", "aux_loss_coeff", "bias_update_rate", "init_depth_scaled"}
         out: dict[str, Any] = {"architectures": ["ExaoneMoeForCausalLM"], "model_type": "exaone_moe"}
         for f in dataclasses.fields(self):
-            if f.name not in training_only:
+            if f.name not in TRAINING_ONLY_FIELDS:
                 out[f.name] = _plain(getattr(self, f.name))
         out["attention_dropout"] = 0.0
         return out
+
+    def weight_differences(self, other: "ModelConfig") -> dict[str, tuple[Any, Any]]:
+        """field -> (this value, `other`'s) for every field whose difference changes the weights' shapes or
+        meaning (what a resumed run may not change)."""
+        return {f.name: (getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self)
+                if f.name not in _RESUMABLE_FIELDS and _plain(getattr(self, f.name)) != _plain(getattr(other, f.name))}
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with some fields changed; derived per-layer lists are recomputed unless given."""

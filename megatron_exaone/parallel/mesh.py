@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 
+from megatron_exaone.errors import UserError
 from megatron_exaone.model.config import SPARSE, ModelConfig
 
 DENSE_DIMS = ("pp", "dp", "cp", "tp")
@@ -24,7 +25,7 @@ EXPERT_DIMS = ("pp", "edp", "ep", "etp")
 _SIZE_FIELDS = ("tp", "pp", "vpp", "ep", "etp", "dp", "cp")
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """A parallel layout that cannot run on this world size or model; the message says what to change."""
 
 

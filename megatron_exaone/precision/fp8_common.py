@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_exaone.errors import UserError
 from megatron_exaone.model.moe import group_ids
 
 E4M3 = torch.float8_e4m3fn
@@ -27,7 +28,7 @@ SCALINGS = ("tensorwise", "rowwise")
 AMAX_EPS = 1e-12
 
 
-class Fp8Unavailable(ValueError):
+class Fp8Unavailable(UserError, ValueError):
     """FP8 was requested where it cannot run (no silent fallback to BF16)."""
 
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -73,17 +76,37 @@ def _ends_with_newline(path: Path) -> bool:
 
 
 def _start_wandb(settings: dict, run_config: dict, run_dir: Path):
-    """W&B run; offline when no API key is configured. Only the resolved training config is sent, never the
-    environment (which may hold secrets)."""
-    try:
-        import wandb
-    except ImportError as exc:
-        raise RuntimeError("wandb.enabled=true but the wandb package is not installed: `pip install wandb` or set "
-                           "wandb.enabled=false.") from exc
+    """W&B run; offline when no API key is configured or the server cannot be reached (a dashboard outage must not
+    stop a training run; the offline run syncs later). Only the resolved training config is sent, never the
+    environment (which may hold secrets). `wandb.enabled=true` without the package fails at validation."""
+    import wandb
+
     mode = settings.get("mode") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     if mode == "online" and not os.environ.get("WANDB_API_KEY"):
         log.warning("wandb: no WANDB_API_KEY configured; logging offline to %s/wandb", run_dir)
         mode = "offline"
+    if mode == "online":
+        server = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+        problem = _unreachable(server)
+        if problem:
+            log.warning("wandb: cannot reach %s (%s); logging offline to %s/wandb instead: upload it later with "
+                        "`wandb sync %s/wandb/offline-run-*`", server, problem, run_dir, run_dir)
+            mode = "offline"
     return wandb.init(project=settings.get("project"), entity=settings.get("entity"), name=settings.get("name"),
                       group=settings.get("group"), tags=settings.get("tags") or None, mode=mode,
                       dir=str(run_dir), config=run_config)
+
+
+def _unreachable(url: str, timeout: float = 5.0) -> str | None:
+    """Why no TCP connection to the server of `url` (or the proxy the environment names for it) opens within
+    `timeout` seconds; None when one does. wandb itself retries for about 100 s before it gives up."""
+    parsed = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parsed.scheme)
+    target = urllib.parse.urlsplit(proxy) if proxy and not urllib.request.proxy_bypass(parsed.hostname or "") \
+        else parsed
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+    return None

@@ -8,10 +8,10 @@ a run resumed from a checkpoint (same or different layout) continues exactly.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,12 +20,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_exaone import lifetime
 from megatron_exaone.checkpoint import state as ckpt
-from megatron_exaone.checkpoint.store import read_meta
-from megatron_exaone.checkpoint.resume import resume_checkpoint
+from megatron_exaone.checkpoint.resume import resume_source
 from megatron_exaone.config.schema import TrainConfig
 from megatron_exaone.curriculum import Curriculum, Stage, StepPlan
 from megatron_exaone.data.loader import DataStage, MixtureLoader
+from megatron_exaone.errors import UserError
 from megatron_exaone.model import ModelConfig, update_expert_bias
 from megatron_exaone.model.moe import MoEBlock
 from megatron_exaone.parallel.build import all_reduce_grads, build_parallel_model, build_pipeline_chunks
@@ -55,15 +56,27 @@ def register_eval_hook(name: str, fn: Callable[["Trainer", Stage], dict[str, flo
     EVAL_HOOKS[name] = fn
 
 
-class TrainingAborted(RuntimeError):
+# rank 0 writes it when a launch ends normally: why it stopped and whether relaunching the same command continues
+# the run (launch/slurm.sbatch requeues the job then). A launch that fails leaves none.
+LAUNCH_STATUS = "launch_status.json"
+LOSS_KEYS = ("lm_loss", "mtp_loss", "aux_loss")
+
+
+class TrainingAborted(UserError, RuntimeError):
     """Too many consecutive non-finite steps."""
 
 
 @dataclasses.dataclass
 class Progress:
+    """Counters saved with every checkpoint. `skipped_in_a_row`: the current run of skipped (non-finite) steps,
+    with the step and the quantity that started it (`first_bad_step`, `first_bad_value`)."""
+
     step: int = 0
     tokens: int = 0
     skipped_steps: int = 0
+    skipped_in_a_row: int = 0
+    first_bad_step: int | None = None
+    first_bad_value: str | None = None
 
 
 class Trainer:
@@ -74,9 +87,12 @@ class Trainer:
         self.mesh: ParallelMesh = build_mesh(dims, device.type)
         self.rank = dist.get_rank()
         self.progress = Progress()
-        self.stop_requested = False
         self._loss_ema: float | None = None
-        self._install_signal_handlers()
+        self._last_good_checkpoint: Path | None = None
+        self._last_saved_step = 0
+        lifetime.install_stop_handlers()
+        if self.rank == 0:
+            (self.run_dir / LAUNCH_STATUS).unlink(missing_ok=True)
         self._prepare_data()
         self.chunks = self._build_model()
         self.optimizer = build_optimizer(
@@ -96,15 +112,6 @@ class Trainer:
         self._resume()
 
     # ------------------------------------------------------------------------------------------ setup
-    def _install_signal_handlers(self) -> None:
-        """SIGTERM (Slurm preemption) and SIGUSR1 (Slurm's warning signal): checkpoint after this step and exit."""
-        def request_stop(signum, _frame):
-            log.warning("received %s: saving a checkpoint after the current step, then exiting",
-                        signal.Signals(signum).name)
-            self.stop_requested = True
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, request_stop)
-
     def _prepare_data(self) -> None:
         data = self.cfg.data
         self.datasets = data.resolved_datasets(self.run_dir)
@@ -156,7 +163,7 @@ class Trainer:
         return MixtureLoader(self.datasets, stages, seq_len=first.seq_len, global_batch_size=first.global_batch_size,
                              dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dims.dp,  # cp ranks: same sequences
                              seed=self.cfg.trainer.seed, packing=self.cfg.data.packing,
-                             pad_token_id=self.model_config.pad_token_id or 0,
+                             pad_token_id=self.model_config.pad_token_id or 0, vocab_size=self.model_config.vocab_size,
                              cache_dir=self.cfg.data.resolved_path(self.cfg.data.cache_dir, self.run_dir))
 
     def _microbatches(self, global_batch: int | None = None) -> int:
@@ -164,27 +171,28 @@ class Trainer:
         return global_batch // (self.mesh.dims.dp * self.cfg.trainer.micro_batch_size)
 
     def _resume(self) -> None:
-        checkpoint = resume_checkpoint(self.cfg.run_dir, self.cfg.checkpoint.load)
-        if checkpoint is None:
+        source = resume_source(self.cfg.run_dir, self.cfg.checkpoint.load)
+        loaded = ckpt.load(source, self.chunks, self.optimizer, self.mesh) if source is not None else None
+        if loaded is None:
             log.info("starting from the initial weights (seed %d)", self.cfg.trainer.seed)
             return
-        meta = read_meta(checkpoint)
-        extra = ckpt.load(checkpoint, self.chunks, self.optimizer, self.mesh) or {}
-        if "progress" in extra:  # a training checkpoint; an HF import starts its step and optimizer fresh
-            self.progress = Progress(**extra["progress"])
-            self.loader.load_state_dict(extra["loader"])
-            if checkpoint.parent == self.run_dir / "checkpoints":
+        if "progress" in loaded.extra:  # a training checkpoint; an HF import starts its step and optimizer fresh
+            self.progress = Progress(**loaded.extra["progress"])
+            self.loader.load_state_dict(loaded.extra["loader"])
+            if loaded.path.parent == self.run_dir / "checkpoints":
                 self._last_saved_step = self.progress.step  # a finished run relaunched has nothing new to save
-        log.info("resumed from %s (step %d, %s tokens, saved with layout %s)", checkpoint, self.progress.step,
-                 f"{self.progress.tokens:,}", meta.get("layout"))
+        self._last_good_checkpoint = loaded.path
+        log.info("resumed from %s (step %d, %s tokens, saved with layout %s)", loaded.path, self.progress.step,
+                 f"{self.progress.tokens:,}", loaded.meta.get("layout"))
 
     # ------------------------------------------------------------------------------------------ the loop
     def run(self) -> str:
         """Train until the curriculum is done, max_steps, a stop signal, or a stage that needs another layout.
         Returns the reason."""
-        reason = "curriculum finished"
+        reason, resume = "curriculum finished", False
         stage_index = None
-        while not self.curriculum.is_finished(self.progress.tokens):
+        stop = self._all_agree(lifetime.stop_requested() is not None)  # a signal during start-up: stop at once
+        while not stop and not self.curriculum.is_finished(self.progress.tokens):
             if self.cfg.trainer.max_steps is not None and self.progress.step >= self.cfg.trainer.max_steps:
                 reason = f"trainer.max_steps={self.cfg.trainer.max_steps} reached"
                 break
@@ -193,26 +201,36 @@ class Trainer:
                 stage_index = plan.stage_index
                 if not self._enter_stage(plan):
                     reason = f"stage {plan.stage_index} ({plan.stage.name}) needs layout {plan.stage.parallel}"
+                    resume = True
                     break
             self._step(plan)
-            stop = self._all_agree(self.stop_requested)
+            stop = self._all_agree(lifetime.stop_requested() is not None)
             if plan.ends_stage:
                 self._finish_stage(plan, force_save=stop)
                 if self.cfg.trainer.stop_at_stage_end:
                     reason = f"stage {plan.stage_index} ({plan.stage.name}) finished (trainer.stop_at_stage_end)"
+                    resume = True
                     break
             elif stop or self._interval_due():
                 self._save()
-            if stop:
-                reason = "stop signal received"
-                break
+        if stop:
+            reason, resume = f"stop signal ({lifetime.stop_requested() or 'received by another rank'})", True
         if not self._latest_is_current():
             self._save()
         ckpt.wait_pending_save()
         self.metrics.close()
-        log.info("training stopped: %s (step %d, %s tokens)", reason, self.progress.step,
-                 f"{self.progress.tokens:,}")
+        log.info("training stopped: %s (step %d, %s tokens)%s", reason, self.progress.step,
+                 f"{self.progress.tokens:,}", "; relaunch the same command to continue" if resume else "")
+        self._write_launch_status(reason, resume)
         return reason
+
+    def _write_launch_status(self, reason: str, resume: bool) -> None:
+        if self.rank == 0:
+            path = self.run_dir / LAUNCH_STATUS
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps({"reason": reason, "resume": resume, "step": self.progress.step,
+                                       "tokens": self.progress.tokens}) + "\n")
+            os.replace(tmp, path)
 
     def _enter_stage(self, plan: StepPlan) -> bool:
         stage = plan.stage
@@ -247,18 +265,21 @@ class Trainer:
         self._reduce_grads()
         grad_norm = clip_grad_norm_(self.chunks, self.cfg.optim.clip_grad, self.mesh,
                                     embedding_copies(self.model_config, self.mesh.dims.pp)).item()
-        finite = math.isfinite(grad_norm) and math.isfinite(losses["loss"])
+        nonfinite = [k for k in (*LOSS_KEYS, "grad_norm") if not math.isfinite({**losses, "grad_norm": grad_norm}[k])]
+        finite = not nonfinite
         if finite:
             imbalance = self._update_expert_bias(plan.stage.bias_update_rate)
             self.optimizer.step()
+            self.progress.skipped_in_a_row, self.progress.first_bad_step = 0, None
         else:
             imbalance = {}
-            self._discard_step()
+            self._discard_step(nonfinite)
         self.optimizer.zero_grad()
         self.progress.step += 1
         self.progress.tokens += plan.tokens
         elapsed = time.perf_counter() - start
         self._log(plan, losses, grad_norm, elapsed, imbalance, skipped=not finite)
+        self._check_skipped_limit()
 
     def _forward_backward(self, batch: dict[str, torch.Tensor], plan: StepPlan) -> dict[str, float]:
         if self.runner is not None:
@@ -307,18 +328,31 @@ class Trainer:
             imbalance = {k: v for part in gathered for k, v in part.items()}
         return imbalance
 
-    def _discard_step(self) -> None:
+    def _discard_step(self, nonfinite: list[str]) -> None:
+        """A step whose loss or gradient norm is NaN/Inf: no update. More than trainer.max_skipped_steps of them
+        in a row end the run (`_check_skipped_limit`); while they last, no checkpoint is written (the newest stays
+        the last good one)."""
         self.progress.skipped_steps += 1
+        self.progress.skipped_in_a_row += 1
+        if self.progress.first_bad_step is None:
+            self.progress.first_bad_step, self.progress.first_bad_value = self.progress.step + 1, nonfinite[0]
         for chunk in self.chunks:
             for module in chunk.modules():
                 if isinstance(module, MoEBlock):
                     module.tokens_per_expert.zero_()
+        log.warning("non-finite %s at step %d: update skipped (%d in a row, limit trainer.max_skipped_steps=%d)",
+                    " and ".join(nonfinite), self.progress.step + 1, self.progress.skipped_in_a_row,
+                    self.cfg.trainer.max_skipped_steps)
+
+    def _check_skipped_limit(self) -> None:
         limit = self.cfg.trainer.max_skipped_steps
-        log.warning("non-finite loss or gradient norm at step %d: update skipped (%d skipped so far, limit %d)",
-                    self.progress.step + 1, self.progress.skipped_steps, limit)
-        if self.progress.skipped_steps > limit:
-            raise TrainingAborted(f"{self.progress.skipped_steps} steps had non-finite gradients (limit "
-                                  f"trainer.max_skipped_steps={limit}); check the learning rate and the data.")
+        if self.progress.skipped_in_a_row > limit:
+            good = self._last_good_checkpoint or "none (no checkpoint was written)"
+            raise TrainingAborted(
+                f"{self.progress.skipped_in_a_row} steps in a row were non-finite (limit trainer.max_skipped_steps="
+                f"{limit}); the first, step {self.progress.first_bad_step}, had a non-finite "
+                f"{self.progress.first_bad_value}. The last good checkpoint is {good}: relaunching resumes from "
+                "it; change what broke first (learning rate, data around that step, precision).")
 
     def _log(self, plan: StepPlan, losses: dict[str, float], grad_norm: float, elapsed: float,
              imbalance: dict[str, float], skipped: bool) -> None:
@@ -373,6 +407,12 @@ class Trainer:
             log.info("eval hook %s after stage %s: %s", name, stage.name, results)
 
     def _save(self) -> None:
+        if self.progress.skipped_in_a_row:
+            if self.rank == 0:
+                log.warning("not saving a checkpoint at step %d: the last %d step(s) were non-finite, so the newest "
+                            "checkpoint stays the last good one (%s)", self.progress.step,
+                            self.progress.skipped_in_a_row, self._last_good_checkpoint)
+            return
         extra = {"progress": dataclasses.asdict(self.progress), "loader": self.loader.state_dict()}
         meta = {"tokens": self.progress.tokens,
                 "stage": self.curriculum.stage_index_at(min(self.progress.tokens, self.curriculum.total_tokens - 1)),
@@ -384,9 +424,11 @@ class Trainer:
             done = "started (asynchronous)" if self.cfg.checkpoint.async_save else f"written to {result}"
             log.info("checkpoint for step %d %s", self.progress.step, done)
         self._last_saved_step = self.progress.step
+        self._last_good_checkpoint = self.run_dir / "checkpoints" / ckpt.store.step_dir_name(self.progress.step)
 
     def _latest_is_current(self) -> bool:
-        return getattr(self, "_last_saved_step", None) == self.progress.step
+        """Is there nothing new to save (the last checkpoint is of this step, or nothing was trained yet)?"""
+        return self._last_saved_step == self.progress.step
 
     def _all_agree(self, flag: bool) -> bool:
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)

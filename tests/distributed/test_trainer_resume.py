@@ -9,25 +9,19 @@ forked gloo ranks) with the cpu_tiny experiment: 30 steps, stage `short` for ste
 
 from __future__ import annotations
 
-import json
 import logging
-import multiprocessing
 import os
 import shutil
 import signal
-import socket
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from megatron_exaone.checkpoint.store import find_checkpoint, read_meta, verify
-from megatron_exaone.cli.train import main, run_training
-from megatron_exaone.config.load import load_config, validate
+from megatron_exaone.checkpoint.store import find_checkpoint, read_meta, unusable_reason
+from megatron_exaone.cli.train import run_training
 from megatron_exaone.parallel.testing import run_distributed
-from megatron_exaone.training.sample_data import prepare_sample_data
+from tests.runs import (assert_same_losses, by_step, checkpoint_steps, overrides, records, start, train,
+                        wait_for_step)
 
 STEPS, SWITCH = 30, 20  # cpu_tiny: 30 steps, the second stage starts at step 21
 # Loss of a resumed run under another layout: fp32 sums in another order.
@@ -36,47 +30,8 @@ RESHARD_RTOL = 1e-4
 
 # ---------------------------------------------------------------------------------------------- helpers
 @pytest.fixture(scope="module")
-def data_overrides(tmp_path_factory) -> list[str]:
-    """The sample corpus's tokenizer and shards, built once; every run reads them (no tokenizer training)."""
-    vocab = validate(load_config(["experiment=cpu_tiny", "parallel=single"]), 1, "cpu").model.vocab_size
-    tokenizer, prefix = prepare_sample_data(tmp_path_factory.mktemp("sample_data"), vocab)
-    return ["data.prepare_sample=false", f"data.datasets.sample=[{prefix}]", f"data.tokenizer={tokenizer}"]
-
-
-def overrides(run_dir: Path, data: list[str], *extra: str) -> list[str]:
-    return ["experiment=cpu_tiny", "parallel=single", f"run_dir={run_dir}", "trainer.device=cpu",
-            "wandb.enabled=false", *data, *extra]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cli(argv: list[str]) -> None:
-    """The body of `exaone-train ARGV` as one process (forked: no interpreter start-up, same thread count)."""
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
-        os.environ.pop(key, None)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    torch.set_num_threads(1)  # as on run_distributed's ranks: the same kernels, bit for bit
-    logging.getLogger().handlers.clear()
-    sys.exit(main(argv))
-
-
-def start(argv: list[str]) -> multiprocessing.Process:
-    process = multiprocessing.get_context("fork").Process(target=_cli, args=(argv,))
-    process.start()
-    return process
-
-
-def train(argv: list[str], timeout: float = 120) -> None:
-    process = start(argv)
-    process.join(timeout)
-    if process.is_alive():
-        process.kill()
-        process.join()
-    assert process.exitcode == 0, f"exaone-train {' '.join(argv)} exited with {process.exitcode}"
+def data_overrides(sample_data) -> list[str]:
+    return sample_data
 
 
 def _train_rank(rank: int, world: int, argv: list[str]) -> str:
@@ -85,38 +40,6 @@ def _train_rank(rank: int, world: int, argv: list[str]) -> str:
 
 def train_ranks(world: int, argv: list[str]) -> str:
     return run_distributed(_train_rank, world, argv, timeout_s=120)[0]
-
-
-def records(run_dir: Path) -> list[dict]:
-    """metrics.jsonl's records in file order (a line cut short by a kill is skipped)."""
-    path = run_dir / "metrics.jsonl"
-    out = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
-
-
-def by_step(run_dir: Path) -> dict[int, dict]:
-    """The last record of each step (a resumed run appends the steps it repeats)."""
-    return {r["step"]: r for r in records(run_dir)}
-
-
-def wait_for_step(process: multiprocessing.Process, run_dir: Path, step: int, timeout: float = 90) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.is_alive():
-        steps = [r["step"] for r in records(run_dir)]
-        if steps and max(steps) >= step:
-            return max(steps)
-        time.sleep(0.01)
-    process.kill()
-    raise AssertionError(f"the run in {run_dir} did not reach step {step} (exit code {process.exitcode})")
-
-
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    return sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
 
 
 @pytest.fixture(scope="module")
@@ -129,13 +52,6 @@ def reference(tmp_path_factory, data_overrides) -> tuple[Path, dict[int, dict]]:
     assert [metrics[s]["stage"] for s in (SWITCH, SWITCH + 1)] == [0, 1]
     assert checkpoint_steps(run_dir) == list(range(5, STEPS + 1, 5))
     return run_dir, metrics
-
-
-def assert_same_losses(metrics: dict[int, dict], expected: dict[int, dict], steps, rtol: float = 0.0) -> None:
-    for step in steps:
-        for key in ("loss", "lm_loss", "mtp_loss", "aux_loss", "tokens", "stage", "lr"):
-            got, want = metrics[step][key], expected[step][key]
-            assert abs(got - want) <= rtol * abs(want), (step, key, got, want)
 
 
 # ---------------------------------------------------------------------------------------------- SIGKILL
@@ -186,7 +102,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, da
     assert [r["step"] for r in records(run_dir)] == list(range(26, STEPS + 1))  # resumed from step 25
     assert_same_losses(by_step(run_dir), expected, range(26, STEPS + 1))
     newest = find_checkpoint(run_dir / "checkpoints")
-    assert newest.name == "step_00000030" and verify(newest) is None  # rewritten, complete
+    assert newest.name == "step_00000030" and unusable_reason(newest) is None  # rewritten, complete
 
 
 # ---------------------------------------------------------------------------------------------- SIGTERM
@@ -202,7 +118,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path, data_ov
     stopped = max(r["step"] for r in records(run_dir))  # the step it was in when SIGTERM came, finished
     assert checkpoint_steps(run_dir) == [stopped] and stopped < SWITCH
     checkpoint = find_checkpoint(run_dir / "checkpoints")
-    assert verify(checkpoint) is None and read_meta(checkpoint)["step"] == stopped
+    assert unusable_reason(checkpoint) is None and read_meta(checkpoint)["step"] == stopped
     train(argv + [f"trainer.max_steps={stopped + 1}"])
     assert [r["step"] for r in records(run_dir)][-1:] == [stopped + 1]
     assert_same_losses(by_step(run_dir), expected, range(1, stopped + 2))

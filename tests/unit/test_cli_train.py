@@ -12,7 +12,7 @@ from megatron_exaone.cli.train import main
     (4, ["experiment=cpu_tiny", "parallel.tp=3"], "valid tp values: 1, 2"),  # impossible layout
     (4, ["experiment=cpu_tiny", "parallel.ep=1", "parallel.etp=2"], "expert tensor parallelism is not implemented"),
     (1, ["curriculum.stages.1.tokens=10000"], "use tokens=9216 or tokens=10240"),  # budget not on a step boundary
-    (1, ["checkpoint.load=/nonexistent"], "checkpoint.load=/nonexistent: no complete checkpoint there"),
+    (1, ["checkpoint.load=/nonexistent"], "checkpoint.load=/nonexistent: no usable checkpoint there"),
 ])
 def test_invalid_config_exits_2_with_one_actionable_line(tmp_path, monkeypatch, capsys, world_size, overrides,
                                                          expected):
