@@ -364,10 +364,25 @@ def read_meta(checkpoint: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(checkpoint) / META).read_text())
 
 
+def dcp_metadata(checkpoint: str | os.PathLike) -> Metadata:
+    """DCP's metadata of a checkpoint, through the safe reader. A .metadata that cannot be read and no longer
+    matches its checksum is a damaged file (`CorruptCheckpointError`: the caller may fall back); one that matches
+    what was written is refused as it is (`UntrustedCheckpointError`)."""
+    checkpoint = Path(checkpoint)
+    try:
+        return integrity.read_metadata(checkpoint)
+    except integrity.UntrustedCheckpointError:
+        entry = (read_meta(checkpoint).get(MANIFEST) or {}).get(integrity.METADATA_FILE)
+        problem = entry and integrity.check_file(checkpoint, integrity.METADATA_FILE, entry)
+        if problem:
+            raise CorruptCheckpointError(checkpoint, [problem]) from None
+        raise
+
+
 def saved_tensors(checkpoint: str | os.PathLike) -> dict[str, Any]:
     """The entries stored in a checkpoint (name -> DCP TensorStorageMetadata: size, dtype), read from its
     .metadata with the safe reader, no tensor data."""
-    return dict(integrity.read_metadata(checkpoint).state_dict_metadata)
+    return dict(dcp_metadata(checkpoint).state_dict_metadata)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -384,7 +399,7 @@ def checksum_problems(checkpoint: str | os.PathLike, share: int = 0, shares: int
 def read_tensors(checkpoint: str | os.PathLike, state: dict[str, Any], metadata: Metadata | None = None) -> None:
     """Load into `state` in place, without checking the checksums (callers that verify once for many reads, as
     the streaming converter does). Collective under torch.distributed."""
-    metadata = metadata if metadata is not None else integrity.read_metadata(checkpoint)
+    metadata = metadata if metadata is not None else dcp_metadata(checkpoint)
     with _quiet():
         dcp.load(state, storage_reader=integrity.SafeReader(checkpoint, metadata))
 
@@ -395,13 +410,7 @@ def load_checkpoint(checkpoint: str | os.PathLike, state: dict[str, Any]) -> Non
     `CorruptCheckpointError` on every rank when any file does not match."""
     checkpoint = Path(checkpoint)
     rank, world = _rank_world()
-    try:
-        metadata = integrity.read_metadata(checkpoint)
-    except integrity.UntrustedCheckpointError:
-        damaged = [p for p in checksum_problems(checkpoint) if f" {integrity.METADATA_FILE} " in p]
-        if damaged:  # not what was written: a damaged file, not a planted one
-            raise CorruptCheckpointError(checkpoint, damaged) from None
-        raise
+    metadata = dcp_metadata(checkpoint)
     checking = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-check")
     problems_here = checking.submit(checksum_problems, checkpoint, rank, world)
     error: BaseException | None = None

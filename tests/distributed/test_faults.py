@@ -140,13 +140,18 @@ def test_a_run_whose_checkpoints_are_all_broken_is_refused_not_pruned(tmp_path, 
     assert checkpoint_steps(run_dir) == [2, 4, 6, 8]
 
 
+@pytest.mark.parametrize("which", ["data", "metadata"])
 def test_a_corrupt_newest_checkpoint_is_detected_and_the_run_resumes_from_the_previous(tmp_path, sample_data,
-                                                                                       reference):
+                                                                                       reference, which):
     run_dir = tmp_path / "run"
     shutil.copytree(reference[0] / "checkpoints", run_dir / "checkpoints")
     shutil.rmtree(run_dir / "checkpoints" / "step_00000008")
-    damaged = data_file(run_dir / "checkpoints" / "step_00000006")
-    corrupt(damaged)
+    newest = run_dir / "checkpoints" / "step_00000006"
+    damaged = data_file(newest) if which == "data" else newest / ".metadata"
+    if which == "data":
+        corrupt(damaged)
+    else:  # DCP's pickle made unreadable: a damaged file (its checksum says so), not a refusal
+        damaged.write_bytes(os.urandom(damaged.stat().st_size))
     train(overrides(run_dir, sample_data, "trainer.max_steps=8", "checkpoint.interval=2", "checkpoint.keep_last=2"),
           stderr=tmp_path / "stderr")
     log = (tmp_path / "stderr").read_text()
