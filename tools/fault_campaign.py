@@ -119,8 +119,9 @@ class Campaign:
         return False
 
     @staticmethod
-    def saving(run_dir: Path) -> bool:
-        return any(p.name.endswith(".tmp") for p in (run_dir / "checkpoints").glob(".step_*"))
+    def saving(run_dir: Path, since: float) -> bool:
+        """Is a checkpoint being written (a temporary folder newer than `since`; a killed save leaves one)?"""
+        return any(p.stat().st_mtime > since for p in (run_dir / "checkpoints").glob(".step_*.tmp"))
 
     # ------------------------------------------------------------------------------------------ faults
     def reference(self, ranks: int) -> dict[int, dict]:
@@ -130,17 +131,23 @@ class Campaign:
         return self.metrics(run_dir)
 
     def kills(self, n: int, reference: dict[int, dict]) -> None:
+        """SIGKILL after 1-4 new steps of a launch, or (a third of the time) while its first checkpoint is being
+        written; a launch that would reach the end first runs to the end, and the next run starts."""
         run_dir, done = self.new_run_dir("kills"), 0
         while done < n:
+            resumed = max((step for step, _ in checkpoint_dirs(run_dir / "checkpoints")), default=0)
+            logged, steps = self.logged(run_dir), self.rng.randint(1, 4)
+            started = time.time()
             process = self.start(run_dir, "checkpoint.interval=1")
             during_save = self.rng.random() < 1 / 3
-            if during_save:
-                while process.poll() is None and not self.saving(run_dir):
+            if resumed + steps >= STEPS:
+                process.wait(600)
+            elif during_save:
+                while process.poll() is None and not self.saving(run_dir, started):
                     time.sleep(0.002)
             else:
-                last = max(self.metrics(run_dir), default=0)
-                if not self.wait_step(process, run_dir, min(STEPS, last + self.rng.randint(1, 4))):
-                    pass
+                while process.poll() is None and self.logged(run_dir) < logged + steps:
+                    time.sleep(0.01)
                 time.sleep(self.rng.uniform(0, 0.3))
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
@@ -148,11 +155,17 @@ class Campaign:
                 done += 1
                 self.count("kills")
                 self.count("kills_during_save", during_save)
-            if self.finished(run_dir):  # the run ended before the kill: a new one
+            if self.finished(run_dir):
                 self.check_exact(run_dir, reference, "kills")
                 run_dir = self.new_run_dir("kills")
-        if not self.finished(run_dir) and self.run_to_end(run_dir, "checkpoint.interval=1"):
+        if self.run_to_end(run_dir, "checkpoint.interval=1"):
             self.check_exact(run_dir, reference, "kills")
+
+    @staticmethod
+    def logged(run_dir: Path) -> int:
+        """How many complete step records the run has logged (a resumed run logs repeated steps again)."""
+        path = run_dir / "metrics.jsonl"
+        return path.read_text().count("\n") if path.is_file() else 0
 
     def check_exact(self, run_dir: Path, reference: dict[int, dict], kind: str) -> None:
         if self.exact(run_dir, reference):
