@@ -438,7 +438,8 @@ def save(root: str | Path, step: int, chunks: Sequence[nn.Module], optimizer: to
               "model_config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
               **(meta or {})}
     if async_save:
-        return store.async_save_checkpoint(root, step, state, meta=record, keep_last=keep_last)
+        return store.async_save_checkpoint(root, step, state, meta=record, keep_last=keep_last,
+                                           group=mesh.background_group)
     return store.save_checkpoint(root, step, state, meta=record, keep_last=keep_last)
 
 

@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlanner
 
 from megatron_exaone.errors import UserError
-from megatron_exaone.parallel.comm import all_gather_objects
+from megatron_exaone.parallel.comm import all_gather_objects, barrier
 
 from . import integrity
 
@@ -111,8 +111,7 @@ def _rank_world() -> tuple[int, int]:
 
 
 def _barrier() -> None:
-    if _rank_world()[1] > 1:
-        dist.barrier()
+    barrier()
 
 
 # DCP warns on every save/load without a process group; one process is a supported mode here. Also process-wide,
@@ -239,19 +238,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, state: dict[str, Any], m
     return final
 
 
-_ASYNC_GROUP: dist.ProcessGroup | None = None
 _PENDING: PendingCheckpoint | None = None
-
-
-def _async_group() -> dist.ProcessGroup | None:
-    """A gloo group of all ranks for the background thread's collectives, so they never interleave with the
-    training's collectives on the default group. Created on the first async save (a collective call)."""
-    global _ASYNC_GROUP
-    if _rank_world()[1] == 1:
-        return None
-    if _ASYNC_GROUP is None:
-        _ASYNC_GROUP = dist.new_group(backend="gloo")
-    return _ASYNC_GROUP
 
 
 class PendingCheckpoint:
@@ -301,14 +288,18 @@ class PendingCheckpoint:
 
 
 def async_save_checkpoint(root: str | os.PathLike, step: int, state: dict[str, Any],
-                          meta: dict[str, Any] | None = None, keep_last: int | None = None) -> PendingCheckpoint:
+                          meta: dict[str, Any] | None = None, keep_last: int | None = None,
+                          group: dist.ProcessGroup | None = None) -> PendingCheckpoint:
     """Like `save_checkpoint`, but returns once `state` is copied to memory (`dcp.async_save`); the files are
-    written by a background thread. A previous pending save is waited for first. Collective."""
+    written by a background thread, whose collectives run on `group` (all ranks, gloo: `ParallelMesh.
+    background_group`) so they never interleave with the training's. A previous pending save is waited for
+    first. Collective."""
     global _PENDING
     if _PENDING is not None:
         _PENDING.wait()
     root, final, tmp = _prepare(root, step, state)
-    group = _async_group()
+    if group is None and _rank_world()[1] > 1:
+        raise ValueError("an asynchronous save of several ranks needs a background process group (group=...)")
     writer = integrity.HashingWriter(str(tmp))
     with _quiet():
         result = dcp.async_save(state, storage_writer=writer, process_group=group, no_dist=group is None)

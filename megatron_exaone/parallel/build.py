@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megatron_exaone.model import ExaoneMoeForCausalLM, ModelConfig
@@ -18,6 +17,7 @@ from .mesh import LayoutError, ParallelDims, ParallelMesh
 from .pipeline import PipelineChunk, local_stage_indices, pipeline_layout, sync_embedding_grads
 from .sharding import materialize
 from .tensor_parallel import apply_tensor_parallel, reduce_tp_partial_grads
+from .comm import all_reduce_
 
 
 def check_supported(dims: ParallelDims) -> None:
@@ -94,7 +94,5 @@ def all_reduce_grads(model: nn.Module | Sequence[nn.Module], mesh: ParallelMesh)
         for name, param in chunk.named_parameters():
             if param.grad is None:
                 continue
-            group = mesh.edp_group if ".experts." in name else mesh.dp_cp_group
-            if dist.get_world_size(group) > 1:
-                dist.all_reduce(param.grad, group=group)
+            all_reduce_(param.grad, mesh.edp_group if ".experts." in name else mesh.dp_cp_group)
     sync_embedding_grads(chunks, mesh)

@@ -1,7 +1,7 @@
-"""Explicit autograd collectives over a given process group (plain local tensors, no DTensor).
-
-Megatron's tensor/sequence-parallel regions and the expert all-to-all. Every function returns its input unchanged
-when the group has one rank. Only tensor (`*_single`) forms of collectives are used: gloo rejects uneven list forms.
+"""Every collective of the project: the explicit autograd collectives over a given process group (plain local
+tensors, no DTensor) of Megatron's tensor/sequence-parallel regions and the expert all-to-all, and the plain ones
+that coordinate gradients, metrics and checkpoints. Every function returns its input unchanged when the group has
+one rank. Only tensor (`*_single`) forms of collectives are used: gloo rejects uneven list forms.
 """
 
 from __future__ import annotations
@@ -183,11 +183,36 @@ def all_to_all(x: Tensor, group: ProcessGroup, output_split_sizes: Sequence[int]
     return _AllToAll.apply(x, group, out_splits, in_splits)
 
 
-def all_reduce_(tensor: Tensor, group: ProcessGroup, op: ReduceOp.RedOpType = ReduceOp.SUM) -> Tensor:
-    """In-place all-reduce (no autograd); returns `tensor`."""
-    if _size(group) > 1:
+# ---------------------------------------------------------------------------------------------- no autograd
+# Coordination outside the compute graph (gradient sums, metrics, checkpoints). `group=None` is the whole job; with
+# no process group running (one process) or a one-rank group each is a no-op.
+def _alone(group: ProcessGroup | None) -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1
+
+
+def all_reduce_(tensor: Tensor, group: ProcessGroup | None = None, op: ReduceOp.RedOpType = ReduceOp.SUM) -> Tensor:
+    """In-place all-reduce; returns `tensor`."""
+    if not _alone(group):
         dist.all_reduce(tensor, op=op, group=group)
     return tensor
+
+
+def all_to_all_single_(out: Tensor, tensor: Tensor, group: ProcessGroup) -> Tensor:
+    """Even all-to-all of `tensor`'s rows into `out`; returns `out`."""
+    if _alone(group):
+        return out.copy_(tensor)
+    dist.all_to_all_single(out, tensor, group=group)
+    return out
+
+
+def all_gather_stack(tensor: Tensor, group: ProcessGroup) -> Tensor:
+    """Every rank's `tensor`, stacked in rank order: [group size, *tensor.shape]."""
+    return _all_gather(tensor.unsqueeze(0), group, 0) if not _alone(group) else tensor.unsqueeze(0)
+
+
+def barrier(group: ProcessGroup | None = None) -> None:
+    if not _alone(group):
+        dist.barrier(group=group)
 
 
 def global_sum(values: Sequence[float], group: ProcessGroup) -> list[float]:
@@ -197,9 +222,9 @@ def global_sum(values: Sequence[float], group: ProcessGroup) -> list[float]:
 
 
 def all_gather_objects(value: Any, group: ProcessGroup | None = None) -> list[Any]:
-    """`value` (any picklable Python value) from every rank of `group` (default: the whole job), in rank order;
-    `[value]` when no process group is running. Only for values this job made itself, never data read from files."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+    """`value` (any picklable Python value) from every rank of `group`, in rank order. Only for values this job
+    made itself, never data read from files."""
+    if _alone(group):
         return [value]
     gathered: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, value, group=group)

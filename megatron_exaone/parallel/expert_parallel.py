@@ -34,8 +34,7 @@ class ExpertParallelExperts(GroupedExperts):
         ep = dist.get_world_size(self.group)
         local_experts = self.gate_proj.shape[0]
         # counts_recv[r, e]: how many tokens rank r sends to my local expert e.
-        counts_recv = torch.empty_like(counts)
-        dist.all_to_all_single(counts_recv, counts, group=self.group)
+        counts_recv = comm.all_to_all_single_(torch.empty_like(counts), counts, self.group)
         counts_recv = counts_recv.view(ep, local_experts)
         send_splits = counts.view(ep, local_experts).sum(dim=1).tolist()
         recv_splits = counts_recv.sum(dim=1).tolist()

@@ -10,12 +10,12 @@ import math
 from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .mesh import ParallelMesh
 from .sharding import local_tensor, plan_of
+from megatron_exaone.parallel.comm import all_reduce_
 
 
 def _replicas(name: str, grad: torch.Tensor, tp_copies: int, mesh: ParallelMesh, embedding_copies: int) -> int:
@@ -58,8 +58,7 @@ def clip_grad_norm_(chunks: Iterable[nn.Module], max_norm: float, mesh: Parallel
             grads.append(local)
     if total is None:
         total = torch.zeros((), device=mesh.dense.device_type)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total)
+    all_reduce_(total)
     norm = total.sqrt()
     if max_norm > 0 and math.isfinite(norm.item()):
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)

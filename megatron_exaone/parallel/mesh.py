@@ -9,6 +9,7 @@ edp x ep x etp with etp fastest, so rank = etp + ETP*ep + ETP*EP*edp + TP*CP*DP*
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -256,6 +257,13 @@ class ParallelMesh:
     def tp_cp_dp_group(self) -> ProcessGroup:
         """All ranks of this pipeline stage: expert-load counts and global token counts are reduced over it."""
         return self.stage_mesh.get_group()
+
+    @functools.cached_property
+    def background_group(self) -> ProcessGroup | None:
+        """A gloo group of all ranks for collectives of background threads (asynchronous checkpoint saves), so
+        they never interleave with the training's on the default group; None in one process. Created on first use,
+        a collective call."""
+        return dist.new_group(backend="gloo") if self.dims.world_size > 1 else None
 
     @property
     def is_first_pp_stage(self) -> bool:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleDualPipeV, ScheduleInterleaved1F1B,
@@ -36,6 +35,7 @@ from megatron_exaone.model.sequence_shard import SequenceShard
 
 from .mesh import LayoutError, ParallelMesh
 from .sharding import local_tensor
+from .comm import all_reduce_
 
 EMBEDDING_WEIGHT = "model.embed_tokens.weight"
 
@@ -352,7 +352,7 @@ def sync_embedding_grads(chunks: Sequence[nn.Module], mesh: ParallelMesh) -> Non
     grads = [local_tensor(p.grad) for p in copies]
     total = grads[0] if len(grads) == 1 else torch.stack(grads).sum(dim=0)
     if len(grads) == 1:  # the other copy lives on the other end of the pipeline
-        dist.all_reduce(total, group=mesh.embedding_group)
+        all_reduce_(total, mesh.embedding_group)
     for grad in grads:
         grad.copy_(total)
 
@@ -484,8 +484,7 @@ class PipelineRunner:
 
     def _global_scaling(self, labels: torch.Tensor) -> LossScaling:
         valid = (labels != IGNORE_INDEX).sum().to(torch.float32)
-        if dist.get_world_size(self.mesh.dp_group) > 1:  # the ranks of a cp group hold the same whole sequences
-            dist.all_reduce(valid, group=self.mesh.dp_group)
+        all_reduce_(valid, self.mesh.dp_group)  # the ranks of a cp group hold the same whole sequences
         # Every data-parallel rank holds the same number of sequences (context parallel splits tokens, not them).
         return LossScaling(valid_tokens=valid.clamp(min=1), sequences=labels.shape[0] * self.mesh.dims.dp)
 
@@ -504,9 +503,8 @@ class PipelineRunner:
             values += torch.stack([torch.as_tensor(chunk.metrics.sums[n], dtype=torch.float32, device=self.device)
                                    for n in LossMetrics.NAMES])
             chunk.metrics.reset()
-        dist.all_reduce(values, group=self.mesh.pp_group)
-        if dist.get_world_size(self.mesh.dp_cp_group) > 1:
-            dist.all_reduce(values, group=self.mesh.dp_cp_group)
+        all_reduce_(values, self.mesh.pp_group)
+        all_reduce_(values, self.mesh.dp_cp_group)
         metrics = dict(zip(LossMetrics.NAMES, values.tolist()))
         metrics["aux_loss"] /= self.mesh.dims.cp  # every rank of a cp group computes its sequences' whole aux loss
         mtp_weight = self.chunks[0].config.mtp_loss_weight

@@ -183,7 +183,7 @@ def reduce_tp_partial_grads(root: nn.Module, group: dist.ProcessGroup) -> None:
     partial = [g for n, g in grads.items() if n in plan.tp_partial_grads]
     if partial:
         flat = torch.cat([g.reshape(-1) for g in partial])
-        dist.all_reduce(flat, group=group)
+        comm.all_reduce_(flat, group)
         offset = 0
         for g in partial:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
@@ -193,5 +193,5 @@ def reduce_tp_partial_grads(root: nn.Module, group: dist.ProcessGroup) -> None:
         shard = plan.layouts[name].shards[0]
         slots = grads[name].new_zeros((shard.count, *grads[name].shape))
         slots[shard.index] = grads[name]
-        dist.all_reduce(slots, group=group)
+        comm.all_reduce_(slots, group)
         grads[name].copy_(slots[shard.index])

@@ -11,6 +11,7 @@ from megatron_exaone.model.loss import (IGNORE_INDEX, ComputesHeadGemms, Gradien
                                         chunk_rows, chunked_linear_cross_entropy)
 
 from . import comm
+from .comm import all_reduce_
 
 
 def _vocab_range(local_rows: int, group: dist.ProcessGroup) -> tuple[int, int]:
@@ -60,10 +61,8 @@ class _VocabParallelLinearCE(GradientsInForward):
     @staticmethod
     def forward(ctx, hidden, weight, labels, normalizer, group, chunk_size, gemms: HeadGemms):
         def reduce_stats(local_max, local_sum_exp, target):
-            row_max = local_max.clone()
-            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-            stats = torch.stack([local_sum_exp * torch.exp(local_max - row_max), target])
-            dist.all_reduce(stats, group=group)
+            row_max = all_reduce_(local_max.clone(), group, dist.ReduceOp.MAX)
+            stats = all_reduce_(torch.stack([local_sum_exp * torch.exp(local_max - row_max), target]), group)
             return row_max, *stats
 
         start, _ = _vocab_range(weight.shape[0], group)

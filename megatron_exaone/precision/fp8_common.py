@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from megatron_exaone.errors import UserError
 from megatron_exaone.model.moe import group_ids
+from megatron_exaone.parallel.comm import all_reduce_
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -71,7 +72,7 @@ def amax(x: torch.Tensor, dim: int | None = None, group: dist.ProcessGroup | Non
     with torch.no_grad():
         result = (x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)).float()
         if group is not None:
-            dist.all_reduce(result, op=dist.ReduceOp.MAX, group=group)
+            all_reduce_(result, group, dist.ReduceOp.MAX)
     return result
 
 

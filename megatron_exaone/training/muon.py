@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from megatron_exaone.parallel.sharding import ParamLayout
+from megatron_exaone.parallel.comm import all_gather_stack
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic, as torch.optim.Muon
 
@@ -65,10 +66,9 @@ class ShardedMatrix:
             value = DTensor.from_local(local, self.param.device_mesh, self.param.placements,
                                        shape=self.param.shape, stride=self.param.stride()).full_tensor()
         if self.tp_shard is not None:
-            pieces = [torch.empty_like(value) for _ in range(self.tp_size)]
-            dist.all_gather(pieces, value.contiguous(), group=self.tp_group)
+            pieces = all_gather_stack(value.contiguous(), self.tp_group)
             replicas = self.tp_size // self.tp_shard.count  # replicated KV heads appear `replicas` times in a row
-            value = torch.cat(pieces[::replicas], dim=self.tp_shard.dim)
+            value = torch.cat(list(pieces[::replicas]), dim=self.tp_shard.dim)
         return value
 
     def local(self, full: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from megatron_exaone.model import ModelConfig, update_expert_bias
 from megatron_exaone.model.moe import MoEBlock
 from megatron_exaone.parallel.build import all_reduce_grads, build_parallel_model, build_pipeline_chunks
 from megatron_exaone.parallel.checkpointing import apply_activation_checkpointing
+from megatron_exaone.parallel.comm import all_gather_objects, all_reduce_, barrier
 from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.parallel.data_parallel import apply_data_parallel
 from megatron_exaone.parallel.grad_norm import clip_grad_norm_
@@ -121,7 +122,7 @@ class Trainer:
             data_dir = self.run_dir / "data"
             if self.rank == 0:
                 prepare_sample_data(data_dir, self.model_config.vocab_size)
-            dist.barrier()
+            barrier()
 
     def _compute_dtype(self) -> torch.dtype:
         bf16 = self.cfg.precision.name != "fp32" and self.device.type == "cuda"
@@ -288,7 +289,7 @@ class Trainer:
         (model,) = self.chunks
         labels = batch["labels"]
         valid = (labels != -100).sum().to(torch.float32)
-        dist.all_reduce(valid, group=self.mesh.dp_group)  # the ranks of a cp group hold the same whole sequences
+        all_reduce_(valid, self.mesh.dp_group)  # the ranks of a cp group hold the same whole sequences
         micro = self.cfg.trainer.micro_batch_size
         rows = labels.shape[0]
         totals = {"lm_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
@@ -303,7 +304,7 @@ class Trainer:
             for key in totals:
                 totals[key] += getattr(out, key).item()
         summed = torch.tensor(list(totals.values()), dtype=torch.float64, device=self.device)
-        dist.all_reduce(summed, group=self.mesh.dp_cp_group)
+        all_reduce_(summed, self.mesh.dp_cp_group)
         totals = dict(zip(totals, summed.tolist()))
         totals["aux_loss"] /= self.mesh.dims.cp  # every rank of a cp group computes its sequences' whole aux loss
         totals["loss"] = totals["lm_loss"] + model.config.mtp_loss_weight * totals["mtp_loss"] + totals["aux_loss"]
@@ -321,11 +322,9 @@ class Trainer:
         group = self.mesh.tp_cp_dp_group
         imbalance: dict[str, float] = {}
         for chunk in self.chunks:
-            imbalance.update(update_expert_bias(chunk, rate, lambda t: dist.all_reduce(t, group=group)))
+            imbalance.update(update_expert_bias(chunk, rate, lambda t: all_reduce_(t, group)))
         if self.mesh.dims.pp > 1:  # each pipeline stage holds different layers; rank 0 logs them all
-            gathered: list[dict[str, float] | None] = [None] * self.mesh.dims.pp
-            dist.all_gather_object(gathered, imbalance, group=self.mesh.pp_group)
-            imbalance = {k: v for part in gathered for k, v in part.items()}
+            imbalance = {k: v for part in all_gather_objects(imbalance, self.mesh.pp_group) for k, v in part.items()}
         return imbalance
 
     def _discard_step(self, nonfinite: list[str]) -> None:
@@ -383,8 +382,8 @@ class Trainer:
         estimates), with the GPU's size as `gpu_memory_gib`; None on CPU."""
         if self.device.type != "cuda":
             return {"peak_memory_gib": None, "gpu_memory_gib": None}
-        peak = torch.tensor(float(torch.cuda.max_memory_allocated(self.device)), device=self.device)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        peak = all_reduce_(torch.tensor(float(torch.cuda.max_memory_allocated(self.device)), device=self.device),
+                           op=dist.ReduceOp.MAX)
         total = torch.cuda.get_device_properties(self.device).total_memory
         return {"peak_memory_gib": peak.item() / 2**30, "gpu_memory_gib": total / 2**30}
 
@@ -431,9 +430,7 @@ class Trainer:
         return self._last_saved_step == self.progress.step
 
     def _all_agree(self, flag: bool) -> bool:
-        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+        return bool(all_reduce_(torch.tensor([float(flag)], device=self.device), op=dist.ReduceOp.MAX).item())
 
 
 def _set_mtp_weight(chunk: nn.Module, weight: float) -> None:
