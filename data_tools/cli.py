@@ -1,6 +1,8 @@
-"""`exaone-data`: train a SuperBPE tokenizer, tokenize a corpus into Megatron shards, inspect shards.
+"""`exaone-data`: train a SuperBPE tokenizer, tokenize a corpus into Megatron shards, inspect shards, prepare the
+bundled sample data.
 
-Argument parsing only; the work is done by data_tools.train_tokenizer, .tokenize_corpus and .inspect_shards.
+Argument parsing only; the work is done by data_tools.train_tokenizer, .tokenize_corpus, .inspect_shards and
+.sample_data.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+from pathlib import Path
 
 from data_tools.superbpe import PRETOKENIZERS
 from megatron_exaone.errors import UserError, one_line, reported
@@ -127,12 +131,29 @@ def _run_inspect(args: argparse.Namespace) -> None:
         print(text)
 
 
+def _add_prepare_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare-sample", help="the bundled sample corpus as a tokenizer and shards (exaone-train's "
+                                              "data.prepare_sample)")
+    p.add_argument("output", metavar="DIR", help="writes DIR/tokenizer/ and DIR/sample.{bin,idx}; reuses them")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.set_defaults(run=_run_prepare_sample)
+
+
+def _run_prepare_sample(args: argparse.Namespace) -> None:
+    from data_tools.sample_data import prepare_sample_data
+
+    # Slurm's time-limit warning reaches every process of a job step; the trainer that runs this decides.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    prepare_sample_data(Path(args.output), args.vocab_size)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exaone-data", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train_tokenizer(sub)
     _add_tokenize(sub)
     _add_inspect(sub)
+    _add_prepare_sample(sub)
     return parser
 
 

@@ -62,7 +62,7 @@ def sample_data(tmp_path_factory) -> list[str]:
     """exaone-train overrides that read the sample corpus's tokenizer and shards, built once per session for the
     cpu_tiny model (so runs skip the tokenizer training)."""
     from megatron_exaone.config.load import load_config, validate
-    from megatron_exaone.training.sample_data import prepare_sample_data
+    from data_tools.sample_data import prepare_sample_data
 
     vocab = validate(load_config(["experiment=cpu_tiny", "parallel=single"]), 1, "cpu").model.vocab_size
     tokenizer, prefix = prepare_sample_data(tmp_path_factory.mktemp("sample_data"), vocab)

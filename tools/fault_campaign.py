@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from megatron_exaone.checkpoint.store import checkpoint_dirs, checksum_problems  # noqa: E402
 from megatron_exaone.lifetime import child_pids  # noqa: E402
-from megatron_exaone.training.sample_data import prepare_sample_data  # noqa: E402
+from data_tools.sample_data import prepare_sample_data  # noqa: E402
 
 STEPS = 30  # cpu_tiny: stages of 20 and 10 steps
 KEYS = ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm", "lr", "tokens")

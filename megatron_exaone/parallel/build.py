@@ -43,7 +43,7 @@ def _apply_passes(root: nn.Module, config: ModelConfig, mesh: ParallelMesh, seed
                  num_layers=config.num_hidden_layers, fp8_mtp=plan.fp8_mtp, te_attention=plan.te_attention)
     else:
         apply_precision(root, plan, config.num_hidden_layers, torch.device(device).type, amax_group=mesh.tp_group)
-    # Activation checkpointing (parallel/checkpointing.py) and data parallel (FSDP2, parallel/data_parallel.py)
+    # Activation checkpointing (parallel/recompute.py) and data parallel (FSDP2, parallel/data_parallel.py)
     # wrap the materialized model or each chunk; under a pipeline, FSDP2 must keep parameters unsharded between
     # forward and backward (reshard_after_forward=False) for ZBV/DualPipeV.
     materialize(root, config, seed, device)

@@ -52,7 +52,7 @@ Design (each choice with its reason)
 5. Activation recompute: the recomputed forward runs in backward, outside the autocast. Modules holding TE modules
    must therefore be checkpointed with TE's `checkpoint` (`recompute_checkpoint` here, `use_reentrant=False`). It
    re-enters the autocast with the forward's recipe and restores DelayedScaling metadata. torch's plain checkpoint
-   would recompute in BF16 and fail the saved-tensor check. `parallel/checkpointing.py` should call
+   would recompute in BF16 and fail the saved-tensor check. `parallel/recompute.py` should call
    `recompute_checkpoint` for modules where `holds_te_modules(module)` is true.
 6. Checkpoints: TE modules add `_extra_state` to `state_dict()` (ref §6.1). For the stateless recipes
    (tensorwise, blockwise, mxfp8) it is empty in TE >= 2.18. For DelayedScaling it holds the amax history and

@@ -12,6 +12,8 @@ import json
 import logging
 import math
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +32,7 @@ from megatron_exaone.errors import UserError
 from megatron_exaone.model import ModelConfig, update_expert_bias
 from megatron_exaone.model.moe import MoEBlock
 from megatron_exaone.parallel.build import all_reduce_grads, build_parallel_model, build_pipeline_chunks
-from megatron_exaone.parallel.checkpointing import apply_activation_checkpointing
+from megatron_exaone.parallel.recompute import apply_recompute
 from megatron_exaone.parallel.comm import all_gather_objects, all_reduce_, barrier
 from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.parallel.data_parallel import apply_data_parallel
@@ -44,7 +46,6 @@ from megatron_exaone.precision import PrecisionPlan, mark_fp8_weights_stale
 from .flops import flops_per_token, peak_flops
 from .metrics import MetricsLogger
 from .optim import build_optimizer
-from .sample_data import prepare_sample_data
 
 log = logging.getLogger("megatron_exaone.train")
 
@@ -119,9 +120,8 @@ class Trainer:
         tokenizer = data.resolved_path(data.tokenizer, self.run_dir)
         self.tokenizer_dir: Path | None = Path(tokenizer) if tokenizer else None
         if data.prepare_sample:  # the embedded default: build the tokenizer and shards once, on rank 0
-            data_dir = self.run_dir / "data"
             if self.rank == 0:
-                prepare_sample_data(data_dir, self.model_config.vocab_size)
+                prepare_sample_data(self.run_dir / "data", self.model_config.vocab_size)
             barrier()
 
     def _compute_dtype(self) -> torch.dtype:
@@ -147,7 +147,7 @@ class Trainer:
                      "(slower until the kernels are built)", self.rank, compiled)
         for chunk in chunks:
             if not p.compile:
-                apply_activation_checkpointing(chunk, p.recompute, tuple(p.recompute_modules))
+                apply_recompute(chunk, p.recompute, tuple(p.recompute_modules))
             if p.fsdp:
                 apply_data_parallel(chunk, self.mesh, bf16=self._compute_dtype() == torch.bfloat16,
                                     reshard_after_forward=p.reshard_after_forward
@@ -437,6 +437,18 @@ def _set_mtp_weight(chunk: nn.Module, weight: float) -> None:
     config = getattr(chunk, "config", None)
     if config is not None:
         chunk.config = dataclasses.replace(config, mtp_loss_weight=weight)
+
+
+def prepare_sample_data(data_dir: Path, vocab_size: int) -> None:
+    """The bundled sample corpus as a tokenizer and shards under `data_dir`, by the data tool (`exaone-data
+    prepare-sample`, a process of its own: the library does not import the command package)."""
+    command = [sys.executable, "-m", "data_tools", "prepare-sample", str(data_dir), "--vocab-size", str(vocab_size)]
+    if subprocess.run(command).returncode:
+        raise SampleDataError(f"`{' '.join(command[1:])}` failed (its messages are above)")
+
+
+class SampleDataError(UserError, RuntimeError):
+    """The bundled sample data could not be prepared."""
 
 
 def default_device(name: str) -> torch.device:

@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor
 from megatron_exaone.model import build_model, tiny
 from megatron_exaone.model.mtp import shift_left
 from megatron_exaone.parallel.build import all_reduce_grads, build_parallel_model
-from megatron_exaone.parallel.checkpointing import apply_activation_checkpointing
+from megatron_exaone.parallel.recompute import apply_recompute
 from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.parallel.data_parallel import apply_data_parallel
 from megatron_exaone.parallel.grad_norm import clip_grad_norm_
@@ -77,7 +77,7 @@ def run_layout(rank, world, name, dims_kw, sequence_parallel, fsdp, recompute, c
         torch._dynamo.reset()  # compiled code is shared per function: start from the recompute setting asked for
         apply_compile(model, recompute=recompute == "full")
     else:
-        apply_activation_checkpointing(model, recompute)
+        apply_recompute(model, recompute)
     if fsdp:
         apply_data_parallel(model, mesh, bf16=False)
     x, positions, labels = batch()

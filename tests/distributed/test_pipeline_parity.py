@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 from megatron_exaone.model import build_model, k_exaone_236b, tiny
 from megatron_exaone.model.mtp import shift_left
 from megatron_exaone.parallel.build import all_reduce_grads, build_pipeline_chunks
-from megatron_exaone.parallel.checkpointing import apply_activation_checkpointing
+from megatron_exaone.parallel.recompute import apply_recompute
 from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.parallel.data_parallel import apply_data_parallel
 from megatron_exaone.parallel.grad_norm import clip_grad_norm_
@@ -89,7 +89,7 @@ def run_layout(ref_params, dims_kw, schedule, layout, fsdp, compiled=False, redu
                    for c, lay in zip(chunks, layouts) for n, p in c.named_parameters())
     if fsdp:
         for chunk in chunks:
-            apply_activation_checkpointing(chunk, "full")
+            apply_recompute(chunk, "full")
             apply_data_parallel(chunk, mesh, bf16=False, reshard_after_forward=not splits_weight_backward(schedule))
     x, positions, labels = batch()
     per = x.shape[0] // mesh.dims.dp

@@ -96,7 +96,7 @@ def hf_loss_per_document(hf, batch):
 
 def test_hf_import_resumes_in_the_trainer_with_transformers_loss(tmp_path):
     from megatron_exaone.config.load import load_config
-    from megatron_exaone.training.sample_data import prepare_sample_data
+    from data_tools.sample_data import prepare_sample_data
 
     tokenizer_dir, prefix = prepare_sample_data(tmp_path / "data", 512)
     hf_config = ExaoneMoeConfig(

@@ -19,7 +19,7 @@ from megatron_exaone.convert.checkpoint import CheckpointFormatError
 from megatron_exaone.convert.hf import HFFormatError
 from megatron_exaone.errors import UserError
 from megatron_exaone.model import ModelConfig, build_model, tiny
-from megatron_exaone.training.sample_data import prepare_sample_data
+from data_tools.sample_data import prepare_sample_data
 
 VOCAB = 512  # the smallest vocabulary the sample tokenizer trains (8 special + 256 byte tokens + merges)
 CONFIG = tiny(vocab_size=VOCAB)

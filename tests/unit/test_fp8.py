@@ -26,7 +26,7 @@ from megatron_exaone.parallel.pipeline import PipelineChunk, StageSpec
 from megatron_exaone.parallel.sharding import layout_of, materialize
 from megatron_exaone.parallel.tensor_parallel import reduce_tp_partial_grads
 from megatron_exaone.parallel.testing import run_distributed
-from megatron_exaone.precision import Fp8Unavailable, PrecisionPlan, apply_precision, mark_fp8_weights_stale
+from megatron_exaone.precision import Fp8Unavailable, PrecisionPlan, apply_precision
 from megatron_exaone.precision.fp8_common import (E4M3, E5M2, FP8_MAX, Fp8Recipe, amax, current_scale,
                                                   per_group_scale, quantize, quantize_with_scale, scale_from_amax,
                                                   to_fp8, to_fp8_per_group_columns)

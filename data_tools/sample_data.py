@@ -1,4 +1,5 @@
-"""The embedded default data: a SuperBPE tokenizer and Megatron shards built from the bundled sample corpus."""
+"""The embedded default data (`data.prepare_sample` of exaone-train): a SuperBPE tokenizer and Megatron shards
+built from the bundled sample corpus. `exaone-data prepare-sample DIR --vocab-size N` runs it."""
 
 from __future__ import annotations
 
@@ -6,14 +7,10 @@ import logging
 from pathlib import Path
 
 from data_tools import sample_corpus
-from data_tools.cli import main as exaone_data
+from data_tools.train_tokenizer import TrainTokenizerConfig, train_tokenizer
+from data_tools.tokenize_corpus import TokenizeConfig, tokenize
 
 log = logging.getLogger(__name__)
-
-
-def _exaone_data(argv: list[str]) -> None:
-    if exaone_data(argv) != 0:
-        raise RuntimeError(f"exaone-data {argv[0]} failed (see the messages above)")
 
 
 def prepare_sample_data(data_dir: Path, vocab_size: int) -> tuple[Path, Path]:
@@ -24,10 +21,8 @@ def prepare_sample_data(data_dir: Path, vocab_size: int) -> tuple[Path, Path]:
     prefix = data_dir / "sample"
     if not (tokenizer_dir / "tokenizer.json").is_file():
         log.info("training a SuperBPE tokenizer (vocab %d) on the bundled sample corpus", vocab_size)
-        _exaone_data(["train-tokenizer", "--input", *inputs, "--vocab-size", str(vocab_size),
-                      "--output", str(tokenizer_dir)])
+        train_tokenizer(TrainTokenizerConfig(inputs=inputs, output=tokenizer_dir, vocab_size=vocab_size))
     if not prefix.with_suffix(".idx").is_file():
         log.info("tokenizing the bundled corpus into Megatron .bin/.idx shards under %s", data_dir)
-        _exaone_data(["tokenize", "--input", *inputs, "--tokenizer", str(tokenizer_dir), "--output-prefix",
-                      str(prefix), "--workers", "2"])
+        tokenize(TokenizeConfig(inputs=inputs, tokenizer=str(tokenizer_dir), output_prefix=str(prefix), workers=2))
     return tokenizer_dir, prefix

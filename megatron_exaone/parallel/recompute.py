@@ -46,7 +46,7 @@ def _recompute_in_backward(module: nn.Module) -> None:
     module.forward = forward
 
 
-def apply_activation_checkpointing(root: nn.Module, mode: str, selective: tuple[str, ...] = ("attention",)) -> None:
+def apply_recompute(root: nn.Module, mode: str, selective: tuple[str, ...] = ("attention",)) -> None:
     """mode "none" | "full" (every decoder layer) | "selective" (modules of the kinds in `selective`)."""
     if mode == "none":
         return
