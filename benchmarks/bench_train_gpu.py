@@ -28,13 +28,14 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from megatron_exaone.config.schema import PrecisionConfig
 from megatron_exaone.model import ModelConfig
 from megatron_exaone.model.mtp import shift_left
 from megatron_exaone.parallel.build import build_parallel_model
 from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.parallel.data_parallel import apply_data_parallel
 from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
-from megatron_exaone.precision import PrecisionPlan, mark_fp8_weights_stale
+from megatron_exaone.precision import mark_fp8_weights_stale
 from megatron_exaone.training.flops import H100_BF16_DENSE_PEAK, flops_per_token, fp8_matmul_flops
 from megatron_exaone.training.optim import build_optimizer
 
@@ -95,9 +96,9 @@ def measure_variants(variants: list[str], measure: Callable[[str], tuple[float, 
 VARIANT_OPTIONS = ("compile", "fp8_wgrad", "keep_gathered", "weight_cache", "fp8_mtp", "fp8_head")
 
 
-def parse_variant(variant: str) -> tuple[PrecisionPlan, set[str]]:
+def parse_variant(variant: str) -> tuple[PrecisionConfig, set[str]]:
     """"<precision>[:<recipe>][+option...]" -> (precision plan, options). Options: compile (every decoder layer
-    compiled), fp8_wgrad (the routed experts' weight gradient in FP8 too: PrecisionPlan.fp8_expert_wgrad),
+    compiled), fp8_wgrad (the routed experts' weight gradient in FP8 too: PrecisionConfig.fp8_expert_wgrad),
     keep_gathered (FSDP2 keeps gathered parameters from forward to backward: parallel.reshard_after_forward=false),
     weight_cache (FP8 weights quantized once per optimizer step: precision.fp8_weight_cache), fp8_mtp (the MTP
     module's projections in FP8 too: precision.fp8_mtp), fp8_head (the output head's logits and hidden-state
@@ -107,13 +108,13 @@ def parse_variant(variant: str) -> tuple[PrecisionPlan, set[str]]:
     if unknown:
         raise SystemExit(f"variant {variant!r}: unknown options {sorted(unknown)}; choose from {VARIANT_OPTIONS}")
     precision, _, recipe = name.partition(":")
-    plan = PrecisionPlan(precision, recipe=recipe or None, fp8_expert_wgrad="fp8_wgrad" in options,
+    plan = PrecisionConfig(precision, recipe=recipe or None, fp8_expert_wgrad="fp8_wgrad" in options,
                          fp8_weight_cache="weight_cache" in options, fp8_mtp="fp8_mtp" in options,
                          fp8_lm_head="fp8_head" in options)
     return plan, set(options)
 
 
-def fp8_share(config: ModelConfig, seq_len: int, plan: PrecisionPlan) -> str:
+def fp8_share(config: ModelConfig, seq_len: int, plan: PrecisionConfig) -> str:
     """The part of the model's FLOPs that `plan` runs in FP8 GEMMs, and the speed-up that allows (Amdahl)."""
     if not plan.name.startswith("fp8"):
         return ""

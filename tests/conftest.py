@@ -61,7 +61,8 @@ def accumulated_losses() -> Callable[..., list[float]]:
 def sample_data(tmp_path_factory) -> list[str]:
     """exaone-train overrides that read the sample corpus's tokenizer and shards, built once per session for the
     cpu_tiny model (so runs skip the tokenizer training)."""
-    from megatron_exaone.config.load import load_config, validate
+    from megatron_exaone.config.load import load_config
+    from megatron_exaone.training.plan import validate
     from data_tools.sample_data import prepare_sample_data
 
     vocab = validate(load_config(["experiment=cpu_tiny", "parallel=single"]), 1, "cpu").model.vocab_size

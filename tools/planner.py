@@ -105,7 +105,7 @@ import torch
 from megatron_exaone.model import ExaoneMoeForCausalLM, ModelConfig
 from megatron_exaone.model.config import DENSE, PRESETS, SLIDING
 from megatron_exaone.model.init import is_stacked_experts
-from megatron_exaone.parallel.build import check_supported
+from megatron_exaone.parallel.features import Build, validate_build
 from megatron_exaone.parallel.mesh import LayoutError, ParallelDims
 from megatron_exaone.parallel.pipeline import (check_schedule, embedding_copies, local_stage_indices, mtp_enabled,
                                                pipeline_layout)
@@ -390,7 +390,7 @@ def validate_layout(inp: PlanInput) -> None:
     """Raise LayoutError (with the mesh's message) unless this trainer can run the layout."""
     d = inp.dims
     d.validate(d.tp * d.cp * d.pp * d._resolved_dp(), inp.model)
-    check_supported(d)
+    validate_build(Build(inp.model, dims=d))
     if d.pp > 1:
         check_schedule(_schedule(d), d.pp, d.vpp, d.pp * d.vpp)
     pipeline_layout(inp.model, d.pp, d.vpp)
@@ -712,7 +712,9 @@ def experiment_plans(name: str, world_size: int | None = None, gpu_gib: float = 
     """One plan per curriculum stage of the experiment recipe `name` (recipes/experiment/<name>.yaml): the stage's
     layout and sequence length with the recipe's micro-batch, precision, optimizer, recompute and FSDP settings,
     on `world_size` GPUs (default: the recipe's layout with its dp)."""
-    from megatron_exaone.config.load import load_config, validate  # composes the Hydra recipe
+    from megatron_exaone.config.load import load_config  # composes the Hydra recipe
+    from megatron_exaone.precision import is_fp8
+    from megatron_exaone.training.plan import validate
 
     cfg = load_config([f"experiment={name}"])
     p = cfg.parallel
@@ -721,8 +723,8 @@ def experiment_plans(name: str, world_size: int | None = None, gpu_gib: float = 
     precision = cfg.precision
     plans = []
     for stage, layout in zip(cfg.curriculum.stages, checked.stage_parallel):
-        inp = PlanInput(model=checked.model, dims=layout.to_dims(), seq_len=stage.seq_len,
-                        micro_batch=cfg.trainer.micro_batch_size, precision="fp8" if precision.is_fp8 else "bf16",
+        inp = PlanInput(model=checked.model, dims=ParallelDims.of(layout), seq_len=stage.seq_len,
+                        micro_batch=cfg.trainer.micro_batch_size, precision="fp8" if is_fp8(precision) else "bf16",
                         recompute=layout.recompute, recompute_modules=tuple(layout.recompute_modules),
                         sharding="fsdp" if layout.fsdp else "none", keep_gathered=not layout.reshard_after_forward,
                         reduce_each_micro_batch=layout.reduce_grads_each_micro_batch,
@@ -756,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.experiment:
-            from megatron_exaone.config.load import RecipeError
+            from megatron_exaone.config.schema import RecipeError
 
             try:
                 plans = experiment_plans(args.experiment, args.world_size, args.gpu_gib)

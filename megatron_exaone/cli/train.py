@@ -19,12 +19,12 @@ import torch.distributed as dist
 from megatron_exaone import lifetime
 from megatron_exaone.checkpoint.resume import starting_checkpoint
 from megatron_exaone.checkpoint.store import read_meta
-from megatron_exaone.config.load import RecipeError, ValidatedConfig, load_config, save_resolved, validate
-from megatron_exaone.config.precision import resolve_device
-from megatron_exaone.config.schema import TrainConfig
+from megatron_exaone.config.load import load_config, save_resolved
+from megatron_exaone.config.schema import RecipeError, TrainConfig
 from megatron_exaone.errors import reported
-from megatron_exaone.parallel.build import check_supported
 from megatron_exaone.parallel.mesh import ParallelDims
+from megatron_exaone.training.device import rank_device, resolve_device
+from megatron_exaone.training.plan import ValidatedConfig, validate
 
 log = logging.getLogger("megatron_exaone.train")
 
@@ -72,8 +72,7 @@ def prepare(overrides: list[str], config_dir: str | None = None, world_size: int
     stage = _starting_stage(cfg, validated)
     layout = validated.stage_parallel[stage] if validated.stage_parallel else cfg.parallel
     cfg = dataclasses.replace(cfg, parallel=layout)
-    dims = layout.to_dims().validate(world_size, validated.model)
-    check_supported(dims)
+    dims = ParallelDims.of(layout).validate(world_size, validated.model)
     return cfg, validated, dims
 
 
@@ -81,9 +80,9 @@ def train(cfg: TrainConfig, validated: ValidatedConfig, dims: ParallelDims) -> s
     """Train on every rank of the initialized process group (`prepare`'s results); returns why training stopped.
     The run's config.yaml is (re)written only once the data, the model and the checkpoint have loaded, so a launch
     that fails to start leaves the record of the run as it was."""
-    from megatron_exaone.training.trainer import Trainer, default_device
+    from megatron_exaone.training.trainer import Trainer
 
-    trainer = Trainer(cfg, validated.model, dims, validated.curriculum, default_device(cfg.trainer.device))
+    trainer = Trainer(cfg, validated.model, dims, validated.curriculum, rank_device(cfg.trainer.device))
     if dist.get_rank() == 0:
         path = save_resolved(cfg)
         log.info("resolved config written to %s", path)
@@ -115,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here so that `--help` and config errors stay fast.
     import torch
 
-    from megatron_exaone.training.trainer import default_device
-
-    device = default_device(cfg.trainer.device)
+    device = rank_device(cfg.trainer.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():

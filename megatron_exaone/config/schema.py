@@ -4,8 +4,9 @@ These are OmegaConf structured configs (`config.load` merges the Hydra recipes o
 error), but the classes themselves are plain dataclasses: the trainer and every library module receive them, or
 the library objects they build (`ParallelDims`, `Curriculum`, `ModelConfig`), and never see Hydra or OmegaConf.
 
-Each `__post_init__` checks what a field can be checked against on its own (allowed names, signs); checks that
-need several groups or the world size live in `config.load.validate`.
+Each `__post_init__` checks what a field can be checked against on its own (signs, sizes); the names a feature
+owns (precisions, pipeline schedules, recompute modes) and the checks that need several groups, the world size or
+the machine are the features' (`training.plan.validate`).
 """
 
 from __future__ import annotations
@@ -17,31 +18,21 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from megatron_exaone.curriculum import Curriculum, LRPhase, Stage
-from megatron_exaone.parallel.mesh import ParallelDims
+from megatron_exaone.data.packing import PACKING_MODES
+from megatron_exaone.errors import UserError
 
 # OmegaConf resolves the annotations of structured configs at runtime and does not understand PEP 604 unions, so
 # this module spells types with `typing` (Optional, List, Dict) rather than `X | None` / `list[X]`.
 
-PIPELINE_SCHEDULES = ("1f1b", "interleaved_1f1b", "zbv", "dualpipev")
-RECOMPUTE_MODES = ("none", "full", "selective")
-RECOMPUTE_MODULES = ("attention", "mlp", "moe", "norm")
-# Precision name -> FP8 recipes it accepts (the first is used when `recipe` is left out). bf16 and fp32 take none.
-PRECISIONS: Dict[str, tuple] = {
-    "fp32": (),
-    "bf16": (),
-    "fp8_te_delayed": ("delayed",),
-    "fp8_te_tensorwise": ("tensorwise",),
-    "fp8_te_blockwise": ("blockwise",),
-    "fp8_te_mxfp8": ("mxfp8",),
-    "fp8_torch": ("tensorwise", "rowwise"),
-    "fp8_emulated": ("tensorwise", "rowwise"),
-}
-PACKING_MODES = ("concat", "best_fit")
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("online", "offline", "disabled")
 # Where `data.prepare_sample` writes the bundled corpus's tokenizer and shards, relative to run_dir.
 SAMPLE_TOKENIZER = "tokenizer"
 SAMPLE_PREFIX = "data/sample"
+
+
+class RecipeError(UserError, ValueError):
+    """A configuration that cannot run; the message says what to change."""
 
 
 def _one_of(where: str, value: Any, allowed: tuple) -> None:
@@ -90,15 +81,6 @@ class ParallelConfig:
     recompute_modules: List[str] = field(default_factory=lambda: ["attention"])
     compile: bool = False
 
-    def __post_init__(self) -> None:
-        _one_of("parallel.pipeline_schedule", self.pipeline_schedule, PIPELINE_SCHEDULES)
-        _one_of("parallel.recompute", self.recompute, RECOMPUTE_MODES)
-        for module in self.recompute_modules:
-            _one_of("parallel.recompute_modules entry", module, RECOMPUTE_MODULES)
-
-    def to_dims(self) -> ParallelDims:
-        return ParallelDims(tp=self.tp, pp=self.pp, vpp=self.vpp, ep=self.ep, etp=self.etp, dp=self.dp, cp=self.cp)
-
     def with_overrides(self, overrides: Dict[str, Any]) -> ParallelConfig:
         """This layout with a curriculum stage's `parallel` overrides applied.
 
@@ -118,20 +100,21 @@ class ParallelConfig:
 # ---------------------------------------------------------------------------------------------- precision
 @dataclass
 class PrecisionConfig:
-    """Numerics of the compute path.
+    """Numerics of the compute path. The names, their backends and what each option applies to are the table of
+    `precision.registry` (`PRECISIONS`), which checks this config (`validate_precision`) before anything runs.
 
     `name`: fp32, bf16 (bf16 compute with fp32 master weights, optimizer state and gradient reduction; on CPU the
     trainer computes in fp32, because CPU bf16 matmuls are slow and not what a GPU run computes), or an FP8 mode:
     fp8_te_* (Transformer Engine on CUDA: delayed, tensorwise = current scaling, blockwise, mxfp8 on Blackwell),
     fp8_torch (torch-native scaled matmuls, CUDA compute capability >= 8.9), fp8_emulated (FP8 quantize /
-    dequantize with high-precision matmuls, runs anywhere: for tests). Whether this build and device can run the
-    mode is `config.precision.validate_precision`.
+    dequantize with high-precision matmuls, runs anywhere: for tests).
 
-    `recipe`: FP8 scaling recipe (see `PRECISIONS`; None = the mode's default). `fp8_format`: "hybrid" (E4M3
-    forward, E5M2 gradients) or "e4m3". `amax_history_len` / `amax_compute_algo`: delayed scaling only.
+    `recipe`: FP8 scaling recipe (None = the precision's default). `fp8_format`: "hybrid" (E4M3 forward, E5M2
+    gradients) or "e4m3". `amax_history_len` / `amax_compute_algo`: delayed scaling only.
     `keep_bf16_first_layers` / `keep_bf16_last_layers`: decoder layers kept in bf16 at each end (the usual
     stability choice, as Megatron's `--first-last-layers-bf16`). `fp8_expert_wgrad` (fp8_torch, fp8_emulated): the
     routed experts' weight-gradient GEMM in FP8 as well; by default it runs in BF16 (see `precision.fp8_ops`).
+    `fp8_experts`: false keeps the routed experts in BF16 (where `torch._scaled_grouped_mm` cannot run).
     `fp8_mtp` (any FP8 precision) runs the MTP module's projections in FP8 too (by default it stays BF16 like
     lm_head). `fp8_lm_head` (fp8_torch, fp8_emulated) runs the output head's logits and the loss's hidden-state
     gradient in FP8 (main and MTP losses; the head's weight gradient stays BF16 with fp32 accumulation): off by
@@ -151,44 +134,11 @@ class PrecisionConfig:
     keep_bf16_first_layers: int = 1
     keep_bf16_last_layers: int = 1
     fp8_expert_wgrad: bool = False
+    fp8_experts: bool = True
     te_attention: bool = False
     fp8_mtp: bool = False
     fp8_weight_cache: bool = False
     fp8_lm_head: bool = False
-
-    def __post_init__(self) -> None:
-        _one_of("precision.name", self.name, tuple(PRECISIONS))
-        if self.te_attention and not self.name.startswith("fp8_te_"):
-            raise ValueError(f"precision.te_attention=true needs a Transformer Engine precision (fp8_te_*), not "
-                             f"{self.name}; remove it or pick an fp8_te_* precision.")
-        if self.fp8_mtp and not self.is_fp8:
-            raise ValueError(f"precision.fp8_mtp=true needs an FP8 precision, not {self.name}; remove it or pick "
-                             "an fp8_* precision.")
-        for option in ("fp8_weight_cache", "fp8_lm_head"):
-            if getattr(self, option) and self.name not in ("fp8_torch", "fp8_emulated"):
-                raise ValueError(f"precision.{option}=true applies to fp8_torch and fp8_emulated, not {self.name}; "
-                                 "remove it or pick one of those.")
-        allowed = PRECISIONS[self.name]
-        if self.recipe is not None:
-            if not allowed:
-                raise ValueError(f"precision.recipe={self.recipe!r} but precision {self.name} uses no FP8 recipe; "
-                                 "remove precision.recipe or pick an fp8_* precision.")
-            _one_of(f"precision.recipe (for {self.name})", self.recipe, allowed)
-        _one_of("precision.fp8_format", self.fp8_format, ("hybrid", "e4m3"))
-        _one_of("precision.amax_compute_algo", self.amax_compute_algo, ("max", "most_recent"))
-        _at_least("precision.amax_history_len", self.amax_history_len, 1)
-        _at_least("precision.keep_bf16_first_layers", self.keep_bf16_first_layers, 0)
-        _at_least("precision.keep_bf16_last_layers", self.keep_bf16_last_layers, 0)
-
-    @property
-    def is_fp8(self) -> bool:
-        return self.name.startswith("fp8_")
-
-    @property
-    def fp8_recipe(self) -> Optional[str]:
-        """The FP8 recipe in effect (None for fp32/bf16)."""
-        allowed = PRECISIONS[self.name]
-        return self.recipe or (allowed[0] if allowed else None)
 
 
 # ---------------------------------------------------------------------------------------------- optimizer

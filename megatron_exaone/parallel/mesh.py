@@ -12,6 +12,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,9 @@ from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 
 from megatron_exaone.errors import UserError
+
+if TYPE_CHECKING:
+    from megatron_exaone.config.schema import ParallelConfig
 from megatron_exaone.model.config import SPARSE, ModelConfig
 
 DENSE_DIMS = ("pp", "dp", "cp", "tp")
@@ -41,6 +45,11 @@ class ParallelDims:
     etp: int = 1
     dp: int | None = None
     cp: int = 1
+
+    @classmethod
+    def of(cls, parallel: ParallelConfig) -> ParallelDims:
+        """The sizes of a `parallel` recipe group."""
+        return cls(**{f.name: getattr(parallel, f.name) for f in dataclasses.fields(cls)})
 
     @property
     def world_size(self) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Sequence
+
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -14,7 +16,19 @@ from megatron_exaone.model.mlp import SwiGLUMLP
 from megatron_exaone.model.moe import MoEBlock
 from megatron_exaone.precision.fp8_te import holds_te_modules, recompute_checkpoint
 
+from .mesh import LayoutError
+
+RECOMPUTE_MODES = ("none", "full", "selective")
 SELECTIVE_KINDS = {"attention": Attention, "mlp": SwiGLUMLP, "moe": MoEBlock}
+
+
+def check_recompute(mode: str, selective: Sequence[str]) -> None:
+    """Raise `LayoutError` for an unknown mode (`parallel.recompute`) or module kind (`parallel.recompute_modules`)."""
+    if mode not in RECOMPUTE_MODES:
+        raise LayoutError(f"parallel.recompute={mode!r}: use one of {', '.join(RECOMPUTE_MODES)}.")
+    unknown = sorted(set(selective) - set(SELECTIVE_KINDS))
+    if mode == "selective" and unknown:
+        raise LayoutError(f"parallel.recompute_modules {unknown} are unknown; choose from {sorted(SELECTIVE_KINDS)}.")
 
 
 class _NotCountingTokens:
@@ -48,17 +62,10 @@ def _recompute_in_backward(module: nn.Module) -> None:
 
 def apply_recompute(root: nn.Module, mode: str, selective: tuple[str, ...] = ("attention",)) -> None:
     """mode "none" | "full" (every decoder layer) | "selective" (modules of the kinds in `selective`)."""
+    check_recompute(mode, selective)
     if mode == "none":
         return
-    if mode == "full":
-        kinds: tuple[type, ...] = (DecoderLayer,)
-    elif mode == "selective":
-        unknown = sorted(set(selective) - set(SELECTIVE_KINDS))
-        if unknown:
-            raise ValueError(f"selective recompute kinds {unknown} are unknown; choose from {sorted(SELECTIVE_KINDS)}.")
-        kinds = tuple(SELECTIVE_KINDS[k] for k in selective)
-    else:
-        raise ValueError(f"activation checkpointing mode {mode!r}: use 'none', 'full' or 'selective'.")
+    kinds = (DecoderLayer,) if mode == "full" else tuple(SELECTIVE_KINDS[k] for k in selective)
     for module in root.modules():
         # Shared experts are SwiGLUMLPs inside MoE blocks; "mlp" means the dense MLP of a decoder layer.
         if isinstance(module, kinds) and not (isinstance(module, SwiGLUMLP) and _is_shared_expert(root, module)):

@@ -1,14 +1,18 @@
-"""Numerics of the compute path beyond BF16: FP8 backends and the precision pass that installs them.
+"""Numerics of the compute path beyond BF16: the table of precisions and the precision pass (`registry`), the
+FP8 backends it installs and their shared parts.
 
-`apply_precision` (the pass, `apply.py`) switches decoder-layer GEMMs to an FP8 backend: `fp8_torch`
-(torch's scaled matmuls on CUDA sm_89+), `fp8_emulated` (the same quantization with fp32 matmuls, on any device:
-for tests). `fp8_common` holds the scaling math both share, `fp8_ops` the autograd functions and module classes.
-Transformer Engine modes live in `fp8_te`. Nothing here imports the config package (which pulls in Hydra): the
-trainer turns its `PrecisionConfig` into a `PrecisionPlan`.
+`registry.apply_precision` (the one entry point) switches decoder-layer GEMMs to a backend: `fp8_torch` (torch's
+scaled matmuls on CUDA sm_89+), `fp8_emulated` (the same quantization with high-precision matmuls, on any device:
+for tests) through `apply.convert_gemms`, or Transformer Engine (`fp8_te`). `fp8_common` holds the scaling math the
+torch backends share, `fp8_ops` the autograd functions and module classes. Configured by
+`config.schema.PrecisionConfig`.
 """
 
-from .apply import PrecisionPlan, PrecisionReport, apply_precision
+from .apply import PrecisionReport
 from .fp8_common import Fp8Unavailable
 from .fp8_ops import mark_fp8_weights_stale
+from .registry import (PRECISIONS, PrecisionUnavailable, apply_precision, is_fp8, is_te, recipe_of,
+                       validate_precision)
 
-__all__ = ["PrecisionPlan", "PrecisionReport", "apply_precision", "Fp8Unavailable", "mark_fp8_weights_stale"]
+__all__ = ["PRECISIONS", "Fp8Unavailable", "PrecisionReport", "PrecisionUnavailable", "apply_precision", "is_fp8",
+           "is_te", "mark_fp8_weights_stale", "recipe_of", "validate_precision"]

@@ -22,6 +22,7 @@ contraction axis (row-parallel inputs and weights, column-parallel output gradie
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,8 +35,7 @@ from megatron_exaone.model.layers import DecoderLayer
 from megatron_exaone.model.loss import ComputesHeadGemms
 from megatron_exaone.model.moe import GroupedExperts
 
-from . import fp8_emulated, fp8_torch
-from .fp8_common import E4M3, E5M2, Fp8Recipe, Fp8Unavailable
+from .fp8_common import E4M3, E5M2, Fp8Recipe
 from .fp8_ops import Fp8Gemms, convert_experts, convert_head, convert_linear
 
 if TYPE_CHECKING:
@@ -43,59 +43,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("megatron_exaone.precision")
 
-# Precision name -> the backend's constructor (which checks that this process can run it).
-BACKENDS: dict[str, Callable[[str], Fp8Gemms]] = {
-    "fp8_torch": fp8_torch.gemms_for,
-    "fp8_emulated": fp8_emulated.gemms_for,
-}
-HIGH_PRECISION = ("fp32", "bf16")
 LAYER_PREFIX = "model.layers."
 MTP_NAME = "mtp"
 HEAD_NAME = "lm_head"
 ALIGN = 16
-
-
-@dataclass(frozen=True)
-class PrecisionPlan:
-    """What the pass needs from `config.schema.PrecisionConfig` (same field names), plus `fp8_experts`.
-
-    `recipe`: "tensorwise" (default) or "rowwise" for the dense linears. `fp8_format`: "hybrid" (E5M2 gradients)
-    or "e4m3". `fp8_expert_wgrad`: the routed experts' weight gradient in FP8 too (else BF16).
-    `fp8_experts=False` keeps the routed experts in BF16 (where `torch._scaled_grouped_mm` cannot run).
-    `fp8_weight_cache`: quantize the weights once per optimizer step (`fp8_ops.CachesFp8Weights`).
-    `fp8_mtp`: the MTP module's linears in FP8 too. `fp8_lm_head`: the output head's logits and hidden-state
-    gradient in FP8 (for the main and the MTP losses). Transformer Engine precisions also read `amax_history_len`,
-    `amax_compute_algo` (DelayedScaling) and `te_attention` (see PrecisionConfig).
-    """
-
-    name: str = "bf16"
-    recipe: str | None = None
-    fp8_format: str = "hybrid"
-    keep_bf16_first_layers: int = 1
-    keep_bf16_last_layers: int = 1
-    fp8_expert_wgrad: bool = False
-    fp8_experts: bool = True
-    amax_history_len: int = 1024
-    amax_compute_algo: str = "max"
-    te_attention: bool = False
-    fp8_mtp: bool = False
-    fp8_weight_cache: bool = False
-    fp8_lm_head: bool = False
-
-    @classmethod
-    def from_config(cls, cfg: PrecisionConfig, fp8_experts: bool = True) -> PrecisionPlan:
-        return cls(name=cfg.name, recipe=cfg.recipe, fp8_format=cfg.fp8_format,
-                   keep_bf16_first_layers=cfg.keep_bf16_first_layers,
-                   keep_bf16_last_layers=cfg.keep_bf16_last_layers, fp8_expert_wgrad=cfg.fp8_expert_wgrad,
-                   fp8_experts=fp8_experts, amax_history_len=cfg.amax_history_len,
-                   amax_compute_algo=cfg.amax_compute_algo, te_attention=cfg.te_attention, fp8_mtp=cfg.fp8_mtp,
-                   fp8_weight_cache=cfg.fp8_weight_cache, fp8_lm_head=cfg.fp8_lm_head)
-
-    def fp8_recipe(self, amax_group: dist.ProcessGroup | None) -> Fp8Recipe:
-        scaling = self.recipe or "tensorwise"
-        if amax_group is not None and (scaling != "tensorwise" or dist.get_world_size(amax_group) == 1):
-            amax_group = None
-        return Fp8Recipe(scaling, E5M2 if self.fp8_format == "hybrid" else E4M3, amax_group)
 
 
 @dataclass
@@ -106,33 +57,36 @@ class PrecisionReport:
     bf16: dict[str, str] = field(default_factory=dict)
 
 
-def apply_precision(root: nn.Module, precision: PrecisionPlan | str, num_layers: int, device_type: str,
-                    amax_group: dist.ProcessGroup | None = None) -> PrecisionReport:
-    """Switch the eligible modules of `root` (a model or pipeline chunk) to the FP8 backend `precision` names.
+def fp8_recipe(cfg: PrecisionConfig, amax_group: dist.ProcessGroup | None) -> Fp8Recipe:
+    """The scaling of `cfg` for the torch-native kernels; tensorwise amaxes are max-reduced over `amax_group`."""
+    scaling = cfg.recipe or "tensorwise"
+    if amax_group is not None and (scaling != "tensorwise" or dist.get_world_size(amax_group) == 1):
+        amax_group = None
+    return Fp8Recipe(scaling, E5M2 if cfg.fp8_format == "hybrid" else E4M3, amax_group)
+
+
+def convert_gemms(root: nn.Module, cfg: PrecisionConfig, backend: str, num_layers: int, device_type: str,
+                  amax_group: dist.ProcessGroup | None = None) -> PrecisionReport:
+    """The torch-native pass (`registry.apply_precision` calls it): switch the eligible modules of `root` (a model
+    or pipeline chunk) to the GEMMs of `backend` ("fp8_torch" or "fp8_emulated", the module's `gemms_for`).
 
     `num_layers`: decoder layers of the whole model (for the last-N rule). `device_type`: where the model will run
-    ("cpu"/"cuda"); a backend that cannot run there raises `Fp8Unavailable`. fp32/bf16: nothing to do.
+    ("cpu"/"cuda"); a backend that cannot run there raises `Fp8Unavailable`.
     """
-    plan = precision if isinstance(precision, PrecisionPlan) else PrecisionPlan(name=precision)
+    gemms: Fp8Gemms = importlib.import_module(f"megatron_exaone.precision.{backend}").gemms_for(device_type)
     report = PrecisionReport()
-    if plan.name in HIGH_PRECISION:
-        return report
-    if plan.name not in BACKENDS:
-        raise Fp8Unavailable(f"precision={plan.name}: this pass implements {', '.join(BACKENDS)}; Transformer "
-                             "Engine modes are applied by megatron_exaone.precision.fp8_te.")
-    gemms = BACKENDS[plan.name](device_type)
-    recipe = plan.fp8_recipe(amax_group)
-    first, last = plan.keep_bf16_first_layers, num_layers - plan.keep_bf16_last_layers
+    recipe = fp8_recipe(cfg, amax_group)
+    first, last = cfg.keep_bf16_first_layers, num_layers - cfg.keep_bf16_last_layers
     for name, block in root.named_modules():
         if name == HEAD_NAME and isinstance(block, ComputesHeadGemms):
-            if plan.fp8_lm_head:
+            if cfg.fp8_lm_head:
                 _convert(report, name, tuple(block.weight.shape),
-                         lambda m=block: convert_head(m, gemms, recipe, plan.fp8_weight_cache))
+                         lambda m=block: convert_head(m, gemms, recipe, cfg.fp8_weight_cache))
             else:
                 report.bf16[name] = "output head stays in BF16 (fp8_lm_head=False)"
             continue
         if name == MTP_NAME:
-            if not plan.fp8_mtp:
+            if not cfg.fp8_mtp:
                 report.bf16[name] = "MTP module stays in BF16 (fp8_mtp=False)"
                 continue
         else:
@@ -146,16 +100,15 @@ def apply_precision(root: nn.Module, precision: PrecisionPlan | str, num_layers:
             full = f"{name}.{sub}"
             if type(module) is nn.Linear:
                 _convert(report, full, tuple(module.weight.shape),
-                         lambda m=module: convert_linear(m, gemms, recipe, plan.fp8_weight_cache))
+                         lambda m=module: convert_linear(m, gemms, recipe, cfg.fp8_weight_cache))
             elif isinstance(module, GroupedExperts):
-                if not plan.fp8_experts:
+                if not cfg.fp8_experts:
                     report.bf16[full] = "routed experts kept in BF16 (fp8_experts=False)"
                     continue
                 gemms.require_grouped()
                 _convert(report, full, tuple(module.gate_proj.shape[1:]),
-                         lambda m=module: convert_experts(m, gemms, plan.fp8_expert_wgrad,
-                                                          plan.fp8_weight_cache))
-    _log(plan, recipe, report)
+                         lambda m=module: convert_experts(m, gemms, cfg.fp8_expert_wgrad, cfg.fp8_weight_cache))
+    _log(cfg, recipe, report)
     return report
 
 
@@ -175,11 +128,11 @@ def _convert(report: PrecisionReport, name: str, shape: tuple[int, ...], convert
     report.fp8.append(name)
 
 
-def _log(plan: PrecisionPlan, recipe: Fp8Recipe, report: PrecisionReport) -> None:
-    log.info("precision %s (%s scaling, %s gradients%s): %d modules in FP8; in BF16: %s", plan.name, recipe.scaling,
+def _log(cfg: PrecisionConfig, recipe: Fp8Recipe, report: PrecisionReport) -> None:
+    log.info("precision %s (%s scaling, %s gradients%s): %d modules in FP8; in BF16: %s", cfg.name, recipe.scaling,
              str(recipe.grad_dtype).removeprefix("torch."), ", amax reduced over TP" if recipe.amax_group else "",
              len(report.fp8), ", ".join(sorted(report.bf16)) or "none")
     misfits = [name for name, why in report.bf16.items() if "multiple of" in why]
     if misfits:
         log.warning("precision %s: %d linears kept in BF16 because their shapes do not fit the FP8 kernels: %s",
-                    plan.name, len(misfits), ", ".join(misfits))
+                    cfg.name, len(misfits), ", ".join(misfits))

@@ -86,20 +86,15 @@ from megatron_exaone.model.moe import GroupedExperts
 from megatron_exaone.model.rope import apply_rope
 
 from .fp8_common import Fp8Unavailable
+from .registry import PRECISIONS, TE_INSTALL_HINT
 
 log = logging.getLogger(__name__)
 
 # TE's torch extension is compiled against the installed torch, so pip must not build it in an isolated
 # environment (TE's installation guide). 2.10 is the first release with FSDP2 support.
-INSTALL_HINT = "pip install --no-build-isolation 'transformer_engine[pytorch]>=2.10'"
-
-# Precision name -> the one FP8 recipe it runs (config/schema.py PRECISIONS).
-TE_PRECISIONS = {
-    "fp8_te_delayed": "delayed",
-    "fp8_te_tensorwise": "tensorwise",
-    "fp8_te_blockwise": "blockwise",
-    "fp8_te_mxfp8": "mxfp8",
-}
+INSTALL_HINT = TE_INSTALL_HINT
+# Precision name -> the one FP8 recipe it runs, from the table of precisions.
+TE_PRECISIONS = {name: p.recipes[0] for name, p in PRECISIONS.items() if p.is_te}
 # Our recipe name -> TE recipe class in transformer_engine.common.recipe (ref §5.1, §8.2).
 RECIPE_CLASSES = {
     "delayed": "DelayedScaling",

@@ -104,8 +104,8 @@ class TorchGemms:
             raise Fp8Unavailable(
                 "precision=fp8_torch: the routed experts need torch._scaled_grouped_mm, which this torch build or GPU "
                 f"({torch.cuda.get_device_name()}, sm_{''.join(map(str, torch.cuda.get_device_capability()))}) "
-                "cannot run (torch 2.11 runs it on sm_90). Keep the experts in BF16 explicitly (PrecisionPlan."
-                "fp8_experts=False), or use precision=bf16.")
+                "cannot run (torch 2.11 runs it on sm_90). Keep the experts in BF16 explicitly "
+                "(precision.fp8_experts=false), or use precision=bf16.")
 
 
 @functools.lru_cache(maxsize=None)
@@ -125,7 +125,7 @@ def grouped_supported() -> bool:
 
 
 def gemms_for(device_type: str) -> TorchGemms:
-    """The backend, after checking that this process can run it (mirrors `config.precision.validate_precision`,
+    """The backend, after checking that this process can run it (mirrors `registry.validate_precision`,
     which rejects the same cases before any process group starts)."""
     if device_type != "cuda":
         raise Fp8Unavailable(f"precision=fp8_torch runs torch._scaled_mm on a CUDA GPU, but this model is built for "

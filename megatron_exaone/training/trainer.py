@@ -31,17 +31,14 @@ from megatron_exaone.data.loader import DataStage, MixtureLoader
 from megatron_exaone.errors import UserError
 from megatron_exaone.model import ModelConfig, update_expert_bias
 from megatron_exaone.model.moe import MoEBlock
-from megatron_exaone.parallel.build import all_reduce_grads, build_parallel_model, build_pipeline_chunks
-from megatron_exaone.parallel.recompute import apply_recompute
+from megatron_exaone.parallel.build import all_reduce_grads, build_chunks
 from megatron_exaone.parallel.comm import all_gather_objects, all_reduce_, barrier
-from megatron_exaone.parallel.compile import apply_compile
-from megatron_exaone.parallel.data_parallel import apply_data_parallel
 from megatron_exaone.parallel.grad_norm import clip_grad_norm_
 from megatron_exaone.parallel.mesh import ParallelDims, ParallelMesh, build_mesh
-from megatron_exaone.parallel.pipeline import (PipelineRunner, embedding_copies, splits_weight_backward,
-                                               sync_embedding_grads)
+from megatron_exaone.parallel.features import Build
+from megatron_exaone.parallel.pipeline import PipelineRunner, embedding_copies, sync_embedding_grads
 from megatron_exaone.parallel.tensor_parallel import reduce_tp_partial_grads
-from megatron_exaone.precision import PrecisionPlan, mark_fp8_weights_stale
+from megatron_exaone.precision import mark_fp8_weights_stale
 
 from .flops import flops_per_token, peak_flops
 from .metrics import MetricsLogger
@@ -125,33 +122,21 @@ class Trainer:
             barrier()
 
     def _compute_dtype(self) -> torch.dtype:
-        bf16 = self.cfg.precision.name != "fp32" and self.device.type == "cuda"
-        return torch.bfloat16 if bf16 else torch.float32
+        return torch.bfloat16 if self.build.bf16 else torch.float32
 
     def _build_model(self) -> list[nn.Module]:
-        p, seed = self.cfg.parallel, self.cfg.trainer.seed
-        precision = PrecisionPlan.from_config(self.cfg.precision)
+        config = self.model_config
         if self.mesh.dims.pp > 1:
             # The last stage runs MTP (and holds a copy of the embedding) only if built to: build it for the
             # curriculum's largest MTP weight, so a stage that turns MTP on trains it; each stage sets its own.
-            config = dataclasses.replace(self.model_config, mtp_loss_weight=max(
-                [self.model_config.mtp_loss_weight] + [s.mtp_loss_weight for s in self.curriculum.stages]))
-            chunks = build_pipeline_chunks(config, self.mesh, seed, self.device, p.pipeline_schedule,
-                                           p.pipeline_layout, p.sequence_parallel, precision)
-        else:
-            chunks = [build_parallel_model(self.model_config, self.mesh, seed, self.device, p.sequence_parallel,
-                                           precision)]
-        if p.compile:  # compiled layers recompute inside their own graphs (parallel/compile.py)
-            compiled = sum(apply_compile(chunk, recompute=p.recompute == "full") for chunk in chunks)
-            log.info("rank %d: %d decoder layers will be compiled with torch.compile during the first steps "
-                     "(slower until the kernels are built)", self.rank, compiled)
-        for chunk in chunks:
-            if not p.compile:
-                apply_recompute(chunk, p.recompute, tuple(p.recompute_modules))
-            if p.fsdp:
-                apply_data_parallel(chunk, self.mesh, bf16=self._compute_dtype() == torch.bfloat16,
-                                    reshard_after_forward=p.reshard_after_forward
-                                    and not splits_weight_backward(p.pipeline_schedule))
+            config = dataclasses.replace(config, mtp_loss_weight=max(
+                [config.mtp_loss_weight] + [s.mtp_loss_weight for s in self.curriculum.stages]))
+        self.build = build = Build(config, self.cfg.parallel, self.cfg.precision, self.mesh.dims, self.device.type,
+                                   self.cfg.trainer.seed)
+        if self.cfg.parallel.compile:
+            log.info("rank %d: the decoder layers will be compiled with torch.compile during the first steps "
+                     "(slower until the kernels are built)", self.rank)
+        chunks = build_chunks(build, self.mesh)
         params = sum(param.numel() for chunk in chunks for param in chunk.parameters())
         log.info("rank %d: %s; %d model chunk(s), %.2fM local parameters", self.rank, self.mesh.describe(),
                  len(chunks), params / 1e6)
@@ -449,11 +434,3 @@ def prepare_sample_data(data_dir: Path, vocab_size: int) -> None:
 
 class SampleDataError(UserError, RuntimeError):
     """The bundled sample data could not be prepared."""
-
-
-def default_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)

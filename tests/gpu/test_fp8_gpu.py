@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_exaone.config.schema import PrecisionConfig
 from megatron_exaone.model import build_model, tiny
 from megatron_exaone.parallel.compile import apply_compile
-from megatron_exaone.precision import PrecisionPlan, apply_precision
+from megatron_exaone.precision import apply_precision
 from megatron_exaone.precision.fp8_common import E4M3, E5M2, Fp8Recipe, to_fp8
 from megatron_exaone.precision.fp8_emulated import EmulatedGemms
 from megatron_exaone.model.loss import linear_cross_entropy
@@ -133,7 +134,7 @@ def test_grouped_experts_without_tokens(grouped):
     assert dx.shape == x.shape and (dw == 0).all()
 
 
-def train(fixed_batch_losses, dtype: torch.dtype, plan: PrecisionPlan | None, steps: int = 30,
+def train(fixed_batch_losses, dtype: torch.dtype, plan: PrecisionConfig | None, steps: int = 30,
           compile: bool = False) -> list[float]:
     cfg = tiny(vocab_size=256)
     model = build_model(cfg, seed=0, device=DEVICE).to(dtype)
@@ -152,7 +153,7 @@ def test_training_steps_track_high_precision(dtype, grouped, fixed_batch_losses)
     """A small MoE model with every decoder layer in fp8_torch trains like the same model without FP8."""
     want = train(fixed_batch_losses, dtype, None)
     for recipe in ("tensorwise", "rowwise"):
-        plan = PrecisionPlan("fp8_torch", recipe=recipe, keep_bf16_first_layers=0, keep_bf16_last_layers=0)
+        plan = PrecisionConfig("fp8_torch", recipe=recipe, keep_bf16_first_layers=0, keep_bf16_last_layers=0)
         got = train(fixed_batch_losses, dtype, plan)
         assert got[-1] < 0.7 * got[0], (recipe, got)
         assert abs(got[-1] - want[-1]) < 0.03 * want[-1], (recipe, got[-1], want[-1])
@@ -162,7 +163,7 @@ def test_training_steps_track_high_precision(dtype, grouped, fixed_batch_losses)
 def test_compiled_fp8_layers_train_like_eager_fp8(recipe, grouped, fixed_batch_losses):
     """parallel.compile fuses the FP8 casts and scales into the layers' kernels without changing the numerics
     beyond rounding order."""
-    plan = PrecisionPlan("fp8_torch", recipe=recipe, keep_bf16_first_layers=0, keep_bf16_last_layers=0)
+    plan = PrecisionConfig("fp8_torch", recipe=recipe, keep_bf16_first_layers=0, keep_bf16_last_layers=0)
     eager = train(fixed_batch_losses, torch.bfloat16, plan, steps=10)
     compiled = train(fixed_batch_losses, torch.bfloat16, plan, steps=10, compile=True)
     assert abs(compiled[0] - eager[0]) < 0.01 * eager[0], (compiled[0], eager[0])
@@ -178,7 +179,7 @@ def test_compiled_weight_cache_trains_as_quantizing_every_micro_batch(recipe, gr
     for cache in (False, True):
         cfg = tiny(vocab_size=256)
         model = build_model(cfg, seed=0, device=DEVICE).to(torch.bfloat16)
-        plan = PrecisionPlan("fp8_torch", recipe=recipe, keep_bf16_first_layers=0, keep_bf16_last_layers=0,
+        plan = PrecisionConfig("fp8_torch", recipe=recipe, keep_bf16_first_layers=0, keep_bf16_last_layers=0,
                              fp8_weight_cache=cache, fp8_lm_head=True, fp8_mtp=True)
         apply_precision(model, plan, cfg.num_hidden_layers, DEVICE)
         apply_compile(model)

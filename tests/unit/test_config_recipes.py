@@ -8,11 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_exaone.config import (RECIPES_ENV, RecipeError, load_config, recipes_dir, resolve_device, save_resolved,
-                                    validate)
-from megatron_exaone.config.precision import FP8_BACKEND_MODULES
-from megatron_exaone.config.schema import PRECISIONS, LRConfig, StageConfig, WandbConfig
+from megatron_exaone.config.load import RECIPES_ENV, load_config, recipes_dir, save_resolved
+from megatron_exaone.config.schema import LRConfig, RecipeError, StageConfig, WandbConfig
 from megatron_exaone.curriculum import LRPhase, Stage
+from megatron_exaone.precision import registry
+from megatron_exaone.precision.registry import PRECISIONS
+from megatron_exaone.training.device import resolve_device
+from megatron_exaone.training.plan import validate
+
+# FP8 precision name -> the module of its backend
+FP8_BACKEND_MODULES = {name: f"megatron_exaone.precision.{p.backend}" for name, p in PRECISIONS.items() if p.backend}
 
 RECIPES = recipes_dir()
 K_EXAONE_64 = ["experiment=k_exaone_236b_h100x64"]
@@ -260,18 +265,16 @@ def test_fp8_availability_on_cpu(name):
 def test_te_hardware_gates_follow_te(monkeypatch, name, capability, cuda, problem):
     """TE 2.20's gates: per-tensor FP8 from sm_89, block scaling from sm_90 with CUDA >= 12.9, MXFP8 on
     10.0 <= sm < 12.0. The machine is described to the check (this one has no GPU and no TE)."""
-    from megatron_exaone.config import precision as gates
-
-    monkeypatch.setattr(gates, "_importable", lambda module: True)
+    monkeypatch.setattr(registry, "_importable", lambda module: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "a test GPU")
     monkeypatch.setattr(torch.version, "cuda", cuda)
     cfg = _load(f"precision={name}").precision
     if problem is None:
-        gates.validate_precision(cfg, "cuda")
+        registry.validate_precision(cfg, "cuda")
     else:
-        with pytest.raises(gates.PrecisionUnavailable, match=problem):
-            gates.validate_precision(cfg, "cuda")
+        with pytest.raises(registry.PrecisionUnavailable, match=problem):
+            registry.validate_precision(cfg, "cuda")
 
 
 def test_cpu_runs_bf16_and_fp32():

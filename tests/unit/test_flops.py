@@ -1,5 +1,6 @@
 import torch
 
+from megatron_exaone.config.schema import PrecisionConfig
 from megatron_exaone.model import ExaoneMoeForCausalLM, k_exaone_236b, tiny
 from megatron_exaone.model.config import SLIDING
 from megatron_exaone.training.flops import (active_matmul_weights, attended_keys, flops_per_token,
@@ -35,14 +36,14 @@ def test_fp8_matmul_flops_count_what_the_precision_pass_converts():
     """6 FLOPs per weight of every linear the pass makes FP8, 4 (forward and input gradient) per active routed
     expert weight (their weight gradient stays BF16) and per head weight for each loss (main and MTP): the same
     total as the formula, with and without MTP and the head."""
-    from megatron_exaone.precision import PrecisionPlan, apply_precision
+    from megatron_exaone.precision import apply_precision
     from megatron_exaone.precision.fp8_ops import Fp8GroupedExperts, Fp8Head, Fp8Linear
 
     config = tiny(vocab_size=256)
     for fp8_mtp, fp8_lm_head in ((False, False), (True, False), (True, True)):
         with torch.device("meta"):
             model = ExaoneMoeForCausalLM(config)
-        plan = PrecisionPlan("fp8_emulated", fp8_mtp=fp8_mtp, fp8_lm_head=fp8_lm_head)
+        plan = PrecisionConfig("fp8_emulated", fp8_mtp=fp8_mtp, fp8_lm_head=fp8_lm_head)
         apply_precision(model, plan, config.num_hidden_layers, "cpu")
         counted = 0
         for module in model.modules():

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from megatron_exaone.config.precision import PrecisionUnavailable, validate_precision
 from megatron_exaone.config.schema import PrecisionConfig
 from megatron_exaone.model import ExaoneMoeForCausalLM, build_model, tiny
 from megatron_exaone.model.moe import GroupedExperts, Router, grouped_wgrad
@@ -26,7 +25,7 @@ from megatron_exaone.parallel.pipeline import PipelineChunk, StageSpec
 from megatron_exaone.parallel.sharding import layout_of, materialize
 from megatron_exaone.parallel.tensor_parallel import reduce_tp_partial_grads
 from megatron_exaone.parallel.testing import run_distributed
-from megatron_exaone.precision import Fp8Unavailable, PrecisionPlan, apply_precision
+from megatron_exaone.precision import Fp8Unavailable, PrecisionUnavailable, apply_precision, validate_precision
 from megatron_exaone.precision.fp8_common import (E4M3, E5M2, FP8_MAX, Fp8Recipe, amax, current_scale,
                                                   per_group_scale, quantize, quantize_with_scale, scale_from_amax,
                                                   to_fp8, to_fp8_per_group_columns)
@@ -303,13 +302,13 @@ def test_fp8_mtp_converts_the_mtp_projections():
     x = torch.randint(0, cfg.vocab_size, (2, 16))
     labels = shift_left(x, 1, -100)
     want = model(x, labels=labels).mtp_loss
-    report = apply_precision(model, PrecisionPlan("fp8_emulated", fp8_mtp=True), cfg.num_hidden_layers, "cpu")
+    report = apply_precision(model, PrecisionConfig("fp8_emulated", fp8_mtp=True), cfg.num_hidden_layers, "cpu")
     mtp_linears = [n for n, m in model.named_modules() if n.startswith("mtp.") and isinstance(m, torch.nn.Linear)]
     assert mtp_linears and all(n in report.fp8 for n in mtp_linears) and "mtp" not in report.bf16
     assert type(model.mtp.fc) is Fp8Linear
     assert abs(model(x, labels=labels).mtp_loss - want) < 0.02 * want
-    with pytest.raises(ValueError, match="fp8_mtp=true needs an FP8 precision"):
-        PrecisionConfig(name="bf16", fp8_mtp=True)
+    with pytest.raises(PrecisionUnavailable, match="fp8_mtp=true needs an FP8 precision"):
+        validate_precision(PrecisionConfig(name="bf16", fp8_mtp=True), None)
 
 
 def test_fp8_lm_head_converts_the_output_head():
@@ -320,7 +319,7 @@ def test_fp8_lm_head_converts_the_output_head():
     x = torch.randint(0, cfg.vocab_size, (2, 16))
     labels = shift_left(x, 1, -100)
     want = model(x, labels=labels, return_logits=False)
-    report = apply_precision(model, PrecisionPlan("fp8_emulated", fp8_lm_head=True), cfg.num_hidden_layers, "cpu")
+    report = apply_precision(model, PrecisionConfig("fp8_emulated", fp8_lm_head=True), cfg.num_hidden_layers, "cpu")
     assert "lm_head" in report.fp8 and "lm_head" not in report.bf16 and isinstance(model.lm_head, Fp8Head)
     got = model(x, labels=labels, return_logits=False)
     for name in ("lm_loss", "mtp_loss"):
@@ -330,15 +329,15 @@ def test_fp8_lm_head_converts_the_output_head():
     unfused.lm_loss.backward()
     assert model.lm_head.weight.grad.abs().sum() > 0
     for name in ("fp8_te_tensorwise", "bf16"):
-        with pytest.raises(ValueError, match="fp8_lm_head=true applies to fp8_torch and fp8_emulated"):
-            PrecisionConfig(name=name, fp8_lm_head=True)
+        with pytest.raises(PrecisionUnavailable, match="fp8_lm_head=true applies to fp8_torch and fp8_emulated"):
+            validate_precision(PrecisionConfig(name=name, fp8_lm_head=True), None)
 
 
 def test_pass_on_meta_then_materialize_gives_the_same_weights():
     cfg = config()
     with torch.device("meta"):
         model = ExaoneMoeForCausalLM(cfg)
-    apply_precision(model, PrecisionPlan("fp8_emulated", **ALL_FP8), cfg.num_hidden_layers, "cpu")
+    apply_precision(model, PrecisionConfig("fp8_emulated", **ALL_FP8), cfg.num_hidden_layers, "cpu")
     materialize(model, cfg, seed=3, device="cpu")
     reference = build_model(cfg, seed=3)
     for (name, got), (_, want) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
@@ -352,7 +351,7 @@ def test_pass_rules_for_pipeline_chunks_experts_and_shapes(caplog):
     full = build_model(cfg)
     chunk = PipelineChunk(full, StageSpec(embedding=False, layers=(2, 3), head=True), 1, 2)
     with caplog.at_level(logging.WARNING, logger="megatron_exaone.precision"):
-        report = apply_precision(chunk, PrecisionPlan("fp8_emulated", fp8_lm_head=True), cfg.num_hidden_layers,
+        report = apply_precision(chunk, PrecisionConfig("fp8_emulated", fp8_lm_head=True), cfg.num_hidden_layers,
                                  "cpu")
     assert "lm_head" in report.fp8 and isinstance(chunk.lm_head, Fp8Head)  # the last stage's head
     assert "model.layers.3" in report.bf16  # the last layer by its global index
@@ -362,7 +361,7 @@ def test_pass_rules_for_pipeline_chunks_experts_and_shapes(caplog):
     assert "model.layers.2.mlp.shared_experts.down_proj" in caplog.text
 
     model = build_model(config())
-    report = apply_precision(model, PrecisionPlan("fp8_emulated", fp8_experts=False), 4, "cpu")
+    report = apply_precision(model, PrecisionConfig("fp8_emulated", fp8_experts=False), 4, "cpu")
     assert "fp8_experts=False" in report.bf16["model.layers.1.mlp.experts"]
     assert type(model.model.layers[1].mlp.experts) is GroupedExperts
 
@@ -381,7 +380,7 @@ def test_fp8_where_it_cannot_run_is_an_error():
 
 
 # ---------------------------------------------------------------------------------------------- training
-def train(fixed_batch_losses, plan: PrecisionPlan | None, steps: int = 50) -> list[float]:
+def train(fixed_batch_losses, plan: PrecisionConfig | None, steps: int = 50) -> list[float]:
     cfg = config()
     model = build_model(cfg, seed=0)
     if plan is not None:
@@ -396,12 +395,12 @@ def test_fifty_fp8_steps_track_fp32(fixed_batch_losses):
     want = train(fixed_batch_losses, None)
     assert want[-1] < 0.5 * want[0]
     for recipe, head in (("tensorwise", False), ("rowwise", False), ("tensorwise", True)):
-        plan = PrecisionPlan("fp8_emulated", recipe=recipe, fp8_lm_head=head, fp8_mtp=head, **ALL_FP8)
+        plan = PrecisionConfig("fp8_emulated", recipe=recipe, fp8_lm_head=head, fp8_mtp=head, **ALL_FP8)
         got = train(fixed_batch_losses, plan)
         assert abs(got[-1] - want[-1]) < 0.02 * want[-1], (recipe, head, got[-1], want[-1])
 
 
-def _weight_cache_run(accumulated_losses, plan: PrecisionPlan, steps: int, micro_batches: int,
+def _weight_cache_run(accumulated_losses, plan: PrecisionConfig, steps: int, micro_batches: int,
                       mark_stale: bool = True, compile_backend: str | None = None
                       ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """(every micro-batch's LM loss, final weights) of the tiny model trained with `plan`."""
@@ -421,7 +420,7 @@ def test_weight_cache_reuses_one_quantization_per_optimizer_step(accumulated_los
     """precision.fp8_weight_cache: FP8 weights quantized on each step's first micro-batch and reused for the others
     train exactly as quantizing them every time (eagerly and compiled); not marking them stale after the optimizer
     step (what the trainer does) would train on the old weights, which shows the cache is what runs."""
-    plan = PrecisionPlan("fp8_emulated", recipe=recipe, fp8_lm_head=True, fp8_mtp=True, **ALL_FP8)
+    plan = PrecisionConfig("fp8_emulated", recipe=recipe, fp8_lm_head=True, fp8_mtp=True, **ALL_FP8)
     cached = dataclasses.replace(plan, fp8_weight_cache=True)
     want_losses, want_weights = _weight_cache_run(accumulated_losses, plan, 3, 3, compile_backend=compile_backend)
     got_losses, got_weights = _weight_cache_run(accumulated_losses, cached, 3, 3, compile_backend=compile_backend)
@@ -450,7 +449,7 @@ def _single_process(recipe: str, micro_batches: int):
     current scaling takes each part's own amax)."""
     cfg = config(aux_loss_coeff=0.0)
     model = build_model(cfg, seed=5)
-    apply_precision(model, PrecisionPlan("fp8_emulated", recipe=recipe, fp8_lm_head=True, **ALL_FP8),
+    apply_precision(model, PrecisionConfig("fp8_emulated", recipe=recipe, fp8_lm_head=True, **ALL_FP8),
                     cfg.num_hidden_layers, "cpu")
     x, labels = _batch(cfg)
     loss = 0.0
@@ -466,7 +465,7 @@ def _run_layouts(rank, world):
     for name, (dims, sequence_parallel, fsdp, recipe) in LAYOUTS.items():
         cfg = config(aux_loss_coeff=0.0)
         mesh = build_mesh(ParallelDims(**dims), "cpu")
-        plan = PrecisionPlan("fp8_emulated", recipe=recipe, fp8_lm_head=True, **ALL_FP8)
+        plan = PrecisionConfig("fp8_emulated", recipe=recipe, fp8_lm_head=True, **ALL_FP8)
         model = build_parallel_model(cfg, mesh, seed=5, device="cpu", sequence_parallel=sequence_parallel,
                                      precision=plan)
         layouts = {n: layout_of(model, n, p) for n, p in model.named_parameters()}

