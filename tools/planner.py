@@ -105,9 +105,10 @@ import torch
 from megatron_exaone.model import ExaoneMoeForCausalLM, ModelConfig
 from megatron_exaone.model.config import DENSE, PRESETS, SLIDING
 from megatron_exaone.model.init import is_stacked_experts
+from megatron_exaone.model.model import mtp_enabled
 from megatron_exaone.parallel.features import Build, validate_build
 from megatron_exaone.parallel.mesh import LayoutError, ParallelDims
-from megatron_exaone.parallel.pipeline import (check_schedule, embedding_copies, local_stage_indices, mtp_enabled,
+from megatron_exaone.parallel.pipeline import (check_schedule, embedding_copies, local_stage_indices,
                                                pipeline_layout)
 from megatron_exaone.training.flops import attended_keys, flops_per_token, fp8_matmul_flops
 

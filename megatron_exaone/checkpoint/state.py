@@ -48,7 +48,7 @@ from megatron_exaone.errors import UserError
 from megatron_exaone.model.init import is_stacked_experts
 from megatron_exaone.parallel.mesh import ParallelDims, ParallelMesh, rank_coordinates
 from megatron_exaone.parallel.sharding import layout_of, plan_of
-from megatron_exaone.precision.fp8_te import load_te_extra_state, te_extra_state
+from megatron_exaone.precision import load_te_extra_state, te_extra_state
 
 from . import store
 

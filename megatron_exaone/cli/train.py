@@ -20,7 +20,7 @@ from megatron_exaone import lifetime
 from megatron_exaone.checkpoint.resume import starting_checkpoint
 from megatron_exaone.checkpoint.store import read_meta
 from megatron_exaone.config.load import load_config, save_resolved
-from megatron_exaone.config.schema import RecipeError, TrainConfig
+from megatron_exaone.config.schema import TrainConfig
 from megatron_exaone.errors import reported
 from megatron_exaone.parallel.mesh import ParallelDims
 from megatron_exaone.training.device import rank_device, resolve_device
@@ -60,13 +60,6 @@ def prepare(overrides: list[str], config_dir: str | None = None, world_size: int
     """Compose and validate the recipe for `world_size` ranks, with the layout of the curriculum stage this launch
     starts in (from the newest checkpoint). Needs no process group; raises RecipeError / LayoutError."""
     cfg = load_config(overrides, config_dir)
-    p = cfg.parallel
-    needed = p.tp * p.cp * p.pp * (p.dp or 1)
-    if world_size == 1 and needed > 1:
-        raise RecipeError(f"this recipe's layout (tp={p.tp} pp={p.pp} cp={p.cp} dp={p.dp or 1}, ep={p.ep}) needs "
-                          f"{needed} processes and this is a single process: launch with `launch/local.sh {needed} "
-                          f"...` (CPU) or `torchrun --nproc-per-node {needed} -m megatron_exaone.cli.train ...`, "
-                          "or add parallel=single.")
     device_type = resolve_device(cfg.trainer.device)
     validated = validate(cfg, world_size, device_type)
     stage = _starting_stage(cfg, validated)

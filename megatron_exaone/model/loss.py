@@ -1,4 +1,6 @@
-"""Language-model losses. CE = sum of token losses over valid labels (not -100) / number of valid labels.
+"""Language-model losses: the training loss (`total_loss`), how micro-batches are normalised against the global
+batch (`LossScaling`) and summed for the logs (`LossMetrics`). CE = sum of token losses over valid labels (not
+-100) / number of valid labels.
 
 `linear_cross_entropy` fuses the output projection with the loss and never materialises the [tokens, vocab]
 logits (their gradient is computed chunk by chunk during the forward pass): the training path for large vocabularies.
@@ -7,6 +9,7 @@ logits (their gradient is computed chunk by chunk during the forward pass): the 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +18,38 @@ from torch import nn
 from .fused import fused
 
 IGNORE_INDEX = -100
+
+
+def total_loss(lm_loss, mtp_loss, aux_loss, mtp_loss_weight: float):
+    """The training loss, written once: lm + mtp_loss_weight * mtp + aux (tensors or floats)."""
+    return lm_loss + mtp_loss_weight * mtp_loss + aux_loss
+
+
+@dataclass(frozen=True)
+class LossScaling:
+    """Per-step global counts, so that summing micro-batches and ranks gives the global batch's losses: CE is
+    divided by `valid_tokens` (labels != -100 in the whole global batch), a micro-batch's aux loss is weighted by
+    its share of the global batch's `sequences`."""
+
+    valid_tokens: torch.Tensor
+    sequences: int
+
+
+class LossMetrics:
+    """Detached loss terms summed over the micro-batches of a step (each already weighted by its share of the
+    global batch, so the sums over micro-batches, pipeline stages and data-parallel ranks are the step's losses)."""
+
+    NAMES = ("lm_loss", "mtp_loss", "aux_loss")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor | float] = dict.fromkeys(self.NAMES, 0.0)
+
+    def add(self, name: str, value: torch.Tensor | None) -> None:
+        if value is not None:
+            self.sums[name] = self.sums[name] + value.detach().float()
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

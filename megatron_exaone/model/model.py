@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -10,12 +11,13 @@ from torch import nn
 from .attention import attention_mask
 from .config import FULL, SLIDING, ModelConfig
 from .layers import DecoderLayer
-from .loss import IGNORE_INDEX, OutputHead, cross_entropy
+from .loss import IGNORE_INDEX, OutputHead, cross_entropy, total_loss
 from .moe import MoEBlock
 from .mtp import MultiTokenPredictor, shift_left
 from .norms import RMSNorm
 from .rope import rope_cos_sin
 from .sequence_shard import SequenceShard
+
 
 @dataclass
 class CausalLMOutput:
@@ -57,40 +59,89 @@ class AttentionInputs:
         return x if self.shard is None else self.shard.take(x)
 
 
-class ExaoneMoeModel(nn.Module):
-    """`model.*`: embedding, decoder layers, final norm."""
+@dataclass(frozen=True)
+class ModelPart:
+    """What a model holds: the embedding, some decoder layers (global indices), the head (final norm, lm_head and
+    MTP). `None` layers: all of them. A pipeline stage holds one part; the whole model all of them."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    embedding: bool = True
+    layers: tuple[int, ...] | None = None
+    head: bool = True
+
+    def layer_indices(self, config: ModelConfig) -> tuple[int, ...]:
+        return tuple(range(config.num_hidden_layers)) if self.layers is None else self.layers
+
+
+WHOLE = ModelPart()
+
+
+class DecoderLayers(nn.Module):
+    """The decoder layers a model holds, under their global indices (`model.layers.<i>`), in order."""
+
+    def __init__(self, layers: dict[int, DecoderLayer]) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, config.layer_types[i], config.mlp_layer_types[i])
-                                    for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        for index, layer in layers.items():
+            self.add_module(str(index), layer)
 
-    def forward(self, input_ids: torch.Tensor, attn: AttentionInputs, aux_loss_scale: float = 1.0) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
+    def __getitem__(self, index: int) -> DecoderLayer:
+        return self._modules[str(index)]
+
+    def __iter__(self) -> Iterator[DecoderLayer]:
+        return iter(self._modules.values())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+class ExaoneMoeModel(nn.Module):
+    """`model.*`: embedding, decoder layers, final norm (those of `part`)."""
+
+    def __init__(self, config: ModelConfig, part: ModelPart = WHOLE, embedding: bool | None = None) -> None:
+        super().__init__()
+        if embedding if embedding is not None else part.embedding:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = DecoderLayers({i: DecoderLayer(config, config.layer_types[i], config.mlp_layer_types[i])
+                                     for i in part.layer_indices(config)})
+        if part.head:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def decode(self, hidden: torch.Tensor, attn: AttentionInputs, aux_loss_scale: float = 1.0) -> torch.Tensor:
+        """Run this part's decoder layers."""
         for layer in self.layers:
             hidden = layer(hidden, attn.rope, attn.masks, aux_loss_scale)
-        return self.norm(hidden)
+        return hidden
+
+    def forward(self, input_ids: torch.Tensor, attn: AttentionInputs, aux_loss_scale: float = 1.0) -> torch.Tensor:
+        return self.norm(self.decode(self.embed_tokens(input_ids), attn, aux_loss_scale))
+
+
+def mtp_enabled(config: ModelConfig) -> bool:
+    """Whether the model trains its MTP layers (and so a pipeline's last stage holds a copy of the embedding)."""
+    return config.num_nextn_predict_layers > 0 and config.mtp_loss_weight > 0
 
 
 class ExaoneMoeForCausalLM(nn.Module):
     """forward(input_ids, labels=None, position_ids=None) -> CausalLMOutput.
 
     `position_ids` that restart at 0 mark packed documents: no token attends across a document boundary and RoPE
-    positions restart. `loss` = lm_loss + mtp_loss_weight * mtp_loss + aux_loss. With `sequence_shard` (set by the
-    context-parallel pass) the inputs are still whole sequences and the outputs cover this rank's tokens only.
+    positions restart. `loss` = lm_loss + mtp_loss_weight * mtp_loss + aux_loss (`loss.total_loss`). With
+    `sequence_shard` (set by the context-parallel pass) the inputs are still whole sequences and the outputs cover
+    this rank's tokens only. `part`: a pipeline stage builds only what it runs (`parallel.pipeline.PipelineChunk`,
+    whose forward is made of this model's pieces: `model.decode`, `mtp_loss`).
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, part: ModelPart = WHOLE) -> None:
         super().__init__()
         self.config = config
         self.sequence_shard: SequenceShard | None = None
-        self.model = ExaoneMoeModel(config)
-        self.lm_head = OutputHead(config.hidden_size, config.vocab_size)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.mtp = MultiTokenPredictor(config) if config.num_nextn_predict_layers > 0 else None
+        # The head's MTP reads the embedding: a pipeline's last stage keeps a copy (its gradients are summed).
+        self.model = ExaoneMoeModel(config, part, embedding=part.embedding or (part.head and mtp_enabled(config)))
+        if part.head:
+            self.lm_head = OutputHead(config.hidden_size, config.vocab_size)
+            if config.tie_word_embeddings:
+                self.lm_head.weight = self.model.embed_tokens.weight
+            # Built with mtp_loss_weight = 0 too, so checkpoints hold every weight.
+            self.mtp = MultiTokenPredictor(config) if config.num_nextn_predict_layers > 0 else None
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, return_logits: bool = True,
@@ -119,13 +170,24 @@ class ExaoneMoeForCausalLM(nn.Module):
         lm_loss = loss_of(hidden, attn.take(labels), logits)
         zero = lm_loss.new_zeros(())
         # The aux loss already sends its gradient through the MoE outputs; here it only adds its value.
-        aux_values = [m.last_aux_loss for m in self.modules() if isinstance(m, MoEBlock) and
-                      m.last_aux_loss is not None]
-        aux_loss = torch.stack(aux_values).sum() if aux_values else zero
-        mtp_loss = zero
-        if self.mtp is not None and self.config.mtp_loss_weight > 0:
-            mtp_hidden = self.mtp(hidden, input_ids, self.model.embed_tokens, attn.rope, attn.masks, attn.take)
-            mtp_loss = torch.stack([loss_of(h, attn.take(shift_left(labels, depth + 1, fill=IGNORE_INDEX)))
-                                    for depth, h in enumerate(mtp_hidden)]).mean()
-        loss = lm_loss + self.config.mtp_loss_weight * mtp_loss + aux_loss
+        aux_loss = moe_aux_loss(self.modules())
+        aux_loss = zero if aux_loss is None else aux_loss
+        mtp_loss = self.mtp_loss(hidden, input_ids, labels, attn, loss_of)
+        mtp_loss = zero if mtp_loss is None else mtp_loss
+        loss = total_loss(lm_loss, mtp_loss, aux_loss, self.config.mtp_loss_weight)
         return CausalLMOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, aux_loss=aux_loss)
+
+    def mtp_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor, attn: AttentionInputs,
+                 loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+        """The MTP loss (mean over depths) from the final-normed hidden states, or None when MTP is off."""
+        if self.mtp is None or not mtp_enabled(self.config):
+            return None
+        mtp_hidden = self.mtp(hidden, input_ids, self.model.embed_tokens, attn.rope, attn.masks, attn.take)
+        return torch.stack([loss_of(h, attn.take(shift_left(labels, depth + 1, fill=IGNORE_INDEX)))
+                            for depth, h in enumerate(mtp_hidden)]).mean()
+
+
+def moe_aux_loss(modules: Iterable[nn.Module]) -> torch.Tensor | None:
+    """The sum of the aux losses the MoE blocks among `modules` computed in the last forward (None if none did)."""
+    values = [m.last_aux_loss for m in modules if isinstance(m, MoEBlock) and m.last_aux_loss is not None]
+    return torch.stack(values).sum() if values else None

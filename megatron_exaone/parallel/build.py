@@ -24,19 +24,19 @@ def build_chunks(build: Build, mesh: ParallelMesh) -> list[nn.Module]:
     """This rank's model (pp == 1) or its pipeline chunks (one per virtual stage, in the order the schedule runs
     them), each sharded, initialized to its part of `build_model(config, seed)` and wrapped as `build` asks."""
     with torch.device("meta"):
-        full = ExaoneMoeForCausalLM(build.model)
-    chunks = [full] if mesh.dims.pp == 1 else _pipeline_chunks(full, build, mesh)
+        chunks = [ExaoneMoeForCausalLM(build.model)] if mesh.dims.pp == 1 else _pipeline_chunks(build, mesh)
     for feature in FEATURES:
         for chunk in chunks:
             feature.apply(chunk, mesh, build)
     return chunks
 
 
-def _pipeline_chunks(full: ExaoneMoeForCausalLM, build: Build, mesh: ParallelMesh) -> list[PipelineChunk]:
+def _pipeline_chunks(build: Build, mesh: ParallelMesh) -> list[PipelineChunk]:
+    """This rank's stages, each the model with the parts it does not run removed."""
     dims, p = mesh.dims, build.parallel
     specs = pipeline_layout(build.model, dims.pp, dims.vpp, p.pipeline_layout)
     sequence_shards = dims.cp * (dims.tp if p.sequence_parallel else 1)
-    return [PipelineChunk(full, specs[i], i, len(specs), sequence_shards)
+    return [PipelineChunk(build.model, specs[i], i, len(specs), sequence_shards)
             for i in local_stage_indices(p.pipeline_schedule, mesh.pp_rank, dims.pp, dims.vpp)]
 
 
@@ -62,7 +62,7 @@ def build_pipeline_chunks(config: ModelConfig, mesh: ParallelMesh, seed: int, de
                           schedule: str, layout: str | None = None, sequence_parallel: bool = True,
                           precision: PrecisionConfig | str = "bf16") -> list[PipelineChunk]:
     """This rank's pipeline chunks for `schedule` (`layout`: see `pipeline_layout`), as `build_parallel_model`
-    builds a model. Run them with `pipeline.PipelineRunner`."""
+    builds a model. Run them with `step.PipelineRunner`."""
     return build_chunks(_plain(config, mesh, seed, device, sequence_parallel, precision,
                                pipeline_schedule=schedule, pipeline_layout=layout), mesh)
 

@@ -4,7 +4,8 @@ The model is cut into pp * vpp virtual stages of units: `E` (embedding), one `t`
 norm, lm_head, MTP and the loss). `pipeline_layout` gives the split (balanced by default, or an explicit layout
 string); `PipelineChunk` keeps only a stage's units under their full-model names, so `materialize`, the tensor and
 expert parallel passes, checkpoints and the HF converter see the same names as for the single-process model.
-Schedules come from `torch.distributed.pipelining`; `PipelineRunner` runs one training step over them.
+Schedules come from `torch.distributed.pipelining`; `parallel.step.PipelineRunner` runs one training step over
+them.
 
 Losses: every micro-batch's CE is divided by the valid-label count of the whole global batch (all micro-batches
 and data-parallel ranks) and MoE aux losses are weighted by the micro-batch's share of the global sequences, so
@@ -15,7 +16,6 @@ copies' gradients so they stay identical.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,15 +27,12 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleD
                                           ScheduleZBVZeroBubble)
 
 from megatron_exaone.model import ExaoneMoeForCausalLM, ModelConfig
-from megatron_exaone.model.loss import IGNORE_INDEX
-from megatron_exaone.model.model import AttentionInputs, default_position_ids
-from megatron_exaone.model.moe import MoEBlock
-from megatron_exaone.model.mtp import shift_left
-from megatron_exaone.model.sequence_shard import SequenceShard
+from megatron_exaone.model.loss import LossMetrics, LossScaling, total_loss
+from megatron_exaone.model.model import AttentionInputs, ModelPart, moe_aux_loss, mtp_enabled
 
+from .comm import all_reduce_
 from .mesh import LayoutError, ParallelMesh
 from .sharding import local_tensor
-from .comm import all_reduce_
 
 EMBEDDING_WEIGHT = "model.embed_tokens.weight"
 
@@ -216,69 +213,28 @@ def local_stage_indices(schedule: str, pp_rank: int, pp: int, vpp: int) -> list[
 
 
 # ---------------------------------------------------------------------------------------------- the stage module
-@dataclass(frozen=True)
-class LossScaling:
-    """Per-step global counts: CE is divided by `valid_tokens` (labels != -100 in the whole global batch), a
-    micro-batch's aux loss is weighted by its share of the `sequences` of the global batch."""
+class PipelineChunk(ExaoneMoeForCausalLM):
+    """One virtual stage: the model with the parts it does not run removed (`ModelPart` of its `StageSpec`), under
+    the full-model names (`model.embed_tokens`, `model.layers.<i>`, `model.norm`, `lm_head`, `mtp`). A last stage
+    that trains MTP holds a copy of the embedding, whose gradients `sync_embedding_grads` sums with the first's.
 
-    valid_tokens: torch.Tensor
-    sequences: int
-
-
-class LossMetrics:
-    """Detached loss terms summed over the micro-batches of a step (each already weighted by its share of the
-    global batch, so the sums over micro-batches, stages and data-parallel ranks are the step's losses)."""
-
-    NAMES = ("lm_loss", "mtp_loss", "aux_loss")
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: dict[str, torch.Tensor | float] = dict.fromkeys(self.NAMES, 0.0)
-
-    def add(self, name: str, value: torch.Tensor) -> None:
-        self.sums[name] = self.sums[name] + value.detach().float()
-
-
-def mtp_enabled(config: ModelConfig) -> bool:
-    """Whether the last stage runs MTP (and so holds a copy of the embedding)."""
-    return config.num_nextn_predict_layers > 0 and config.mtp_loss_weight > 0
-
-
-class PipelineChunk(nn.Module):
-    """One virtual stage of `ExaoneMoeForCausalLM`, holding only its units under their full-model names
-    (`model.embed_tokens`, `model.layers.<i>`, `model.norm`, `lm_head`, `mtp`).
-
-    forward(x, *, position_ids, token_ids, labels): `x` is the input ids on the first stage, the hidden states
-    elsewhere. The keyword inputs come whole to every stage (RoPE and document masks are rebuilt from
-    `position_ids`; the last stage reads `token_ids` for MTP and `labels` for the loss). Returns the hidden states,
-    or on the last stage the micro-batch loss lm + mtp_loss_weight * mtp normalised by `loss_scaling`.
+    forward(x, *, position_ids, token_ids, labels) is the pipeline schedule's contract, made of the model's pieces:
+    `x` is the input ids on the first stage, the hidden states elsewhere. The keyword inputs come whole to every
+    stage (RoPE and document masks are rebuilt from `position_ids`; the last stage reads `token_ids` for MTP and
+    `labels` for the loss). Returns the hidden states, or on the last stage the micro-batch's
+    `total_loss(lm, mtp, 0)` normalised by `loss_scaling` (the aux loss reaches its router through the MoE outputs).
     """
 
-    def __init__(self, full: ExaoneMoeForCausalLM, spec: StageSpec, stage_index: int, num_stages: int,
+    def __init__(self, config: ModelConfig, spec: StageSpec, stage_index: int, num_stages: int,
                  sequence_shards: int = 1) -> None:
-        super().__init__()
-        if full.config.tie_word_embeddings:
+        if config.tie_word_embeddings:
             raise LayoutError("tie_word_embeddings with pipeline parallelism is not supported: the tied lm_head "
                               "would live on another stage than the embedding.")
-        self.config = full.config
+        super().__init__(config, ModelPart(spec.embedding, spec.layers, spec.head))
         self.spec = spec
         self.stage_index = stage_index
         self.num_stages = num_stages
         self.sequence_shards = sequence_shards  # tokens of a sequence per rank: 1 / (cp * tp under SP)
-        self.sequence_shard: SequenceShard | None = None  # set by the context-parallel pass
-        self.runs_mtp = spec.head and mtp_enabled(full.config)
-        self.model = nn.Module()
-        if spec.embedding:
-            self.model.embed_tokens = full.model.embed_tokens
-        elif self.runs_mtp:  # a separate copy with the same name: same init, gradients summed with the first stage
-            self.model.embed_tokens = copy.deepcopy(full.model.embed_tokens)
-        self.model.layers = nn.ModuleDict({str(i): full.model.layers[i] for i in spec.layers})
-        if spec.head:
-            self.model.norm = full.model.norm
-            self.lm_head = full.lm_head
-            self.mtp = full.mtp  # kept with mtp_loss_weight = 0 too, so checkpoints hold every weight
         self.loss_scaling: LossScaling | None = None
         self.metrics = LossMetrics()
 
@@ -298,39 +254,30 @@ class PipelineChunk(nn.Module):
 
     def forward(self, x: torch.Tensor, *, position_ids: torch.Tensor, token_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
-        shard = self.sequence_shard
+        scaling = self._scaling()
         if self.spec.embedding:
-            hidden = self.model.embed_tokens(x if shard is None else shard.take(x))
+            attn = AttentionInputs(self.config, position_ids, self.model.embed_tokens.weight.dtype,
+                                   self.sequence_shard)
+            hidden = self.model.embed_tokens(attn.take(x))
         else:
+            attn = AttentionInputs(self.config, position_ids, x.dtype, self.sequence_shard)
             hidden = x
-        attn = AttentionInputs(self.config, position_ids, hidden.dtype, shard)
-        # MoE blocks attach their aux loss (times this micro-batch's share of the sequences) to their outputs'
-        # backward, so it needs no path to the last stage; its value is only logged.
-        aux_loss_scale = x.shape[0] / self._scaling().sequences
-        for layer in self.model.layers.values():
-            hidden = layer(hidden, attn.rope, attn.masks, aux_loss_scale)
-        for block in self.model.layers.modules():
-            if isinstance(block, MoEBlock) and block.last_aux_loss is not None:
-                self.metrics.add("aux_loss", block.last_aux_loss)
+        hidden = self.model.decode(hidden, attn, x.shape[0] / scaling.sequences)
+        self.metrics.add("aux_loss", moe_aux_loss(self.model.layers.modules()))
         if not self.spec.head:
             return hidden
-        if labels is None or (self.runs_mtp and token_ids is None):
-            raise ValueError("the last pipeline stage needs labels (and token_ids for MTP) as keyword inputs.")
-        return self._loss(self.model.norm(hidden), token_ids, labels, attn)
+        if labels is None or token_ids is None:
+            raise ValueError("the last pipeline stage needs labels and token_ids as keyword inputs.")
+        hidden = self.model.norm(hidden)
 
-    def _loss(self, hidden: torch.Tensor, token_ids: torch.Tensor | None, labels: torch.Tensor,
-              attn: AttentionInputs) -> torch.Tensor:
-        """As `ExaoneMoeForCausalLM.forward` with `loss_normalizer` (the aux loss is already attached upstream)."""
-        normalizer = self._scaling().valid_tokens
-        loss = self.lm_head.loss(hidden, attn.take(labels), normalizer)
-        self.metrics.add("lm_loss", loss)
-        if self.runs_mtp:
-            mtp_hidden = self.mtp(hidden, token_ids, self.model.embed_tokens, attn.rope, attn.masks, attn.take)
-            mtp_loss = torch.stack([self.lm_head.loss(h, attn.take(shift_left(labels, depth + 1, fill=IGNORE_INDEX)),
-                                                      normalizer) for depth, h in enumerate(mtp_hidden)]).mean()
-            self.metrics.add("mtp_loss", mtp_loss)
-            loss = loss + self.config.mtp_loss_weight * mtp_loss
-        return loss
+        def loss_of(h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return self.lm_head.loss(h, targets, scaling.valid_tokens)
+
+        lm_loss = loss_of(hidden, attn.take(labels))
+        mtp_loss = self.mtp_loss(hidden, token_ids, labels, attn, loss_of)
+        self.metrics.add("lm_loss", lm_loss)
+        self.metrics.add("mtp_loss", mtp_loss)
+        return total_loss(lm_loss, 0.0 if mtp_loss is None else mtp_loss, 0.0, self.config.mtp_loss_weight)
 
 
 @torch.no_grad()
@@ -425,88 +372,3 @@ def build_pipeline_schedule(stages: Sequence[PipelineStage], mesh: ParallelMesh,
         raise LayoutError(f"{len(stages)} stages on this rank but vpp={dims.vpp}.")
     kind = SCHEDULES[schedule_name]
     return kind.cls(list(stages) if kind.multi else stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False)
-
-
-class PipelineRunner:
-    """Forward and backward of one training step over this rank's chunks (gradients accumulate in `.grad`).
-
-    `step` splits this rank's share of the global batch into `n_microbatches`, sets the global counts on the chunks
-    and runs the schedule; every rank of the pipeline passes the same batch. Schedules are built per micro-batch
-    shape. `activation_dtype` is the dtype of the hidden states sent between stages (default: the parameters'; pass
-    bfloat16 when FSDP2 computes in bf16 over fp32 parameters). `reduce_each_micro_batch`: FSDP2 reduce-scatters
-    every micro-batch's gradients (`ReducingEachMicroBatchStage`; not with zero-bubble schedules).
-    """
-
-    def __init__(self, chunks: Sequence[PipelineChunk], mesh: ParallelMesh, schedule: str, n_microbatches: int,
-                 activation_dtype: torch.dtype | None = None, reduce_each_micro_batch: bool = False) -> None:
-        dims = mesh.dims
-        check_schedule(schedule, dims.pp, dims.vpp, n_microbatches)
-        if reduce_each_micro_batch and splits_weight_backward(schedule):
-            raise LayoutError(f"reducing gradients each micro-batch needs a full backward per micro-batch; {schedule} "
-                              "splits it (and keeps parameters gathered): use 1f1b or interleaved_1f1b.")
-        self.reduce_each_micro_batch = reduce_each_micro_batch
-        expected = local_stage_indices(schedule, mesh.pp_rank, dims.pp, dims.vpp)
-        if [c.stage_index for c in chunks] != expected:
-            raise LayoutError(f"{schedule} runs stages {expected} on pipeline rank {mesh.pp_rank}, but the chunks "
-                              f"are stages {[c.stage_index for c in chunks]}: build them for the same schedule.")
-        self.chunks = list(chunks)
-        self.mesh = mesh
-        self.schedule = schedule
-        self.n_microbatches = n_microbatches
-        param = next(self.chunks[0].parameters())
-        self.activation_dtype = activation_dtype or param.dtype
-        self.device = param.device
-        self._schedules: dict[tuple[int, int, int], Any] = {}  # (micro-batch, seq_len, count) -> schedule
-
-    def step(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
-             n_microbatches: int | None = None) -> dict[str, float]:
-        """Run forward and backward for this rank's [batch, seq] share; returns the step's global losses
-        (`loss`, `lm_loss`, `mtp_loss`, `aux_loss`), the same on every rank. `n_microbatches` overrides the
-        constructor's for this step (a growing global batch)."""
-        if n_microbatches is not None and n_microbatches != self.n_microbatches:
-            check_schedule(self.schedule, self.mesh.dims.pp, self.mesh.dims.vpp, n_microbatches)
-            self.n_microbatches = n_microbatches
-        batch, seq_len = input_ids.shape
-        if batch % self.n_microbatches:
-            raise ValueError(f"the local batch of {batch} sequences does not split into {self.n_microbatches} "
-                             "equal micro-batches.")
-        if position_ids is None:
-            position_ids = default_position_ids(input_ids)
-        scaling = self._global_scaling(labels)
-        for chunk in self.chunks:
-            chunk.loss_scaling = scaling
-        schedule = self._schedule_for(batch // self.n_microbatches, seq_len)
-        first = self.chunks[0].spec.embedding
-        last = any(c.is_last for c in self.chunks)
-        schedule.step(*((input_ids,) if first else ()), target=labels if last else None, return_outputs=False,
-                      position_ids=position_ids, token_ids=input_ids, labels=labels)
-        return self._reduce_metrics()
-
-    def _global_scaling(self, labels: torch.Tensor) -> LossScaling:
-        valid = (labels != IGNORE_INDEX).sum().to(torch.float32)
-        all_reduce_(valid, self.mesh.dp_group)  # the ranks of a cp group hold the same whole sequences
-        # Every data-parallel rank holds the same number of sequences (context parallel splits tokens, not them).
-        return LossScaling(valid_tokens=valid.clamp(min=1), sequences=labels.shape[0] * self.mesh.dims.dp)
-
-    def _schedule_for(self, micro_batch: int, seq_len: int) -> Any:
-        key = (micro_batch, seq_len, self.n_microbatches)
-        if key not in self._schedules:
-            stages = make_pipeline_stages(self.chunks, self.mesh, micro_batch, seq_len, self.activation_dtype,
-                                          self.reduce_each_micro_batch)
-            self._schedules[key] = build_pipeline_schedule(stages, self.mesh, self.n_microbatches, self.schedule)
-        return self._schedules[key]
-
-    def _reduce_metrics(self) -> dict[str, float]:
-        """Sum the chunks' metrics over micro-batches, stages (pp) and data-parallel ranks; reset them."""
-        values = torch.zeros(len(LossMetrics.NAMES), dtype=torch.float32, device=self.device)
-        for chunk in self.chunks:
-            values += torch.stack([torch.as_tensor(chunk.metrics.sums[n], dtype=torch.float32, device=self.device)
-                                   for n in LossMetrics.NAMES])
-            chunk.metrics.reset()
-        all_reduce_(values, self.mesh.pp_group)
-        all_reduce_(values, self.mesh.dp_cp_group)
-        metrics = dict(zip(LossMetrics.NAMES, values.tolist()))
-        metrics["aux_loss"] /= self.mesh.dims.cp  # every rank of a cp group computes its sequences' whole aux loss
-        mtp_weight = self.chunks[0].config.mtp_loss_weight
-        metrics["loss"] = metrics["lm_loss"] + mtp_weight * metrics["mtp_loss"] + metrics["aux_loss"]
-        return metrics

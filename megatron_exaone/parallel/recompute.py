@@ -14,7 +14,7 @@ from megatron_exaone.model.attention import Attention
 from megatron_exaone.model.layers import DecoderLayer
 from megatron_exaone.model.mlp import SwiGLUMLP
 from megatron_exaone.model.moe import MoEBlock
-from megatron_exaone.precision.fp8_te import holds_te_modules, recompute_checkpoint
+from megatron_exaone.precision import holds_te_modules, recompute_checkpoint
 
 from .mesh import LayoutError
 

@@ -11,8 +11,10 @@ torch backends share, `fp8_ops` the autograd functions and module classes. Confi
 from .apply import PrecisionReport
 from .fp8_common import Fp8Unavailable
 from .fp8_ops import mark_fp8_weights_stale
+from .fp8_te import holds_te_modules, load_te_extra_state, recompute_checkpoint, te_extra_state
 from .registry import (PRECISIONS, PrecisionUnavailable, apply_precision, is_fp8, is_te, recipe_of,
                        validate_precision)
 
-__all__ = ["PRECISIONS", "Fp8Unavailable", "PrecisionReport", "PrecisionUnavailable", "apply_precision", "is_fp8",
-           "is_te", "mark_fp8_weights_stale", "recipe_of", "validate_precision"]
+__all__ = ["PRECISIONS", "Fp8Unavailable", "PrecisionReport", "PrecisionUnavailable", "apply_precision",
+           "holds_te_modules", "is_fp8", "is_te", "load_te_extra_state", "mark_fp8_weights_stale", "recipe_of",
+           "recompute_checkpoint", "te_extra_state", "validate_precision"]

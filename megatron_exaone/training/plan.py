@@ -51,6 +51,13 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str | None = None) 
     recipe for a GPU cluster can be checked anywhere.
     """
     model = build_model_config(model_fields(cfg))
+    p = cfg.parallel
+    needed = p.tp * p.cp * p.pp * (p.dp or 1)
+    if world_size == 1 and needed > 1:
+        raise RecipeError(f"this recipe's layout (tp={p.tp} pp={p.pp} cp={p.cp} dp={p.dp or 1}, ep={p.ep}) needs "
+                          f"{needed} processes and this is a single process: launch with `launch/local.sh {needed} "
+                          f"...` (CPU) or `python -m megatron_exaone.cli.torchrun --nproc-per-node {needed} -m "
+                          "megatron_exaone.cli.train ...`, or add parallel=single.")
     try:
         dims = ParallelDims.of(cfg.parallel).validate(world_size, model)
     except LayoutError as exc:

@@ -36,7 +36,8 @@ from megatron_exaone.parallel.comm import all_gather_objects, all_reduce_, barri
 from megatron_exaone.parallel.grad_norm import clip_grad_norm_
 from megatron_exaone.parallel.mesh import ParallelDims, ParallelMesh, build_mesh
 from megatron_exaone.parallel.features import Build
-from megatron_exaone.parallel.pipeline import PipelineRunner, embedding_copies, sync_embedding_grads
+from megatron_exaone.parallel.pipeline import embedding_copies, sync_embedding_grads
+from megatron_exaone.parallel.step import step_runner
 from megatron_exaone.parallel.tensor_parallel import reduce_tp_partial_grads
 from megatron_exaone.precision import mark_fp8_weights_stale
 
@@ -100,10 +101,9 @@ class Trainer:
             muon_ns_steps=cfg.optim.muon_ns_steps, muon_adjust_lr=cfg.optim.muon_adjust_lr,
             tp_group=self.mesh.tp_group, tp_size=dims.tp)
         self.loader = self._build_loader()
-        self.runner = (PipelineRunner(self.chunks, self.mesh, cfg.parallel.pipeline_schedule, self._microbatches(),
-                                      activation_dtype=self._compute_dtype(),
-                                      reduce_each_micro_batch=cfg.parallel.reduce_grads_each_micro_batch)
-                       if dims.pp > 1 else None)
+        self.runner = step_runner(self.chunks, self.mesh, cfg.parallel.pipeline_schedule, self._microbatches(),
+                                  activation_dtype=self._compute_dtype(),
+                                  reduce_each_micro_batch=cfg.parallel.reduce_grads_each_micro_batch)
         self.metrics = MetricsLogger(self.run_dir, enabled=self.rank == 0, total_tokens=curriculum.total_tokens,
                                      wandb_settings={**dataclasses.asdict(cfg.wandb),
                                                      "mode": cfg.wandb.resolved_mode()},
@@ -268,32 +268,8 @@ class Trainer:
         self._check_skipped_limit()
 
     def _forward_backward(self, batch: dict[str, torch.Tensor], plan: StepPlan) -> dict[str, float]:
-        if self.runner is not None:
-            return self.runner.step(batch["input_ids"], batch["labels"], batch["position_ids"],
-                                    n_microbatches=self._microbatches(plan.global_batch_size))
-        (model,) = self.chunks
-        labels = batch["labels"]
-        valid = (labels != -100).sum().to(torch.float32)
-        all_reduce_(valid, self.mesh.dp_group)  # the ranks of a cp group hold the same whole sequences
-        micro = self.cfg.trainer.micro_batch_size
-        rows = labels.shape[0]
-        totals = {"lm_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
-        for first in range(0, rows, micro):
-            last_micro = first + micro >= rows
-            if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter after the last one (or each)
-                model.set_requires_gradient_sync(last_micro or self.cfg.parallel.reduce_grads_each_micro_batch)
-            part = slice(first, first + micro)
-            out = model(batch["input_ids"][part], labels=labels[part], position_ids=batch["position_ids"][part],
-                        return_logits=False, loss_normalizer=valid, aux_loss_scale=micro / plan.global_batch_size)
-            out.loss.backward()
-            for key in totals:
-                totals[key] += getattr(out, key).item()
-        summed = torch.tensor(list(totals.values()), dtype=torch.float64, device=self.device)
-        all_reduce_(summed, self.mesh.dp_cp_group)
-        totals = dict(zip(totals, summed.tolist()))
-        totals["aux_loss"] /= self.mesh.dims.cp  # every rank of a cp group computes its sequences' whole aux loss
-        totals["loss"] = totals["lm_loss"] + model.config.mtp_loss_weight * totals["mtp_loss"] + totals["aux_loss"]
-        return totals
+        return self.runner.step(batch["input_ids"], batch["labels"], batch["position_ids"],
+                                n_microbatches=self._microbatches(plan.global_batch_size))
 
     def _reduce_grads(self) -> None:
         if self.cfg.parallel.fsdp:  # FSDP2 reduced dense grads over dp x cp and experts over edp in backward

@@ -23,11 +23,11 @@ from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.parallel.data_parallel import apply_data_parallel
 from megatron_exaone.parallel.grad_norm import clip_grad_norm_
 from megatron_exaone.parallel.mesh import LayoutError, ParallelDims, build_mesh
-from megatron_exaone.parallel.pipeline import (SCHEDULES, PipelineRunner, check_schedule, embedding_copies,
-                                               splits_weight_backward,
-                                               format_layout, local_stage_indices, pipeline_layout,
+from megatron_exaone.parallel.pipeline import (SCHEDULES, check_schedule, embedding_copies, format_layout,
+                                               local_stage_indices, pipeline_layout, splits_weight_backward,
                                                sync_embedding_grads)
 from megatron_exaone.parallel.sharding import layout_of
+from megatron_exaone.parallel.step import PipelineRunner
 from megatron_exaone.parallel.tensor_parallel import reduce_tp_partial_grads
 from megatron_exaone.parallel.testing import run_distributed
 

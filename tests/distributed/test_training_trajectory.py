@@ -7,7 +7,8 @@ from megatron_exaone.model.mtp import shift_left
 from megatron_exaone.parallel.build import all_reduce_grads, build_pipeline_chunks
 from megatron_exaone.parallel.grad_norm import clip_grad_norm_
 from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
-from megatron_exaone.parallel.pipeline import PipelineRunner, embedding_copies
+from megatron_exaone.parallel.pipeline import embedding_copies
+from megatron_exaone.parallel.step import PipelineRunner
 from megatron_exaone.parallel.sharding import layout_of
 from megatron_exaone.parallel.testing import run_distributed
 from megatron_exaone.training.optim import build_optimizer

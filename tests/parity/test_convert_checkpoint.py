@@ -20,7 +20,7 @@ from megatron_exaone.model import ExaoneMoeForCausalLM, tiny
 from megatron_exaone.model.mtp import shift_left
 from megatron_exaone.parallel.build import build_pipeline_chunks
 from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
-from megatron_exaone.parallel.pipeline import PipelineRunner
+from megatron_exaone.parallel.step import PipelineRunner
 from megatron_exaone.parallel.testing import run_distributed
 from megatron_exaone.training.optim import build_optimizer
 

@@ -348,8 +348,7 @@ def test_pass_on_meta_then_materialize_gives_the_same_weights():
 
 def test_pass_rules_for_pipeline_chunks_experts_and_shapes(caplog):
     cfg = config(moe_intermediate_size=24)  # experts and shared experts of width 24: not a multiple of 16
-    full = build_model(cfg)
-    chunk = PipelineChunk(full, StageSpec(embedding=False, layers=(2, 3), head=True), 1, 2)
+    chunk = PipelineChunk(cfg, StageSpec(embedding=False, layers=(2, 3), head=True), 1, 2)
     with caplog.at_level(logging.WARNING, logger="megatron_exaone.precision"):
         report = apply_precision(chunk, PrecisionConfig("fp8_emulated", fp8_lm_head=True), cfg.num_hidden_layers,
                                  "cpu")
