@@ -28,14 +28,13 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from megatron_exaone.config.schema import PrecisionConfig
+from megatron_exaone.config.schema import ParallelConfig, PrecisionConfig
 from megatron_exaone.model import ModelConfig
 from megatron_exaone.model.mtp import shift_left
-from megatron_exaone.parallel.build import build_parallel_model
-from megatron_exaone.parallel.compile import apply_compile
-from megatron_exaone.parallel.data_parallel import apply_data_parallel
+from megatron_exaone.parallel.build import build_chunks
+from megatron_exaone.parallel.features import Build
 from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
-from megatron_exaone.precision import mark_fp8_weights_stale
+from megatron_exaone.precision import is_fp8, mark_fp8_weights_stale
 from megatron_exaone.training.flops import H100_BF16_DENSE_PEAK, flops_per_token, fp8_matmul_flops
 from megatron_exaone.training.optim import build_optimizer
 
@@ -109,14 +108,14 @@ def parse_variant(variant: str) -> tuple[PrecisionConfig, set[str]]:
         raise SystemExit(f"variant {variant!r}: unknown options {sorted(unknown)}; choose from {VARIANT_OPTIONS}")
     precision, _, recipe = name.partition(":")
     plan = PrecisionConfig(precision, recipe=recipe or None, fp8_expert_wgrad="fp8_wgrad" in options,
-                         fp8_weight_cache="weight_cache" in options, fp8_mtp="fp8_mtp" in options,
-                         fp8_lm_head="fp8_head" in options)
+                           fp8_weight_cache="weight_cache" in options, fp8_mtp="fp8_mtp" in options,
+                           fp8_lm_head="fp8_head" in options)
     return plan, set(options)
 
 
 def fp8_share(config: ModelConfig, seq_len: int, plan: PrecisionConfig) -> str:
     """The part of the model's FLOPs that `plan` runs in FP8 GEMMs, and the speed-up that allows (Amdahl)."""
-    if not plan.name.startswith("fp8"):
+    if not is_fp8(plan):
         return ""
     share = fp8_matmul_flops(config, plan.keep_bf16_first_layers, plan.keep_bf16_last_layers, plan.fp8_expert_wgrad,
                              plan.fp8_mtp, plan.fp8_lm_head) / flops_per_token(config, seq_len)
@@ -131,10 +130,8 @@ def time_steps(config: ModelConfig, variant: str, seq_len: int, micro_batch: int
     last one), then runs the optimizer."""
     plan, options = parse_variant(variant)
     mesh = build_mesh(ParallelDims(), "cuda")
-    model = build_parallel_model(config, mesh, seed=0, device="cuda", precision=plan)
-    if "compile" in options:
-        apply_compile(model)
-    apply_data_parallel(model, mesh, bf16=True, reshard_after_forward="keep_gathered" not in options)
+    layout = ParallelConfig(compile="compile" in options, reshard_after_forward="keep_gathered" not in options)
+    (model,) = build_chunks(Build(config, layout, plan, mesh.dims, "cuda", seed=0), mesh)  # as the trainer builds
     optimizer = build_optimizer([model], "adamw", lr=1e-4)
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randint(0, config.vocab_size, (micro_batch, seq_len), device="cuda", generator=gen)
