@@ -1,18 +1,20 @@
-"""What the checkpoint checksums cost: save and load of one state with this project's store (an XXH3-128 checksum
-of every file while it is written, verified by threads while it loads) against plain DCP (FileSystemWriter /
-FileSystemReader), in the same process, runs interleaved.
+"""What the checkpoint checksums cost: save and load of one state with this project's store (an
+XXH3-128 checksum of every file while it is written, verified by threads while it loads) against
+plain DCP (FileSystemWriter / FileSystemReader), in the same process, runs interleaved.
 
     .venv/bin/python benchmarks/bench_checkpoint.py [--gib 1] [--repeats 5] [--dir DIR]
 
-Prints the median and the min-max of each, and the ratio of the medians; when the spreads overlap the ratio is
-reported as no difference. Runs in one process, like one rank; DIR defaults to a temporary folder. Every timed
-call starts after os.sync(), and the two sides take turns going first. The loads read from the page cache (the
-files were just written), where hashing is the most visible; on a tmpfs (`--dir /dev/shm`) the saves are too.
+Prints the median and the min-max of each, and the ratio of the medians; when the spreads overlap
+the ratio is reported as no difference. Runs in one process, like one rank; DIR defaults to a
+temporary folder. Every timed call starts after os.sync(), and the two sides take turns going first.
+The loads read from the page cache (the files were just written), where hashing is the most visible;
+on a tmpfs (`--dir /dev/shm`) the saves are too.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import statistics
@@ -27,7 +29,9 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
 from megatron_exaone.checkpoint.store import load_checkpoint, save_checkpoint
 
-warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process.*")
+warnings.filterwarnings(
+    "ignore", message=".*assuming the intent is to (save|load) in a single process.*"
+)
 
 
 def state_of(gib: float, tensors: int = 64) -> dict[str, torch.Tensor]:
@@ -44,14 +48,18 @@ def timed(fn) -> float:
 
 
 def summary(name: str, times: list[float]) -> str:
-    return f"{name}: median {statistics.median(times):.3f} s (min {min(times):.3f}, max {max(times):.3f})"
+    median = statistics.median(times)
+    return f"{name}: median {median:.3f} s (min {min(times):.3f}, max {max(times):.3f})"
 
 
 def compare(what: str, plain: list[float], ours: list[float]) -> None:
     ratio = statistics.median(ours) / statistics.median(plain)
     overlap = min(ours) <= max(plain) and min(plain) <= max(ours)
     verdict = "no difference (the spreads overlap)" if overlap else f"{ratio:.2f}x plain DCP"
-    print(f"{what}: {summary('plain DCP', plain)}; {summary('checksummed', ours)}; ratio {ratio:.2f} -> {verdict}")
+    print(
+        f"{what}: {summary('plain DCP', plain)}; {summary('checksummed', ours)}; ratio {ratio:.2f} "
+        f"-> {verdict}"
+    )
 
 
 def main() -> None:
@@ -67,15 +75,22 @@ def main() -> None:
     try:
         for i in range(args.repeats + 1):  # the first round warms up and is not counted
             plain_dir, root = work / f"plain{i}", work / f"ours{i}"
+            plain_writer = FileSystemWriter(str(plain_dir))
             runs = {
-                "plain save": lambda: dcp.save(state, storage_writer=FileSystemWriter(str(plain_dir))),
-                "save": lambda: save_checkpoint(root, 1, state),
-                "plain load": lambda: dcp.load(target, storage_reader=FileSystemReader(str(plain_dir))),
-                "load": lambda: load_checkpoint(root / "step_00000001", target),
+                "plain save": functools.partial(dcp.save, state, storage_writer=plain_writer),
+                "save": functools.partial(save_checkpoint, root, 1, state),
+                "plain load": functools.partial(
+                    dcp.load, target, storage_reader=FileSystemReader(str(plain_dir))
+                ),
+                "load": functools.partial(load_checkpoint, root / "step_00000001", target),
             }
-            order = ["plain save", "save", "plain load", "load"] if i % 2 else ["save", "plain save", "load",
-                                                                               "plain load"]
-            round_times = {name: timed(runs[name]) for name in order}  # each goes first in half the rounds
+            order = (
+                ["plain save", "save", "plain load", "load"]
+                if i % 2
+                else ["save", "plain save", "load", "plain load"]
+            )
+            # each goes first in half the rounds
+            round_times = {name: timed(runs[name]) for name in order}
             if i:
                 for key, value in round_times.items():
                     times[key].append(value)
@@ -83,7 +98,10 @@ def main() -> None:
             shutil.rmtree(root)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"state: {args.gib:g} GiB fp32 in 64 tensors, {args.repeats} runs each, {torch.get_num_threads()} threads")
+    print(
+        f"state: {args.gib:g} GiB fp32 in 64 tensors, {args.repeats} runs each, "
+        f"{torch.get_num_threads()} threads"
+    )
     compare("save", times["plain save"], times["save"])
     compare("load", times["plain load"], times["load"])
 

@@ -1,15 +1,16 @@
-"""One K-EXAONE decoder layer at its published size (hidden 6144, 64 query / 8 KV heads, sliding window 128,
-128 routed experts of 2048 top-8 plus a shared expert), forward + backward on one GPU, in BF16 and in FP8
-(torch-native backend), each variant compiled or not (variants as in bench_train_gpu.py).
+"""One K-EXAONE decoder layer at its published size (hidden 6144, 64 query / 8 KV heads, sliding
+window 128, 128 routed experts of 2048 top-8 plus a shared expert), forward + backward on one GPU,
+in BF16 and in FP8 (torch-native backend), each variant compiled or not (variants as in
+bench_train_gpu.py).
 
-The proxy benchmark (bench_train_gpu.py) spends most of its FLOPs in a 153,600-row output head that stays in
-BF16; this one measures the part of the real model that FP8 covers: prints ms per forward + backward, achieved
-TFLOP/s and each variant's speed-up over the first, with the device name. `--micro-batches N` runs N forward +
-backward passes per weight update (what `+weight_cache`, precision.fp8_weight_cache, amortizes) and reports the
-time per pass.
-Run on a GPU, from the repository root:
-  PYTHONPATH=. python benchmarks/bench_layer_gpu.py [--variants bf16+compile,fp8_torch+compile] [--batch 4] \
-      [--micro-batches 4]
+The proxy benchmark (bench_train_gpu.py) spends most of its FLOPs in a 153,600-row output head that
+stays in BF16; this one measures the part of the real model that FP8 covers: prints ms per forward +
+backward, achieved TFLOP/s and each variant's speed-up over the first, with the device name.
+`--micro-batches N` runs N forward + backward passes per weight update (what `+weight_cache`,
+precision.fp8_weight_cache, amortizes) and reports the time per pass. Run on a GPU, from the
+repository root:
+  PYTHONPATH=. python benchmarks/bench_layer_gpu.py \
+      [--variants bf16+compile,fp8_torch+compile] [--batch 4] [--micro-batches 4]
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ from megatron_exaone.model.layers import DecoderLayer
 from megatron_exaone.model.rope import rope_cos_sin
 from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.precision import apply_precision, mark_fp8_weights_stale
-from megatron_exaone.training.flops import attention_weights, moe_active_weights, attended_keys
-
+from megatron_exaone.training.flops import attended_keys, attention_weights, moe_active_weights
 
 DEVICE = "cuda"
 
@@ -45,16 +45,28 @@ class OneLayer(nn.Module):
 
 
 def layer_flops_per_token(config, seq_len: int) -> float:
-    attention = 12 * config.num_attention_heads * config.head_dim * attended_keys(SLIDING, seq_len,
-                                                                                   config.sliding_window)
+    attention = (
+        12
+        * config.num_attention_heads
+        * config.head_dim
+        * attended_keys(SLIDING, seq_len, config.sliding_window)
+    )
     return 6 * (attention_weights(config) + moe_active_weights(config)) + attention
 
 
-def time_layer(config, variant: str, seq_len: int, batch: int, micro_batches: int, steps: int, warmup: int,
-               profile: bool = False) -> tuple[float, float]:
-    """(median seconds per forward + backward, peak GiB). A step accumulates gradients over `micro_batches`
-    forward + backward passes of the same weights (the FP8 weight cache, `+weight_cache`, quantizes them on the
-    first)."""
+def time_layer(
+    config,
+    variant: str,
+    seq_len: int,
+    batch: int,
+    micro_batches: int,
+    steps: int,
+    warmup: int,
+    profile: bool = False,
+) -> tuple[float, float]:
+    """(median seconds per forward + backward, peak GiB). A step accumulates gradients over
+    `micro_batches` forward + backward passes of the same weights (the FP8 weight cache,
+    `+weight_cache`, quantizes them on the first)."""
     plan, options = parse_variant(variant)
     torch.manual_seed(0)
     with torch.device(DEVICE):
@@ -66,14 +78,20 @@ def time_layer(config, variant: str, seq_len: int, batch: int, micro_batches: in
             nn.init.normal_(param, std=0.02)
     root = OneLayer(layer)
     if plan.name != "bf16":  # the single layer is not one of the "first/last layers kept in BF16"
-        apply_precision(root, dataclasses.replace(plan, keep_bf16_first_layers=0, keep_bf16_last_layers=0), 1,
-                        DEVICE)
+        apply_precision(
+            root,
+            dataclasses.replace(plan, keep_bf16_first_layers=0, keep_bf16_last_layers=0),
+            1,
+            DEVICE,
+        )
     if "compile" in options:
         apply_compile(root)
     positions = torch.arange(seq_len, device=DEVICE).expand(batch, seq_len)
     rope = rope_cos_sin(positions, config.head_dim, config.rope_theta, torch.bfloat16)
     masks = {SLIDING: attention_mask(positions, config.sliding_window)}
-    x = torch.randn(batch, seq_len, config.hidden_size, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(
+        batch, seq_len, config.hidden_size, device=DEVICE, dtype=torch.bfloat16, requires_grad=True
+    )
     grad = torch.randn_like(x)
 
     def step() -> None:
@@ -99,31 +117,57 @@ def time_layer(config, variant: str, seq_len: int, batch: int, micro_batches: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--variants", default="bf16+compile,fp8_torch+compile")
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--micro-batches", type=int, default=1,
-                        help="forward + backward passes per step (weights unchanged within a step)")
+    parser.add_argument(
+        "--micro-batches",
+        type=int,
+        default=1,
+        help="forward + backward passes per step (weights unchanged within a step)",
+    )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--profile", default="", metavar="VARIANTS",
-                        help="comma-separated variants whose kernel table to print")
+    parser.add_argument(
+        "--profile",
+        default="",
+        metavar="VARIANTS",
+        help="comma-separated variants whose kernel table to print",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_layer_gpu needs a CUDA GPU.")
     config = k_exaone_236b()
     tokens = args.batch * args.seq_len
     flops = layer_flops_per_token(config, args.seq_len) * tokens
-    print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; one K-EXAONE sliding MoE layer, "
-          f"{args.batch} x {args.seq_len} tokens, {flops / 1e12:.1f} TFLOP per forward + backward")
+    print(
+        f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; one K-EXAONE sliding "
+        f"MoE layer, {args.batch} x {args.seq_len} tokens, {flops / 1e12:.1f} TFLOP per forward + "
+        "backward"
+    )
+
     def measure(variant: str) -> tuple[float, float]:
-        return time_layer(config, variant, args.seq_len, args.batch, args.micro_batches, args.steps, args.warmup,
-                          profile=variant in args.profile.split(","))
+        return time_layer(
+            config,
+            variant,
+            args.seq_len,
+            args.batch,
+            args.micro_batches,
+            args.steps,
+            args.warmup,
+            profile=variant in args.profile.split(","),
+        )
 
     for variant, seconds, peak, ratio in measure_variants(args.variants.split(","), measure):
-        print(f"{variant}: {seconds * 1e3:.1f} ms, {flops / seconds / 1e12:.0f} TFLOP/s, peak memory {peak:.1f} GiB "
-              f"({ratio})", flush=True)
+        print(
+            f"{variant}: {seconds * 1e3:.1f} ms, {flops / seconds / 1e12:.0f} TFLOP/s, peak memory "
+            f"{peak:.1f} GiB ({ratio})",
+            flush=True,
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,8 @@
-"""Forward+backward time on CPU: our ExaoneMoeForCausalLM vs transformers' (eager attention), same weights.
+"""Forward+backward time on CPU: our ExaoneMoeForCausalLM vs transformers' (eager attention), same
+weights.
 
-Prints `name: value (ratio vs baseline)` lines. Default shape from the foundation issue: hidden 256, 4 layers,
-32 experts top-4, batch 4 x seq 512.
+Prints `name: value (ratio vs baseline)` lines. Default shape from the foundation issue: hidden 256,
+4 layers, 32 experts top-4, batch 4 x seq 512.
 """
 
 from __future__ import annotations
@@ -43,15 +44,28 @@ def main() -> None:
 
     from transformers import ExaoneMoeForCausalLM as HFModel
 
-    config = tiny(vocab_size=8192, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                  num_hidden_layers=args.layers, num_attention_heads=args.hidden // 32, num_key_value_heads=2,
-                  head_dim=32, num_experts=args.experts, num_experts_per_tok=args.top_k,
-                  moe_intermediate_size=args.hidden // 2, sliding_window=128, num_nextn_predict_layers=0)
+    config = tiny(
+        vocab_size=8192,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 32,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        moe_intermediate_size=args.hidden // 2,
+        sliding_window=128,
+        num_nextn_predict_layers=0,
+    )
     ours = build_model(config, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
-        hf = HFModel.from_pretrained(to_hf(config, ours.state_dict(), Path(tmp) / "hf"),
-                                     attn_implementation="eager")
-    x = torch.randint(1, config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+        hf = HFModel.from_pretrained(
+            to_hf(config, ours.state_dict(), Path(tmp) / "hf"), attn_implementation="eager"
+        )
+    x = torch.randint(
+        1, config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)
+    )
     labels = shift_left(x, 1, fill=-100)
 
     def ours_step():
@@ -68,11 +82,18 @@ def main() -> None:
     ours_s = step_time(ours_step, 1, args.repeats)
     tokens = args.batch * args.seq
     print(f"device: cpu ({torch.get_num_threads()} threads), torch {torch.__version__}")
-    print(f"shape: hidden {args.hidden}, {args.layers} layers, {args.experts} experts top-{args.top_k}, "
-          f"batch {args.batch} x seq {args.seq}; max |logit diff| {diff:.2e}")
-    print(f"transformers eager fwd+bwd: {hf_s * 1e3:.1f} ms/step ({tokens / hf_s:.0f} tokens/s) (baseline)")
-    print(f"megatron-exaone fwd+bwd: {ours_s * 1e3:.1f} ms/step ({tokens / ours_s:.0f} tokens/s) "
-          f"({hf_s / ours_s:.2f}x vs baseline)")
+    print(
+        f"shape: hidden {args.hidden}, {args.layers} layers, {args.experts} experts "
+        f"top-{args.top_k}, batch {args.batch} x seq {args.seq}; max |logit diff| {diff:.2e}"
+    )
+    print(
+        f"transformers eager fwd+bwd: {hf_s * 1e3:.1f} ms/step ({tokens / hf_s:.0f} tokens/s) "
+        "(baseline)"
+    )
+    print(
+        f"megatron-exaone fwd+bwd: {ours_s * 1e3:.1f} ms/step ({tokens / ours_s:.0f} tokens/s) "
+        f"({hf_s / ours_s:.2f}x vs baseline)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Reading documents from JSONL (plain, .gz, .zst), Parquet and saved Hugging Face `datasets` directories.
+"""Reading documents from JSONL (plain, .gz, .zst), Parquet and saved Hugging Face `datasets`
+directories.
 
-Readers yield raw records `(input index, line or row number, payload)`: a JSONL payload is the undecoded line
-(bytes), so JSON parsing can happen in worker processes; a columnar payload is the text column's value. Every
-problem is reported with its file and line so the user can find and fix it.
+Readers yield raw records `(input index, line or row number, payload)`: a JSONL payload is the
+undecoded line (bytes), so JSON parsing can happen in worker processes; a columnar payload is the
+text column's value. Every problem is reported with its file and line so the user can find and fix
+it.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def _dir_size(path: Path) -> int:
 
 
 def resolve_inputs(paths: Sequence[str | os.PathLike]) -> list[InputFile]:
-    """Expand the user's inputs: files as given, saved HF datasets as one input, other directories to their files."""
+    """Expand the user's inputs: files as given, saved HF datasets as one input, other directories
+    to their files."""
     inputs: list[InputFile] = []
     for raw in paths:
         path = Path(raw)
@@ -60,19 +63,24 @@ def resolve_inputs(paths: Sequence[str | os.PathLike]) -> list[InputFile]:
         elif path.is_dir():
             found = sorted(f for f in path.rglob("*") if f.is_file() and _kind(f))
             if not found:
-                raise ValueError(f"{path}: directory holds no .jsonl[.gz|.zst] or .parquet files and is not a saved "
-                                 "Hugging Face dataset (no dataset_info.json)")
+                raise ValueError(
+                    f"{path}: directory holds no .jsonl[.gz|.zst] or .parquet files and is not a "
+                    "saved Hugging Face dataset (no dataset_info.json)"
+                )
             inputs += [InputFile(f, _kind(f), f.stat().st_size) for f in found]
         elif _kind(path):
             inputs.append(InputFile(path, _kind(path), path.stat().st_size))
         else:
-            raise ValueError(f"{path}: unsupported input; expected .jsonl/.json/.ndjson (optionally .gz or .zst), "
-                             ".parquet, or a directory saved with datasets' save_to_disk")
+            raise ValueError(
+                f"{path}: unsupported input; expected .jsonl/.json/.ndjson (optionally .gz or "
+                ".zst), .parquet, or a directory saved with datasets' save_to_disk"
+            )
     return inputs
 
 
 def parse_record(payload: bytes | str | None, text_field: str) -> tuple[str, int, dict | None]:
-    """(text, its UTF-8 size, JSON object or None) of a record; raises BadRecord saying what is wrong."""
+    """(text, its UTF-8 size, JSON object or None) of a record; raises BadRecord saying what is
+    wrong."""
     obj = None
     if isinstance(payload, bytes):
         try:
@@ -85,7 +93,10 @@ def parse_record(payload: bytes | str | None, text_field: str) -> tuple[str, int
             raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
         if text_field not in obj:
             keys = ", ".join(list(obj)[:10]) or "none"
-            raise BadRecord(f"missing key {text_field!r} (keys present: {keys}); choose the field with --text-field")
+            raise BadRecord(
+                f"missing key {text_field!r} (keys present: {keys}); choose the field with "
+                "--text-field"
+            )
         payload = obj[text_field]
     if payload is None:
         raise BadRecord(f"{text_field!r} is null")
@@ -94,7 +105,9 @@ def parse_record(payload: bytes | str | None, text_field: str) -> tuple[str, int
     try:
         size = len(payload) if payload.isascii() else len(payload.encode("utf-8"))
     except UnicodeEncodeError:  # JSON escapes such as "\\ud800" decode to unpaired surrogates
-        raise BadRecord(f"{text_field!r} contains an unpaired surrogate escape; it is not encodable text") from None
+        raise BadRecord(
+            f"{text_field!r} contains an unpaired surrogate escape; it is not encodable text"
+        ) from None
     return payload, size, obj
 
 
@@ -105,7 +118,9 @@ def _open_jsonl(path: Path, raw: io.BufferedReader) -> io.BufferedIOBase:
     if name.endswith(".zst"):
         import zstandard  # optional until a .zst input appears
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
+        return io.BufferedReader(
+            zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        )
     return raw
 
 
@@ -121,23 +136,34 @@ def _jsonl_records(index: int, path: Path, on_progress: Callable[[int], None]) -
                     on_progress(raw.tell() - reported)
                     reported = raw.tell()
         except (OSError, EOFError) as e:  # gzip/zstd corruption surfaces here
-            raise ValueError(f"{path}: cannot decompress ({e}); the file is truncated or corrupted") from None
+            raise ValueError(
+                f"{path}: cannot decompress ({e}); the file is truncated or corrupted"
+            ) from None
         on_progress(raw.tell() - reported)
 
 
 def _check_string_column(path: Path, field: str, names: list[str], type_name: str) -> None:
     if field not in names:
-        raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(names)}); choose one with --text-field")
+        raise ValueError(
+            f"{path}: no column {field!r} (columns: {', '.join(names)}); choose one with "
+            "--text-field"
+        )
     if "string" not in type_name:
         raise ValueError(f"{path}: column {field!r} has type {type_name}, expected strings")
 
 
-def _parquet_records(index: int, inp: InputFile, field: str, on_progress: Callable[[int], None]) -> Iterator[Record]:
+def _parquet_records(
+    index: int, inp: InputFile, field: str, on_progress: Callable[[int], None]
+) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(inp.path)
-    _check_string_column(inp.path, field, pf.schema_arrow.names, str(pf.schema_arrow.field(field).type)
-                         if field in pf.schema_arrow.names else "")
+    _check_string_column(
+        inp.path,
+        field,
+        pf.schema_arrow.names,
+        str(pf.schema_arrow.field(field).type) if field in pf.schema_arrow.names else "",
+    )
     rows, total = 0, max(pf.metadata.num_rows, 1)
     for batch in pf.iter_batches(batch_size=PROGRESS_EVERY, columns=[field]):
         for value in batch.column(0).to_pylist():
@@ -146,20 +172,25 @@ def _parquet_records(index: int, inp: InputFile, field: str, on_progress: Callab
         on_progress(inp.size * len(batch) // total)
 
 
-def _hf_records(index: int, inp: InputFile, field: str, split: str | None,
-                on_progress: Callable[[int], None]) -> Iterator[Record]:
+def _hf_records(
+    index: int, inp: InputFile, field: str, split: str | None, on_progress: Callable[[int], None]
+) -> Iterator[Record]:
     try:
         import datasets
     except ImportError:
-        raise RuntimeError(f"{inp.path} is a saved Hugging Face dataset; reading it needs the `datasets` package "
-                           "(pip install 'megatron-exaone[datasets]')") from None
+        raise RuntimeError(
+            f"{inp.path} is a saved Hugging Face dataset; reading it needs the `datasets` package "
+            "(pip install 'megatron-exaone[datasets]')"
+        ) from None
 
     ds = datasets.load_from_disk(str(inp.path))
     if isinstance(ds, datasets.DatasetDict):
         if split is None and len(ds) == 1:
             split = next(iter(ds))
         if split not in ds:
-            raise ValueError(f"{inp.path}: dataset has splits {', '.join(ds)}; choose one with --split")
+            raise ValueError(
+                f"{inp.path}: dataset has splits {', '.join(ds)}; choose one with --split"
+            )
         ds = ds[split]
     dtype = getattr(ds.features.get(field), "dtype", "")
     _check_string_column(inp.path, field, ds.column_names, str(dtype))
@@ -171,8 +202,12 @@ def _hf_records(index: int, inp: InputFile, field: str, split: str | None,
         on_progress(inp.size * table.num_rows // total)
 
 
-def iter_records(inputs: Sequence[InputFile], text_field: str, split: str | None = None,
-                 on_progress: Callable[[int], None] = lambda n: None) -> Iterator[Record]:
+def iter_records(
+    inputs: Sequence[InputFile],
+    text_field: str,
+    split: str | None = None,
+    on_progress: Callable[[int], None] = lambda n: None,
+) -> Iterator[Record]:
     """Every record of every input in order; `on_progress(bytes)` is called as input is consumed."""
     for index, inp in enumerate(inputs):
         if inp.kind == "jsonl":

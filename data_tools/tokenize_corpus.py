@@ -1,10 +1,11 @@
 """`exaone-data tokenize`: documents -> Megatron `.bin/.idx`, in parallel, resumably.
 
-The main process reads raw records and hands byte-sized batches to worker processes, which parse and encode them;
-results come back in order and are written into parts of `docs_per_shard` records each under `PREFIX.parts/`.
-A part takes its final name only when complete, so an interrupted run resumes by skipping finished parts. At the
-end the parts become `PREFIX.bin/.idx` (a Megatron data-path prefix) and `PREFIX.stats.json`. Batch and part
-boundaries depend on the input only, so the output is byte-identical for any number of workers.
+The main process reads raw records and hands byte-sized batches to worker processes, which parse and
+encode them; results come back in order and are written into parts of `docs_per_shard` records each
+under `PREFIX.parts/`. A part takes its final name only when complete, so an interrupted run resumes
+by skipping finished parts. At the end the parts become `PREFIX.bin/.idx` (a Megatron data-path
+prefix) and `PREFIX.stats.json`. Batch and part boundaries depend on the input only, so the output
+is byte-identical for any number of workers.
 """
 
 from __future__ import annotations
@@ -23,12 +24,28 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_tools.encode_worker import EncodedBatch, EncodeSettings, encode_records, init_pool_worker, init_worker
+from data_tools.encode_worker import (
+    EncodedBatch,
+    EncodeSettings,
+    encode_records,
+    init_pool_worker,
+    init_worker,
+)
 from data_tools.jsonio import write_json
 from data_tools.readers import InputFile, Record, iter_records, resolve_inputs
-from megatron_exaone.data.indexed import (IndexedDatasetWriter, dataset_paths, merge_datasets, optimal_dtype,
-                                          stats_path)
-from megatron_exaone.data.tokenizer import file_sha256, load_tokenizer, resolve_eod, tokenizer_json_path
+from megatron_exaone.data.indexed import (
+    IndexedDatasetWriter,
+    dataset_paths,
+    merge_datasets,
+    optimal_dtype,
+    stats_path,
+)
+from megatron_exaone.data.tokenizer import (
+    file_sha256,
+    load_tokenizer,
+    resolve_eod,
+    tokenizer_json_path,
+)
 from megatron_exaone.errors import UserError
 
 log = logging.getLogger("exaone_data")
@@ -73,7 +90,9 @@ class _InlineExecutor:
         pass
 
 
-def _batches(records: Iterator[Record], docs_per_part: int, batch_bytes: int) -> Iterator[tuple[int, list, bool]]:
+def _batches(
+    records: Iterator[Record], docs_per_part: int, batch_bytes: int
+) -> Iterator[tuple[int, list, bool]]:
     """(part, records, last batch of its part): batches cut by size and at every part boundary."""
     part = in_part = size = 0
     batch: list[Record] = []
@@ -92,17 +111,23 @@ def _batches(records: Iterator[Record], docs_per_part: int, batch_bytes: int) ->
 
 
 class _Parts:
-    """The resumable work directory PREFIX.parts/: finished parts, their stats, and the settings they were made with."""
+    """The resumable work directory PREFIX.parts/: finished parts, their stats, and the settings
+    they were made with."""
 
     def __init__(self, prefix: Path, manifest: dict) -> None:
         self.dir = prefix.with_name(prefix.name + ".parts")
         path = self.dir / "manifest.json"
         if path.is_file():
             old = json.loads(path.read_text())
-            changed = sorted(k for k in manifest.keys() | old.keys() if manifest.get(k) != old.get(k))
+            changed = sorted(
+                k for k in manifest.keys() | old.keys() if manifest.get(k) != old.get(k)
+            )
             if changed:
-                raise ValueError(f"{self.dir} holds an unfinished run with different settings ({', '.join(changed)}); "
-                                 "rerun with the same settings to resume it, or delete the directory to start over")
+                raise ValueError(
+                    f"{self.dir} holds an unfinished run with different settings "
+                    f"({', '.join(changed)}); rerun with the same settings to resume it, or delete "
+                    "the directory to start over"
+                )
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
             write_json(path, manifest)
@@ -121,37 +146,53 @@ class _Parts:
 
 
 class _PartWriter:
-    """Accumulates the batches of one part; `finish` makes it visible (data first, its stats file last)."""
+    """Accumulates the batches of one part; `finish` makes it visible (data first, its stats file
+    last)."""
 
     def __init__(self, parts: _Parts, part: int, dtype) -> None:
         self.parts, self.part = parts, part
         self.writer = IndexedDatasetWriter(parts.prefix(part), dtype)
         self.stats = dict.fromkeys(STAT_KEYS, 0)
-        self.max_id = -1  # the largest token id written (-1: none), so a loader can check its vocabulary early
+        # the largest token id written (-1: none), so a loader can check its vocabulary early
+        self.max_id = -1
         self.bad_examples: list[str] = []
 
     def add(self, result: EncodedBatch, records: int) -> None:
         self.writer.add_documents(result.tokens, result.lengths)
-        for key, value in (("records", records), ("documents", len(result.lengths)), ("tokens", len(result.tokens)),
-                           ("bytes", result.text_bytes), ("empty_documents", result.empty),
-                           ("bad_lines", len(result.bad))):
+        for key, value in (
+            ("records", records),
+            ("documents", len(result.lengths)),
+            ("tokens", len(result.tokens)),
+            ("bytes", result.text_bytes),
+            ("empty_documents", result.empty),
+            ("bad_lines", len(result.bad)),
+        ):
             self.stats[key] += value
         if len(result.tokens):
             self.max_id = max(self.max_id, int(result.tokens.max()))
 
     def finish(self) -> None:
         self.writer.finish()
-        write_json(self.parts.prefix(self.part).with_suffix(".json"), dict(self.stats, max_id=self.max_id,
-                                                                              bad_examples=self.bad_examples))
+        write_json(
+            self.parts.prefix(self.part).with_suffix(".json"),
+            dict(self.stats, max_id=self.max_id, bad_examples=self.bad_examples),
+        )
 
 
-def _input_manifest(inputs: list[InputFile], tokenizer: Path, cfg: TokenizeConfig, eod_id: int | None,
-                    dtype) -> dict:
+def _input_manifest(
+    inputs: list[InputFile], tokenizer: Path, cfg: TokenizeConfig, eod_id: int | None, dtype
+) -> dict:
     return {
-        "inputs": [{"path": str(i.path.resolve()), "size": i.size, "mtime_ns": i.path.stat().st_mtime_ns}
-                   for i in inputs],
-        "tokenizer_sha256": file_sha256(tokenizer), "text_field": cfg.text_field, "split": cfg.split,
-        "eod_id": eod_id, "docs_per_shard": cfg.docs_per_shard, "dtype": str(dtype),
+        "inputs": [
+            {"path": str(i.path.resolve()), "size": i.size, "mtime_ns": i.path.stat().st_mtime_ns}
+            for i in inputs
+        ],
+        "tokenizer_sha256": file_sha256(tokenizer),
+        "text_field": cfg.text_field,
+        "split": cfg.split,
+        "eod_id": eod_id,
+        "docs_per_shard": cfg.docs_per_shard,
+        "dtype": str(dtype),
     }
 
 
@@ -167,37 +208,71 @@ def tokenize(cfg: TokenizeConfig) -> dict:
     tokenizer = load_tokenizer(tok_path)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     dtype = optimal_dtype(vocab_size)
-    eod_token, eod_id = resolve_eod(tok_path, tokenizer, cfg.eod_token) if cfg.append_eod else (None, None)
+    eod_token, eod_id = (
+        resolve_eod(tok_path, tokenizer, cfg.eod_token) if cfg.append_eod else (None, None)
+    )
     prefix = Path(cfg.output_prefix)
     out_bin, out_idx = dataset_paths(prefix)
     if (out_bin.exists() or out_idx.exists()) and not cfg.overwrite:
-        raise FileExistsError(f"{out_bin} / {out_idx} already exist; pass --overwrite to replace them")
+        raise FileExistsError(
+            f"{out_bin} / {out_idx} already exist; pass --overwrite to replace them"
+        )
     parts = _Parts(prefix, _input_manifest(inputs, tok_path, cfg, eod_id, dtype))
     done = set(parts.finished())
     total_bytes = sum(i.size for i in inputs)
-    log.info("tokenizing %d input(s), %.1f MB, with %d worker(s): %s (vocab %d -> %s), end-of-document %s",
-             len(inputs), total_bytes / 1e6, cfg.workers, tok_path, vocab_size, dtype,
-             f"{eod_token!r} (id {eod_id})" if cfg.append_eod else "not appended")
+    log.info(
+        "tokenizing %d input(s), %.1f MB, with %d worker(s): %s (vocab %d -> %s), end-of-document "
+        "%s",
+        len(inputs),
+        total_bytes / 1e6,
+        cfg.workers,
+        tok_path,
+        vocab_size,
+        dtype,
+        f"{eod_token!r} (id {eod_id})" if cfg.append_eod else "not appended",
+    )
     if done:
         log.info("resuming: %d finished part(s) in %s are kept", len(done), parts.dir)
 
-    settings = EncodeSettings(str(tok_path), cfg.text_field, eod_id, str(dtype), cfg.split_chars,
-                              threads=0 if cfg.workers == 1 else max(1, (os.cpu_count() or 1) // cfg.workers))
+    settings = EncodeSettings(
+        str(tok_path),
+        cfg.text_field,
+        eod_id,
+        str(dtype),
+        cfg.split_chars,
+        threads=0 if cfg.workers == 1 else max(1, (os.cpu_count() or 1) // cfg.workers),
+    )
     _encode_parts(cfg, settings, inputs, parts, done, dtype, total_bytes)
-    return _finalize(parts, prefix, inputs, tok_path, eod_token, eod_id, dtype, vocab_size, cfg, started)
+    return _finalize(
+        parts, prefix, inputs, tok_path, eod_token, eod_id, dtype, vocab_size, cfg, started
+    )
 
 
-def _encode_parts(cfg: TokenizeConfig, settings: EncodeSettings, inputs: list[InputFile], parts: _Parts,
-                  done: set[int], dtype, total_bytes: int) -> None:
+def _encode_parts(
+    cfg: TokenizeConfig,
+    settings: EncodeSettings,
+    inputs: list[InputFile],
+    parts: _Parts,
+    done: set[int],
+    dtype,
+    total_bytes: int,
+) -> None:
     """Feed batches of unfinished parts to the workers and write their results in input order."""
     if cfg.workers == 1:
         init_worker(settings)
         executor = _InlineExecutor()
     else:
-        # Workers die with this process, even when it is killed (they are started by submit() in this thread).
-        executor = ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn"), initializer=init_pool_worker,
-                                       initargs=(os.getpid(), settings))
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not cfg.show_progress)
+        # Workers die with this process, even when it is killed (they are started by submit() in
+        # this thread).
+        executor = ProcessPoolExecutor(
+            cfg.workers,
+            mp_context=get_context("spawn"),
+            initializer=init_pool_worker,
+            initargs=(os.getpid(), settings),
+        )
+    bar = tqdm(
+        total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not cfg.show_progress
+    )
     open_parts: dict[int, _PartWriter] = {}
     pending: deque[tuple[int, int, bool, Future]] = deque()
     try:
@@ -206,7 +281,8 @@ def _encode_parts(cfg: TokenizeConfig, settings: EncodeSettings, inputs: list[In
             if part in done:
                 continue
             pending.append((part, len(batch), last, executor.submit(encode_records, batch)))
-            # Write what is ready at once (an interruption then loses little); wait only when too much is queued.
+            # Write what is ready at once (an interruption then loses little); wait only when too
+            # much is queued.
             while pending and (pending[0][3].done() or len(pending) > 2 * cfg.workers):
                 _collect(pending.popleft(), open_parts, parts, inputs, cfg, dtype, bar)
         while pending:
@@ -215,23 +291,35 @@ def _encode_parts(cfg: TokenizeConfig, settings: EncodeSettings, inputs: list[In
         for writer in open_parts.values():
             writer.writer.abort()
         executor.shutdown(wait=False, cancel_futures=True)
-        log.info("stopped; %d finished part(s) stay in %s: rerun the same command to resume",
-                 len(parts.finished()), parts.dir)
+        log.info(
+            "stopped; %d finished part(s) stay in %s: rerun the same command to resume",
+            len(parts.finished()),
+            parts.dir,
+        )
         raise
     finally:
         bar.close()
     executor.shutdown()
 
 
-def _collect(item: tuple[int, int, bool, Future], open_parts: dict[int, _PartWriter], parts: _Parts,
-             inputs: list[InputFile], cfg: TokenizeConfig, dtype, bar: tqdm) -> None:
+def _collect(
+    item: tuple[int, int, bool, Future],
+    open_parts: dict[int, _PartWriter],
+    parts: _Parts,
+    inputs: list[InputFile],
+    cfg: TokenizeConfig,
+    dtype,
+    bar: tqdm,
+) -> None:
     part, records, last, future = item
     result: EncodedBatch = future.result()
     writer = open_parts.get(part) or open_parts.setdefault(part, _PartWriter(parts, part, dtype))
     for source, line, problem in result.bad:
         where = f"{inputs[source].path}:{line}"
         if cfg.on_bad_line == "fail":
-            raise BadInputError(f"{where}: {problem}; fix the input or pass --on-bad-line skip to skip such lines")
+            raise BadInputError(
+                f"{where}: {problem}; fix the input or pass --on-bad-line skip to skip such lines"
+            )
         if len(writer.bad_examples) < MAX_BAD_EXAMPLES:
             log.warning("%s: skipped: %s", where, problem)
             writer.bad_examples.append(f"{where}: {problem}")
@@ -241,12 +329,23 @@ def _collect(item: tuple[int, int, bool, Future], open_parts: dict[int, _PartWri
         open_parts.pop(part).finish()
 
 
-def _finalize(parts: _Parts, prefix: Path, inputs: list[InputFile], tok_path: Path,
-              eod_token: str | None, eod_id: int | None, dtype, vocab_size: int, cfg: TokenizeConfig,
-              started: float) -> dict:
+def _finalize(
+    parts: _Parts,
+    prefix: Path,
+    inputs: list[InputFile],
+    tok_path: Path,
+    eod_token: str | None,
+    eod_id: int | None,
+    dtype,
+    vocab_size: int,
+    cfg: TokenizeConfig,
+    started: float,
+) -> dict:
     finished = parts.finished()
     if finished != list(range(len(finished))):
-        raise RuntimeError(f"{parts.dir}: parts {finished} are not consecutive; delete the directory and rerun")
+        raise RuntimeError(
+            f"{parts.dir}: parts {finished} are not consecutive; delete the directory and rerun"
+        )
     part_stats = [parts.stats(p) for p in finished]
     totals = {k: sum(s[k] for s in part_stats) for k in STAT_KEYS}
     if not finished:
@@ -259,24 +358,43 @@ def _finalize(parts: _Parts, prefix: Path, inputs: list[InputFile], tok_path: Pa
         merge_datasets([parts.prefix(p) for p in finished], prefix)
     text_tokens = totals["tokens"] - (totals["documents"] if eod_id is not None else 0)
     stats = {
-        "format": "megatron-mmidx-v1", "prefix": str(prefix), "dtype": str(dtype), "vocab_size": vocab_size,
+        "format": "megatron-mmidx-v1",
+        "prefix": str(prefix),
+        "dtype": str(dtype),
+        "vocab_size": vocab_size,
         "max_id": _max_id(part_stats),
-        **totals, "text_tokens": text_tokens, "bytes_per_token": totals["bytes"] / max(text_tokens, 1),
+        **totals,
+        "text_tokens": text_tokens,
+        "bytes_per_token": totals["bytes"] / max(text_tokens, 1),
         "bad_line_examples": [e for s in part_stats for e in s["bad_examples"]][:MAX_BAD_EXAMPLES],
-        "tokenizer": {"path": str(tok_path.resolve()), "sha256": file_sha256(tok_path), "eod_token": eod_token,
-                      "eod_id": eod_id},
-        "text_field": cfg.text_field, "inputs": [{"path": str(i.path), "size": i.size} for i in inputs],
-        "workers": cfg.workers, "seconds": round(time.time() - started, 3),
+        "tokenizer": {
+            "path": str(tok_path.resolve()),
+            "sha256": file_sha256(tok_path),
+            "eod_token": eod_token,
+            "eod_id": eod_id,
+        },
+        "text_field": cfg.text_field,
+        "inputs": [{"path": str(i.path), "size": i.size} for i in inputs],
+        "workers": cfg.workers,
+        "seconds": round(time.time() - started, 3),
     }
     write_json(stats_path(prefix), stats)
     shutil.rmtree(parts.dir)
-    log.info("wrote %s.{bin,idx}: %d documents, %d tokens, %.2f bytes/token, %d bad line(s) skipped, %.1f s",
-             prefix, stats["documents"], stats["tokens"], stats["bytes_per_token"], stats["bad_lines"],
-             stats["seconds"])
+    log.info(
+        "wrote %s.{bin,idx}: %d documents, %d tokens, %.2f bytes/token, %d bad line(s) skipped, "
+        "%.1f s",
+        prefix,
+        stats["documents"],
+        stats["tokens"],
+        stats["bytes_per_token"],
+        stats["bad_lines"],
+        stats["seconds"],
+    )
     return stats
 
 
 def _max_id(part_stats: list[dict]) -> int | None:
-    """The largest token id over all parts; None when a part (from an older version of this tool) lacks it."""
+    """The largest token id over all parts; None when a part (from an older version of this tool)
+    lacks it."""
     ids = [s.get("max_id") for s in part_stats]
     return None if None in ids else max(ids, default=-1)

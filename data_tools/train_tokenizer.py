@@ -1,4 +1,5 @@
-"""`exaone-data train-tokenizer`: sample the corpus, train SuperBPE, write tokenizer files, compare with plain BPE."""
+"""`exaone-data train-tokenizer`: sample the corpus, train SuperBPE, write tokenizer files, compare
+with plain BPE."""
 
 from __future__ import annotations
 
@@ -19,8 +20,16 @@ from data_tools.readers import BadRecord, InputFile, iter_records, parse_record,
 log = logging.getLogger("exaone_data")
 
 ROLES = ("pad", "bos", "eos", "eod", "unk")
-DEFAULT_SPECIAL_TOKENS = ("pad=[PAD]", "bos=[BOS]", "eos=[EOS]", "eod=<|endoftext|>",
-                          "[|system|]", "[|user|]", "[|assistant|]", "[|endofturn|]")
+DEFAULT_SPECIAL_TOKENS = (
+    "pad=[PAD]",
+    "bos=[BOS]",
+    "eos=[EOS]",
+    "eod=<|endoftext|>",
+    "[|system|]",
+    "[|user|]",
+    "[|assistant|]",
+    "[|endofturn|]",
+)
 HELDOUT_BYTES_PER_GROUP = 8 << 20
 
 
@@ -29,12 +38,14 @@ class TrainTokenizerConfig:
     inputs: Sequence[str | os.PathLike]
     output: str | os.PathLike
     vocab_size: int
-    transition_point: int | None = None  # vocabulary size where stage 2 starts; default stage1_fraction * vocab
+    # vocabulary size where stage 2 starts; default stage1_fraction * vocab
+    transition_point: int | None = None
     stage1_fraction: float = 0.8
     pretokenizer: str = "superbpe-default"
     special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS
     max_bytes: int = 1 << 30  # text sampled for stage 1 (held-out text included)
-    stage2_max_bytes: int = 256 << 20  # stage 2 keeps every windowed pretoken in memory: sample less
+    # stage 2 keeps every windowed pretoken in memory: sample less
+    stage2_max_bytes: int = 256 << 20
     heldout_fraction: float = 0.1
     max_words: int = 4
     text_field: str = "text"
@@ -61,18 +72,25 @@ def parse_special_tokens(entries: Sequence[str]) -> tuple[list[str], dict[str, s
 
 def stage_sizes(cfg: TrainTokenizerConfig, num_special: int) -> superbpe.StageSizes:
     floor = num_special + 256
-    t = cfg.transition_point if cfg.transition_point is not None else round(cfg.stage1_fraction * cfg.vocab_size)
+    t = (
+        cfg.transition_point
+        if cfg.transition_point is not None
+        else round(cfg.stage1_fraction * cfg.vocab_size)
+    )
     if not floor < t <= cfg.vocab_size:
-        raise ValueError(f"transition point {t} must lie in ({floor}, {cfg.vocab_size}]: above the {num_special} "
-                         "special tokens + 256 byte tokens and at most --vocab-size")
+        raise ValueError(
+            f"transition point {t} must lie in ({floor}, {cfg.vocab_size}]: above the "
+            f"{num_special} special tokens + 256 byte tokens and at most --vocab-size"
+        )
     return superbpe.StageSizes(cfg.vocab_size, t)
 
 
 class Sample:
-    """Documents read round-robin from the inputs up to a byte budget, split into training and held-out text.
+    """Documents read round-robin from the inputs up to a byte budget, split into training and
+    held-out text.
 
-    Held out: every k-th document of each group (k = 1 / heldout_fraction), so every language is measured.
-    Iterating again yields the same documents.
+    Held out: every k-th document of each group (k = 1 / heldout_fraction), so every language is
+    measured. Iterating again yields the same documents.
     """
 
     def __init__(self, inputs: list[InputFile], cfg: TrainTokenizerConfig) -> None:
@@ -118,7 +136,9 @@ class Sample:
             yield text
 
 
-def compare(baseline: Tokenizer, superbpe_tok: Tokenizer, heldout: dict[str, list[str]]) -> list[dict]:
+def compare(
+    baseline: Tokenizer, superbpe_tok: Tokenizer, heldout: dict[str, list[str]]
+) -> list[dict]:
     """Bytes per token of both tokenizers on held-out text, per group and overall."""
     superwords = {i for t, i in superbpe_tok.get_vocab().items() if superbpe.is_superword(t)}
     rows, totals = [], defaultdict(int)
@@ -129,7 +149,13 @@ def compare(baseline: Tokenizer, superbpe_tok: Tokenizer, heldout: dict[str, lis
         encs = superbpe_tok.encode_batch_fast(texts, add_special_tokens=False)
         sb = sum(len(e.ids) for e in encs)
         sw = sum(1 for e in encs for i in e.ids if i in superwords)
-        row = {"group": group, "bytes": nbytes, "bpe_tokens": base, "superbpe_tokens": sb, "superword_tokens": sw}
+        row = {
+            "group": group,
+            "bytes": nbytes,
+            "bpe_tokens": base,
+            "superbpe_tokens": sb,
+            "superword_tokens": sw,
+        }
         rows.append(row)
         for k, v in row.items():
             if k != "group":
@@ -147,8 +173,10 @@ def _check_round_trip(tok: Tokenizer, heldout: dict[str, list[str]]) -> None:
     for group, texts in heldout.items():
         for text, enc in zip(texts, tok.encode_batch_fast(texts, add_special_tokens=False)):
             if tok.decode(enc.ids, skip_special_tokens=False) != text:
-                raise RuntimeError(f"the trained tokenizer does not round-trip a held-out {group} document; "
-                                   "please report this with the tokenizer.json")
+                raise RuntimeError(
+                    f"the trained tokenizer does not round-trip a held-out {group} document; "
+                    "please report this with the tokenizer.json"
+                )
 
 
 def write_tokenizer(tok: Tokenizer, out: Path, roles: dict[str, str], extra: list[str]) -> None:
@@ -157,8 +185,11 @@ def write_tokenizer(tok: Tokenizer, out: Path, roles: dict[str, str], extra: lis
     tmp = out / "tokenizer.json.tmp"
     tok.save(str(tmp))
     os.replace(tmp, out / "tokenizer.json")
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-              **{f"{role}_token": token for role, token in roles.items() if role != "eod"}}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": False,
+        **{f"{role}_token": token for role, token in roles.items() if role != "eod"},
+    }
     if extra:
         config["extra_special_tokens"] = extra
     if "eod" in roles:  # read by `exaone-data tokenize`; not a transformers field
@@ -167,59 +198,107 @@ def write_tokenizer(tok: Tokenizer, out: Path, roles: dict[str, str], extra: lis
 
 
 def train_tokenizer(cfg: TrainTokenizerConfig) -> dict:
-    """Run both stages and write DIR/tokenizer.json, tokenizer_config.json and superbpe_report.json."""
+    """Run both stages and write DIR/tokenizer.json, tokenizer_config.json and
+    superbpe_report.json."""
     if cfg.pretokenizer not in superbpe.PRETOKENIZERS:
-        raise ValueError(f"unknown pretokenizer {cfg.pretokenizer!r}; choose {', '.join(superbpe.PRETOKENIZERS)}")
+        raise ValueError(
+            f"unknown pretokenizer {cfg.pretokenizer!r}; choose {', '.join(superbpe.PRETOKENIZERS)}"
+        )
     specials, roles = parse_special_tokens(cfg.special_tokens)
     sizes = stage_sizes(cfg, len(specials))
     stage1_regex, stage2_regex = superbpe.PRETOKENIZERS[cfg.pretokenizer]
     sample = Sample(resolve_inputs(cfg.inputs), cfg)
     out = Path(cfg.output)
 
-    log.info("stage 1: byte-level BPE to %d tokens on up to %.1f MB (pretokenizer %s)",
-             sizes.vocab_size, cfg.max_bytes / 1e6, cfg.pretokenizer)
-    baseline = superbpe.train_stage1(sample.training_texts(cfg.max_bytes, collect_heldout=True), stage1_regex,
-                                     sizes.vocab_size, specials, cfg.show_progress)
+    log.info(
+        "stage 1: byte-level BPE to %d tokens on up to %.1f MB (pretokenizer %s)",
+        sizes.vocab_size,
+        cfg.max_bytes / 1e6,
+        cfg.pretokenizer,
+    )
+    baseline = superbpe.train_stage1(
+        sample.training_texts(cfg.max_bytes, collect_heldout=True),
+        stage1_regex,
+        sizes.vocab_size,
+        specials,
+        cfg.show_progress,
+    )
     full_vocab, full_merges = superbpe.bpe_state(baseline)
     if len(full_vocab) < sizes.vocab_size:
-        log.warning("the sample only supports %d BPE tokens (asked %d): give more text or a smaller vocabulary",
-                    len(full_vocab), sizes.vocab_size)
+        log.warning(
+            "the sample only supports %d BPE tokens (asked %d): give more text or a smaller "
+            "vocabulary",
+            len(full_vocab),
+            sizes.vocab_size,
+        )
     t = min(sizes.transition_point, len(full_vocab))
     vocab1, merges1 = superbpe.truncate(full_vocab, full_merges, t, len(specials))
 
-    log.info("stage 2: %d superword merges after transition point %d, on up to %.1f MB",
-             sizes.vocab_size - t, t, cfg.stage2_max_bytes / 1e6)
-    merges2 = superbpe.train_stage2(vocab1, merges1, sample.training_texts(cfg.stage2_max_bytes), stage2_regex,
-                                    sizes.vocab_size - t, cfg.max_words, specials, cfg.show_progress)
+    log.info(
+        "stage 2: %d superword merges after transition point %d, on up to %.1f MB",
+        sizes.vocab_size - t,
+        t,
+        cfg.stage2_max_bytes / 1e6,
+    )
+    merges2 = superbpe.train_stage2(
+        vocab1,
+        merges1,
+        sample.training_texts(cfg.stage2_max_bytes),
+        stage2_regex,
+        sizes.vocab_size - t,
+        cfg.max_words,
+        specials,
+        cfg.show_progress,
+    )
     vocab, merges = superbpe.assemble(vocab1, merges1, merges2, sizes.vocab_size)
     if len(vocab) < sizes.vocab_size:
-        log.warning("stage 2 found only %d new tokens (asked %d): the sample is too small",
-                    len(vocab) - t, sizes.vocab_size - t)
+        log.warning(
+            "stage 2 found only %d new tokens (asked %d): the sample is too small",
+            len(vocab) - t,
+            sizes.vocab_size - t,
+        )
     tok = superbpe.byte_level_tokenizer(stage2_regex, vocab, merges, specials)
     _check_round_trip(tok, sample.heldout)
     write_tokenizer(tok, out, roles, [s for s in specials if s not in roles.values()])
 
     rows = compare(baseline, tok, sample.heldout)
     report = {
-        "pretokenizer": cfg.pretokenizer, "vocab_size": len(vocab), "baseline_vocab_size": len(full_vocab),
-        "transition_point": t, "stage2_tokens": len(vocab) - t,
+        "pretokenizer": cfg.pretokenizer,
+        "vocab_size": len(vocab),
+        "baseline_vocab_size": len(full_vocab),
+        "transition_point": t,
+        "stage2_tokens": len(vocab) - t,
         "superwords_in_vocab": sum(superbpe.is_superword(tok_) for tok_ in vocab),
         "max_words_per_token": max(superbpe.word_count(tok_) for tok_ in vocab),
-        "special_tokens": specials, "roles": roles, "skipped_records": sample.skipped,
-        "inputs": [str(i) for i in cfg.inputs], "heldout": rows,
+        "special_tokens": specials,
+        "roles": roles,
+        "skipped_records": sample.skipped,
+        "inputs": [str(i) for i in cfg.inputs],
+        "heldout": rows,
     }
     write_json(out / "superbpe_report.json", report)
-    log.info("wrote %s (%d tokens, %d superwords)", out / "tokenizer.json", len(vocab), report["superwords_in_vocab"])
+    log.info(
+        "wrote %s (%d tokens, %d superwords)",
+        out / "tokenizer.json",
+        len(vocab),
+        report["superwords_in_vocab"],
+    )
     return report
 
 
 def format_report(report: dict) -> str:
     """The held-out comparison as a plain table."""
-    lines = [f"held-out bytes/token: SuperBPE ({report['vocab_size']} tokens, transition point "
-             f"{report['transition_point']}) vs stage-1-only BPE ({report['baseline_vocab_size']} tokens)",
-             f"{'group':<10}{'bytes':>10}{'BPE b/t':>10}{'SuperBPE b/t':>14}{'fewer tokens':>14}{'superword tok':>15}"]
+    lines = [
+        f"held-out bytes/token: SuperBPE ({report['vocab_size']} tokens, transition point "
+        f"{report['transition_point']}) vs stage-1-only BPE ({report['baseline_vocab_size']} "
+        "tokens)",
+        f"{'group':<10}{'bytes':>10}{'BPE b/t':>10}{'SuperBPE b/t':>14}"
+        f"{'fewer tokens':>14}{'superword tok':>15}",
+    ]
     for r in report["heldout"]:
-        lines.append(f"{r['group']:<10}{r['bytes']:>10}{r['bpe_bytes_per_token']:>10.3f}"
-                     f"{r['superbpe_bytes_per_token']:>14.3f}{r['token_reduction']:>13.1%}"
-                     f"{r['superword_tokens'] / max(r['superbpe_tokens'], 1):>15.1%}")
+        lines.append(
+            f"{r['group']:<10}{r['bytes']:>10}{r['bpe_bytes_per_token']:>10.3f}"
+            f"{r['superbpe_bytes_per_token']:>14.3f}{r['token_reduction']:>13.1%}"
+            f"{r['superword_tokens'] / max(r['superbpe_tokens'], 1):>15.1%}"
+        )
     return "\n".join(lines)

@@ -1,8 +1,8 @@
 """The one base class of errors a user can fix: bad input, a missing file, a layout that cannot run.
 
-The command-line entry points print such an error as one line naming the file, key or value and what to do, and
-exit with status 2; set MEGATRON_EXAONE_DEBUG=1 to see the traceback as well. Any other exception is a bug or an
-environment failure and keeps its traceback.
+The command-line entry points print such an error as one line naming the file, key or value and what
+to do, and exit with status 2; set MEGATRON_EXAONE_DEBUG=1 to see the traceback as well. Any other
+exception is a bug or an environment failure and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ def one_line(message: str) -> str:
 
 @contextlib.contextmanager
 def reported(program: str, show: bool = True) -> Iterator[None]:
-    """Turn a `UserError` raised inside into `program: message` on stderr (when `show`; other ranks stay quiet)
-    and `SystemExit(2)`; the traceback too when $MEGATRON_EXAONE_DEBUG is set."""
+    """Turn a `UserError` raised inside into `program: message` on stderr (when `show`; other ranks
+    stay quiet) and `SystemExit(2)`; the traceback too when $MEGATRON_EXAONE_DEBUG is set."""
     try:
         yield
     except UserError as exc:

@@ -1,15 +1,17 @@
-"""How the project's processes end: one signal policy for every launch path, and no process outliving its job.
+"""How the project's processes end: one signal policy for every launch path, and no process
+outliving its job.
 
-- **Stop signals.** SIGTERM, SIGINT and SIGUSR1 (what Slurm sends before a time limit or on preemption, what a
-  terminal's Ctrl-C and a scheduler's kill send) only *request* a stop: `install_stop_handlers` records the request,
-  the trainer finishes its current step, every rank agrees, one checkpoint is saved and the process exits 0.
-  SIGQUIT and SIGHUP keep their default meaning (end now, without saving).
-- **Launchers forward.** `cli.torchrun` (torchrun with this policy) catches the stop signals itself and passes them
-  to its ranks with `forward_to_children`, instead of torchrun's own handling (which kills the ranks after a
-  timeout and exits 1).
-- **Nothing outlives its launcher.** `die_with_parent` asks the kernel to SIGKILL a process when its parent exits
-  (Linux `PR_SET_PDEATHSIG`): ranks die with their launcher, tokenizer workers with their command, so a relaunch
-  never races with orphans that still train or write checkpoints.
+- **Stop signals.** SIGTERM, SIGINT and SIGUSR1 (what Slurm sends before a time limit or on
+  preemption, what a terminal's Ctrl-C and a scheduler's kill send) only *request* a stop:
+  `install_stop_handlers` records the request, the trainer finishes its current step, every rank
+  agrees, one checkpoint is saved and the process exits 0. SIGQUIT and SIGHUP keep their default
+  meaning (end now, without saving).
+- **Launchers forward.** `cli.torchrun` (torchrun with this policy) catches the stop signals itself
+  and passes them to its ranks with `forward_to_children`, instead of torchrun's own handling (which
+  kills the ranks after a timeout and exits 1).
+- **Nothing outlives its launcher.** `die_with_parent` asks the kernel to SIGKILL a process when its
+  parent exits (Linux `PR_SET_PDEATHSIG`): ranks die with their launcher, tokenizer workers with
+  their command, so a relaunch never races with orphans that still train or write checkpoints.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ _stop_signal: str | None = None
 
 
 def install_stop_handlers() -> None:
-    """Make SIGTERM, SIGINT and SIGUSR1 request a stop (`stop_requested`) instead of ending the process."""
+    """Make SIGTERM, SIGINT and SIGUSR1 request a stop (`stop_requested`) instead of ending the
+    process."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, _request_stop)
 
@@ -41,7 +44,10 @@ def _request_stop(signum: int, _frame) -> None:
     global _stop_signal
     if _stop_signal is None:
         _stop_signal = signal.Signals(signum).name
-        log.warning("received %s: finishing the current step, saving a checkpoint, then exiting", _stop_signal)
+        log.warning(
+            "received %s: finishing the current step, saving a checkpoint, then exiting",
+            _stop_signal,
+        )
 
 
 def stop_requested() -> str | None:
@@ -50,8 +56,9 @@ def stop_requested() -> str | None:
 
 
 def die_with_parent(expected_parent: int | None = None) -> None:
-    """Have the kernel SIGKILL this process as soon as its parent exits (Linux; elsewhere nothing happens). If
-    `expected_parent` is given and is no longer the parent, the parent died before this call: die now."""
+    """Have the kernel SIGKILL this process as soon as its parent exits (Linux; elsewhere nothing
+    happens). If `expected_parent` is given and is no longer the parent, the parent died before this
+    call: die now."""
     if not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(None, use_errno=True)
@@ -62,9 +69,10 @@ def die_with_parent(expected_parent: int | None = None) -> None:
 
 
 def bind_rank_to_launcher() -> None:
-    """A rank started by a launcher dies with it: `cli.torchrun` names itself in $MEGATRON_EXAONE_LAUNCHER_PID;
-    under plain torchrun the parent at start-up is the launcher. A process started any other way (a shell, srun)
-    is left alone, so `nohup exaone-train ... &` survives its terminal."""
+    """A rank started by a launcher dies with it: `cli.torchrun` names itself in
+    $MEGATRON_EXAONE_LAUNCHER_PID; under plain torchrun the parent at start-up is the launcher. A
+    process started any other way (a shell, srun) is left alone, so `nohup exaone-train ... &`
+    survives its terminal."""
     launcher = os.environ.get(LAUNCHER_PID_ENV)
     if launcher:
         die_with_parent(int(launcher))

@@ -1,5 +1,5 @@
-"""Faults planted in real checkpoints, for the tests: content changed in place, and payloads whose loading would
-run code (a real pickle that creates a directory)."""
+"""Faults planted in real checkpoints, for the tests: content changed in place, and payloads whose
+loading would run code (a real pickle that creates a directory)."""
 
 from __future__ import annotations
 
@@ -41,10 +41,14 @@ class Payload:
 
 
 def reseal(checkpoint: Path) -> None:
-    """What an attacker who can write the files can do too: rewrite meta.json's manifest to match them."""
+    """What an attacker who can write the files can do too: rewrite meta.json's manifest to match
+    them."""
     meta = read_meta(checkpoint)
-    meta["files"] = {p.name: dict(zip(("bytes", integrity.CHECKSUM), integrity.file_digest(p)))
-                     for p in checkpoint.iterdir() if p.name != "meta.json"}
+    meta["files"] = {
+        p.name: dict(zip(("bytes", integrity.CHECKSUM), integrity.file_digest(p)))
+        for p in checkpoint.iterdir()
+        if p.name != "meta.json"
+    }
     (checkpoint / "meta.json").write_text(json.dumps(meta))
 
 
@@ -54,10 +58,13 @@ def planted_metadata(checkpoint: Path, marker: Path) -> None:
 
 
 def planted_entry(checkpoint: Path, marker: Path) -> None:
-    """The format an earlier version wrote (`extra` pickled), with a payload: DCP itself would unpickle it with
-    torch.load(weights_only=False)."""
+    """The format an earlier version wrote (`extra` pickled), with a payload: DCP itself would
+    unpickle it with torch.load(weights_only=False)."""
     for f in checkpoint.glob("*.distcp"):
         f.unlink()
     (checkpoint / ".metadata").unlink()
-    dcp.save({"model.embed_tokens.weight": torch.zeros(2), "extra": Payload(marker)}, checkpoint_id=str(checkpoint))
+    dcp.save(
+        {"model.embed_tokens.weight": torch.zeros(2), "extra": Payload(marker)},
+        checkpoint_id=str(checkpoint),
+    )
     reseal(checkpoint)

@@ -1,5 +1,6 @@
-"""Training runs for the tests, through the `exaone-train` code: `cli.train.main` in a forked process (no
-interpreter start-up, the same kernels bit for bit as run_distributed's ranks), and reading what a run wrote."""
+"""Training runs for the tests, through the `exaone-train` code: `cli.train.main` in a forked
+process (no interpreter start-up, the same kernels bit for bit as run_distributed's ranks), and
+reading what a run wrote."""
 
 from __future__ import annotations
 
@@ -21,8 +22,15 @@ from megatron_exaone.cli.train import main
 def overrides(run_dir: Path, data: list[str], *extra: str) -> list[str]:
     """The cpu_tiny experiment on one process, reading the prepared sample data (`data`: conftest's
     `sample_data`)."""
-    return ["experiment=cpu_tiny", "parallel=single", f"run_dir={run_dir}", "trainer.device=cpu",
-            "wandb.enabled=false", *data, *extra]
+    return [
+        "experiment=cpu_tiny",
+        "parallel=single",
+        f"run_dir={run_dir}",
+        "trainer.device=cpu",
+        "wandb.enabled=false",
+        *data,
+        *extra,
+    ]
 
 
 def free_port() -> int:
@@ -46,7 +54,9 @@ def _cli(argv: list[str], stderr: str | None) -> None:
 def start(argv: list[str], stderr: Path | None = None) -> multiprocessing.Process:
     """exaone-train ARGV in a forked process; its standard error goes to `stderr` when given."""
     gc.collect()  # as run_distributed does before it forks
-    process = multiprocessing.get_context("fork").Process(target=_cli, args=(argv, str(stderr) if stderr else None))
+    process = multiprocessing.get_context("fork").Process(
+        target=_cli, args=(argv, str(stderr) if stderr else None)
+    )
     process.start()
     return process
 
@@ -60,7 +70,9 @@ def finish(process: multiprocessing.Process, timeout: float = 120) -> int:
     return process.exitcode
 
 
-def train(argv: list[str], timeout: float = 120, expect: int = 0, stderr: Path | None = None) -> None:
+def train(
+    argv: list[str], timeout: float = 120, expect: int = 0, stderr: Path | None = None
+) -> None:
     code = finish(start(argv, stderr), timeout)
     assert code == expect, f"exaone-train {' '.join(argv)} exited with {code}, not {expect}"
 
@@ -83,8 +95,8 @@ def by_step(run_dir: Path) -> dict[int, dict]:
 
 
 def wait_for_step(process, run_dir: Path, step: int, timeout: float = 90) -> int:
-    """Wait until the run logged `step` (or more); returns the last step logged. `process` is anything with
-    `is_alive()` (a forked run) or `poll()` (a subprocess)."""
+    """Wait until the run logged `step` (or more); returns the last step logged. `process` is
+    anything with `is_alive()` (a forked run) or `poll()` (a subprocess)."""
     alive = process.is_alive if hasattr(process, "is_alive") else (lambda: process.poll() is None)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and alive():
@@ -100,7 +112,9 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
 
 
-def assert_same_losses(metrics: dict[int, dict], expected: dict[int, dict], steps, rtol: float = 0.0) -> None:
+def assert_same_losses(
+    metrics: dict[int, dict], expected: dict[int, dict], steps, rtol: float = 0.0
+) -> None:
     for step in steps:
         for key in ("loss", "lm_loss", "mtp_loss", "aux_loss", "tokens", "stage", "lr"):
             got, want = metrics[step][key], expected[step][key]

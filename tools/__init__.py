@@ -1,1 +1,2 @@
-"""Operator scripts (the memory/FLOPs planner); run them as files, e.g. `python tools/planner.py --help`."""
+"""Operator scripts (the memory/FLOPs planner); run them as files, e.g. `python tools/planner.py
+--help`."""

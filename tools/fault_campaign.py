@@ -1,21 +1,26 @@
-"""The long fault campaign: exaone-train killed, stopped, corrupted and starved of disk many times over, each time
-compared with the uninterrupted run. The fast version of each fault is a test (tests/distributed/test_faults.py,
-tests/distributed/test_slurm.py); this script repeats them at random moments, saves included.
+"""The long fault campaign: exaone-train killed, stopped, corrupted and starved of disk many times
+over, each time compared with the uninterrupted run. The fast version of each fault is a test
+(tests/distributed/test_faults.py, tests/distributed/test_slurm.py); this script repeats them at
+random moments, saves included.
 
-    python tools/fault_campaign.py [--kills 40] [--signals 10] [--launcher-kills 5] [--corruptions 5]
-                                   [--disk-full 3] [--seed 0] [--work DIR]
+    python tools/fault_campaign.py [--kills 40] [--signals 10] [--launcher-kills 5]
+                                   [--corruptions 5] [--disk-full 3] [--seed 0] [--work DIR]
 
 Faults, all through the public commands (`python -m megatron_exaone.cli.train`, launch/local.sh):
-- kills: SIGKILL of a one-process run at a random moment (a third of them while a checkpoint is being written);
-  relaunched until done, the losses must equal the uninterrupted run's at every step.
-- signals: SIGTERM, SIGINT or SIGUSR1 at a random moment: exit 0, the newest checkpoint of the step it stopped at.
-- launcher kills: SIGKILL of launch/local.sh (2 ranks): no rank may survive it; the relaunch resumes exactly.
-- corruptions: bytes overwritten, a file truncated or deleted in the newest checkpoint: the relaunch must detect it
-  and resume from the previous checkpoint, exactly.
-- disk full (root only): checkpoints on a small tmpfs: the run must stop with one line and leave the previous
-  checkpoint intact; moved to a larger disk, the run resumes exactly.
+- kills: SIGKILL of a one-process run at a random moment (a third of them while a checkpoint is
+  being written); relaunched until done, the losses must equal the uninterrupted run's at every
+  step.
+- signals: SIGTERM, SIGINT or SIGUSR1 at a random moment: exit 0, the newest checkpoint of the step
+  it stopped at.
+- launcher kills: SIGKILL of launch/local.sh (2 ranks): no rank may survive it; the relaunch resumes
+  exactly.
+- corruptions: bytes overwritten, a file truncated or deleted in the newest checkpoint: the relaunch
+  must detect it and resume from the previous checkpoint, exactly.
+- disk full (root only): checkpoints on a small tmpfs: the run must stop with one line and leave the
+  previous checkpoint intact; moved to a larger disk, the run resumes exactly.
 
-Prints one line of counts, e.g. `kills=40 resumed_exact=40 ... corrupt_detected=5/5`, and exits 1 on any failure.
+Prints one line of counts, e.g. `kills=40 resumed_exact=40 ... corrupt_detected=5/5`, and exits 1 on
+any failure.
 """
 
 from __future__ import annotations
@@ -35,9 +40,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from data_tools.sample_data import prepare_sample_data  # noqa: E402
 from megatron_exaone.checkpoint.store import checkpoint_dirs, checksum_problems  # noqa: E402
 from megatron_exaone.lifetime import child_pids  # noqa: E402
-from data_tools.sample_data import prepare_sample_data  # noqa: E402
 
 STEPS = 30  # cpu_tiny: stages of 20 and 10 steps
 KEYS = ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm", "lr", "tokens")
@@ -50,10 +55,14 @@ class Campaign:
         self.counts: dict[str, int] = {}
         self.failures: list[str] = []
         tokenizer, prefix = prepare_sample_data(work / "data", 4096)
-        self.data = ["data.prepare_sample=false", f"data.datasets.sample=[{prefix}]", f"data.tokenizer={tokenizer}"]
+        self.data = [
+            "data.prepare_sample=false",
+            f"data.datasets.sample=[{prefix}]",
+            f"data.tokenizer={tokenizer}",
+        ]
         self.runs = 0
 
-    # ------------------------------------------------------------------------------------------ helpers
+    # -------------------------------------------------------------------------------------- helpers
     def count(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
 
@@ -66,19 +75,33 @@ class Campaign:
         return self.work / f"{kind}-{self.runs:03d}"
 
     def argv(self, run_dir: Path, *extra: str) -> list[str]:
-        return ["experiment=cpu_tiny", "parallel=single", f"run_dir={run_dir}", "trainer.device=cpu",
-                "wandb.enabled=false", "checkpoint.keep_last=3", *self.data, *extra]
+        return [
+            "experiment=cpu_tiny",
+            "parallel=single",
+            f"run_dir={run_dir}",
+            "trainer.device=cpu",
+            "wandb.enabled=false",
+            "checkpoint.keep_last=3",
+            *self.data,
+            *extra,
+        ]
 
     def start(self, run_dir: Path, *extra: str, ranks: int = 1) -> subprocess.Popen:
         run_dir.mkdir(parents=True, exist_ok=True)
         log = (run_dir.parent / f"{run_dir.name}.log").open("a")
         if ranks == 1:
-            command = [sys.executable, "-m", "megatron_exaone.cli.train", *self.argv(run_dir, *extra)]
+            command = [
+                sys.executable,
+                "-m",
+                "megatron_exaone.cli.train",
+                *self.argv(run_dir, *extra),
+            ]
         else:
             command = [str(ROOT / "launch" / "local.sh"), str(ranks), *self.argv(run_dir, *extra)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
-                                start_new_session=True)
+        return subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True
+        )
 
     def train(self, run_dir: Path, *extra: str, ranks: int = 1) -> int:
         process = self.start(run_dir, *extra, ranks=ranks)
@@ -98,7 +121,9 @@ class Campaign:
 
     def exact(self, run_dir: Path, reference: dict[int, dict]) -> bool:
         got = self.metrics(run_dir)
-        return sorted(got) == sorted(reference) and all(got[s][k] == reference[s][k] for s in got for k in KEYS)
+        return sorted(got) == sorted(reference) and all(
+            got[s][k] == reference[s][k] for s in got for k in KEYS
+        )
 
     def run_to_end(self, run_dir: Path, *extra: str, ranks: int = 1) -> bool:
         for _ in range(3):
@@ -120,10 +145,11 @@ class Campaign:
 
     @staticmethod
     def saving(run_dir: Path, since: float) -> bool:
-        """Is a checkpoint being written (a temporary folder newer than `since`; a killed save leaves one)?"""
+        """Is a checkpoint being written (a temporary folder newer than `since`; a killed save
+        leaves one)?"""
         return any(p.stat().st_mtime > since for p in (run_dir / "checkpoints").glob(".step_*.tmp"))
 
-    # ------------------------------------------------------------------------------------------ faults
+    # --------------------------------------------------------------------------------------- faults
     def reference(self, ranks: int) -> dict[int, dict]:
         run_dir = self.new_run_dir(f"reference{ranks}")
         if self.train(run_dir, "checkpoint.interval=2", ranks=ranks) != 0:
@@ -131,8 +157,9 @@ class Campaign:
         return self.metrics(run_dir)
 
     def kills(self, n: int, reference: dict[int, dict]) -> None:
-        """SIGKILL after 1-4 new steps of a launch, or (a third of the time) while its first checkpoint is being
-        written; a launch that would reach the end first runs to the end, and the next run starts."""
+        """SIGKILL after 1-4 new steps of a launch, or (a third of the time) while its first
+        checkpoint is being written; a launch that would reach the end first runs to the end, and
+        the next run starts."""
         run_dir, done = self.new_run_dir("kills"), 0
         while done < n:
             resumed = max((step for step, _ in checkpoint_dirs(run_dir / "checkpoints")), default=0)
@@ -163,7 +190,8 @@ class Campaign:
 
     @staticmethod
     def logged(run_dir: Path) -> int:
-        """How many complete step records the run has logged (a resumed run logs repeated steps again)."""
+        """How many complete step records the run has logged (a resumed run logs repeated steps
+        again)."""
         path = run_dir / "metrics.jsonl"
         return path.read_text().count("\n") if path.is_file() else 0
 
@@ -184,7 +212,10 @@ class Campaign:
             stopped = max(self.metrics(run_dir), default=0)
             saved = [step for step, _ in checkpoint_dirs(run_dir / "checkpoints")]
             if code != 0 or not saved or saved[-1] != stopped:  # (a stage end before it saves too)
-                self.fail(f"{run_dir}: {sig.name} gave exit {code}, checkpoints {saved}, last step {stopped}")
+                self.fail(
+                    f"{run_dir}: {sig.name} gave exit {code}, checkpoints {saved}, last step "
+                    f"{stopped}"
+                )
                 continue
             self.count("signals_saved")
             if self.run_to_end(run_dir, "checkpoint.interval=0"):
@@ -211,7 +242,9 @@ class Campaign:
 
     def corruptions(self, n: int, reference: dict[int, dict]) -> None:
         source = self.new_run_dir("corrupt-source")
-        self.train(source, "checkpoint.interval=2", "checkpoint.keep_last=0", "trainer.max_steps=12")
+        self.train(
+            source, "checkpoint.interval=2", "checkpoint.keep_last=0", "trainer.max_steps=12"
+        )
         for i in range(n):
             run_dir = self.new_run_dir("corrupt")
             shutil.copytree(source / "checkpoints", run_dir / "checkpoints")
@@ -223,7 +256,9 @@ class Campaign:
             if self.run_to_end(run_dir, "checkpoint.interval=2") and detected:
                 metrics = self.metrics(run_dir)
                 resumed_from = min(metrics) - 1
-                if resumed_from < 12 and all(metrics[s][k] == reference[s][k] for s in metrics for k in KEYS):
+                if resumed_from < 12 and all(
+                    metrics[s][k] == reference[s][k] for s in metrics for k in KEYS
+                ):
                     self.count("corrupt_detected")
                     continue
             self.fail(f"{run_dir}: {damage} of {victim.name} was not detected and recovered from")
@@ -238,17 +273,28 @@ class Campaign:
             mount = run_dir / "checkpoints"
             mount.mkdir(parents=True)
             size = self.rng.randint(12, 30) << 20  # 1-2 checkpoints of about 10 MB fit
-            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], check=True)
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], check=True
+            )
             try:
                 code = self.train(run_dir, "checkpoint.interval=2", "checkpoint.keep_last=0")
                 log = (run_dir.parent / f"{run_dir.name}.log").read_text()
                 kept = checkpoint_dirs(mount)
                 intact = kept and not checksum_problems(kept[-1][1])
                 clean = not list(mount.glob(".step_*"))
-                if code == 2 and "no space left on the device" in log and "Traceback" not in log and intact and clean:
+                if (
+                    code == 2
+                    and "no space left on the device" in log
+                    and "Traceback" not in log
+                    and intact
+                    and clean
+                ):
                     self.count("disk_full_handled")
                 else:
-                    self.fail(f"{run_dir}: a full disk gave exit {code} (intact {bool(intact)}, clean {clean})")
+                    self.fail(
+                        f"{run_dir}: a full disk gave exit {code} (intact {bool(intact)}, clean "
+                        f"{clean})"
+                    )
                     continue
                 saved = run_dir / "saved"
                 shutil.copytree(mount, saved)
@@ -289,29 +335,37 @@ def main() -> int:
     parser.add_argument("--corruptions", type=int, default=5)
     parser.add_argument("--disk-full", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work", type=Path, help="working directory (default: a temporary one, removed after)")
+    parser.add_argument(
+        "--work", type=Path, help="working directory (default: a temporary one, removed after)"
+    )
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="fault-campaign-"))
     start = time.monotonic()
     campaign = Campaign(work, args.seed)
     one, two = campaign.reference(1), campaign.reference(2)
-    for name, fn, n, reference in (("kills", campaign.kills, args.kills, one),
-                                   ("signals", campaign.signals, args.signals, one),
-                                   ("launcher kills", campaign.launcher_kills, args.launcher_kills, two),
-                                   ("corruptions", campaign.corruptions, args.corruptions, one),
-                                   ("disk full", campaign.disk_full, args.disk_full, one)):
+    for name, fn, n, reference in (
+        ("kills", campaign.kills, args.kills, one),
+        ("signals", campaign.signals, args.signals, one),
+        ("launcher kills", campaign.launcher_kills, args.launcher_kills, two),
+        ("corruptions", campaign.corruptions, args.corruptions, one),
+        ("disk full", campaign.disk_full, args.disk_full, one),
+    ):
         if n:
             print(f"{name}: {n} ...", flush=True)
             fn(n, reference)
     c = campaign.counts
-    print(f"kills={c.get('kills', 0)} (during a save: {c.get('kills_during_save', 0)}) "
-          f"runs_resumed_exact={c.get('kills_runs_exact', 0)} signals_saved={c.get('signals_saved', 0)}/{args.signals} "
-          f"signal_runs_exact={c.get('signals_runs_exact', 0)} launcher_kills={c.get('launcher_kills', 0)} "
-          f"orphans={c.get('orphans', 0)} launcher_runs_exact={c.get('launcher_runs_exact', 0)} "
-          f"corrupt_detected={c.get('corrupt_detected', 0)}/{c.get('corruptions', 0)} "
-          f"disk_full_handled={c.get('disk_full_handled', 0)}/{c.get('disk_full', 0)} "
-          f"disk_full_runs_exact={c.get('disk_full_runs_exact', 0)} failures={len(campaign.failures)} "
-          f"({time.monotonic() - start:.0f} s)")
+    print(
+        f"kills={c.get('kills', 0)} (during a save: {c.get('kills_during_save', 0)}) "
+        f"runs_resumed_exact={c.get('kills_runs_exact', 0)} "
+        f"signals_saved={c.get('signals_saved', 0)}/{args.signals} "
+        f"signal_runs_exact={c.get('signals_runs_exact', 0)} "
+        f"launcher_kills={c.get('launcher_kills', 0)} orphans={c.get('orphans', 0)} "
+        f"launcher_runs_exact={c.get('launcher_runs_exact', 0)} "
+        f"corrupt_detected={c.get('corrupt_detected', 0)}/{c.get('corruptions', 0)} "
+        f"disk_full_handled={c.get('disk_full_handled', 0)}/{c.get('disk_full', 0)} "
+        f"disk_full_runs_exact={c.get('disk_full_runs_exact', 0)} "
+        f"failures={len(campaign.failures)} ({time.monotonic() - start:.0f} s)"
+    )
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if campaign.failures else 0

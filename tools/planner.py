@@ -1,16 +1,21 @@
-"""Memory and FLOPs planner: the per-GPU memory a megatron-exaone layout needs, and the model FLOPs per token.
+"""Memory and FLOPs planner: the per-GPU memory a megatron-exaone layout needs, and the model FLOPs
+per token.
 
-    python tools/planner.py --model k_exaone_236b --tp 4 --pp 8 --ep 8 --dp 2 --seq-len 4096 --micro-batch 1 \
-        --precision bf16 --recompute full [--vpp N] [--zero1 | --fsdp | --no-sharding] [--optimizer adamw|muon]
-    python tools/planner.py --layout k_exaone_236b_h100x64 [--seq-len 32768 ...]   (recipes/parallel/<name>.yaml)
-    python tools/planner.py --all-published                                         (the K-EXAONE layouts)
-    python tools/planner.py --experiment k_exaone_236b_h100x64  (each stage of recipes/experiment/<name>.yaml)
+    python tools/planner.py --model k_exaone_236b --tp 4 --pp 8 --ep 8 --dp 2 --seq-len 4096 \
+        --micro-batch 1 --precision bf16 --recompute full [--vpp N] \
+        [--zero1 | --fsdp | --no-sharding] [--optimizer adamw|muon]
+    # a layout of recipes/parallel/<name>.yaml:
+    python tools/planner.py --layout k_exaone_236b_h100x64 [--seq-len 32768 ...]
+    # the published K-EXAONE layouts:
+    python tools/planner.py --all-published
+    # each stage of recipes/experiment/<name>.yaml:
+    python tools/planner.py --experiment k_exaone_236b_h100x64
 
-This is an ESTIMATE of what this implementation keeps. It reports every pipeline rank and flags ranks whose peak
-exceeds the GPU (80 GiB by default). These are the assumptions:
+This is an ESTIMATE of what this implementation keeps. It reports every pipeline rank and flags
+ranks whose peak exceeds the GPU (80 GiB by default). These are the assumptions:
 
-Parameters. They are counted from the real model built on the meta device, split by `parallel.pipeline.
-pipeline_layout` and the rank's stages, and cut as the passes cut them:
+Parameters. They are counted from the real model built on the meta device, split by
+`parallel.pipeline. pipeline_layout` and the rank's stages, and cut as the passes cut them:
   * q/o_proj, dense and shared-expert gate/up/down_proj, embed_tokens, lm_head and mtp.fc over tp;
   * k/v_proj over tp, or one KV head per rank when tp > KV heads;
   * routed experts over ep (etp = 1);
@@ -18,28 +23,28 @@ pipeline_layout` and the rank's stages, and cut as the passes cut them:
 With MTP and pp > 1 the last stage holds a second copy of the embedding.
 
 Training state per parameter, "fsdp" (the default; FSDP2 as `parallel/data_parallel.py` applies it):
-  * an fp32 parameter and the optimizer state: AdamW 8 B, Muon 4 B on hidden matrices and AdamW on the embedding,
-    lm_head, router and norms (`training/optim.py`), sharded over dp x cp for dense parameters and over
-    edp = tp*cp*dp/ep for routed experts (unsharded when edp = 1);
-  * an fp32 gradient. A step of several micro-batches accumulates it unsharded (FSDP2 without gradient sync, as
-    the trainer and the pipeline schedules run it) and reduce-scatters it after the last one, so backward holds
-    4 B per local parameter and the optimizer step the sharded 4 B. `--reduce-each-micro-batch`
-    (parallel.reduce_grads_each_micro_batch, or a step of one micro-batch) reduce-scatters it in every backward:
-    sharded 4 B throughout.
-  * Under pipeline parallelism the schedules also keep each stage's gathered bf16 parameters (2 B) from the first
-    backward to the end of the step, unless gradients are reduced each micro-batch; `--keep-gathered`
-    (parallel.reshard_after_forward=false) keeps them from the first forward.
-"zero1" is Megatron's distributed optimizer, for comparison (this trainer does not implement it): a bf16
-parameter 2 B and an fp32 gradient 4 B, unsharded, and fp32 master + moments sharded over dp / edp.
-"no-sharding" is this trainer with parallel.fsdp=false: everything fp32 and unsharded. It also COMPUTES in fp32,
-so activations take 4 B per value.
-fp8 keeps the same master weights, gradients and optimizer state as bf16; with --fp8-weight-cache
-(precision.fp8_weight_cache) the parameters row adds the FP8 copies of each FP8 layer's weights that the step
-keeps (forward's and the transposed one for backward: 2 B per element), and of the head's with --fp8-lm-head
-(precision.fp8_lm_head; without the cache the loss makes those 2 B per head weight as a transient).
+  * an fp32 parameter and the optimizer state: AdamW 8 B, Muon 4 B on hidden matrices and AdamW on
+    the embedding, lm_head, router and norms (`training/optim.py`), sharded over dp x cp for dense
+    parameters and over edp = tp*cp*dp/ep for routed experts (unsharded when edp = 1);
+  * an fp32 gradient. A step of several micro-batches accumulates it unsharded (FSDP2 without
+    gradient sync, as the trainer and the pipeline schedules run it) and reduce-scatters it after
+    the last one, so backward holds 4 B per local parameter and the optimizer step the sharded 4 B.
+    `--reduce-each-micro-batch` (parallel.reduce_grads_each_micro_batch, or a step of one
+    micro-batch) reduce-scatters it in every backward: sharded 4 B throughout.
+  * Under pipeline parallelism the schedules also keep each stage's gathered bf16 parameters (2 B)
+    from the first backward to the end of the step, unless gradients are reduced each micro-batch;
+    `--keep-gathered` (parallel.reshard_after_forward=false) keeps them from the first forward.
+"zero1" is Megatron's distributed optimizer, for comparison (this trainer does not implement it): a
+bf16 parameter 2 B and an fp32 gradient 4 B, unsharded, and fp32 master + moments sharded over dp /
+edp. "no-sharding" is this trainer with parallel.fsdp=false: everything fp32 and unsharded. It also
+COMPUTES in fp32, so activations take 4 B per value. fp8 keeps the same master weights, gradients
+and optimizer state as bf16; with --fp8-weight-cache (precision.fp8_weight_cache) the parameters row
+adds the FP8 copies of each FP8 layer's weights that the step keeps (forward's and the transposed
+one for backward: 2 B per element), and of the head's with --fp8-lm-head (precision.fp8_lm_head;
+without the cache the loss makes those 2 B per head weight as a transient).
 
-Activations per micro-batch and decoder layer are what autograd saves in this model's code, with b*s tokens, s/tp
-per rank under sequence parallel, a = 2 B (bf16):
+Activations per micro-batch and decoder layer are what autograd saves in this model's code, with b*s
+tokens, s/tp per rank under sequence parallel, a = 2 B (bf16):
   * RMSNorm keeps its fp32 input and its bf16 output.
   * Attention keeps:
     - the all-gathered input;
@@ -47,10 +52,10 @@ per rank under sequence parallel, a = 2 B (bf16):
     - v and the output;
     - the logsumexp;
     - the copy feeding o_proj.
-    It runs SDPA's flash kernel (causal) or FlexAttention (sliding window, packed documents, context parallel):
-    no S x S probabilities and no dense mask. Under context parallel (s/cp tokens per rank) attention also keeps
-    the K and V it gathered over cp: the whole sequence's for global layers, every chunk's last W - 1 tokens for
-    sliding layers.
+    It runs SDPA's flash kernel (causal) or FlexAttention (sliding window, packed documents,
+    context parallel): no S x S probabilities and no dense mask. Under context parallel (s/cp
+    tokens per rank) attention also keeps the K and V it gathered over cp: the whole sequence's
+    for global layers, every chunk's last W - 1 tokens for sliding layers.
   * The dense MLP keeps the gathered input and four [tokens, I/tp] tensors.
   * The MoE block keeps:
     - fp32 router input and scores;
@@ -58,35 +63,38 @@ per rank under sequence parallel, a = 2 B (bf16):
     - four expert intermediates;
     - the fp32 weighted copy in `combine`;
     - the shared expert like the dense MLP.
-  * fp8: every FP8 linear saves its input quantized (1 B), once per linear. q/k/v and gate/up each quantize the
-    same input. The first/last layers (--bf16-layers) and MTP (unless --fp8-mtp) stay bf16.
-  * Recompute "full" keeps each layer's input and recomputes one layer at a time in backward (counted once).
-    "selective" keeps the inputs of the recomputed modules (--recompute-modules).
-  * Per micro-batch, each stage also keeps FlexAttention's block masks (int32 block indices of 128 x 128 tiles,
-    forward and backward, full and partial: 16 B per tile of [s/cp, s]): the sliding one, plus the global one
-    when documents are packed or under context parallel (--no-packing drops it otherwise), and RoPE's cos/sin.
-  * The last stage keeps, per loss call (main + MTP), the fused vocab-parallel cross entropy's saved hidden-state
-    gradient and its fp32 [V/tp, H] weight gradient.
-  * In flight: pipeline rank r holds pp - r micro-batches under 1F1B (the first rank pp). An interleaved schedule
-    (--vpp > 1) holds (1 + (pp - 1) / (pp * vpp)) times more.
+  * fp8: every FP8 linear saves its input quantized (1 B), once per linear. q/k/v and gate/up each
+    quantize the same input. The first/last layers (--bf16-layers) and MTP (unless --fp8-mtp) stay
+    bf16.
+  * Recompute "full" keeps each layer's input and recomputes one layer at a time in backward
+    (counted once). "selective" keeps the inputs of the recomputed modules (--recompute-modules).
+  * Per micro-batch, each stage also keeps FlexAttention's block masks (int32 block indices of 128 x
+    128 tiles, forward and backward, full and partial: 16 B per tile of [s/cp, s]): the sliding one,
+    plus the global one when documents are packed or under context parallel (--no-packing drops it
+    otherwise), and RoPE's cos/sin.
+  * The last stage keeps, per loss call (main + MTP), the fused vocab-parallel cross entropy's saved
+    hidden-state gradient and its fp32 [V/tp, H] weight gradient.
+  * In flight: pipeline rank r holds pp - r micro-batches under 1F1B (the first rank pp). An
+    interleaved schedule (--vpp > 1) holds (1 + (pp - 1) / (pp * vpp)) times more.
   * Transients at the peak, not saved:
     - the all-to-all send and receive buffers of one MoE layer;
     - one TP all-gather;
-    - FSDP2's all-gather of the current and the prefetched layer (bf16; also over a group of one rank, where it
-      casts) unless the step holds them all (see above), and the reduce-scatter of one layer (bf16 gradient + fp32
-      reduce buffer);
+    - FSDP2's all-gather of the current and the prefetched layer (bf16; also over a group of one
+      rank, where it casts) unless the step holds them all (see above), and the reduce-scatter of
+      one layer (bf16 gradient + fp32 reduce buffer);
     - the root module's parameters (embedding, head, MTP fc), which stay gathered for the whole step
       (reshard_after_forward=False).
-  * The optimizer step runs after backward, on reduced (sharded) gradients, with the gathered copies freed.
-    foreach AdamW then allocates one fp32 copy of its local state (`exp_avg_sq.sqrt()`). Muon also holds three
-    fp32 copies of the largest full matrix it orthogonalises. The peak is the larger of backward's (states +
-    activations + training transients) and the step's (its states + step temporaries).
-  * A fixed 2 GiB covers the CUDA context and the NCCL / cuBLAS workspaces. Allocator fragmentation is not
-    modelled: keep a margin.
+  * The optimizer step runs after backward, on reduced (sharded) gradients, with the gathered copies
+    freed. foreach AdamW then allocates one fp32 copy of its local state (`exp_avg_sq.sqrt()`). Muon
+    also holds three fp32 copies of the largest full matrix it orthogonalises. The peak is the
+    larger of backward's (states + activations + training transients) and the step's (its states +
+    step temporaries).
+  * A fixed 2 GiB covers the CUDA context and the NCCL / cuBLAS workspaces. Allocator fragmentation
+    is not modelled: keep a margin.
 
-FLOPs per token: `megatron_exaone.training.flops.flops_per_token`. It counts model FLOPs: forward and backward
-over active parameters, sliding vs global attention, and MTP. "With recompute" adds the recomputed forward (full:
-every decoder layer; selective: the recomputed modules).
+FLOPs per token: `megatron_exaone.training.flops.flops_per_token`. It counts model FLOPs: forward
+and backward over active parameters, sliding vs global attention, and MTP. "With recompute" adds the
+recomputed forward (full: every decoder layer; selective: the recomputed modules).
 """
 
 from __future__ import annotations
@@ -108,24 +116,37 @@ from megatron_exaone.model.init import is_stacked_experts
 from megatron_exaone.model.model import mtp_enabled
 from megatron_exaone.parallel.features import Build, validate_build
 from megatron_exaone.parallel.mesh import LayoutError, ParallelDims
-from megatron_exaone.parallel.pipeline import (check_schedule, embedding_copies, local_stage_indices,
-                                               pipeline_layout)
+from megatron_exaone.parallel.pipeline import (
+    check_schedule,
+    embedding_copies,
+    local_stage_indices,
+    pipeline_layout,
+)
 from megatron_exaone.training.flops import attended_keys, flops_per_token, fp8_matmul_flops
 
 REPO = Path(__file__).resolve().parent.parent
 PARALLEL_RECIPES = REPO / "recipes" / "parallel"
 MODEL_RECIPES = REPO / "recipes" / "model"
-GIB = 1024 ** 3
+GIB = 1024**3
 RUNTIME_OVERHEAD_GIB = 2.0
-ADAMW_ONLY = ("embed_tokens.weight", "lm_head.weight", "mlp.gate.weight")  # as training/optim.py _ADAMW_ONLY
+# as training/optim.py _ADAMW_ONLY
+ADAMW_ONLY = ("embed_tokens.weight", "lm_head.weight", "mlp.gate.weight")
 SHARDINGS = ("fsdp", "zero1", "none")
 PUBLISHED_PREFIX = "k_exaone_236b_"
 
-ROWS = ("parameters", "gradients", "optimizer state", "activations (saved)", "recompute / transient layer",
-        "communication buffers", "optimizer step temporaries", "runtime overhead")
+ROWS = (
+    "parameters",
+    "gradients",
+    "optimizer state",
+    "activations (saved)",
+    "recompute / transient layer",
+    "communication buffers",
+    "optimizer step temporaries",
+    "runtime overhead",
+)
 
 
-# ---------------------------------------------------------------------------------------------- inputs
+# ------------------------------------------------------------------------------------------- inputs
 @dataclass(frozen=True)
 class PlanInput:
     model: ModelConfig
@@ -162,13 +183,16 @@ class RankMemory:
     dense_params: int = 0
     expert_params: int = 0
     bytes: dict[str, float] = field(default_factory=dict)
-    step_states: float = 0.0  # parameters + gradients + optimizer state as the optimizer step holds them
+    # parameters + gradients + optimizer state as the optimizer step holds them
+    step_states: float = 0.0
 
     @property
     def peak(self) -> float:
         b = self.bytes
         states = b["parameters"] + b["gradients"] + b["optimizer state"]
-        training = b["activations (saved)"] + b["recompute / transient layer"] + b["communication buffers"]
+        training = (
+            b["activations (saved)"] + b["recompute / transient layer"] + b["communication buffers"]
+        )
         step = self.step_states + b["optimizer step temporaries"]
         return max(states + training, step) + b["runtime overhead"]
 
@@ -191,12 +215,13 @@ class Plan:
         return self.worst.peak <= self.inp.gpu_gib * GIB
 
 
-# ---------------------------------------------------------------------------------------------- parameters
+# --------------------------------------------------------------------------------------- parameters
 _PARAMS: dict[str, tuple[tuple[str, tuple[int, ...]], ...]] = {}
 
 
 def _model_params(model: ModelConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """(name, full shape) of every parameter of the model, built once per config on the meta device."""
+    """(name, full shape) of every parameter of the model, built once per config on the meta
+    device."""
     key = repr(model)
     if key not in _PARAMS:
         with torch.device("meta"):
@@ -222,8 +247,18 @@ def local_numel(name: str, shape: tuple[int, ...], model: ModelConfig, dims: Par
     if name.endswith(("k_proj.weight", "v_proj.weight")):
         kv = model.num_key_value_heads
         return n // tp if kv % tp == 0 else n // kv
-    if name.endswith(("q_proj.weight", "o_proj.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight",
-                      "embed_tokens.weight", "lm_head.weight", "mtp.fc.weight")):
+    if name.endswith(
+        (
+            "q_proj.weight",
+            "o_proj.weight",
+            "gate_proj.weight",
+            "up_proj.weight",
+            "down_proj.weight",
+            "embed_tokens.weight",
+            "lm_head.weight",
+            "mtp.fc.weight",
+        )
+    ):
         return n // tp
     return n  # norms, router (mlp.gate.weight): replicated
 
@@ -253,7 +288,7 @@ def unit_params(model: ModelConfig, dims: ParallelDims) -> dict[str, UnitParams]
     return units
 
 
-# ---------------------------------------------------------------------------------------------- activations
+# -------------------------------------------------------------------------------------- activations
 @dataclass(frozen=True)
 class _Ctx:
     m: ModelConfig
@@ -267,7 +302,8 @@ class _Ctx:
     cp: int = 1
 
     @property
-    def keys(self) -> int:  # the keys each query may attend to: the whole sequence (gathered under cp)
+    # the keys each query may attend to: the whole sequence (gathered under cp)
+    def keys(self) -> int:
         return self.seq * self.cp
 
     @property
@@ -300,12 +336,15 @@ def _attention(c: _Ctx, fp8: bool, sliding: bool) -> float:
     v = t * c.kv_loc * c.a
     out = t * c.q_loc * c.a + t * c.q_loc * (1 if fp8 else c.a)  # SDPA output + o_proj input copy
     lse = c.batch * (c.m.num_attention_heads // c.tp) * c.seq * 4
-    return gathered + q + k + v + out + lse + 2 * c.batch * _gathered_keys(c, sliding) * c.kv_loc * c.a
+    return (
+        gathered + q + k + v + out + lse + 2 * c.batch * _gathered_keys(c, sliding) * c.kv_loc * c.a
+    )
 
 
 def _gathered_keys(c: _Ctx, sliding: bool) -> int:
-    """Keys a layer gathers over cp (K and V each): the whole sequence, or for a sliding layer every chunk's last
-    W - 1 tokens when a chunk is that long (parallel/context_parallel.py); none without cp."""
+    """Keys a layer gathers over cp (K and V each): the whole sequence, or for a sliding layer every
+    chunk's last W - 1 tokens when a chunk is that long (parallel/context_parallel.py); none without
+    cp."""
     if c.cp == 1:
         return 0
     window = c.m.sliding_window
@@ -327,16 +366,25 @@ def _moe(c: _Ctx, fp8: bool) -> float:
     dispatched = 2 * rows * h * 1 if fp8 else rows * h * c.a
     experts = rows * m.moe_intermediate_size * (3 * c.a + (1 if fp8 else c.a))
     combine = c.tm * k * h * 4
-    shared = (_swiglu(c, c.tokens, m.moe_intermediate_size * m.num_shared_experts / c.tp, fp8)
-              if m.num_shared_experts else 0)
+    shared = (
+        _swiglu(c, c.tokens, m.moe_intermediate_size * m.num_shared_experts / c.tp, fp8)
+        if m.num_shared_experts
+        else 0
+    )
     return router + dispatched + experts + combine + shared
 
 
-def layer_activations(c: _Ctx, attention_type: str, mlp_type: str, fp8: bool, recompute: str,
-                      modules: tuple[str, ...]) -> tuple[float, float]:
-    """(saved bytes of one decoder layer for one micro-batch, bytes alive while it is recomputed/backpropagated)."""
+def layer_activations(
+    c: _Ctx, attention_type: str, mlp_type: str, fp8: bool, recompute: str, modules: tuple[str, ...]
+) -> tuple[float, float]:
+    """(saved bytes of one decoder layer for one micro-batch, bytes alive while it is
+    recomputed/backpropagated)."""
     attention = _attention(c, fp8, attention_type == SLIDING)
-    mlp = _swiglu(c, c.tokens, c.m.intermediate_size / c.tp, fp8) if mlp_type == DENSE else _moe(c, fp8)
+    mlp = (
+        _swiglu(c, c.tokens, c.m.intermediate_size / c.tp, fp8)
+        if mlp_type == DENSE
+        else _moe(c, fp8)
+    )
     whole = 2 * _norm(c) + attention + mlp
     layer_input = c.ts * c.m.hidden_size * c.a
     if recompute == "full":
@@ -354,10 +402,12 @@ def layer_activations(c: _Ctx, attention_type: str, mlp_type: str, fp8: bool, re
     return whole, 0.0
 
 
-def head_activations(c: _Ctx, fp8_mtp: bool, recompute: str, modules: tuple[str, ...], fp8_head_operands: float = 0
-                     ) -> tuple[float, float]:
+def head_activations(
+    c: _Ctx, fp8_mtp: bool, recompute: str, modules: tuple[str, ...], fp8_head_operands: float = 0
+) -> tuple[float, float]:
     """(saved, transient) bytes of the last stage's final norm, losses and MTP for one micro-batch.
-    `fp8_head_operands`: the FP8 head weight copies a loss call makes (precision.fp8_lm_head without the cache)."""
+    `fp8_head_operands`: the FP8 head weight copies a loss call makes (precision.fp8_lm_head without
+    the cache)."""
     m, h = c.m, c.m.hidden_size
     losses = 1 + (m.num_nextn_predict_layers if mtp_enabled(m) else 0)
     saved = _norm(c) + losses * (c.tokens * h * c.a + m.vocab_size / c.tp * h * 4)
@@ -365,20 +415,23 @@ def head_activations(c: _Ctx, fp8_mtp: bool, recompute: str, modules: tuple[str,
     transient = 3 * 1024 * m.vocab_size / c.tp * 4 + fp8_head_operands
     if mtp_enabled(m):
         for kind in m.mtp_layer_types:
-            per_depth = 3 * _norm(c) + c.ts * 2 * h * c.a + c.tokens * 2 * h * c.a + c.tokens * h * c.a
+            per_depth = (
+                3 * _norm(c) + c.ts * 2 * h * c.a + c.tokens * 2 * h * c.a + c.tokens * h * c.a
+            )
             layer_saved, layer_peak = layer_activations(c, kind, DENSE, fp8_mtp, recompute, modules)
             saved += per_depth + layer_saved
             transient = max(transient, layer_peak)
     return saved, transient
 
 
-# ---------------------------------------------------------------------------------------------- the plan
+# ----------------------------------------------------------------------------------------- the plan
 def _schedule(dims: ParallelDims) -> str:
     return "1f1b" if dims.vpp == 1 else "interleaved_1f1b"
 
 
 def in_flight(pp_rank: int, dims: ParallelDims) -> float:
-    """Micro-batches whose activations pipeline rank `pp_rank` holds at once (1F1B warm-up depth)."""
+    """Micro-batches whose activations pipeline rank `pp_rank` holds at once (1F1B warm-up
+    depth)."""
     if dims.pp == 1:
         return 1.0
     base = float(dims.pp - pp_rank)
@@ -396,7 +449,9 @@ def validate_layout(inp: PlanInput) -> None:
         check_schedule(_schedule(d), d.pp, d.vpp, d.pp * d.vpp)
     pipeline_layout(inp.model, d.pp, d.vpp)
     if inp.seq_len % (d.tp * d.cp) and inp.sequence_parallel:
-        raise LayoutError(f"seq_len={inp.seq_len} does not split over tp*cp={d.tp * d.cp} for sequence parallel.")
+        raise LayoutError(
+            f"seq_len={inp.seq_len} does not split over tp*cp={d.tp * d.cp} for sequence parallel."
+        )
 
 
 def plan(inp: PlanInput) -> Plan:
@@ -406,11 +461,21 @@ def plan(inp: PlanInput) -> Plan:
     specs = pipeline_layout(m, d.pp, d.vpp)
     fp8 = inp.precision == "fp8"
     a = 4 if inp.sharding == "none" else 2
-    c = _Ctx(m, inp.micro_batch * inp.seq_len // d.cp, inp.seq_len // d.cp, inp.micro_batch, d.tp,
-             inp.sequence_parallel and d.tp > 1, a, inp.moe_imbalance, d.cp)
+    c = _Ctx(
+        m,
+        inp.micro_batch * inp.seq_len // d.cp,
+        inp.seq_len // d.cp,
+        inp.micro_batch,
+        d.tp,
+        inp.sequence_parallel and d.tp > 1,
+        a,
+        inp.moe_imbalance,
+        d.cp,
+    )
     first_bf16, last_bf16 = inp.bf16_layers
 
-    def is_fp8_layer(j: int) -> bool:  # the precision pass's rule: the first/last decoder layers stay bf16
+    # the precision pass's rule: the first/last decoder layers stay bf16
+    def is_fp8_layer(j: int) -> bool:
         return fp8 and first_bf16 <= j < m.num_hidden_layers - last_bf16
 
     dense_shards = d.dp * d.cp
@@ -419,7 +484,9 @@ def plan(inp: PlanInput) -> Plan:
     ranks = []
     for pp_rank in range(d.pp):
         stage_ids = local_stage_indices(_schedule(d), pp_rank, d.pp, d.vpp) if d.pp > 1 else [0]
-        r = RankMemory(pp_rank, stage_ids, sum(len(specs[i].layers) for i in stage_ids), in_flight(pp_rank, d))
+        r = RankMemory(
+            pp_rank, stage_ids, sum(len(specs[i].layers) for i in stage_ids), in_flight(pp_rank, d)
+        )
         names: list[str] = []
         for i in stage_ids:
             spec = specs[i]
@@ -431,15 +498,19 @@ def plan(inp: PlanInput) -> Plan:
         r.expert_params = sum(u.expert for u in rank_units)
         dense_adamw = sum(u.dense_adamw for u in rank_units)
         _state_bytes(r, inp, dense_adamw, dense_shards, expert_shards)
-        if fp8 and inp.fp8_weight_cache:  # forward's and backward's FP8 copies of every FP8 layer's weights
+        # forward's and backward's FP8 copies of every FP8 layer's weights
+        if fp8 and inp.fp8_weight_cache:
             fp8_layers = [f"L{j}" for i in stage_ids for j in specs[i].layers if is_fp8_layer(j)]
             r.bytes["parameters"] += 2 * sum(units[n].dense + units[n].expert for n in fp8_layers)
             if inp.fp8_lm_head and "H" in names:
                 r.bytes["parameters"] += 2 * head_weights
-        if inp.optimizer == "muon":  # Newton-Schulz on one gathered full matrix at a time (x, gram, update)
-            r.bytes["optimizer step temporaries"] += 3 * 4 * max(u.largest_matrix for u in rank_units)
-        # activations: each chunk's layers for every micro-batch in flight; the head for one (the last stage
-        # runs its backward right after its forward)
+        # Newton-Schulz on one gathered full matrix at a time (x, gram, update)
+        if inp.optimizer == "muon":
+            r.bytes["optimizer step temporaries"] += (
+                3 * 4 * max(u.largest_matrix for u in rank_units)
+            )
+        # activations: each chunk's layers for every micro-batch in flight; the head for one (the
+        # last stage runs its backward right after its forward)
         saved = transient = 0.0
         masks = 1 + (inp.packed or d.cp > 1)
         block_masks = masks * 16 * c.batch * -(-c.seq // 128) * -(-c.keys // 128)
@@ -448,15 +519,24 @@ def plan(inp: PlanInput) -> Plan:
             spec = specs[i]
             chunk = per_microbatch
             for j in spec.layers:
-                layer_saved, layer_peak = layer_activations(c, m.layer_types[j], m.mlp_layer_types[j],
-                                                            is_fp8_layer(j), inp.recompute, inp.recompute_modules)
+                layer_saved, layer_peak = layer_activations(
+                    c,
+                    m.layer_types[j],
+                    m.mlp_layer_types[j],
+                    is_fp8_layer(j),
+                    inp.recompute,
+                    inp.recompute_modules,
+                )
                 chunk += layer_saved
                 transient = max(transient, layer_peak)
             saved += chunk * r.in_flight
             if spec.head:
-                head_operands = 2 * head_weights if fp8 and inp.fp8_lm_head and not inp.fp8_weight_cache else 0
-                head_saved, head_peak = head_activations(c, fp8 and inp.fp8_mtp, inp.recompute,
-                                                         inp.recompute_modules, head_operands)
+                head_operands = (
+                    2 * head_weights if fp8 and inp.fp8_lm_head and not inp.fp8_weight_cache else 0
+                )
+                head_saved, head_peak = head_activations(
+                    c, fp8 and inp.fp8_mtp, inp.recompute, inp.recompute_modules, head_operands
+                )
                 saved += head_saved
                 transient = max(transient, head_peak)
         r.bytes["activations (saved)"] = saved
@@ -466,37 +546,56 @@ def plan(inp: PlanInput) -> Plan:
         ranks.append(r)
     total = sum(math.prod(s) for _, s in _model_params(m))
     fpt = flops_per_token(m, inp.seq_len)
-    fp8_fpt = fp8_matmul_flops(m, first_bf16, last_bf16, fp8_mtp=inp.fp8_mtp, fp8_lm_head=inp.fp8_lm_head) if fp8 else 0
-    return Plan(inp, ranks, total, fpt, fpt + recompute_flops_per_token(m, inp.seq_len, inp.recompute,
-                                                                        inp.recompute_modules), fp8_fpt)
+    fp8_fpt = (
+        fp8_matmul_flops(m, first_bf16, last_bf16, fp8_mtp=inp.fp8_mtp, fp8_lm_head=inp.fp8_lm_head)
+        if fp8
+        else 0
+    )
+    return Plan(
+        inp,
+        ranks,
+        total,
+        fpt,
+        fpt + recompute_flops_per_token(m, inp.seq_len, inp.recompute, inp.recompute_modules),
+        fp8_fpt,
+    )
 
 
-def _state_bytes(r: RankMemory, inp: PlanInput, dense_adamw: int, dense_shards: int, expert_shards: int) -> None:
+def _state_bytes(
+    r: RankMemory, inp: PlanInput, dense_adamw: int, dense_shards: int, expert_shards: int
+) -> None:
     """Parameters, gradients, optimizer state and the optimizer step's temporaries."""
     dense, expert = r.dense_params, r.expert_params
     muon = inp.optimizer == "muon"
     dense_moments = (8 * dense_adamw + 4 * (dense - dense_adamw)) if muon else 8 * dense
     expert_moments = (4 if muon else 8) * expert
-    adamw_params = (dense_adamw if muon else dense + expert)
+    adamw_params = dense_adamw if muon else dense + expert
     if inp.sharding == "fsdp":
         sharded = 4 * dense / dense_shards + 4 * expert / expert_shards
         r.bytes["parameters"] = sharded + (2 * (dense + expert) if _holds_gathered(inp) else 0)
         r.bytes["gradients"] = 4 * (dense + expert) if _accumulates(inp) else sharded
         r.bytes["optimizer state"] = dense_moments / dense_shards + expert_moments / expert_shards
-        r.step_states = 2 * sharded + r.bytes["optimizer state"]  # gathered copies freed, gradients reduced
-        adamw_local = adamw_params / dense_shards if muon else dense / dense_shards + expert / expert_shards
+        # gathered copies freed, gradients reduced
+        r.step_states = 2 * sharded + r.bytes["optimizer state"]
+        adamw_local = (
+            adamw_params / dense_shards if muon else dense / dense_shards + expert / expert_shards
+        )
     elif inp.sharding == "zero1":
         r.bytes["parameters"] = 2 * (dense + expert)
         r.bytes["gradients"] = 4 * (dense + expert)
-        r.bytes["optimizer state"] = ((4 * dense + dense_moments) / dense_shards
-                                      + (4 * expert + expert_moments) / expert_shards)
-        adamw_local = adamw_params / dense_shards if muon else dense / dense_shards + expert / expert_shards
+        r.bytes["optimizer state"] = (4 * dense + dense_moments) / dense_shards + (
+            4 * expert + expert_moments
+        ) / expert_shards
+        adamw_local = (
+            adamw_params / dense_shards if muon else dense / dense_shards + expert / expert_shards
+        )
     else:
         r.bytes["parameters"] = 4 * (dense + expert)
         r.bytes["gradients"] = 4 * (dense + expert)
         r.bytes["optimizer state"] = dense_moments + expert_moments
         adamw_local = adamw_params
-    r.bytes["optimizer step temporaries"] = 4 * adamw_local  # foreach AdamW: one fp32 copy (exp_avg_sq.sqrt())
+    # foreach AdamW: one fp32 copy (exp_avg_sq.sqrt())
+    r.bytes["optimizer step temporaries"] = 4 * adamw_local
     if inp.sharding != "fsdp":
         r.step_states = r.bytes["parameters"] + r.bytes["gradients"] + r.bytes["optimizer state"]
 
@@ -507,8 +606,9 @@ def _accumulates(inp: PlanInput) -> bool:
 
 
 def _holds_gathered(inp: PlanInput) -> bool:
-    """FSDP2 keeps gathered bf16 parameters through the step: the pipeline schedules do (from the first backward)
-    unless gradients are reduced each micro-batch, and parallel.reshard_after_forward=false does."""
+    """FSDP2 keeps gathered bf16 parameters through the step: the pipeline schedules do (from the
+    first backward) unless gradients are reduced each micro-batch, and
+    parallel.reshard_after_forward=false does."""
     return inp.keep_gathered or (inp.dims.pp > 1 and not inp.reduce_each_micro_batch)
 
 
@@ -517,9 +617,11 @@ def _comm_bytes(inp: PlanInput, c: _Ctx, units: dict[str, UnitParams], names: li
     layers = [units[n] for n in names if n.startswith("L")]
     rows = c.tm * m.num_experts_per_tok * c.imbalance
     has_moe = any(u.expert for u in layers)
-    total = (2 * rows * h * c.a if has_moe else 0) + c.tokens * h * c.a  # all-to-all send+recv, one TP gather
+    # all-to-all send+recv, one TP gather
+    total = (2 * rows * h * c.a if has_moe else 0) + c.tokens * h * c.a
     total += 2 * c.ts * h * c.a  # pipeline send/recv
-    # FSDP2 gathers a BF16 copy of every unit on GPU, also over a group of one rank (that is where it casts).
+    # FSDP2 gathers a BF16 copy of every unit on GPU, also over a group of one rank (that is where
+    # it casts).
     if inp.sharding == "fsdp" and layers:
         total += _gathered(inp, [u.dense for u in layers])
         if not _holds_gathered(inp):  # else counted with the parameters
@@ -531,21 +633,26 @@ def _comm_bytes(inp: PlanInput, c: _Ctx, units: dict[str, UnitParams], names: li
 
 
 def _gathered(inp: PlanInput, layer_params: list[int]) -> float:
-    """FSDP2's bf16 all-gathers of the current and the prefetched layer (unless the step holds every layer's,
-    counted with the parameters) and one layer's reduce-scatter (bf16 gradient + fp32 buffer)."""
+    """FSDP2's bf16 all-gathers of the current and the prefetched layer (unless the step holds every
+    layer's, counted with the parameters) and one layer's reduce-scatter (bf16 gradient + fp32
+    buffer)."""
     biggest = max(layer_params)
     return (0 if _holds_gathered(inp) else 2 * 2 * biggest) + (2 + 4) * biggest
 
 
-def recompute_flops_per_token(m: ModelConfig, seq_len: int, recompute: str, modules: tuple[str, ...]) -> float:
+def recompute_flops_per_token(
+    m: ModelConfig, seq_len: int, recompute: str, modules: tuple[str, ...]
+) -> float:
     """Forward FLOPs recomputed in backward, per token."""
     if recompute == "none":
         return 0.0
     q, kv = m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
     attn_proj = m.hidden_size * (2 * q + 2 * kv)
     dense = 3 * m.hidden_size * m.intermediate_size
-    moe = 3 * m.hidden_size * m.moe_intermediate_size * (m.num_experts_per_tok + m.num_shared_experts) \
+    moe = (
+        3 * m.hidden_size * m.moe_intermediate_size * (m.num_experts_per_tok + m.num_shared_experts)
         + m.num_experts * m.hidden_size
+    )
     kinds = list(zip(m.layer_types, m.mlp_layer_types))
     if mtp_enabled(m):
         kinds += [(t, DENSE) for t in m.mtp_layer_types]
@@ -561,47 +668,69 @@ def recompute_flops_per_token(m: ModelConfig, seq_len: int, recompute: str, modu
     return total
 
 
-# ---------------------------------------------------------------------------------------------- output
+# ------------------------------------------------------------------------------------------- output
 def _gib(x: float) -> str:
     return f"{x / GIB:7.2f}"
 
 
 def describe(inp: PlanInput) -> str:
     d = inp.dims
-    layout = (f"tp{d.tp} pp{d.pp} ep{d.ep} etp{d.etp} dp{d.dp} cp{d.cp}" + (f" vpp{d.vpp}" if d.vpp > 1 else "")
-              + f" = {d.world_size} GPUs (edp {d.edp})")
-    sharding = {"fsdp": f"FSDP2 (dense over dp*cp={d.dp * d.cp}, experts over edp={d.edp})",
-                "zero1": f"distributed optimizer (master+moments over dp*cp={d.dp * d.cp} / edp={d.edp})",
-                "none": "no sharding (fp32 compute)"}[inp.sharding]
-    recompute = inp.recompute + (f" ({','.join(inp.recompute_modules)})" if inp.recompute == "selective" else "")
-    return (f"{inp.model_name or 'model'}{' / ' + inp.layout_name if inp.layout_name else ''}: {layout}\n"
-            f"  seq {inp.seq_len}, micro-batch {inp.micro_batch}, {inp.precision}, recompute {recompute}, "
-            f"{sharding}, {inp.optimizer}, {_schedule(d) if d.pp > 1 else 'no pipeline'}"
-            f"{'' if inp.sequence_parallel else ', no SP'}")
+    layout = (
+        f"tp{d.tp} pp{d.pp} ep{d.ep} etp{d.etp} dp{d.dp} cp{d.cp}"
+        + (f" vpp{d.vpp}" if d.vpp > 1 else "")
+        + f" = {d.world_size} GPUs (edp {d.edp})"
+    )
+    sharding = {
+        "fsdp": f"FSDP2 (dense over dp*cp={d.dp * d.cp}, experts over edp={d.edp})",
+        "zero1": f"distributed optimizer (master+moments over dp*cp={d.dp * d.cp} / edp={d.edp})",
+        "none": "no sharding (fp32 compute)",
+    }[inp.sharding]
+    recompute = inp.recompute + (
+        f" ({','.join(inp.recompute_modules)})" if inp.recompute == "selective" else ""
+    )
+    return (
+        f"{inp.model_name or 'model'}{' / ' + inp.layout_name if inp.layout_name else ''}: "
+        f"{layout}\n  seq {inp.seq_len}, micro-batch {inp.micro_batch}, {inp.precision}, recompute "
+        f"{recompute}, {sharding}, {inp.optimizer}, "
+        f"{_schedule(d) if d.pp > 1 else 'no pipeline'}{'' if inp.sequence_parallel else ', no SP'}"
+    )
 
 
 def format_plan(p: Plan) -> str:
     inp = p.inp
     ranks = p.ranks if len(p.ranks) <= 8 else _pick(p.ranks)
-    fp8_share = (f"; {100 * p.fp8_flops_per_token / p.flops_per_token:.0f}% of them in FP8 GEMMs"
-                 if p.fp8_flops_per_token else "")
-    lines = [describe(inp),
-             f"  parameters {p.total_params / 1e9:.1f}B; model FLOPs/token {p.flops_per_token:.3e} "
-             f"(fwd+bwd), {p.flops_per_token_recompute:.3e} with recompute{fp8_share}",
-             ""]
-    header = f"  {'per-GPU memory (GiB)':<34}" + "".join(f"{'pp' + str(r.pp_rank):>9}" for r in ranks)
+    fp8_share = (
+        f"; {100 * p.fp8_flops_per_token / p.flops_per_token:.0f}% of them in FP8 GEMMs"
+        if p.fp8_flops_per_token
+        else ""
+    )
+    lines = [
+        describe(inp),
+        f"  parameters {p.total_params / 1e9:.1f}B; model FLOPs/token {p.flops_per_token:.3e} "
+        f"(fwd+bwd), {p.flops_per_token_recompute:.3e} with recompute{fp8_share}",
+        "",
+    ]
+    header = f"  {'per-GPU memory (GiB)':<34}" + "".join(
+        f"{'pp' + str(r.pp_rank):>9}" for r in ranks
+    )
     lines.append(header)
-    lines.append(f"  {'  layers / micro-batches in flight':<34}" +
-                 "".join(f"{f'{r.layers}/{r.in_flight:g}':>9}" for r in ranks))
+    lines.append(
+        f"  {'  layers / micro-batches in flight':<34}"
+        + "".join(f"{f'{r.layers}/{r.in_flight:g}':>9}" for r in ranks)
+    )
     for row in ROWS:
         lines.append(f"  {row:<34}" + "".join(f"  {_gib(r.bytes[row])}" for r in ranks))
     lines.append(f"  {'peak':<34}" + "".join(f"  {_gib(r.peak)}" for r in ranks))
-    lines.append(f"  {'fits ' + format(inp.gpu_gib, 'g') + ' GiB':<34}" +
-                 "".join(f"{'yes' if r.peak <= inp.gpu_gib * GIB else 'NO':>9}" for r in ranks))
+    lines.append(
+        f"  {'fits ' + format(inp.gpu_gib, 'g') + ' GiB':<34}"
+        + "".join(f"{'yes' if r.peak <= inp.gpu_gib * GIB else 'NO':>9}" for r in ranks)
+    )
     w = p.worst
     verdict = "fits" if p.fits else "DOES NOT FIT"
-    lines.append(f"  => {verdict}: worst pipeline rank {w.pp_rank} needs {w.peak / GIB:.1f} GiB of "
-                 f"{inp.gpu_gib:g} GiB")
+    lines.append(
+        f"  => {verdict}: worst pipeline rank {w.pp_rank} needs {w.peak / GIB:.1f} GiB of "
+        f"{inp.gpu_gib:g} GiB"
+    )
     return "\n".join(lines)
 
 
@@ -621,7 +750,10 @@ def load_model(name: str) -> ModelConfig:
         data = yaml.safe_load(path.read_text()) or {}
         fields = {f.name for f in dataclasses.fields(ModelConfig)}
         return ModelConfig(**{k: v for k, v in data.items() if k in fields})
-    raise SystemExit(f"unknown model {name!r}: use a preset ({', '.join(PRESETS)}) or a recipes/model/*.yaml name.")
+    raise SystemExit(
+        f"unknown model {name!r}: use a preset ({', '.join(PRESETS)}) or a recipes/model/*.yaml "
+        "name."
+    )
 
 
 def load_layout(name: str) -> dict[str, Any]:
@@ -638,8 +770,12 @@ def published_layouts() -> list[str]:
     return sorted(p.stem for p in PARALLEL_RECIPES.glob(f"{PUBLISHED_PREFIX}*.yaml"))
 
 
-def build_input(args: argparse.Namespace, layout: dict[str, Any] | None = None, layout_name: str = "",
-                precision: str | None = None) -> PlanInput:
+def build_input(
+    args: argparse.Namespace,
+    layout: dict[str, Any] | None = None,
+    layout_name: str = "",
+    precision: str | None = None,
+) -> PlanInput:
     layout = layout or {}
 
     def pick(key: str, default: Any) -> Any:
@@ -652,30 +788,57 @@ def build_input(args: argparse.Namespace, layout: dict[str, Any] | None = None, 
     dp = pick("dp", None)
     if dp is None:
         dp = (args.world_size // (tp * pp * cp)) if args.world_size else 1
-    dims = ParallelDims(tp=tp, pp=pp, vpp=pick("vpp", 1), ep=pick("ep", 1), etp=pick("etp", 1), dp=dp, cp=cp)
+    dims = ParallelDims(
+        tp=tp, pp=pp, vpp=pick("vpp", 1), ep=pick("ep", 1), etp=pick("etp", 1), dp=dp, cp=cp
+    )
     sharding = args.sharding or ("fsdp" if layout.get("fsdp", True) else "none")
     keep_gathered = args.keep_gathered or not layout.get("reshard_after_forward", True)
     reduce_each = args.reduce_each_micro_batch or layout.get("reduce_grads_each_micro_batch", False)
-    return PlanInput(model=load_model(args.model), dims=dims, seq_len=args.seq_len, micro_batch=args.micro_batch,
-                     precision=precision or args.precision, recompute=pick("recompute", "full"),
-                     recompute_modules=tuple(args.recompute_modules.split(",")), sharding=sharding,
-                     keep_gathered=keep_gathered and sharding == "fsdp", fp8_weight_cache=args.fp8_weight_cache,
-                     fp8_mtp=args.fp8_mtp, fp8_lm_head=args.fp8_lm_head,
-                     reduce_each_micro_batch=reduce_each, optimizer=args.optimizer,
-                     sequence_parallel=layout.get("sequence_parallel", True)
-                     and not args.no_sequence_parallel, packed=not args.no_packing,
-                     bf16_layers=tuple(args.bf16_layers), moe_imbalance=args.moe_imbalance, gpu_gib=args.gpu_gib,
-                     model_name=args.model, layout_name=layout_name)
+    return PlanInput(
+        model=load_model(args.model),
+        dims=dims,
+        seq_len=args.seq_len,
+        micro_batch=args.micro_batch,
+        precision=precision or args.precision,
+        recompute=pick("recompute", "full"),
+        recompute_modules=tuple(args.recompute_modules.split(",")),
+        sharding=sharding,
+        keep_gathered=keep_gathered and sharding == "fsdp",
+        fp8_weight_cache=args.fp8_weight_cache,
+        fp8_mtp=args.fp8_mtp,
+        fp8_lm_head=args.fp8_lm_head,
+        reduce_each_micro_batch=reduce_each,
+        optimizer=args.optimizer,
+        sequence_parallel=layout.get("sequence_parallel", True) and not args.no_sequence_parallel,
+        packed=not args.no_packing,
+        bf16_layers=tuple(args.bf16_layers),
+        moe_imbalance=args.moe_imbalance,
+        gpu_gib=args.gpu_gib,
+        model_name=args.model,
+        layout_name=layout_name,
+    )
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="k_exaone_236b", help="preset (k_exaone_236b, tiny) or recipes/model name")
-    p.add_argument("--layout", help="a recipes/parallel/<name>.yaml (flags given explicitly override it)")
-    p.add_argument("--all-published", action="store_true", help="summarise the published K-EXAONE layouts")
-    p.add_argument("--experiment", metavar="NAME",
-                   help="summarise every curriculum stage of recipes/experiment/NAME.yaml with its own layout")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        default="k_exaone_236b",
+        help="preset (k_exaone_236b, tiny) or recipes/model name",
+    )
+    p.add_argument(
+        "--layout", help="a recipes/parallel/<name>.yaml (flags given explicitly override it)"
+    )
+    p.add_argument(
+        "--all-published", action="store_true", help="summarise the published K-EXAONE layouts"
+    )
+    p.add_argument(
+        "--experiment",
+        metavar="NAME",
+        help="summarise every curriculum stage of recipes/experiment/NAME.yaml with its own layout",
+    )
     for name in ("tp", "pp", "ep", "etp", "dp", "cp", "vpp"):
         p.add_argument(f"--{name}", type=int)
     p.add_argument("--world-size", type=int, help="derive dp from it when --dp is not given")
@@ -683,36 +846,65 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--precision", choices=("bf16", "fp8"), default="bf16")
     p.add_argument("--recompute", choices=("full", "selective", "none"))
-    p.add_argument("--recompute-modules", default="attention", help="selective: comma list of attention,mlp,moe")
+    p.add_argument(
+        "--recompute-modules",
+        default="attention",
+        help="selective: comma list of attention,mlp,moe",
+    )
     group = p.add_mutually_exclusive_group()
     group.add_argument("--fsdp", dest="sharding", action="store_const", const="fsdp")
     group.add_argument("--zero1", dest="sharding", action="store_const", const="zero1")
     group.add_argument("--no-sharding", dest="sharding", action="store_const", const="none")
-    p.add_argument("--keep-gathered", action="store_true",
-                   help="fsdp: keep gathered parameters from forward to backward (parallel.reshard_after_forward="
-                        "false)")
-    p.add_argument("--reduce-each-micro-batch", action="store_true",
-                   help="fsdp: gradients reduce-scattered in every micro-batch's backward (parallel."
-                        "reduce_grads_each_micro_batch, or one micro-batch per step)")
-    p.add_argument("--fp8-weight-cache", action="store_true",
-                   help="fp8: FP8 weight copies kept through the step (precision.fp8_weight_cache)")
-    p.add_argument("--fp8-mtp", action="store_true", help="fp8: the MTP layer in FP8 too (precision.fp8_mtp)")
-    p.add_argument("--fp8-lm-head", action="store_true",
-                   help="fp8: the output head's logits and input gradient in FP8 (precision.fp8_lm_head)")
+    p.add_argument(
+        "--keep-gathered",
+        action="store_true",
+        help="fsdp: keep gathered parameters from forward to backward "
+        "(parallel.reshard_after_forward=false)",
+    )
+    p.add_argument(
+        "--reduce-each-micro-batch",
+        action="store_true",
+        help="fsdp: gradients reduce-scattered in every micro-batch's backward (parallel."
+        "reduce_grads_each_micro_batch, or one micro-batch per step)",
+    )
+    p.add_argument(
+        "--fp8-weight-cache",
+        action="store_true",
+        help="fp8: FP8 weight copies kept through the step (precision.fp8_weight_cache)",
+    )
+    p.add_argument(
+        "--fp8-mtp", action="store_true", help="fp8: the MTP layer in FP8 too (precision.fp8_mtp)"
+    )
+    p.add_argument(
+        "--fp8-lm-head",
+        action="store_true",
+        help="fp8: the output head's logits and input gradient in FP8 (precision.fp8_lm_head)",
+    )
     p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
     p.add_argument("--no-sequence-parallel", action="store_true")
-    p.add_argument("--no-packing", action="store_true", help="one document per sequence (no global-layer mask)")
-    p.add_argument("--bf16-layers", type=int, nargs=2, default=(1, 1), metavar=("FIRST", "LAST"),
-                   help="fp8: decoder layers kept in bf16 at each end")
-    p.add_argument("--moe-imbalance", type=float, default=1.0, help="max/mean routed tokens per EP rank")
+    p.add_argument(
+        "--no-packing", action="store_true", help="one document per sequence (no global-layer mask)"
+    )
+    p.add_argument(
+        "--bf16-layers",
+        type=int,
+        nargs=2,
+        default=(1, 1),
+        metavar=("FIRST", "LAST"),
+        help="fp8: decoder layers kept in bf16 at each end",
+    )
+    p.add_argument(
+        "--moe-imbalance", type=float, default=1.0, help="max/mean routed tokens per EP rank"
+    )
     p.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory to fit (GiB)")
     return p
 
 
 def experiment_plans(name: str, world_size: int | None = None, gpu_gib: float = 80.0) -> list[Plan]:
-    """One plan per curriculum stage of the experiment recipe `name` (recipes/experiment/<name>.yaml): the stage's
-    layout and sequence length with the recipe's micro-batch, precision, optimizer, recompute and FSDP settings,
-    on `world_size` GPUs (default: the recipe's layout with its dp)."""
+    """One plan per curriculum stage of the experiment recipe `name`
+    (recipes/experiment/<name>.yaml): the stage's layout and sequence length with the recipe's
+    micro-batch, precision, optimizer, recompute and FSDP settings, on `world_size` GPUs (default:
+    the recipe's layout with its dp)."""
     from megatron_exaone.config.load import load_config  # composes the Hydra recipe
     from megatron_exaone.precision import is_fp8
     from megatron_exaone.training.plan import validate
@@ -724,17 +916,27 @@ def experiment_plans(name: str, world_size: int | None = None, gpu_gib: float = 
     precision = cfg.precision
     plans = []
     for stage, layout in zip(cfg.curriculum.stages, checked.stage_parallel):
-        inp = PlanInput(model=checked.model, dims=ParallelDims.of(layout), seq_len=stage.seq_len,
-                        micro_batch=cfg.trainer.micro_batch_size, precision="fp8" if is_fp8(precision) else "bf16",
-                        recompute=layout.recompute, recompute_modules=tuple(layout.recompute_modules),
-                        sharding="fsdp" if layout.fsdp else "none", keep_gathered=not layout.reshard_after_forward,
-                        reduce_each_micro_batch=layout.reduce_grads_each_micro_batch,
-                        fp8_weight_cache=precision.fp8_weight_cache, fp8_mtp=precision.fp8_mtp,
-                        fp8_lm_head=precision.fp8_lm_head, optimizer=cfg.optim.name,
-                        sequence_parallel=layout.sequence_parallel,
-                        bf16_layers=(precision.keep_bf16_first_layers, precision.keep_bf16_last_layers),
-                        gpu_gib=gpu_gib, model_name=name,
-                        layout_name=f"{stage.name} ({_tokens(stage.seq_len)})")
+        inp = PlanInput(
+            model=checked.model,
+            dims=ParallelDims.of(layout),
+            seq_len=stage.seq_len,
+            micro_batch=cfg.trainer.micro_batch_size,
+            precision="fp8" if is_fp8(precision) else "bf16",
+            recompute=layout.recompute,
+            recompute_modules=tuple(layout.recompute_modules),
+            sharding="fsdp" if layout.fsdp else "none",
+            keep_gathered=not layout.reshard_after_forward,
+            reduce_each_micro_batch=layout.reduce_grads_each_micro_batch,
+            fp8_weight_cache=precision.fp8_weight_cache,
+            fp8_mtp=precision.fp8_mtp,
+            fp8_lm_head=precision.fp8_lm_head,
+            optimizer=cfg.optim.name,
+            sequence_parallel=layout.sequence_parallel,
+            bf16_layers=(precision.keep_bf16_first_layers, precision.keep_bf16_last_layers),
+            gpu_gib=gpu_gib,
+            model_name=name,
+            layout_name=f"{stage.name} ({_tokens(stage.seq_len)})",
+        )
         plans.append(plan(inp))
     return plans
 
@@ -743,16 +945,25 @@ def _tokens(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
-SUMMARY_HEADER = (f"{'layout':<30}{'GPUs':>5}  {'parallel':<22}{'prec':<6}{'optim':<7}{'GiB/GPU':>8}  "
-                  f"{'fits':<5}{'FLOPs/token':>11}")
+SUMMARY_HEADER = (
+    f"{'layout':<30}{'GPUs':>5}  {'parallel':<22}{'prec':<6}{'optim':<7}{'GiB/GPU':>8}  "
+    f"{'fits':<5}{'FLOPs/token':>11}"
+)
 
 
 def summary_row(p: Plan) -> str:
     d, w = p.inp.dims, p.worst
-    layout = f"tp{d.tp} pp{d.pp} ep{d.ep}" + (f" cp{d.cp}" if d.cp > 1 else "") + f" dp{d.dp}" + \
-        (f" vpp{d.vpp}" if d.vpp > 1 else "")
-    return (f"{p.inp.layout_name:<30}{d.world_size:>5}  {layout:<22}{p.inp.precision:<6}{p.inp.optimizer:<7}"
-            f"{w.peak / GIB:>8.1f}  {'yes' if p.fits else 'NO':<5}{p.flops_per_token:>11.3e}")
+    layout = (
+        f"tp{d.tp} pp{d.pp} ep{d.ep}"
+        + (f" cp{d.cp}" if d.cp > 1 else "")
+        + f" dp{d.dp}"
+        + (f" vpp{d.vpp}" if d.vpp > 1 else "")
+    )
+    return (
+        f"{p.inp.layout_name:<30}{d.world_size:>5}  "
+        f"{layout:<22}{p.inp.precision:<6}{p.inp.optimizer:<7}{w.peak / GIB:>8.1f}  "
+        f"{'yes' if p.fits else 'NO':<5}{p.flops_per_token:>11.3e}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -769,19 +980,25 @@ def main(argv: list[str] | None = None) -> int:
             print(SUMMARY_HEADER.replace("layout  ", "stage   "))
             for result in plans:
                 print(summary_row(result))
-            print(f"(experiment {args.experiment}: each stage's layout, sequence length and settings; worst "
-                  "pipeline rank)")
+            print(
+                f"(experiment {args.experiment}: each stage's layout, sequence length and "
+                "settings; worst pipeline rank)"
+            )
             return 0 if all(result.fits for result in plans) else 1
         if args.all_published:
             print(SUMMARY_HEADER)
             for name in published_layouts():
                 for precision in ("bf16", "fp8"):
                     for optimizer in ("adamw", "muon"):
-                        inp = dataclasses.replace(build_input(args, load_layout(name), name, precision),
-                                                  optimizer=optimizer)
+                        inp = dataclasses.replace(
+                            build_input(args, load_layout(name), name, precision),
+                            optimizer=optimizer,
+                        )
                         print(summary_row(plan(inp)))
-            print(f"(seq {args.seq_len}, micro-batch {args.micro_batch}; worst pipeline rank; details: "
-                  "--layout NAME)")
+            print(
+                f"(seq {args.seq_len}, micro-batch {args.micro_batch}; worst pipeline rank; "
+                "details: --layout NAME)"
+            )
             return 0
         layout = load_layout(args.layout) if args.layout else None
         result = plan(build_input(args, layout, args.layout or ""))

@@ -1,7 +1,8 @@
-"""`exaone-train [HYDRA OVERRIDES...]`: compose a recipe, validate it, and train (directly, or under torchrun).
+"""`exaone-train [HYDRA OVERRIDES...]`: compose a recipe, validate it, and train (directly, or under
+torchrun).
 
-Examples:
-  exaone-train experiment=cpu_tiny run_dir=runs/demo            # needs the layout's number of processes:
+Examples (each layout needs its number of processes):
+  exaone-train experiment=cpu_tiny run_dir=runs/demo
   torchrun --nproc-per-node 4 -m megatron_exaone.cli.train experiment=cpu_tiny
   launch/local.sh 4 experiment=cpu_tiny trainer.max_steps=10     # CPU/gloo, one machine
 """
@@ -45,7 +46,8 @@ def _split_args(argv: list[str]) -> tuple[list[str], str | None]:
 
 
 def _starting_stage(cfg, validated) -> int:
-    """The curriculum stage this launch starts in (from the checkpoint it resumes), which decides its layout."""
+    """The curriculum stage this launch starts in (from the checkpoint it resumes), which decides
+    its layout."""
     checkpoint = starting_checkpoint(cfg.run_dir, cfg.checkpoint.load)
     if checkpoint is None:
         return 0
@@ -55,10 +57,12 @@ def _starting_stage(cfg, validated) -> int:
     return validated.curriculum.stage_index_at(tokens)
 
 
-def prepare(overrides: list[str], config_dir: str | None = None, world_size: int = 1
-            ) -> tuple[TrainConfig, ValidatedConfig, ParallelDims]:
-    """Compose and validate the recipe for `world_size` ranks, with the layout of the curriculum stage this launch
-    starts in (from the newest checkpoint). Needs no process group; raises RecipeError / LayoutError."""
+def prepare(
+    overrides: list[str], config_dir: str | None = None, world_size: int = 1
+) -> tuple[TrainConfig, ValidatedConfig, ParallelDims]:
+    """Compose and validate the recipe for `world_size` ranks, with the layout of the curriculum
+    stage this launch starts in (from the newest checkpoint). Needs no process group; raises
+    RecipeError / LayoutError."""
     cfg = load_config(overrides, config_dir)
     device_type = resolve_device(cfg.trainer.device)
     validated = validate(cfg, world_size, device_type)
@@ -70,12 +74,15 @@ def prepare(overrides: list[str], config_dir: str | None = None, world_size: int
 
 
 def train(cfg: TrainConfig, validated: ValidatedConfig, dims: ParallelDims) -> str:
-    """Train on every rank of the initialized process group (`prepare`'s results); returns why training stopped.
-    The run's config.yaml is (re)written only once the data, the model and the checkpoint have loaded, so a launch
-    that fails to start leaves the record of the run as it was."""
+    """Train on every rank of the initialized process group (`prepare`'s results); returns why
+    training stopped. The run's config.yaml is (re)written only once the data, the model and the
+    checkpoint have loaded, so a launch that fails to start leaves the record of the run as it
+    was."""
     from megatron_exaone.training.trainer import Trainer
 
-    trainer = Trainer(cfg, validated.model, dims, validated.curriculum, rank_device(cfg.trainer.device))
+    trainer = Trainer(
+        cfg, validated.model, dims, validated.curriculum, rank_device(cfg.trainer.device)
+    )
     if dist.get_rank() == 0:
         path = save_resolved(cfg)
         log.info("resolved config written to %s", path)
@@ -83,23 +90,28 @@ def train(cfg: TrainConfig, validated: ValidatedConfig, dims: ParallelDims) -> s
 
 
 def run_training(overrides: list[str], config_dir: str | None = None) -> str:
-    """`prepare` + `train` inside an already initialized process group (tests, notebooks); returns the reason."""
+    """`prepare` + `train` inside an already initialized process group (tests, notebooks); returns
+    the reason."""
     return train(*prepare(overrides, config_dir, dist.get_world_size()))
 
 
 def main(argv: list[str] | None = None) -> int:
-    # First: a rank dies with its launcher, and stop signals (Slurm's, torchrun's forwarding, Ctrl-C) only ask for
-    # a checkpoint, even while the libraries below are still importing.
+    # First: a rank dies with its launcher, and stop signals (Slurm's, torchrun's forwarding,
+    # Ctrl-C) only ask for a checkpoint, even while the libraries below are still importing.
     lifetime.bind_rank_to_launcher()
     lifetime.install_stop_handlers()
     overrides, config_dir = _split_args(sys.argv[1:] if argv is None else argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     # Rank 0 tells the story; the other ranks only speak up with warnings and errors.
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     try:
-        with reported("exaone-train", show=rank == 0):  # every rank finds the same configuration errors
+        # every rank finds the same configuration errors
+        with reported("exaone-train", show=rank == 0):
             cfg, validated, dims = prepare(overrides, config_dir, world)
     except SystemExit as exc:
         return int(exc.code)
@@ -114,9 +126,14 @@ def main(argv: list[str] | None = None) -> int:
         if world == 1:  # a plain single-process launch: a local one-rank group keeps one code path
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                                timeout=timedelta(minutes=30))
-    program = "exaone-train" if rank == 0 else f"exaone-train (rank {rank})"  # a rank's own error, said by it
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(minutes=30),
+        )
+    # a rank's own error, said by it
+    program = "exaone-train" if rank == 0 else f"exaone-train (rank {rank})"
     try:
         with reported(program):
             train(cfg, validated, dims)

@@ -1,12 +1,13 @@
 """The typed training configuration: one dataclass per recipe group, composed into `TrainConfig`.
 
-These are OmegaConf structured configs (`config.load` merges the Hydra recipes onto them, so an unknown key is an
-error), but the classes themselves are plain dataclasses: the trainer and every library module receive them, or
-the library objects they build (`ParallelDims`, `Curriculum`, `ModelConfig`), and never see Hydra or OmegaConf.
+These are OmegaConf structured configs (`config.load` merges the Hydra recipes onto them, so an
+unknown key is an error), but the classes themselves are plain dataclasses: the trainer and every
+library module receive them, or the library objects they build (`ParallelDims`, `Curriculum`,
+`ModelConfig`), and never see Hydra or OmegaConf.
 
-Each `__post_init__` checks what a field can be checked against on its own (signs, sizes); the names a feature
-owns (precisions, pipeline schedules, recompute modes) and the checks that need several groups, the world size or
-the machine are the features' (`training.plan.validate`).
+Each `__post_init__` checks what a field can be checked against on its own (signs, sizes); the names
+a feature owns (precisions, pipeline schedules, recompute modes) and the checks that need several
+groups, the world size or the machine are the features' (`training.plan.validate`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from megatron_exaone.curriculum import Curriculum, LRPhase, Stage
 from megatron_exaone.data.packing import PACKING_MODES
 from megatron_exaone.errors import UserError
 
-# OmegaConf resolves the annotations of structured configs at runtime and does not understand PEP 604 unions, so
-# this module spells types with `typing` (Optional, List, Dict) rather than `X | None` / `list[X]`.
+# OmegaConf resolves the annotations of structured configs at runtime and does not understand
+# PEP 604 unions, so this module spells types with `typing` (Optional, List, Dict) rather than
+# `X | None` / `list[X]`.
 
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -45,23 +47,26 @@ def _at_least(where: str, value: Optional[int], low: int) -> None:
         raise ValueError(f"{where}={value}: must be >= {low}.")
 
 
-# ---------------------------------------------------------------------------------------------- parallel
+# ----------------------------------------------------------------------------------------- parallel
 @dataclass
 class ParallelConfig:
     """Parallel layout and the memory/speed switches that go with it.
 
-    `dp=None` derives data parallel from the world size. `ep` folds into tp*cp*dp (MoE parallel folding), so it
-    does not multiply the world size. `fsdp`: shard parameters, gradients and optimizer state over dp (FSDP2, the
-    distributed-optimizer equivalent); False replicates them. `reshard_after_forward`: FSDP2 frees each decoder
-    layer's gathered BF16 parameters after its forward and gathers them again for its backward; False keeps them
-    from forward to backward (one gather per micro-batch instead of two, for the memory of every local layer's
-    gathered parameters; ZBV/DualPipeV always keep them). `reduce_grads_each_micro_batch`: FSDP2 reduce-scatters
-    every micro-batch's gradients in its backward, instead of accumulating unsharded FP32 gradients (4 B per local
-    parameter) over the step and, under a pipeline, holding every layer's gathered BF16 parameters (2 B) until the
-    step's last backward: one reduce-scatter per micro-batch for that memory (what long-context stages with many
-    layers per rank need; not with ZBV/DualPipeV). `pipeline_layout`: an explicit stage split in
-    `parallel.pipeline.pipeline_layout` syntax (e.g. "Et|tt|tL"); None splits evenly. `compile`: compile each
-    decoder layer with torch.compile (`parallel.compile`; fuses the elementwise work, needed for FP8 speed).
+    `dp=None` derives data parallel from the world size. `ep` folds into tp*cp*dp (MoE parallel
+    folding), so it does not multiply the world size. `fsdp`: shard parameters, gradients and
+    optimizer state over dp (FSDP2, the distributed-optimizer equivalent); False replicates them.
+    `reshard_after_forward`: FSDP2 frees each decoder layer's gathered BF16 parameters after its
+    forward and gathers them again for its backward; False keeps them from forward to backward (one
+    gather per micro-batch instead of two, for the memory of every local layer's gathered
+    parameters; ZBV/DualPipeV always keep them). `reduce_grads_each_micro_batch`: FSDP2
+    reduce-scatters every micro-batch's gradients in its backward, instead of accumulating unsharded
+    FP32 gradients (4 B per local parameter) over the step and, under a pipeline, holding every
+    layer's gathered BF16 parameters (2 B) until the step's last backward: one reduce-scatter per
+    micro-batch for that memory (what long-context stages with many layers per rank need; not with
+    ZBV/DualPipeV). `pipeline_layout`: an explicit stage split in
+    `parallel.pipeline.pipeline_layout` syntax (e.g. "Et|tt|tL"); None splits evenly. `compile`:
+    compile each decoder layer with torch.compile (`parallel.compile`; fuses the elementwise work,
+    needed for FP8 speed).
     """
 
     tp: int = 1
@@ -84,46 +89,54 @@ class ParallelConfig:
     def with_overrides(self, overrides: Dict[str, Any]) -> ParallelConfig:
         """This layout with a curriculum stage's `parallel` overrides applied.
 
-        When the overrides change a size but do not name `dp`, dp is derived again from the world size: a stage
-        that raises cp (or changes tp/pp) takes the ranks from data parallelism instead of failing.
+        When the overrides change a size but do not name `dp`, dp is derived again from the world
+        size: a stage that raises cp (or changes tp/pp) takes the ranks from data parallelism
+        instead of failing.
         """
         names = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - names)
         if unknown:
-            raise ValueError(f"parallel overrides {unknown} are not parallel settings; use some of {sorted(names)}.")
+            raise ValueError(
+                f"parallel overrides {unknown} are not parallel settings; use some of "
+                f"{sorted(names)}."
+            )
         changes = dict(overrides)
         if {"tp", "pp", "cp"} & changes.keys() and "dp" not in changes:
             changes["dp"] = None
         return dataclasses.replace(self, **changes)
 
 
-# ---------------------------------------------------------------------------------------------- precision
+# ---------------------------------------------------------------------------------------- precision
 @dataclass
 class PrecisionConfig:
-    """Numerics of the compute path. The names, their backends and what each option applies to are the table of
-    `precision.registry` (`PRECISIONS`), which checks this config (`validate_precision`) before anything runs.
+    """Numerics of the compute path. The names, their backends and what each option applies to are
+    the table of `precision.registry` (`PRECISIONS`), which checks this config
+    (`validate_precision`) before anything runs.
 
-    `name`: fp32, bf16 (bf16 compute with fp32 master weights, optimizer state and gradient reduction; on CPU the
-    trainer computes in fp32, because CPU bf16 matmuls are slow and not what a GPU run computes), or an FP8 mode:
-    fp8_te_* (Transformer Engine on CUDA: delayed, tensorwise = current scaling, blockwise, mxfp8 on Blackwell),
-    fp8_torch (torch-native scaled matmuls, CUDA compute capability >= 8.9), fp8_emulated (FP8 quantize /
-    dequantize with high-precision matmuls, runs anywhere: for tests).
+    `name`: fp32, bf16 (bf16 compute with fp32 master weights, optimizer state and gradient
+    reduction; on CPU the trainer computes in fp32, because CPU bf16 matmuls are slow and not what a
+    GPU run computes), or an FP8 mode: fp8_te_* (Transformer Engine on CUDA: delayed, tensorwise =
+    current scaling, blockwise, mxfp8 on Blackwell), fp8_torch (torch-native scaled matmuls, CUDA
+    compute capability >= 8.9), fp8_emulated (FP8 quantize / dequantize with high-precision matmuls,
+    runs anywhere: for tests).
 
-    `recipe`: FP8 scaling recipe (None = the precision's default). `fp8_format`: "hybrid" (E4M3 forward, E5M2
-    gradients) or "e4m3". `amax_history_len` / `amax_compute_algo`: delayed scaling only.
-    `keep_bf16_first_layers` / `keep_bf16_last_layers`: decoder layers kept in bf16 at each end (the usual
-    stability choice, as Megatron's `--first-last-layers-bf16`). `fp8_expert_wgrad` (fp8_torch, fp8_emulated): the
-    routed experts' weight-gradient GEMM in FP8 as well; by default it runs in BF16 (see `precision.fp8_ops`).
-    `fp8_experts`: false keeps the routed experts in BF16 (where `torch._scaled_grouped_mm` cannot run).
-    `fp8_mtp` (any FP8 precision) runs the MTP module's projections in FP8 too (by default it stays BF16 like
-    lm_head). `fp8_lm_head` (fp8_torch, fp8_emulated) runs the output head's logits and the loss's hidden-state
-    gradient in FP8 (main and MTP losses; the head's weight gradient stays BF16 with fp32 accumulation): off by
-    default, as in Megatron and DeepSeek-V3. `fp8_weight_cache` (fp8_torch, fp8_emulated): quantize each FP8
-    weight once per optimizer step, on its first micro-batch, and reuse the FP8 copies (forward's and backward's)
-    for the step's other micro-batches, as Transformer Engine does with `is_first_microbatch`: same results, fewer
-    casts, 2 bytes per FP8 weight element held through the step. Transformer Engine only (fp8_te_*):
-    `te_attention` runs the attention cores in TE's DotProductAttention (its fused BF16 kernels: sliding window,
-    packed documents as THD) instead of SDPA / FlexAttention.
+    `recipe`: FP8 scaling recipe (None = the precision's default). `fp8_format`: "hybrid" (E4M3
+    forward, E5M2 gradients) or "e4m3". `amax_history_len` / `amax_compute_algo`: delayed scaling
+    only. `keep_bf16_first_layers` / `keep_bf16_last_layers`: decoder layers kept in bf16 at each
+    end (the usual stability choice, as Megatron's `--first-last-layers-bf16`). `fp8_expert_wgrad`
+    (fp8_torch, fp8_emulated): the routed experts' weight-gradient GEMM in FP8 as well; by default
+    it runs in BF16 (see `precision.fp8_ops`). `fp8_experts`: false keeps the routed experts in BF16
+    (where `torch._scaled_grouped_mm` cannot run). `fp8_mtp` (any FP8 precision) runs the MTP
+    module's projections in FP8 too (by default it stays BF16 like lm_head). `fp8_lm_head`
+    (fp8_torch, fp8_emulated) runs the output head's logits and the loss's hidden-state gradient in
+    FP8 (main and MTP losses; the head's weight gradient stays BF16 with fp32 accumulation): off by
+    default, as in Megatron and DeepSeek-V3. `fp8_weight_cache` (fp8_torch, fp8_emulated): quantize
+    each FP8 weight once per optimizer step, on its first micro-batch, and reuse the FP8 copies
+    (forward's and backward's) for the step's other micro-batches, as Transformer Engine does with
+    `is_first_microbatch`: same results, fewer casts, 2 bytes per FP8 weight element held through
+    the step. Transformer Engine only (fp8_te_*): `te_attention` runs the attention cores in TE's
+    DotProductAttention (its fused BF16 kernels: sliding window, packed documents as THD) instead of
+    SDPA / FlexAttention.
     """
 
     name: str = "bf16"
@@ -141,15 +154,15 @@ class PrecisionConfig:
     fp8_lm_head: bool = False
 
 
-# ---------------------------------------------------------------------------------------------- optimizer
+# ---------------------------------------------------------------------------------------- optimizer
 @dataclass
 class OptimConfig:
     """Optimizer settings; the learning rate itself comes from the curriculum stage's `lr`.
 
-    `muon`: Muon on hidden weight matrices with AdamW (these betas/eps) on embeddings, lm_head, router and norm
-    gains, as in Moonlight / Kimi K2. `muon_adjust_lr`: "match_rms_adamw" scales the update by
-    0.2 * sqrt(max(A, B)) so AdamW's LR and weight decay carry over (Moonlight); "original" by sqrt(max(1, A/B)).
-    `clip_grad`: global gradient-norm clip (0 = off).
+    `muon`: Muon on hidden weight matrices with AdamW (these betas/eps) on embeddings, lm_head,
+    router and norm gains, as in Moonlight / Kimi K2. `muon_adjust_lr`: "match_rms_adamw" scales the
+    update by 0.2 * sqrt(max(A, B)) so AdamW's LR and weight decay carry over (Moonlight);
+    "original" by sqrt(max(1, A/B)). `clip_grad`: global gradient-norm clip (0 = off).
     """
 
     name: str = "adamw"
@@ -166,29 +179,36 @@ class OptimConfig:
         _one_of("optim.name", self.name, ("adamw", "muon"))
         _one_of("optim.muon_adjust_lr", self.muon_adjust_lr, ("match_rms_adamw", "original"))
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optim.betas={list(self.betas)}: give two values in [0, 1), e.g. [0.9, 0.95].")
+            raise ValueError(
+                f"optim.betas={list(self.betas)}: give two values in [0, 1), e.g. [0.9, 0.95]."
+            )
         if self.weight_decay < 0 or self.eps <= 0 or self.clip_grad < 0:
             raise ValueError("optim: weight_decay and clip_grad must be >= 0 and eps > 0.")
         _at_least("optim.muon_ns_steps", self.muon_ns_steps, 1)
 
     def optimizer_kwargs(self) -> Dict[str, Any]:
-        """Keyword arguments of `training.optim.build_optimizer` (everything but the LR and the clip)."""
-        kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "clip_grad"}
+        """Keyword arguments of `training.optim.build_optimizer` (everything but the LR and the
+        clip)."""
+        kwargs = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "clip_grad"
+        }
         kwargs["betas"] = tuple(self.betas)
         return kwargs
 
 
-# ---------------------------------------------------------------------------------------------- data
+# --------------------------------------------------------------------------------------------- data
 @dataclass
 class DataConfig:
-    """Training data: named datasets (the names the curriculum mixtures refer to) and how they are read.
+    """Training data: named datasets (the names the curriculum mixtures refer to) and how they are
+    read.
 
-    `datasets`: name -> shard prefixes (`PREFIX.bin/.idx`, as written by `exaone-data tokenize`); several prefixes
-    are read as one dataset. Relative prefixes, `tokenizer` and `cache_dir` resolve against `run_dir`, so a run
-    directory is self-contained and does not depend on where the job was launched; use absolute paths for shared
-    data. `cache_dir`: where packing indices are cached (None = `index-cache/` beside each dataset).
-    `prepare_sample`: the trainer first trains a SuperBPE tokenizer (vocab = model.vocab_size) on the bundled
-    sample corpus into run_dir/`SAMPLE_TOKENIZER` and tokenizes the corpus into run_dir/`SAMPLE_PREFIX`.
+    `datasets`: name -> shard prefixes (`PREFIX.bin/.idx`, as written by `exaone-data tokenize`);
+    several prefixes are read as one dataset. Relative prefixes, `tokenizer` and `cache_dir` resolve
+    against `run_dir`, so a run directory is self-contained and does not depend on where the job was
+    launched; use absolute paths for shared data. `cache_dir`: where packing indices are cached
+    (None = `index-cache/` beside each dataset). `prepare_sample`: the trainer first trains a
+    SuperBPE tokenizer (vocab = model.vocab_size) on the bundled sample corpus into
+    run_dir/`SAMPLE_TOKENIZER` and tokenizes the corpus into run_dir/`SAMPLE_PREFIX`.
     """
 
     datasets: Dict[str, List[str]] = field(default_factory=dict)
@@ -201,11 +221,15 @@ class DataConfig:
         _one_of("data.packing", self.packing, PACKING_MODES)
         empty = sorted(name for name, prefixes in self.datasets.items() if not prefixes)
         if empty:
-            raise ValueError(f"data.datasets {empty} list no shard prefix; give each dataset at least one.")
+            raise ValueError(
+                f"data.datasets {empty} list no shard prefix; give each dataset at least one."
+            )
 
     def resolved_datasets(self, run_dir: str | os.PathLike) -> Dict[str, List[str]]:
         """Dataset name -> absolute shard prefixes."""
-        return {name: [_under(run_dir, p) for p in prefixes] for name, prefixes in self.datasets.items()}
+        return {
+            name: [_under(run_dir, p) for p in prefixes] for name, prefixes in self.datasets.items()
+        }
 
     def resolved_path(self, path: Optional[str], run_dir: str | os.PathLike) -> Optional[str]:
         """`tokenizer` or `cache_dir` made absolute (None stays None)."""
@@ -216,7 +240,7 @@ def _under(run_dir: str | os.PathLike, path: str) -> str:
     return str((Path(run_dir) / Path(path).expanduser()).absolute())
 
 
-# ---------------------------------------------------------------------------------------------- curriculum
+# --------------------------------------------------------------------------------------- curriculum
 @dataclass
 class LRConfig:
     """`curriculum.LRPhase`, field for field."""
@@ -231,8 +255,8 @@ class LRConfig:
 
 @dataclass
 class StageConfig:
-    """`curriculum.Stage`, field for field (its docstring explains them). `parallel` keys are `ParallelConfig`
-    fields applied with `ParallelConfig.with_overrides` for this stage."""
+    """`curriculum.Stage`, field for field (its docstring explains them). `parallel` keys are
+    `ParallelConfig` fields applied with `ParallelConfig.with_overrides` for this stage."""
 
     name: str
     tokens: int
@@ -252,8 +276,12 @@ class StageConfig:
 
     def to_stage(self) -> Stage:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        values.update(lr=LRPhase(**dataclasses.asdict(self.lr)), mixture=dict(self.mixture),
-                      eval_hooks=list(self.eval_hooks), parallel=dict(self.parallel))
+        values.update(
+            lr=LRPhase(**dataclasses.asdict(self.lr)),
+            mixture=dict(self.mixture),
+            eval_hooks=list(self.eval_hooks),
+            parallel=dict(self.parallel),
+        )
         return Stage(**values)
 
 
@@ -262,18 +290,20 @@ class CurriculumConfig:
     stages: List[StageConfig] = field(default_factory=list)
 
     def build(self, batch_multiple: int = 1) -> Curriculum:
-        """The validated `Curriculum`; every global batch must be a multiple of `batch_multiple` (mbs x dp)."""
+        """The validated `Curriculum`; every global batch must be a multiple of `batch_multiple`
+        (mbs x dp)."""
         return Curriculum([s.to_stage() for s in self.stages], batch_multiple=batch_multiple)
 
 
-# ---------------------------------------------------------------------------------------------- run control
+# -------------------------------------------------------------------------------------- run control
 @dataclass
 class TrainerConfig:
-    """`max_steps`: stop after this many optimizer steps (None = when the curriculum's tokens are consumed).
-    `device`: auto = CUDA when available, else CPU. `max_skipped_steps`: steps with a NaN/Inf loss or gradient
-    are skipped (no update); more than this many in a row stop the run. `loss_spike_factor`: a loss above this
-    multiple of the recent mean is reported as a spike (0 = off). `stop_at_stage_end`: end the launch at the next
-    stage boundary (also happens by itself when the next stage changes the parallel layout)."""
+    """`max_steps`: stop after this many optimizer steps (None = when the curriculum's tokens are
+    consumed). `device`: auto = CUDA when available, else CPU. `max_skipped_steps`: steps with a
+    NaN/Inf loss or gradient are skipped (no update); more than this many in a row stop the run.
+    `loss_spike_factor`: a loss above this multiple of the recent mean is reported as a spike (0 =
+    off). `stop_at_stage_end`: end the launch at the next stage boundary (also happens by itself
+    when the next stage changes the parallel layout)."""
 
     max_steps: Optional[int] = None
     seed: int = 1234
@@ -292,14 +322,17 @@ class TrainerConfig:
         _at_least("trainer.log_interval", self.log_interval, 1)
         _at_least("trainer.max_skipped_steps", self.max_skipped_steps, 0)
         if self.loss_spike_factor != 0 and self.loss_spike_factor <= 1:
-            raise ValueError(f"trainer.loss_spike_factor={self.loss_spike_factor}: use a factor > 1, or 0 for off.")
+            raise ValueError(
+                f"trainer.loss_spike_factor={self.loss_spike_factor}: use a factor > 1, or 0 for "
+                "off."
+            )
 
 
 @dataclass
 class CheckpointConfig:
-    """`interval`: save every N optimizer steps (0 = only at stage ends / on SIGTERM). `keep_last`: how many
-    interval checkpoints to keep (0 = all). `load`: a run's checkpoints/ folder or one checkpoint to start from;
-    None resumes from run_dir/checkpoints when it holds one."""
+    """`interval`: save every N optimizer steps (0 = only at stage ends / on SIGTERM). `keep_last`:
+    how many interval checkpoints to keep (0 = all). `load`: a run's checkpoints/ folder or one
+    checkpoint to start from; None resumes from run_dir/checkpoints when it holds one."""
 
     interval: int = 1000
     keep_last: int = 3
@@ -315,7 +348,8 @@ class CheckpointConfig:
 @dataclass
 class WandbConfig:
     """Weights & Biases logging (optional dependency). `mode`: None lets the trainer decide with
-    `resolved_mode`: online when WANDB_API_KEY is set, offline otherwise (sync later with `wandb sync`)."""
+    `resolved_mode`: online when WANDB_API_KEY is set, offline otherwise (sync later with `wandb
+    sync`)."""
 
     enabled: bool = False
     project: str = "megatron-exaone"
@@ -336,8 +370,8 @@ class WandbConfig:
 
 @dataclass
 class TrainConfig:
-    """A whole run. `model`: `ModelConfig` fields by their Hugging Face names (checked by building the
-    `ModelConfig`). `run_dir` holds config.yaml (resolved), metrics.jsonl and checkpoints/."""
+    """A whole run. `model`: `ModelConfig` fields by their Hugging Face names (checked by building
+    the `ModelConfig`). `run_dir` holds config.yaml (resolved), metrics.jsonl and checkpoints/."""
 
     run_dir: str = "runs/default"
     model: Dict[str, Any] = field(default_factory=dict)

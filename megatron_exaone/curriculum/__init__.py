@@ -1,4 +1,5 @@
-"""Curriculum stages by token budget: data mixture, sequence length, batch size, LR phase and loss weights."""
+"""Curriculum stages by token budget: data mixture, sequence length, batch size, LR phase and loss
+weights."""
 
 from .schedule import Curriculum, CurriculumError, LRPhase, Stage, StepPlan
 

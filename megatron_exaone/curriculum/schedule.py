@@ -1,10 +1,11 @@
-"""The multi-stage curriculum: which data mixture, sequence length, batch size, learning rate and loss weights
-apply at a given number of consumed tokens.
+"""The multi-stage curriculum: which data mixture, sequence length, batch size, learning rate and
+loss weights apply at a given number of consumed tokens.
 
-Stages are defined by token budgets. Every optimizer step consumes `global_batch_size * seq_len` tokens of the
-stage it starts in, and a stage must end exactly on a step boundary (validated up front, with the nearest budgets
-that would work), so transitions happen at exact token counts. Everything is a pure function of the token count,
-so resuming from a checkpoint needs nothing but that count.
+Stages are defined by token budgets. Every optimizer step consumes `global_batch_size * seq_len`
+tokens of the stage it starts in, and a stage must end exactly on a step boundary (validated up
+front, with the nearest budgets that would work), so transitions happen at exact token counts.
+Everything is a pure function of the token count, so resuming from a checkpoint needs nothing but
+that count.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ class CurriculumError(UserError, ValueError):
 class LRPhase:
     """Learning rate over one stage, as a function of the tokens consumed within the stage.
 
-    kind: "wsd" (warmup, stable, then decay over the last `decay_fraction`), "cosine" (warmup, then cosine to
-    `min_lr`), "constant" (warmup, then `peak_lr`), "decay" (from `peak_lr` to `min_lr` over the whole stage:
-    the decay phase of a WSD run split across stages). `decay_shape`: "linear", "cosine" or "sqrt" (1 - sqrt).
+    kind: "wsd" (warmup, stable, then decay over the last `decay_fraction`), "cosine" (warmup, then
+    cosine to `min_lr`), "constant" (warmup, then `peak_lr`), "decay" (from `peak_lr` to `min_lr`
+    over the whole stage: the decay phase of a WSD run split across stages). `decay_shape`:
+    "linear", "cosine" or "sqrt" (1 - sqrt).
     """
 
     kind: str = "wsd"
@@ -38,13 +40,21 @@ class LRPhase:
 
     def validate(self, where: str) -> None:
         if self.kind not in ("wsd", "cosine", "constant", "decay"):
-            raise CurriculumError(f"{where}: lr.kind={self.kind!r}; use wsd, cosine, constant or decay.")
+            raise CurriculumError(
+                f"{where}: lr.kind={self.kind!r}; use wsd, cosine, constant or decay."
+            )
         if self.decay_shape not in ("linear", "cosine", "sqrt"):
-            raise CurriculumError(f"{where}: lr.decay_shape={self.decay_shape!r}; use linear, cosine or sqrt.")
+            raise CurriculumError(
+                f"{where}: lr.decay_shape={self.decay_shape!r}; use linear, cosine or sqrt."
+            )
         if not 0 <= self.decay_fraction <= 1:
-            raise CurriculumError(f"{where}: lr.decay_fraction={self.decay_fraction} must be within [0, 1].")
+            raise CurriculumError(
+                f"{where}: lr.decay_fraction={self.decay_fraction} must be within [0, 1]."
+            )
         if self.peak_lr <= 0 or self.min_lr < 0 or self.min_lr > self.peak_lr:
-            raise CurriculumError(f"{where}: need 0 <= min_lr ({self.min_lr}) <= peak_lr ({self.peak_lr}), peak > 0.")
+            raise CurriculumError(
+                f"{where}: need 0 <= min_lr ({self.min_lr}) <= peak_lr ({self.peak_lr}), peak > 0."
+            )
 
     def _decay(self, progress: float, shape: str) -> float:
         progress = min(max(progress, 0.0), 1.0)
@@ -57,8 +67,8 @@ class LRPhase:
         return self.min_lr + (self.peak_lr - self.min_lr) * frac
 
     def lr_at(self, tokens: int, stage_tokens: int) -> float:
-        """The LR of the step that brings the stage to `tokens` consumed tokens (so the first step of a warmup
-        is not 0 and the last step of a decay reaches `min_lr`)."""
+        """The LR of the step that brings the stage to `tokens` consumed tokens (so the first step
+        of a warmup is not 0 and the last step of a decay reaches `min_lr`)."""
         if self.kind != "decay" and tokens < self.warmup_tokens:
             return self.peak_lr * tokens / self.warmup_tokens
         if self.kind == "constant":
@@ -66,20 +76,25 @@ class LRPhase:
         if self.kind == "decay":
             return self._decay(tokens / stage_tokens, self.decay_shape)
         if self.kind == "cosine":
-            return self._decay((tokens - self.warmup_tokens) / max(1, stage_tokens - self.warmup_tokens), "cosine")
+            return self._decay(
+                (tokens - self.warmup_tokens) / max(1, stage_tokens - self.warmup_tokens), "cosine"
+            )
         decay_start = stage_tokens * (1 - self.decay_fraction)
         if tokens < decay_start:
             return self.peak_lr
-        return self._decay((tokens - decay_start) / max(1.0, stage_tokens - decay_start), self.decay_shape)
+        return self._decay(
+            (tokens - decay_start) / max(1.0, stage_tokens - decay_start), self.decay_shape
+        )
 
 
 @dataclass
 class Stage:
     """One curriculum stage. `batch_ramp_*`: the global batch grows from `batch_ramp_start` by
-    `batch_ramp_increment` sequences every `batch_ramp_tokens / number of increments` tokens (Megatron's
-    batch-size ramp-up), then stays at `global_batch_size`. `parallel`: layout overrides for this stage (e.g. more
-    context parallelism at 256K); a change of layout ends the launch at the stage boundary for a resharding
-    relaunch. `eval_hooks`: names of registered evaluation gates run when the stage ends."""
+    `batch_ramp_increment` sequences every `batch_ramp_tokens / number of increments` tokens
+    (Megatron's batch-size ramp-up), then stays at `global_batch_size`. `parallel`: layout overrides
+    for this stage (e.g. more context parallelism at 256K); a change of layout ends the launch at
+    the stage boundary for a resharding relaunch. `eval_hooks`: names of registered evaluation gates
+    run when the stage ends."""
 
     name: str
     tokens: int
@@ -101,7 +116,9 @@ class Stage:
         """Global batch size (sequences) for a step starting `tokens` into the stage."""
         if self.batch_ramp_start is None or tokens >= self.batch_ramp_tokens:
             return self.global_batch_size
-        increments = max(1, (self.global_batch_size - self.batch_ramp_start) // max(1, self.batch_ramp_increment))
+        increments = max(
+            1, (self.global_batch_size - self.batch_ramp_start) // max(1, self.batch_ramp_increment)
+        )
         done = int(tokens // (self.batch_ramp_tokens / increments))
         return min(self.global_batch_size, self.batch_ramp_start + done * self.batch_ramp_increment)
 
@@ -145,18 +162,26 @@ class Curriculum:
     def _validate(self, i: int, stage: Stage, batch_multiple: int) -> None:
         where = f"curriculum stage {i} ({stage.name!r})"
         if stage.tokens <= 0 or stage.seq_len <= 0 or stage.global_batch_size <= 0:
-            raise CurriculumError(f"{where}: tokens, seq_len and global_batch_size must be positive.")
+            raise CurriculumError(
+                f"{where}: tokens, seq_len and global_batch_size must be positive."
+            )
         stage.lr.validate(where)
         for value in (stage.global_batch_size, stage.batch_ramp_start or batch_multiple):
             if value % batch_multiple:
-                raise CurriculumError(f"{where}: a global batch of {value} sequences does not split into "
-                                      f"data-parallel ranks x micro-batch = {batch_multiple}.")
+                raise CurriculumError(
+                    f"{where}: a global batch of {value} sequences does not split into "
+                    f"data-parallel ranks x micro-batch = {batch_multiple}."
+                )
         if stage.batch_ramp_start is not None and stage.batch_ramp_increment % batch_multiple:
-            raise CurriculumError(f"{where}: batch_ramp_increment={stage.batch_ramp_increment} is not a multiple "
-                                  f"of {batch_multiple}.")
+            raise CurriculumError(
+                f"{where}: batch_ramp_increment={stage.batch_ramp_increment} is not a multiple "
+                f"of {batch_multiple}."
+            )
         weights = [w for w in stage.mixture.values()]
         if weights and (min(weights) < 0 or sum(weights) <= 0):
-            raise CurriculumError(f"{where}: mixture weights must be non-negative with a positive sum.")
+            raise CurriculumError(
+                f"{where}: mixture weights must be non-negative with a positive sum."
+            )
         consumed, last_step = 0, 0
         while consumed < stage.tokens:
             last_step = stage.batch_at(consumed) * stage.seq_len
@@ -164,12 +189,15 @@ class Curriculum:
         if consumed != stage.tokens:
             raise CurriculumError(
                 f"{where}: tokens={stage.tokens} does not end on a step boundary (steps of "
-                f"{stage.global_batch_size} sequences x {stage.seq_len} tokens = {last_step} tokens); use "
-                f"tokens={consumed - last_step} or tokens={consumed}.")
+                f"{stage.global_batch_size} sequences x {stage.seq_len} tokens = {last_step} "
+                f"tokens); use tokens={consumed - last_step} or tokens={consumed}."
+            )
 
     def stage_index_at(self, tokens_consumed: int) -> int:
         if tokens_consumed >= self.total_tokens:
-            raise CurriculumError(f"all {self.total_tokens} curriculum tokens are consumed (at {tokens_consumed}).")
+            raise CurriculumError(
+                f"all {self.total_tokens} curriculum tokens are consumed (at {tokens_consumed})."
+            )
         for i in range(len(self.stages)):
             if tokens_consumed < self.starts[i + 1]:
                 return i
@@ -180,8 +208,14 @@ class Curriculum:
         stage = self.stages[i]
         into = tokens_consumed - self.starts[i]
         batch = stage.batch_at(into)
-        return StepPlan(stage_index=i, stage=stage, tokens_into_stage=into, global_batch_size=batch,
-                        seq_len=stage.seq_len, lr=stage.lr.lr_at(into + batch * stage.seq_len, stage.tokens))
+        return StepPlan(
+            stage_index=i,
+            stage=stage,
+            tokens_into_stage=into,
+            global_batch_size=batch,
+            seq_len=stage.seq_len,
+            lr=stage.lr.lr_at(into + batch * stage.seq_len, stage.tokens),
+        )
 
     def is_finished(self, tokens_consumed: int) -> bool:
         return tokens_consumed >= self.total_tokens

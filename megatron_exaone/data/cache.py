@@ -1,9 +1,10 @@
 """Index arrays built once, cached as `.npy` files, shared by every rank and every later run.
 
-The first process that needs a missing file takes a lock file (O_CREAT | O_EXCL) and builds it; the others wait
-for the file to appear. The file is written under a temporary name and renamed into place, so a reader never sees
-a partial index. A lock file works whether or not torch.distributed is initialised, for ranks that build loaders
-at different moments (only some pipeline stages read data), and for caches on node-local disks.
+The first process that needs a missing file takes a lock file (O_CREAT | O_EXCL) and builds it; the
+others wait for the file to appear. The file is written under a temporary name and renamed into
+place, so a reader never sees a partial index. A lock file works whether or not torch.distributed is
+initialised, for ranks that build loaders at different moments (only some pipeline stages read
+data), and for caches on node-local disks.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def cache_key(params: dict) -> str:
 
 
 def cached_array(path: Path, build: Callable[[], np.ndarray]) -> np.ndarray:
-    """The array stored at `path` (memory-mapped), built by `build()` if no process has built it yet."""
+    """The array stored at `path` (memory-mapped), built by `build()` if no process has built it
+    yet."""
     lock = path.with_name(path.name + ".lock")
     while not path.is_file():
         try:
@@ -41,8 +43,10 @@ def cached_array(path: Path, build: Callable[[], np.ndarray]) -> np.ndarray:
             _wait(path, lock)
             continue
         except PermissionError as e:
-            raise PermissionError(f"cannot write the index cache {path.parent} ({e.strerror}); "
-                                  "pass a writable cache_dir") from None
+            raise PermissionError(
+                f"cannot write the index cache {path.parent} ({e.strerror}); "
+                "pass a writable cache_dir"
+            ) from None
         try:
             os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
             if not path.is_file():
@@ -59,7 +63,9 @@ def cached_array(path: Path, build: Callable[[], np.ndarray]) -> np.ndarray:
     try:  # never unpickle: a cache file is untrusted input like any other
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
-        raise IndexedDatasetError(f"{path}: not a plain index array ({exc}); delete it and it is built again") from None
+        raise IndexedDatasetError(
+            f"{path}: not a plain index array ({exc}); delete it and it is built again"
+        ) from None
 
 
 def _wait(path: Path, lock: Path) -> None:

@@ -1,10 +1,12 @@
-"""The training-time loader: a weighted mixture of packed `.bin/.idx` datasets, split across data-parallel ranks.
+"""The training-time loader: a weighted mixture of packed `.bin/.idx` datasets, split across
+data-parallel ranks.
 
-Within curriculum stage s the global sample stream is a pure function of (seed, s): the mixture interleave
-(`mixture.blend`) picks, for every global sample, a dataset and that dataset's next sample; each dataset's samples
-come epoch after epoch from packed, shuffled epoch indices (`packing`) seeded by (seed, s, dataset name, epoch).
-The loader's position is the number of tokens consumed, so its whole state is a few integers: a resumed loader
-continues with exactly the batches the uninterrupted one would have produced, under any number of ranks.
+Within curriculum stage s the global sample stream is a pure function of (seed, s): the mixture
+interleave (`mixture.blend`) picks, for every global sample, a dataset and that dataset's next
+sample; each dataset's samples come epoch after epoch from packed, shuffled epoch indices
+(`packing`) seeded by (seed, s, dataset name, epoch). The loader's position is the number of tokens
+consumed, so its whole state is a few integers: a resumed loader continues with exactly the batches
+the uninterrupted one would have produced, under any number of ranks.
 """
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ from megatron_exaone.data.indexed import IndexedDataset, IndexedDatasetError, re
 from megatron_exaone.data.mixture import blend, normalize_weights
 from megatron_exaone.data.packing import PACKING_MODES, EpochIndex, Pieces, assemble, build_epoch
 
-Prefixes = str | os.PathLike | Sequence[str | os.PathLike]  # one shard prefix or several read as one dataset
+# one shard prefix or several read as one dataset
+Prefixes = str | os.PathLike | Sequence[str | os.PathLike]
 INDEX_VERSION = 1  # bump when the index layout or the packing rules change, to invalidate caches
 
 
 @dataclass(frozen=True)
 class DataStage:
-    """One curriculum stage: mixture weights by dataset name; seq_len / global batch override the loader's."""
+    """One curriculum stage: mixture weights by dataset name; seq_len / global batch override the
+    loader's."""
 
     weights: Mapping[str, float]
     seq_len: int | None = None
@@ -40,17 +44,25 @@ class DataStage:
 
 
 class _Source:
-    """A named dataset: one or more shard prefixes read as one list of sequences. With `vocab_size`, every read is
-    checked to hold only ids the model can embed (an id past the embedding would fail deep inside the model)."""
+    """A named dataset: one or more shard prefixes read as one list of sequences. With `vocab_size`,
+    every read is checked to hold only ids the model can embed (an id past the embedding would fail
+    deep inside the model)."""
 
-    def __init__(self, name: str, prefixes: Sequence[str | os.PathLike], cache_dir: str | os.PathLike | None,
-                 vocab_size: int | None = None):
+    def __init__(
+        self,
+        name: str,
+        prefixes: Sequence[str | os.PathLike],
+        cache_dir: str | os.PathLike | None,
+        vocab_size: int | None = None,
+    ):
         if not prefixes:
             raise ValueError(f"dataset {name!r} names no shard prefix")
         self.name, self.vocab_size = name, vocab_size
         self.parts = [self._open(p) for p in prefixes]
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
-        self.lengths = np.concatenate([np.asarray(p.sequence_lengths, dtype=np.int64) for p in self.parts])
+        self.lengths = np.concatenate(
+            [np.asarray(p.sequence_lengths, dtype=np.int64) for p in self.parts]
+        )
         digest = hashlib.sha256(self.lengths.tobytes())
         for p in self.parts:
             digest.update(str(p.dtype).encode())
@@ -68,19 +80,25 @@ class _Source:
         return part
 
     def _check_recorded_ids(self, part: IndexedDataset, stats: dict) -> None:
-        """Fail before training when the shard's stats sidecar says it holds ids the model cannot embed."""
-        recorded = {key: stats[key] for key in ("max_id", "vocab_size") if isinstance(stats.get(key), int)}
+        """Fail before training when the shard's stats sidecar says it holds ids the model cannot
+        embed."""
+        recorded = {
+            key: stats[key] for key in ("max_id", "vocab_size") if isinstance(stats.get(key), int)
+        }
         largest = recorded["max_id"] if "max_id" in recorded else recorded.get("vocab_size", 0) - 1
         if largest >= self.vocab_size:
             detail = ", ".join(f"{key} {value}" for key, value in recorded.items())
-            raise self._vocab_error(part, f"holds token ids up to {largest} ({stats_path(part.bin_path)} records "
-                                          f"{detail})")
+            raise self._vocab_error(
+                part,
+                f"holds token ids up to {largest} ({stats_path(part.bin_path)} records {detail})",
+            )
 
     def _vocab_error(self, part: IndexedDataset, finding: str) -> IndexedDatasetError:
         return IndexedDatasetError(
-            f"dataset {self.name!r}: {part.bin_path} {finding}, but the model's vocabulary has {self.vocab_size} ids "
-            f"(0..{self.vocab_size - 1}); tokenize the data with the tokenizer the model was built for, or raise "
-            "model.vocab_size to cover every id")
+            f"dataset {self.name!r}: {part.bin_path} {finding}, but the model's vocabulary has "
+            f"{self.vocab_size} ids (0..{self.vocab_size - 1}); tokenize the data with the "
+            "tokenizer the model was built for, or raise model.vocab_size to cover every id"
+        )
 
     def read(self, seq: int, start: int, count: int) -> np.ndarray:
         part = int(np.searchsorted(self.offsets, seq, side="right")) - 1
@@ -95,23 +113,33 @@ def _as_prefixes(value: Prefixes) -> list[str | os.PathLike]:
 
 
 class MixtureLoader:
-    """`next_batch()` -> this rank's share of the next global batch: int64 tensors [global_batch / dp_size, seq_len]
-    `input_ids`, `labels` (inputs shifted by one; -100 only on padding) and `position_ids` (0 at each document
-    start).
+    """`next_batch()` -> this rank's share of the next global batch: int64 tensors [global_batch /
+    dp_size, seq_len] `input_ids`, `labels` (inputs shifted by one; -100 only on padding) and
+    `position_ids` (0 at each document start).
 
-    datasets: name -> shard prefix(es), as a mapping or (name, prefixes) pairs; several prefixes form one dataset.
-    stages: one DataStage (or a plain weights mapping) per curriculum stage.
-    packing: "concat" (Megatron) or "best_fit" (no cuts in documents that fit a sample; pads). Index files are
-    cached in cache_dir (default: `index-cache/` beside each dataset) and shared by all ranks and later runs.
-    vocab_size: the model's vocabulary; an id at or past it, recorded in a shard's stats sidecar or met in a sample,
-    raises IndexedDatasetError naming the dataset and shard.
+    datasets: name -> shard prefix(es), as a mapping or (name, prefixes) pairs; several prefixes
+    form one dataset. stages: one DataStage (or a plain weights mapping) per curriculum stage.
+    packing: "concat" (Megatron) or "best_fit" (no cuts in documents that fit a sample; pads). Index
+    files are cached in cache_dir (default: `index-cache/` beside each dataset) and shared by all
+    ranks and later runs. vocab_size: the model's vocabulary; an id at or past it, recorded in a
+    shard's stats sidecar or met in a sample, raises IndexedDatasetError naming the dataset and
+    shard.
     """
 
-    def __init__(self, datasets: Mapping[str, Prefixes] | Sequence[tuple[str, Prefixes]],
-                 stages: Sequence[DataStage | Mapping[str, float]], seq_len: int, global_batch_size: int,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 1234, packing: str = "concat",
-                 pad_token_id: int = 0, cache_dir: str | os.PathLike | None = None,
-                 vocab_size: int | None = None) -> None:
+    def __init__(
+        self,
+        datasets: Mapping[str, Prefixes] | Sequence[tuple[str, Prefixes]],
+        stages: Sequence[DataStage | Mapping[str, float]],
+        seq_len: int,
+        global_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 1234,
+        packing: str = "concat",
+        pad_token_id: int = 0,
+        cache_dir: str | os.PathLike | None = None,
+        vocab_size: int | None = None,
+    ) -> None:
         if packing not in PACKING_MODES:
             raise ValueError(f"packing must be one of {', '.join(PACKING_MODES)}, not {packing!r}")
         if not 0 <= dp_rank < dp_size:
@@ -120,8 +148,10 @@ class MixtureLoader:
             raise ValueError("seed must be a non-negative integer")
         if vocab_size is not None and vocab_size < 1:
             raise ValueError(f"vocab_size must be positive, not {vocab_size}")
-        self.sources = {name: _Source(name, _as_prefixes(p), cache_dir, vocab_size)
-                        for name, p in dict(datasets).items()}
+        self.sources = {
+            name: _Source(name, _as_prefixes(p), cache_dir, vocab_size)
+            for name, p in dict(datasets).items()
+        }
         self.stages = [s if isinstance(s, DataStage) else DataStage(dict(s)) for s in stages]
         if not self.stages:
             raise ValueError("give at least one stage (mixture weights by dataset name)")
@@ -131,14 +161,19 @@ class MixtureLoader:
         for i, stage in enumerate(self.stages):
             unknown = sorted(set(stage.weights) - set(self.sources))
             if unknown:
-                raise ValueError(f"stage {i} weights name unknown datasets {unknown}; known: {sorted(self.sources)}")
+                raise ValueError(
+                    f"stage {i} weights name unknown datasets {unknown}; known: "
+                    f"{sorted(self.sources)}"
+                )
             normalize_weights([stage.weights.get(n, 0.0) for n in self.sources])
             if self._stage_value(i, "seq_len", seq_len) < 1:
                 raise ValueError(f"stage {i}: seq_len must be positive")
             batch = self._stage_value(i, "global_batch_size", global_batch_size)
             if batch < 1 or batch % dp_size:
-                raise ValueError(f"stage {i}: global batch size {batch} is not a positive multiple of "
-                                 f"dp_size {dp_size}")
+                raise ValueError(
+                    f"stage {i}: global batch size {batch} is not a positive multiple of "
+                    f"dp_size {dp_size}"
+                )
         self.stage, self.tokens_consumed, self.stage_start_tokens = 0, 0, 0
         self._epochs: OrderedDict[tuple, EpochIndex] = OrderedDict()
         self._epoch_sizes: dict[tuple, list[int]] = {}
@@ -158,21 +193,32 @@ class MixtureLoader:
     def set_stage(self, stage: int) -> None:
         """Enter curriculum stage `stage` at the current token count (a no-op if already there)."""
         if not 0 <= stage < len(self.stages):
-            raise ValueError(f"stage {stage} does not exist; the loader has {len(self.stages)} stage(s)")
+            raise ValueError(
+                f"stage {stage} does not exist; the loader has {len(self.stages)} stage(s)"
+            )
         if stage != self.stage:
             self.stage, self.stage_start_tokens = stage, self.tokens_consumed
 
     def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "stage": self.stage, "tokens_consumed": self.tokens_consumed,
-                "stage_start_tokens": self.stage_start_tokens}
+        return {
+            "seed": self.seed,
+            "stage": self.stage,
+            "tokens_consumed": self.tokens_consumed,
+            "stage_start_tokens": self.stage_start_tokens,
+        }
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         if int(state["seed"]) != self.seed:
-            raise ValueError(f"checkpointed data seed {state['seed']} differs from this loader's seed {self.seed}; "
-                             "resume with the same seed (or start a new run)")
+            raise ValueError(
+                f"checkpointed data seed {state['seed']} differs from this loader's seed "
+                f"{self.seed}; resume with the same seed (or start a new run)"
+            )
         stage = int(state["stage"])
         if not 0 <= stage < len(self.stages):
-            raise ValueError(f"checkpointed stage {stage} does not exist in this loader's {len(self.stages)} stages")
+            raise ValueError(
+                f"checkpointed stage {stage} does not exist in this loader's {len(self.stages)} "
+                "stages"
+            )
         self.stage = stage
         self.tokens_consumed = int(state["tokens_consumed"])
         self.stage_start_tokens = int(state["stage_start_tokens"])
@@ -184,22 +230,32 @@ class MixtureLoader:
         return self.next_batch()
 
     def next_batch(self, global_batch_size: int | None = None) -> dict[str, torch.Tensor]:
-        """This rank's rows of the next global batch (`global_batch_size` overrides the stage's, for a batch ramp)."""
+        """This rank's rows of the next global batch (`global_batch_size` overrides the stage's, for
+        a batch ramp)."""
         seq_len, batch = self.seq_len, global_batch_size or self.global_batch_size
         if batch % self.dp_size:
-            raise ValueError(f"global batch size {batch} is not a multiple of dp_size {self.dp_size}")
+            raise ValueError(
+                f"global batch size {batch} is not a multiple of dp_size {self.dp_size}"
+            )
         consumed = self.tokens_consumed - self.stage_start_tokens
         if consumed % seq_len:
-            raise RuntimeError(f"{consumed} tokens consumed in stage {self.stage} is not a multiple of its "
-                               f"seq_len {seq_len}; the state does not belong to this configuration")
+            raise RuntimeError(
+                f"{consumed} tokens consumed in stage {self.stage} is not a multiple of its "
+                f"seq_len {seq_len}; the state does not belong to this configuration"
+            )
         local = batch // self.dp_size
         first = consumed // seq_len + self.dp_rank * local
         names = list(self.sources)
         weights = [self.stages[self.stage].weights.get(n, 0.0) for n in names]
-        rows = [self._sample(names[d], int(k), seq_len) for d, k in zip(*blend(weights, first, first + local))]
+        rows = [
+            self._sample(names[d], int(k), seq_len)
+            for d, k in zip(*blend(weights, first, first + local))
+        ]
         self.tokens_consumed += batch * seq_len
-        return {key: torch.from_numpy(np.stack([r[i] for r in rows])) for i, key in
-                enumerate(("input_ids", "labels", "position_ids"))}
+        return {
+            key: torch.from_numpy(np.stack([r[i] for r in rows]))
+            for i, key in enumerate(("input_ids", "labels", "position_ids"))
+        }
 
     def _sample(self, name: str, k: int, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Sample k of dataset `name`'s stream in the current stage."""
@@ -227,10 +283,21 @@ class MixtureLoader:
             self._epochs.move_to_end(key)
             return self._epochs[key]
         src = self.sources[name]
-        params = {"v": INDEX_VERSION, "packing": self.packing, "data": src.digest, "seq_len": seq_len,
-                  "seed": self.seed, "stage": self.stage, "name": name, "epoch": epoch}
+        params = {
+            "v": INDEX_VERSION,
+            "packing": self.packing,
+            "data": src.digest,
+            "seq_len": seq_len,
+            "seed": self.seed,
+            "stage": self.stage,
+            "name": name,
+            "epoch": epoch,
+        }
         label = re.sub(r"[^\w.-]", "_", name)
-        path = src.cache_dir / f"{label}-{self.packing}-s{self.stage}-L{seq_len}-e{epoch}-{cache_key(params)}.npy"
+        path = (
+            src.cache_dir
+            / f"{label}-{self.packing}-s{self.stage}-L{seq_len}-e{epoch}-{cache_key(params)}.npy"
+        )
         rng = np.random.default_rng([self.seed, self.stage, zlib.crc32(name.encode()), epoch])
         try:
             flat = cached_array(path, lambda: build_epoch(self.packing, src.lengths, seq_len, rng))

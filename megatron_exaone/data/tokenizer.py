@@ -11,7 +11,14 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 # Tried in order when neither the caller nor tokenizer_config.json names an end-of-document token.
-COMMON_EOD_TOKENS = ("<|endoftext|>", "<|endofdocument|>", "<|end_of_text|>", "</s>", "[EOS]", "<eos>")
+COMMON_EOD_TOKENS = (
+    "<|endoftext|>",
+    "<|endofdocument|>",
+    "<|end_of_text|>",
+    "</s>",
+    "[EOS]",
+    "<eos>",
+)
 
 
 def tokenizer_json_path(path: str | os.PathLike) -> Path:
@@ -20,8 +27,10 @@ def tokenizer_json_path(path: str | os.PathLike) -> Path:
     if p.is_dir():
         p = p / "tokenizer.json"
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: no tokenizer.json here; pass a tokenizer.json file or a directory holding one "
-                                "(for example a downloaded Hugging Face model directory)")
+        raise FileNotFoundError(
+            f"{p}: no tokenizer.json here; pass a tokenizer.json file or a directory holding one "
+            "(for example a downloaded Hugging Face model directory)"
+        )
     return p
 
 
@@ -50,34 +59,46 @@ def _token_content(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def resolve_eod(path: str | os.PathLike, tokenizer: Tokenizer, eod_token: str | None = None) -> tuple[str, int]:
+def resolve_eod(
+    path: str | os.PathLike, tokenizer: Tokenizer, eod_token: str | None = None
+) -> tuple[str, int]:
     """(token, id) appended after every document.
 
-    Order: the explicit `eod_token`; `eod_token` then `eos_token` of tokenizer_config.json; the first of
-    COMMON_EOD_TOKENS the vocabulary holds.
+    Order: the explicit `eod_token`; `eod_token` then `eos_token` of tokenizer_config.json; the
+    first of COMMON_EOD_TOKENS the vocabulary holds.
     """
     if eod_token is not None:
         candidates = [eod_token]
     else:
         cfg = tokenizer_config(path)
-        candidates = [t for t in (_token_content(cfg.get("eod_token")), _token_content(cfg.get("eos_token"))) if t]
+        candidates = [
+            t
+            for t in (_token_content(cfg.get("eod_token")), _token_content(cfg.get("eos_token")))
+            if t
+        ]
         candidates += COMMON_EOD_TOKENS
     for token in candidates:
         token_id = tokenizer.token_to_id(token)
         if token_id is not None:
             return token, token_id
     if eod_token is not None:
-        raise ValueError(f"end-of-document token {eod_token!r} is not in the vocabulary of {tokenizer_json_path(path)}")
-    raise ValueError(f"{tokenizer_json_path(path)}: cannot tell which token ends a document (no eos_token in "
-                     f"tokenizer_config.json and none of {', '.join(COMMON_EOD_TOKENS)} in the vocabulary); "
-                     "pass --eod-token TOKEN, or --no-eod")
+        raise ValueError(
+            f"end-of-document token {eod_token!r} is not in the vocabulary of "
+            f"{tokenizer_json_path(path)}"
+        )
+    raise ValueError(
+        f"{tokenizer_json_path(path)}: cannot tell which token ends a document (no eos_token in "
+        f"tokenizer_config.json and none of {', '.join(COMMON_EOD_TOKENS)} in the vocabulary); "
+        "pass --eod-token TOKEN, or --no-eod"
+    )
 
 
 def special_token_ids(path: str | os.PathLike) -> dict[str, int | list[int]]:
-    """{"bos_token_id", "eos_token_id", "pad_token_id"}: the ids of the tokens tokenizer_config.json names for
-    these roles, looked up in tokenizer.json; a role the tokenizer does not define is left out. Generation must
-    stop where the training documents ended, so the end-of-document token (`resolve_eod`) joins eos: eos is
-    [eos, end-of-document] when they differ, the end-of-document token alone when there is no eos_token."""
+    """{"bos_token_id", "eos_token_id", "pad_token_id"}: the ids of the tokens tokenizer_config.json
+    names for these roles, looked up in tokenizer.json; a role the tokenizer does not define is left
+    out. Generation must stop where the training documents ended, so the end-of-document token
+    (`resolve_eod`) joins eos: eos is [eos, end-of-document] when they differ, the end-of-document
+    token alone when there is no eos_token."""
     tokenizer = load_tokenizer(path)
     cfg = tokenizer_config(path)
     ids: dict[str, int | list[int]] = {}
@@ -87,10 +108,13 @@ def special_token_ids(path: str | os.PathLike) -> dict[str, int | list[int]]:
             continue
         token_id = tokenizer.token_to_id(token)
         if token_id is None:
-            raise ValueError(f"{tokenizer_json_path(path).with_name('tokenizer_config.json')}: {role}_token "
-                             f"{token!r} is not in the vocabulary of tokenizer.json; fix {role}_token there")
+            raise ValueError(
+                f"{tokenizer_json_path(path).with_name('tokenizer_config.json')}: {role}_token "
+                f"{token!r} is not in the vocabulary of tokenizer.json; fix {role}_token there"
+            )
         ids[f"{role}_token_id"] = token_id
-    with contextlib.suppress(ValueError):  # no end-of-document token either: the caller keeps its own id
+    # no end-of-document token either: the caller keeps its own id
+    with contextlib.suppress(ValueError):
         eod = resolve_eod(path, tokenizer)[1]
         eos = ids.get("eos_token_id")
         ids["eos_token_id"] = eod if eos in (None, eod) else [eos, eod]

@@ -1,9 +1,10 @@
-"""Language-model losses: the training loss (`total_loss`), how micro-batches are normalised against the global
-batch (`LossScaling`) and summed for the logs (`LossMetrics`). CE = sum of token losses over valid labels (not
--100) / number of valid labels.
+"""Language-model losses: the training loss (`total_loss`), how micro-batches are normalised against
+the global batch (`LossScaling`) and summed for the logs (`LossMetrics`). CE = sum of token losses
+over valid labels (not -100) / number of valid labels.
 
-`linear_cross_entropy` fuses the output projection with the loss and never materialises the [tokens, vocab]
-logits (their gradient is computed chunk by chunk during the forward pass): the training path for large vocabularies.
+`linear_cross_entropy` fuses the output projection with the loss and never materialises the [tokens,
+vocab] logits (their gradient is computed chunk by chunk during the forward pass): the training path
+for large vocabularies.
 """
 
 from __future__ import annotations
@@ -27,17 +28,18 @@ def total_loss(lm_loss, mtp_loss, aux_loss, mtp_loss_weight: float):
 
 @dataclass(frozen=True)
 class LossScaling:
-    """Per-step global counts, so that summing micro-batches and ranks gives the global batch's losses: CE is
-    divided by `valid_tokens` (labels != -100 in the whole global batch), a micro-batch's aux loss is weighted by
-    its share of the global batch's `sequences`."""
+    """Per-step global counts, so that summing micro-batches and ranks gives the global batch's
+    losses: CE is divided by `valid_tokens` (labels != -100 in the whole global batch), a
+    micro-batch's aux loss is weighted by its share of the global batch's `sequences`."""
 
     valid_tokens: torch.Tensor
     sequences: int
 
 
 class LossMetrics:
-    """Detached loss terms summed over the micro-batches of a step (each already weighted by its share of the
-    global batch, so the sums over micro-batches, pipeline stages and data-parallel ranks are the step's losses)."""
+    """Detached loss terms summed over the micro-batches of a step (each already weighted by its
+    share of the global batch, so the sums over micro-batches, pipeline stages and data-parallel
+    ranks are the step's losses)."""
 
     NAMES = ("lm_loss", "mtp_loss", "aux_loss")
 
@@ -54,26 +56,29 @@ class LossMetrics:
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean token loss over valid labels, computed in fp32 from full logits [..., V]."""
-    losses = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
-                             reduction="sum")
+    losses = F.cross_entropy(
+        logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return losses / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
-# Rows of hidden states per loss chunk: about 2^29 logits (1 GiB in BF16) at a time, in multiples of 128 rows.
+# Rows of hidden states per loss chunk: about 2^29 logits (1 GiB in BF16) at a time, in multiples of
+# 128 rows.
 CHUNK_LOGITS = 1 << 29
 
 
 def chunk_rows(vocab: int) -> int:
-    """Rows per chunk for a (local) vocabulary of `vocab` columns. Larger chunks mean fewer passes over the fp32
-    weight-gradient accumulator; smaller ones less transient memory."""
+    """Rows per chunk for a (local) vocabulary of `vocab` columns. Larger chunks mean fewer passes
+    over the fp32 weight-gradient accumulator; smaller ones less transient memory."""
     return max(128, CHUNK_LOGITS // vocab // 128 * 128)
 
 
-def _chunk_statistics(logits: torch.Tensor, targets: torch.Tensor, is_target: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row of `logits` [c, V], in fp32: the max, sum(exp(logit - max)) and the target logit (0 where
-    `is_target` is False: the target column lies in another rank's vocabulary shard). Fused into one kernel on GPU
-    (`fused`): the fp32 logits never reach memory."""
+def _chunk_statistics(
+    logits: torch.Tensor, targets: torch.Tensor, is_target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of `logits` [c, V], in fp32: the max, sum(exp(logit - max)) and the target logit (0
+    where `is_target` is False: the target column lies in another rank's vocabulary shard). Fused
+    into one kernel on GPU (`fused`): the fp32 logits never reach memory."""
     logits = logits.float()
     row_max = logits.amax(dim=-1)
     sum_exp = torch.exp(logits - row_max[:, None]).sum(dim=-1)
@@ -81,9 +86,15 @@ def _chunk_statistics(logits: torch.Tensor, targets: torch.Tensor, is_target: to
     return row_max, sum_exp, target
 
 
-def _logit_grads(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, is_target: torch.Tensor,
-                 valid: torch.Tensor) -> torch.Tensor:
-    """d(CE)/d(logits) = softmax - onehot(target), zero on ignored rows, in `logits`' dtype (one kernel on GPU)."""
+def _logit_grads(
+    logits: torch.Tensor,
+    lse: torch.Tensor,
+    targets: torch.Tensor,
+    is_target: torch.Tensor,
+    valid: torch.Tensor,
+) -> torch.Tensor:
+    """d(CE)/d(logits) = softmax - onehot(target), zero on ignored rows, in `logits`' dtype (one
+    kernel on GPU)."""
     columns = torch.arange(logits.shape[1], device=logits.device)
     onehot = (columns[None, :] == targets[:, None]) & is_target[:, None]
     probs = torch.exp(logits.float() - lse[:, None])
@@ -91,7 +102,8 @@ def _logit_grads(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor,
 
 
 def _add_matmul_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b, accumulated in fp32 (on GPU one GEMM with an fp32 output: no rounded intermediate)."""
+    """acc (fp32) += a @ b, accumulated in fp32 (on GPU one GEMM with an fp32 output: no rounded
+    intermediate)."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
     elif a.is_cuda:
@@ -101,9 +113,10 @@ def _add_matmul_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> No
 
 
 class HeadGemms:
-    """The output head's GEMMs that depend on how its weight [V, H] is stored for compute: the logits and the
-    hidden-state gradient. High precision here; `precision.fp8_ops.Fp8HeadGemms` runs them in FP8
-    (precision.fp8_lm_head). The weight gradient always accumulates in fp32 from the high-precision operands."""
+    """The output head's GEMMs that depend on how its weight [V, H] is stored for compute: the
+    logits and the hidden-state gradient. High precision here; `precision.fp8_ops.Fp8HeadGemms` runs
+    them in FP8 (precision.fp8_lm_head). The weight gradient always accumulates in fp32 from the
+    high-precision operands."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight
@@ -118,8 +131,9 @@ class HeadGemms:
 
 
 class ComputesHeadGemms:
-    """Mixin of the output heads (a `weight` [V, H]): `head_gemms` gives the GEMMs the logits and the fused loss
-    run on. The precision pass swaps it for the FP8 ones (`precision.fp8_ops.Fp8Head`)."""
+    """Mixin of the output heads (a `weight` [V, H]): `head_gemms` gives the GEMMs the logits and
+    the fused loss run on. The precision pass swaps it for the FP8 ones
+    (`precision.fp8_ops.Fp8Head`)."""
 
     weight: torch.Tensor
 
@@ -128,11 +142,14 @@ class ComputesHeadGemms:
 
 
 class GradientsInForward(torch.autograd.Function):
-    """Base of the fused losses: forward computes the loss sum and, chunk by chunk, the gradients of `hidden` and
-    `weight` (saved with `save_grads`); backward only scales them by grad_out / normalizer."""
+    """Base of the fused losses: forward computes the loss sum and, chunk by chunk, the gradients of
+    `hidden` and `weight` (saved with `save_grads`); backward only scales them by grad_out /
+    normalizer."""
 
     @staticmethod
-    def save_grads(ctx, grad_hidden, grad_weight, normalizer, weight_dtype, other_inputs: int) -> None:
+    def save_grads(
+        ctx, grad_hidden, grad_weight, normalizer, weight_dtype, other_inputs: int
+    ) -> None:
         ctx.save_for_backward(grad_hidden, grad_weight, normalizer)
         ctx.weight_dtype = weight_dtype
         ctx.other_inputs = other_inputs
@@ -141,26 +158,37 @@ class GradientsInForward(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         grad_hidden, grad_weight, normalizer = ctx.saved_tensors
         scale = grad_out / normalizer
-        return (grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype),
-                *([None] * ctx.other_inputs))
+        return (
+            grad_hidden * scale.to(grad_hidden.dtype),
+            (grad_weight * scale).to(ctx.weight_dtype),
+            *([None] * ctx.other_inputs),
+        )
 
 
-# (row max, sum of exp(logit - max), target logit) of a chunk on this rank -> the same over the whole vocabulary.
-ChunkStatsReducer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
-                             tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# (row max, sum of exp(logit - max), target logit) of a chunk on this rank -> the same over the
+# whole vocabulary.
+ChunkStatsReducer = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+]
 
 
-def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
-                                 vocab_start: int = 0, reduce_stats: ChunkStatsReducer | None = None,
-                                 gemms: HeadGemms | None = None
-                                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Sum over valid rows of CE(hidden @ weight.T, labels), and its gradients for `hidden` and (fp32) `weight`
-    (None when neither requires grad), computed `chunk_size` rows at a time without keeping the logits.
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int,
+    vocab_start: int = 0,
+    reduce_stats: ChunkStatsReducer | None = None,
+    gemms: HeadGemms | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Sum over valid rows of CE(hidden @ weight.T, labels), and its gradients for `hidden` and
+    (fp32) `weight` (None when neither requires grad), computed `chunk_size` rows at a time without
+    keeping the logits.
 
-    For a vocabulary-parallel head, `weight` holds rows [vocab_start, vocab_start + rows) and `reduce_stats`
-    combines the chunk statistics over the ranks holding the other rows; the hidden-state gradient is then this
-    rank's partial sum. `gemms`: how the logits and the hidden-state gradient are computed (default: `HeadGemms`
-    of `weight`)."""
+    For a vocabulary-parallel head, `weight` holds rows [vocab_start, vocab_start + rows) and
+    `reduce_stats` combines the chunk statistics over the ranks holding the other rows; the
+    hidden-state gradient is then this rank's partial sum. `gemms`: how the logits and the
+    hidden-state gradient are computed (default: `HeadGemms` of `weight`)."""
     gemms = gemms or HeadGemms(weight)
     needs_grad = hidden.requires_grad or weight.requires_grad
     grad_hidden = torch.empty_like(hidden) if needs_grad else None
@@ -191,29 +219,52 @@ class _LinearCrossEntropy(GradientsInForward):
     """sum over valid rows of CE(hidden @ weight.T, labels) / normalizer."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor,
-                chunk_size: int, gemms: HeadGemms | None) -> torch.Tensor:
-        total, grad_hidden, grad_weight = chunked_linear_cross_entropy(hidden, weight, labels, chunk_size,
-                                                                       gemms=gemms)
-        GradientsInForward.save_grads(ctx, grad_hidden, grad_weight, normalizer, weight.dtype, other_inputs=4)
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        normalizer: torch.Tensor,
+        chunk_size: int,
+        gemms: HeadGemms | None,
+    ) -> torch.Tensor:
+        total, grad_hidden, grad_weight = chunked_linear_cross_entropy(
+            hidden, weight, labels, chunk_size, gemms=gemms
+        )
+        GradientsInForward.save_grads(
+            ctx, grad_hidden, grad_weight, normalizer, weight.dtype, other_inputs=4
+        )
         return total / normalizer
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         normalizer: torch.Tensor | None = None, chunk_size: int | None = None,
-                         gemms: HeadGemms | None = None) -> torch.Tensor:
-    """CE of `hidden @ weight.T` against `labels` without keeping the logits; hidden [..., H], labels [...].
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    normalizer: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    gemms: HeadGemms | None = None,
+) -> torch.Tensor:
+    """CE of `hidden @ weight.T` against `labels` without keeping the logits; hidden [..., H],
+    labels [...].
 
-    `normalizer` defaults to the number of valid labels (pass a global token count for data-parallel training).
-    `gemms`: the head's logit and hidden-gradient GEMMs (default: high precision on `weight`).
+    `normalizer` defaults to the number of valid labels (pass a global token count for data-parallel
+    training). `gemms`: the head's logit and hidden-gradient GEMMs (default: high precision on
+    `weight`).
     """
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
     if normalizer is None:
         normalizer = (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
     normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=hidden.device)
-    return _LinearCrossEntropy.apply(flat_hidden, weight, flat_labels, normalizer,
-                                     chunk_size or chunk_rows(weight.shape[0]), gemms)
+    return _LinearCrossEntropy.apply(
+        flat_hidden,
+        weight,
+        flat_labels,
+        normalizer,
+        chunk_size or chunk_rows(weight.shape[0]),
+        gemms,
+    )
 
 
 class OutputHead(nn.Linear, ComputesHeadGemms):
@@ -228,7 +279,14 @@ class OutputHead(nn.Linear, ComputesHeadGemms):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head_gemms().logits(hidden)
 
-    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor | float | None = None
-             ) -> torch.Tensor:
-        """Sum of token CE over valid labels / `normalizer` (default: the number of valid labels)."""
-        return linear_cross_entropy(hidden, self.weight, labels, normalizer, gemms=self.head_gemms())
+    def loss(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        normalizer: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """Sum of token CE over valid labels / `normalizer` (default: the number of valid
+        labels)."""
+        return linear_cross_entropy(
+            hidden, self.weight, labels, normalizer, gemms=self.head_gemms()
+        )

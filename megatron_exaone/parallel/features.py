@@ -1,11 +1,13 @@
 """The one ordered list of what turns the single-device model into this rank's part of a layout.
 
-Each feature is one object: `validate(build, shapes)` checks the layout, the options and a curriculum stage's
-shapes it depends on (one-line errors, before any process group exists) and `apply(chunk, mesh, build)` changes a
-model or pipeline chunk. `parallel.build` splits the model into pipeline chunks (on the meta device) and applies
-`FEATURES` to each, in this order, which no other code repeats:
+Each feature is one object: `validate(build, shapes)` checks the layout, the options and a
+curriculum stage's shapes it depends on (one-line errors, before any process group exists) and
+`apply(chunk, mesh, build)` changes a model or pipeline chunk. `parallel.build` splits the model
+into pipeline chunks (on the meta device) and applies `FEATURES` to each, in this order, which no
+other code repeats:
 
-    tensor (+ sequence) -> expert -> context -> precision -> materialize + init -> compile -> recompute -> FSDP2
+    tensor (+ sequence) -> expert -> context -> precision -> materialize + init -> compile
+    -> recompute -> FSDP2
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ from .tensor_parallel import apply_tensor_parallel
 
 @dataclass(frozen=True)
 class Build:
-    """What a rank builds: the model, the layout (`parallel`, its dp resolved in `dims`), the precision, and where
-    (`device_type` "cpu"/"cuda"; None when validating without a machine: the checks that depend on one are skipped).
-    `seed`: the initialization seed (layout-invariant)."""
+    """What a rank builds: the model, the layout (`parallel`, its dp resolved in `dims`), the
+    precision, and where (`device_type` "cpu"/"cuda"; None when validating without a machine: the
+    checks that depend on one are skipped). `seed`: the initialization seed (layout-invariant)."""
 
     model: ModelConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -45,14 +47,15 @@ class Build:
 
     @property
     def bf16(self) -> bool:
-        """Whether FSDP2 computes in bf16 over fp32 parameters (on CUDA unless fp32; CPU runs compute in fp32)."""
+        """Whether FSDP2 computes in bf16 over fp32 parameters (on CUDA unless fp32; CPU runs
+        compute in fp32)."""
         return self.precision.name != "fp32" and self.device_type == "cuda"
 
 
 @dataclass(frozen=True)
 class Shapes:
-    """A curriculum stage's shapes: sequence length, micro-batch and its batch sizes by name (global_batch_size, and
-    for a ramp batch_ramp_start and batch_ramp_increment)."""
+    """A curriculum stage's shapes: sequence length, micro-batch and its batch sizes by name
+    (global_batch_size, and for a ramp batch_ramp_start and batch_ramp_increment)."""
 
     seq_len: int
     micro_batch: int
@@ -68,7 +71,8 @@ class Feature:
     """One step of the build. Subclasses override what they need."""
 
     def validate(self, build: Build, shapes: Shapes | None) -> None:
-        """Raise a one-line `LayoutError` (or `PrecisionUnavailable`) if this feature cannot run `build`."""
+        """Raise a one-line `LayoutError` (or `PrecisionUnavailable`) if this feature cannot run
+        `build`."""
 
     def apply(self, chunk: nn.Module, mesh: ParallelMesh, build: Build) -> None:
         """Change `chunk` (a model or a pipeline chunk) in place."""
@@ -77,10 +81,17 @@ class Feature:
 class TensorParallel(Feature):
     def validate(self, build: Build, shapes: Shapes | None) -> None:
         dims = build.dims
-        if shapes and build.parallel.sequence_parallel and dims.tp > 1 and (shapes.seq_len // dims.cp) % dims.tp:
-            raise LayoutError(f"seq_len/cp = {shapes.seq_len // dims.cp} is not divisible by tp={dims.tp}: sequence "
-                              "parallel splits each rank's tokens over tp. Change seq_len or tp, or set "
-                              "parallel.sequence_parallel=false.")
+        if (
+            shapes
+            and build.parallel.sequence_parallel
+            and dims.tp > 1
+            and (shapes.seq_len // dims.cp) % dims.tp
+        ):
+            raise LayoutError(
+                f"seq_len/cp = {shapes.seq_len // dims.cp} is not divisible by tp={dims.tp}: "
+                "sequence parallel splits each rank's tokens over tp. Change seq_len or tp, or "
+                "set parallel.sequence_parallel=false."
+            )
 
     def apply(self, chunk: nn.Module, mesh: ParallelMesh, build: Build) -> None:
         apply_tensor_parallel(chunk, mesh.tp_group, build.parallel.sequence_parallel)
@@ -89,8 +100,10 @@ class TensorParallel(Feature):
 class ExpertParallel(Feature):
     def validate(self, build: Build, shapes: Shapes | None) -> None:
         if build.dims.etp > 1:  # the mesh describes it; no pass implements it yet
-            raise LayoutError(f"etp={build.dims.etp}: expert tensor parallelism is not implemented yet; use etp=1 "
-                              "(experts whole, spread by ep; the K-EXAONE layouts use ETP1).")
+            raise LayoutError(
+                f"etp={build.dims.etp}: expert tensor parallelism is not implemented yet; use "
+                "etp=1 (experts whole, spread by ep; the K-EXAONE layouts use ETP1)."
+            )
 
     def apply(self, chunk: nn.Module, mesh: ParallelMesh, build: Build) -> None:
         apply_expert_parallel(chunk, mesh.ep_group)
@@ -100,11 +113,15 @@ class ContextParallel(Feature):
     def validate(self, build: Build, shapes: Shapes | None) -> None:
         cp = build.dims.cp
         if cp > 1 and build.precision.te_attention:
-            raise LayoutError(f"cp={cp} with precision.te_attention=true: context parallel attention runs on SDPA / "
-                              "FlexAttention; set precision.te_attention=false.")
+            raise LayoutError(
+                f"cp={cp} with precision.te_attention=true: context parallel attention runs on "
+                "SDPA / FlexAttention; set precision.te_attention=false."
+            )
         if shapes and cp > 1 and shapes.seq_len % (2 * cp):
-            raise LayoutError(f"seq_len={shapes.seq_len} is not divisible by 2*cp = {2 * cp}: context parallel "
-                              "splits each sequence into 2*cp load-balanced chunks. Change seq_len or cp.")
+            raise LayoutError(
+                f"seq_len={shapes.seq_len} is not divisible by 2*cp = {2 * cp}: context parallel "
+                "splits each sequence into 2*cp load-balanced chunks. Change seq_len or cp."
+            )
 
     def apply(self, chunk: nn.Module, mesh: ParallelMesh, build: Build) -> None:
         apply_context_parallel(chunk, mesh)
@@ -116,22 +133,33 @@ class Precision(Feature):
         if not is_te(build.precision):
             return
         if build.parallel.compile:
-            raise LayoutError(f"parallel.compile=true with precision={build.precision.name}: Transformer Engine "
-                              "modules fuse their own kernels and do not run under torch.compile; set "
-                              "parallel.compile=false.")
+            raise LayoutError(
+                f"parallel.compile=true with precision={build.precision.name}: Transformer Engine "
+                "modules fuse their own kernels and do not run under torch.compile; set "
+                "parallel.compile=false."
+            )
         rows = shapes.micro_batch * shapes.seq_len // build.dims.cp if shapes else 0
         if rows % 8:
-            raise LayoutError(f"micro_batch_size x seq_len / cp = {rows} tokens reach each linear, and Transformer "
-                              "Engine's FP8 linears need a multiple of 8 (TE's assert_dim_for_fp8_exec). Change "
-                              "seq_len or trainer.micro_batch_size.")
+            raise LayoutError(
+                f"micro_batch_size x seq_len / cp = {rows} tokens reach each linear, and "
+                "Transformer Engine's FP8 linears need a multiple of 8 (TE's "
+                "assert_dim_for_fp8_exec). Change seq_len or trainer.micro_batch_size."
+            )
 
     def apply(self, chunk: nn.Module, mesh: ParallelMesh, build: Build) -> None:
-        apply_precision(chunk, build.precision, build.model.num_hidden_layers, build.device_type or "cpu", mesh,
-                        build.parallel.sequence_parallel)
+        apply_precision(
+            chunk,
+            build.precision,
+            build.model.num_hidden_layers,
+            build.device_type or "cpu",
+            mesh,
+            build.parallel.sequence_parallel,
+        )
 
 
 class Materialize(Feature):
-    """Allocate the (sharded) meta-device chunk and fill it with its slice of the single-process initialization."""
+    """Allocate the (sharded) meta-device chunk and fill it with its slice of the single-process
+    initialization."""
 
     def apply(self, chunk: nn.Module, mesh: ParallelMesh, build: Build) -> None:
         materialize(chunk, build.model, build.seed, _device(mesh, build))
@@ -140,8 +168,11 @@ class Materialize(Feature):
 class Compile(Feature):
     def validate(self, build: Build, shapes: Shapes | None) -> None:
         if build.parallel.compile and build.parallel.recompute == "selective":
-            raise LayoutError("parallel.compile=true with recompute=selective: compiled layers recompute as a whole "
-                              "(parallel/compile.py); use parallel.recompute=full or none, or parallel.compile=false.")
+            raise LayoutError(
+                "parallel.compile=true with recompute=selective: compiled layers recompute as a "
+                "whole (parallel/compile.py); use parallel.recompute=full or none, or "
+                "parallel.compile=false."
+            )
 
     def apply(self, chunk: nn.Module, mesh: ParallelMesh, build: Build) -> None:
         if build.parallel.compile:  # compiled layers recompute inside their own graphs
@@ -154,7 +185,9 @@ class Recompute(Feature):
 
     def apply(self, chunk: nn.Module, mesh: ParallelMesh, build: Build) -> None:
         if not build.parallel.compile:
-            apply_recompute(chunk, build.parallel.recompute, tuple(build.parallel.recompute_modules))
+            apply_recompute(
+                chunk, build.parallel.recompute, tuple(build.parallel.recompute_modules)
+            )
 
 
 class DataParallel(Feature):
@@ -163,48 +196,75 @@ class DataParallel(Feature):
     def validate(self, build: Build, shapes: Shapes | None) -> None:
         p, dims = build.parallel, build.dims
         if p.reduce_grads_each_micro_batch and splits_weight_backward(p.pipeline_schedule):
-            raise LayoutError(f"parallel.reduce_grads_each_micro_batch=true with pipeline_schedule="
-                              f"{p.pipeline_schedule}: that schedule splits each backward and keeps parameters "
-                              "gathered; use 1f1b or interleaved_1f1b, or set it to false.")
+            raise LayoutError(
+                f"parallel.reduce_grads_each_micro_batch=true with pipeline_schedule="
+                f"{p.pipeline_schedule}: that schedule splits each backward and keeps parameters "
+                "gathered; use 1f1b or interleaved_1f1b, or set it to false."
+            )
         per_step = shapes.micro_batch * dims.dp if shapes else 1
         for name, batch in shapes.batches if shapes else ():
             if batch % per_step:
-                raise LayoutError(f"{name}={batch} is not a multiple of micro_batch_size x dp = "
-                                  f"{shapes.micro_batch} x {dims.dp} = {per_step}; change it (or "
-                                  "trainer.micro_batch_size / the layout).")
+                raise LayoutError(
+                    f"{name}={batch} is not a multiple of micro_batch_size x dp = "
+                    f"{shapes.micro_batch} x {dims.dp} = {per_step}; change it (or "
+                    "trainer.micro_batch_size / the layout)."
+                )
 
     def apply(self, chunk: nn.Module, mesh: ParallelMesh, build: Build) -> None:
         p = build.parallel
         if p.fsdp:
-            apply_data_parallel(chunk, mesh, bf16=build.bf16, reshard_after_forward=p.reshard_after_forward
-                                and not splits_weight_backward(p.pipeline_schedule))
+            apply_data_parallel(
+                chunk,
+                mesh,
+                bf16=build.bf16,
+                reshard_after_forward=p.reshard_after_forward
+                and not splits_weight_backward(p.pipeline_schedule),
+            )
 
 
 class Pipeline(Feature):
-    """The split into pipeline chunks comes before the other features (`parallel.build`); here its checks."""
+    """The split into pipeline chunks comes before the other features (`parallel.build`); here its
+    checks."""
 
     def validate(self, build: Build, shapes: Shapes | None) -> None:
         p, dims = build.parallel, build.dims
         if p.pipeline_schedule not in SCHEDULES:
-            raise LayoutError(f"parallel.pipeline_schedule={p.pipeline_schedule!r}: use one of "
-                              f"{', '.join(SCHEDULES)}.")
+            raise LayoutError(
+                f"parallel.pipeline_schedule={p.pipeline_schedule!r}: use one of "
+                f"{', '.join(SCHEDULES)}."
+            )
         try:
             if p.pipeline_layout is not None:
                 pipeline_layout(build.model, dims.pp, dims.vpp, p.pipeline_layout)
             if dims.pp > 1 and shapes:
                 for batch in shapes.global_batches:
-                    check_schedule(p.pipeline_schedule, dims.pp, dims.vpp, batch // (shapes.micro_batch * dims.dp))
+                    check_schedule(
+                        p.pipeline_schedule,
+                        dims.pp,
+                        dims.vpp,
+                        batch // (shapes.micro_batch * dims.dp),
+                    )
         except LayoutError as exc:
-            raise LayoutError(f"pipeline ({p.pipeline_schedule}, pp={dims.pp}, vpp={dims.vpp}): {exc}") from None
+            raise LayoutError(
+                f"pipeline ({p.pipeline_schedule}, pp={dims.pp}, vpp={dims.vpp}): {exc}"
+            ) from None
 
 
-FEATURES: tuple[Feature, ...] = (TensorParallel(), ExpertParallel(), ContextParallel(), Precision(), Materialize(),
-                                 Compile(), Recompute(), DataParallel())
+FEATURES: tuple[Feature, ...] = (
+    TensorParallel(),
+    ExpertParallel(),
+    ContextParallel(),
+    Precision(),
+    Materialize(),
+    Compile(),
+    Recompute(),
+    DataParallel(),
+)
 
 
 def validate_build(build: Build, shapes: Shapes | None = None) -> None:
-    """Every feature's checks of `build` (and a stage's `shapes`), then the pipeline schedule's (which assume the
-    batches split)."""
+    """Every feature's checks of `build` (and a stage's `shapes`), then the pipeline schedule's
+    (which assume the batches split)."""
     for feature in (*FEATURES, Pipeline()):
         feature.validate(build, shapes)
 

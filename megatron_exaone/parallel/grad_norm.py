@@ -1,7 +1,8 @@
 """Gradient clipping by the global norm over every mesh (tp, pp, ep, dp, FSDP shards).
 
-Each rank adds the squared norms of its local gradient tensors, each divided by how many ranks hold an
-identical copy of that tensor, and one all-reduce over the whole world gives the global squared norm.
+Each rank adds the squared norms of its local gradient tensors, each divided by how many ranks hold
+an identical copy of that tensor, and one all-reduce over the whole world gives the global squared
+norm.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .mesh import ParallelMesh
-from .sharding import local_tensor, plan_of
 from megatron_exaone.parallel.comm import all_reduce_
 
+from .mesh import ParallelMesh
+from .sharding import local_tensor, plan_of
 
-def _replicas(name: str, grad: torch.Tensor, tp_copies: int, mesh: ParallelMesh, embedding_copies: int) -> int:
-    """How many ranks hold exactly this local gradient tensor (`tp_copies`: how many TP ranks hold it)."""
+
+def _replicas(
+    name: str, grad: torch.Tensor, tp_copies: int, mesh: ParallelMesh, embedding_copies: int
+) -> int:
+    """How many ranks hold exactly this local gradient tensor (`tp_copies`: how many TP ranks hold
+    it)."""
     fsdp_sharded = isinstance(grad, DTensor)
     dims = mesh.dims
     if ".experts." in name:
@@ -32,12 +37,14 @@ def _replicas(name: str, grad: torch.Tensor, tp_copies: int, mesh: ParallelMesh,
     return copies
 
 
-def clip_grad_norm_(chunks: Iterable[nn.Module], max_norm: float, mesh: ParallelMesh,
-                    embedding_copies: int = 1) -> torch.Tensor:
-    """Scale all gradients so that their global L2 norm is at most `max_norm`; return the norm before clipping.
+def clip_grad_norm_(
+    chunks: Iterable[nn.Module], max_norm: float, mesh: ParallelMesh, embedding_copies: int = 1
+) -> torch.Tensor:
+    """Scale all gradients so that their global L2 norm is at most `max_norm`; return the norm
+    before clipping.
 
-    `chunks` are this rank's model chunks (pipeline stages); `embedding_copies` is 2 when the first and last
-    pipeline stages both hold the (synchronised) embedding.
+    `chunks` are this rank's model chunks (pipeline stages); `embedding_copies` is 2 when the first
+    and last pipeline stages both hold the (synchronised) embedding.
     """
     chunks = list(chunks)
     grads: list[torch.Tensor] = []

@@ -1,9 +1,10 @@
-"""Parallel layout: the sizes (`ParallelDims`), their validation, and the one place process groups are created
-(`build_mesh` -> `ParallelMesh`).
+"""Parallel layout: the sizes (`ParallelDims`), their validation, and the one place process groups
+are created (`build_mesh` -> `ParallelMesh`).
 
-Ranks follow Megatron-Core's order, tp fastest: rank = tp + TP*cp + TP*CP*dp + TP*CP*DP*pp. Experts use a second
-grid over the same ranks ("MoE parallel folding"): within a pipeline stage the TP*CP*DP ranks are re-split as
-edp x ep x etp with etp fastest, so rank = etp + ETP*ep + ETP*EP*edp + TP*CP*DP*pp.
+Ranks follow Megatron-Core's order, tp fastest: rank = tp + TP*cp + TP*CP*dp + TP*CP*DP*pp. Experts
+use a second grid over the same ranks ("MoE parallel folding"): within a pipeline stage the TP*CP*DP
+ranks are re-split as edp x ep x etp with etp fastest, so rank = etp + ETP*ep + ETP*EP*edp +
+TP*CP*DP*pp.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ _SIZE_FIELDS = ("tp", "pp", "vpp", "ep", "etp", "dp", "cp")
 
 
 class LayoutError(UserError, ValueError):
-    """A parallel layout that cannot run on this world size or model; the message says what to change."""
+    """A parallel layout that cannot run on this world size or model; the message says what to
+    change."""
 
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """Parallel sizes. `dp=None` means "derive from the world size"; `vpp` is virtual stages per pipeline rank."""
+    """Parallel sizes. `dp=None` means "derive from the world size"; `vpp` is virtual stages per
+    pipeline rank."""
 
     tp: int = 1
     pp: int = 1
@@ -75,14 +78,15 @@ class ParallelDims:
         return dataclasses.replace(self, dp=world_size // (self.tp * self.cp * self.pp))
 
     def validate(self, world_size: int, model_config: ModelConfig | None = None) -> ParallelDims:
-        """Check every layout rule (no process group needed); return the resolved sizes or raise `LayoutError`."""
+        """Check every layout rule (no process group needed); return the resolved sizes or raise
+        `LayoutError`."""
         problem = _first_problem(self, world_size, model_config)
         if problem:
             _raise(self, world_size, model_config, problem)
         return self.resolve(world_size)
 
 
-# ---------------------------------------------------------------------------------------------- validation
+# --------------------------------------------------------------------------------------- validation
 # A problem is (message, fields worth suggesting other values for).
 _Problem = tuple[str, tuple[str, ...]]
 
@@ -103,63 +107,101 @@ def _world_problem(d: ParallelDims, world: int) -> _Problem | None:
     blame = tuple(n for n in ("tp", "cp", "pp") if getattr(d, n) > 1)
     if d.dp is None:
         if world % inner:
-            return (f"tp*cp*pp = {inner} ({grid}) does not divide the world size {world}: the ranks form a "
-                    "tp x cp x dp x pp grid.", blame)
+            return (
+                f"tp*cp*pp = {inner} ({grid}) does not divide the world size {world}: the ranks "
+                "form a tp x cp x dp x pp grid.",
+                blame,
+            )
         return None
     if inner * d.dp != world:
         hint = f" Leave dp unset to derive dp={world // inner}." if world % inner == 0 else ""
-        return (f"tp*cp*dp*pp = {inner * d.dp} ({grid} dp={d.dp}) but the world size is {world}.{hint}",
-                ("dp",) + blame)
+        return (
+            f"tp*cp*dp*pp = {inner * d.dp} ({grid} dp={d.dp}) but the world size is {world}.{hint}",
+            ("dp",) + blame,
+        )
     return None
 
 
 def _layout_problem(d: ParallelDims, world: int) -> _Problem | None:
     if d.vpp > 1 and d.pp == 1:
-        return (f"vpp={d.vpp} needs pp > 1: virtual pipeline stages interleave across pipeline ranks. "
-                "Set vpp=1 or pp >= 2.", ("pp", "vpp"))
+        return (
+            f"vpp={d.vpp} needs pp > 1: virtual pipeline stages interleave across pipeline ranks. "
+            "Set vpp=1 or pp >= 2.",
+            ("pp", "vpp"),
+        )
     if d.etp not in (1, d.tp):
-        return (f"etp={d.etp} with tp={d.tp}: expert tensor parallel must be 1 (experts unsplit, the usual choice "
-                f"with EP) or equal to tp={d.tp}.", ("etp",))
+        return (
+            f"etp={d.etp} with tp={d.tp}: expert tensor parallel must be 1 (experts unsplit, the "
+            f"usual choice with EP) or equal to tp={d.tp}.",
+            ("etp",),
+        )
     stage = d.tp * d.cp * (d.dp if d.dp is not None else world // (d.tp * d.cp * d.pp))
     if stage % (d.ep * d.etp):
-        return (f"ep*etp = {d.ep * d.etp} (ep={d.ep} etp={d.etp}) does not divide tp*cp*dp = {stage}: MoE parallel "
-                f"folding re-splits the {stage} ranks of a pipeline stage into edp x ep x etp.", ("ep",))
+        return (
+            f"ep*etp = {d.ep * d.etp} (ep={d.ep} etp={d.etp}) does not divide tp*cp*dp = {stage}: "
+            f"MoE parallel folding re-splits the {stage} ranks of a pipeline stage into edp x ep x "
+            "etp.",
+            ("ep",),
+        )
     return None
 
 
 def _model_problem(d: ParallelDims, m: ModelConfig) -> _Problem | None:
     heads, kv = m.num_attention_heads, m.num_key_value_heads
     if heads % d.tp:
-        return (f"tp={d.tp} does not divide num_attention_heads={heads}: each tensor-parallel rank holds whole "
-                "query heads.", ("tp",))
+        return (
+            f"tp={d.tp} does not divide num_attention_heads={heads}: each tensor-parallel rank "
+            "holds whole query heads.",
+            ("tp",),
+        )
     if kv % d.tp and d.tp % kv:
-        return (f"tp={d.tp} and num_key_value_heads={kv}: one must divide the other (tp <= kv splits the KV heads, "
-                "tp > kv replicates each KV head tp/kv times).", ("tp",))
+        return (
+            f"tp={d.tp} and num_key_value_heads={kv}: one must divide the other (tp <= kv splits "
+            "the KV heads, tp > kv replicates each KV head tp/kv times).",
+            ("tp",),
+        )
     if SPARSE not in m.mlp_layer_types:
         if d.ep > 1:
             return f"ep={d.ep} but the model has no MoE layers: use ep=1.", ("ep",)
     elif d.ep > m.num_experts:
-        return (f"ep={d.ep} exceeds num_experts={m.num_experts}: every expert-parallel rank needs at least one "
-                "expert.", ("ep",))
+        return (
+            f"ep={d.ep} exceeds num_experts={m.num_experts}: every expert-parallel rank needs at "
+            "least one expert.",
+            ("ep",),
+        )
     elif m.num_experts % d.ep:
-        return (f"ep={d.ep} does not divide num_experts={m.num_experts}: each expert-parallel rank holds "
-                "num_experts/ep experts.", ("ep",))
+        return (
+            f"ep={d.ep} does not divide num_experts={m.num_experts}: each expert-parallel rank "
+            "holds num_experts/ep experts.",
+            ("ep",),
+        )
     if m.num_hidden_layers < d.pp * d.vpp:
-        return (f"pp*vpp = {d.pp * d.vpp} pipeline stages (pp={d.pp} vpp={d.vpp}) but the model has "
-                f"{m.num_hidden_layers} decoder layers: every (virtual) stage needs at least one decoder layer (the "
-                "embedding joins the first stage; final norm, lm_head and MTP the last).", ("pp", "vpp"))
+        return (
+            f"pp*vpp = {d.pp * d.vpp} pipeline stages (pp={d.pp} vpp={d.vpp}) but the model has "
+            f"{m.num_hidden_layers} decoder layers: every (virtual) stage needs at least one "
+            "decoder layer (the embedding joins the first stage; final norm, lm_head and MTP the "
+            "last).",
+            ("pp", "vpp"),
+        )
     return None
 
 
 def _first_problem(d: ParallelDims, world: int, m: ModelConfig | None) -> _Problem | None:
     if not isinstance(world, int) or world < 1:
         return f"world size {world!r} must be an integer >= 1.", ()
-    return (_size_problem(d) or _world_problem(d, world) or _layout_problem(d, world)
-            or (_model_problem(d, m) if m is not None else None))
+    return (
+        _size_problem(d)
+        or _world_problem(d, world)
+        or _layout_problem(d, world)
+        or (_model_problem(d, m) if m is not None else None)
+    )
 
 
-def _suggestions(d: ParallelDims, world: int, m: ModelConfig | None, fields: tuple[str, ...]) -> str:
-    """For each blamed field, the values that pass every rule with the other sizes unchanged and dp derived."""
+def _suggestions(
+    d: ParallelDims, world: int, m: ModelConfig | None, fields: tuple[str, ...]
+) -> str:
+    """For each blamed field, the values that pass every rule with the other sizes unchanged and dp
+    derived."""
     parts = []
     for name in fields:
         if name == "vpp":
@@ -167,14 +209,21 @@ def _suggestions(d: ParallelDims, world: int, m: ModelConfig | None, fields: tup
         else:
             candidates = [v for v in range(1, world + 1) if world % v == 0]
         derived_dp = {} if name == "dp" else {"dp": None}
-        valid = [v for v in candidates
-                 if _first_problem(dataclasses.replace(d, **{name: v}, **derived_dp), world, m) is None]
+        valid = [
+            v
+            for v in candidates
+            if _first_problem(dataclasses.replace(d, **{name: v}, **derived_dp), world, m) is None
+        ]
         shown = ", ".join(map(str, valid[:16])) + (", ..." if len(valid) > 16 else "")
         parts.append(f"valid {name} values: {shown}" if valid else f"no {name} value works")
     if not parts:
         return ""
     scope = "for this model and " if m is not None else "for "
-    return f" With the other sizes unchanged (dp derived), {scope}world size {world}: " + "; ".join(parts) + "."
+    return (
+        f" With the other sizes unchanged (dp derived), {scope}world size {world}: "
+        + "; ".join(parts)
+        + "."
+    )
 
 
 def _raise(d: ParallelDims, world: int, m: ModelConfig | None, problem: _Problem) -> None:
@@ -182,9 +231,10 @@ def _raise(d: ParallelDims, world: int, m: ModelConfig | None, problem: _Problem
     raise LayoutError(message + _suggestions(d, world, m, fields))
 
 
-# ---------------------------------------------------------------------------------------------- coordinates
+# -------------------------------------------------------------------------------------- coordinates
 def rank_coordinates(rank: int, dims: ParallelDims) -> dict[str, int]:
-    """Coordinates of a global rank in both views: pp, dp, cp, tp (dense) and edp, ep, etp (experts)."""
+    """Coordinates of a global rank in both views: pp, dp, cp, tp (dense) and edp, ep, etp
+    (experts)."""
     stage_size = dims.tp * dims.cp * dims._resolved_dp()
     if not 0 <= rank < stage_size * dims.pp:
         raise ValueError(f"rank {rank} is outside the world of {stage_size * dims.pp} ranks.")
@@ -201,9 +251,17 @@ def rank_coordinates(rank: int, dims: ParallelDims) -> dict[str, int]:
 
 
 def _mesh_tensor(dims: ParallelDims, names: tuple[str, ...]) -> torch.Tensor:
-    """Ranks laid out on the grid `names` by `rank_coordinates`, so the mesh and the pure function cannot differ."""
-    sizes = {"pp": dims.pp, "dp": dims.dp, "cp": dims.cp, "tp": dims.tp, "edp": dims.edp, "ep": dims.ep,
-             "etp": dims.etp}
+    """Ranks laid out on the grid `names` by `rank_coordinates`, so the mesh and the pure function
+    cannot differ."""
+    sizes = {
+        "pp": dims.pp,
+        "dp": dims.dp,
+        "cp": dims.cp,
+        "tp": dims.tp,
+        "edp": dims.edp,
+        "ep": dims.ep,
+        "etp": dims.etp,
+    }
     grid = torch.empty([sizes[n] for n in names], dtype=torch.int)
     for rank in range(dims.world_size):
         coords = rank_coordinates(rank, dims)
@@ -211,9 +269,12 @@ def _mesh_tensor(dims: ParallelDims, names: tuple[str, ...]) -> torch.Tensor:
     return grid
 
 
-# ---------------------------------------------------------------------------------------------- process groups
+# ----------------------------------------------------------------------------------- process groups
 def _group(view: str, dim: str) -> property:
-    return property(lambda self: getattr(self, view).get_group(dim), doc=f"Process group of the {dim} dimension.")
+    return property(
+        lambda self: getattr(self, view).get_group(dim),
+        doc=f"Process group of the {dim} dimension.",
+    )
 
 
 def _coordinate(dim: str) -> property:
@@ -222,7 +283,8 @@ def _coordinate(dim: str) -> property:
 
 @dataclass(frozen=True, eq=False)
 class ParallelMesh:
-    """This rank's view of the layout: the dense and expert DeviceMeshes, their groups, coordinates and sizes."""
+    """This rank's view of the layout: the dense and expert DeviceMeshes, their groups, coordinates
+    and sizes."""
 
     dims: ParallelDims
     rank: int
@@ -233,8 +295,8 @@ class ParallelMesh:
     expert_fsdp_mesh: DeviceMesh  # 1-D: edp (FSDP2 of expert params)
     stage_mesh: DeviceMesh  # 1-D: dp x cp x tp, all ranks of one pipeline stage
     sequence_mesh: DeviceMesh  # 1-D: cp x tp, the ranks that each hold part of the same sequences
-    # {first, last} pipeline rank at this rank's (dp, cp, tp) position: they hold the two copies of the embedding
-    # (the last stage's MTP reads it). None when pp == 1 or on a middle pipeline rank.
+    # {first, last} pipeline rank at this rank's (dp, cp, tp) position: they hold the two copies of
+    # the embedding (the last stage's MTP reads it). None when pp == 1 or on a middle pipeline rank.
     embedding_group: ProcessGroup | None = None
 
     tp_group = _group("dense", "tp")
@@ -259,19 +321,21 @@ class ParallelMesh:
 
     @property
     def cp_tp_group(self) -> ProcessGroup:
-        """cp x tp: the ranks that each compute part of the same sequences (MoE sequence statistics)."""
+        """cp x tp: the ranks that each compute part of the same sequences (MoE sequence
+        statistics)."""
         return self.sequence_mesh.get_group()
 
     @property
     def tp_cp_dp_group(self) -> ProcessGroup:
-        """All ranks of this pipeline stage: expert-load counts and global token counts are reduced over it."""
+        """All ranks of this pipeline stage: expert-load counts and global token counts are reduced
+        over it."""
         return self.stage_mesh.get_group()
 
     @functools.cached_property
     def background_group(self) -> ProcessGroup | None:
-        """A gloo group of all ranks for collectives of background threads (asynchronous checkpoint saves), so
-        they never interleave with the training's on the default group; None in one process. Created on first use,
-        a collective call."""
+        """A gloo group of all ranks for collectives of background threads (asynchronous checkpoint
+        saves), so they never interleave with the training's on the default group; None in one
+        process. Created on first use, a collective call."""
         return dist.new_group(backend="gloo") if self.dims.world_size > 1 else None
 
     @property
@@ -290,37 +354,56 @@ class ParallelMesh:
         return f"rank {self.rank}/{d.world_size} | dense {dense} vpp={d.vpp} | experts {expert}"
 
 
-def build_mesh(dims: ParallelDims, device_type: str, timeout: timedelta | None = None) -> ParallelMesh:
+def build_mesh(
+    dims: ParallelDims, device_type: str, timeout: timedelta | None = None
+) -> ParallelMesh:
     """Create every process group of the layout (collective: all ranks call it, in the same order).
 
-    `timeout` applies to every group of the mesh; without it sub-groups keep torch's backend default (30 min for
-    gloo, 10 min for NCCL), not the world group's.
+    `timeout` applies to every group of the mesh; without it sub-groups keep torch's backend default
+    (30 min for gloo, 10 min for NCCL), not the world group's.
     """
     if not dist.is_initialized():
-        raise RuntimeError("build_mesh needs torch.distributed to be initialized (init_process_group) first.")
+        raise RuntimeError(
+            "build_mesh needs torch.distributed to be initialized (init_process_group) first."
+        )
     dims = dims.validate(dist.get_world_size())
     dense = DeviceMesh(device_type, _mesh_tensor(dims, DENSE_DIMS), mesh_dim_names=DENSE_DIMS)
     sparse = DeviceMesh(device_type, _mesh_tensor(dims, EXPERT_DIMS), mesh_dim_names=EXPERT_DIMS)
-    # Flattening creates groups, so these run on every rank in the same order. With cp == 1 the dp groups already
-    # are the dp x cp groups.
+    # Flattening creates groups, so these run on every rank in the same order. With cp == 1 the dp
+    # groups already are the dp x cp groups.
     dense_fsdp = dense["dp", "cp"]._flatten("dp_cp") if dims.cp > 1 else dense["dp"]
     stage = dense["dp", "cp", "tp"]._flatten("dp_cp_tp")
-    sequence = dense["cp", "tp"]._flatten("cp_tp") if dims.cp > 1 and dims.tp > 1 else dense[
-        "cp" if dims.cp > 1 else "tp"]
+    sequence = (
+        dense["cp", "tp"]._flatten("cp_tp")
+        if dims.cp > 1 and dims.tp > 1
+        else dense["cp" if dims.cp > 1 else "tp"]
+    )
     if timeout is not None:
-        groups = dense.get_all_groups() + sparse.get_all_groups() + [dense_fsdp.get_group(), stage.get_group(),
-                                                                      sequence.get_group()]
+        groups = (
+            dense.get_all_groups()
+            + sparse.get_all_groups()
+            + [dense_fsdp.get_group(), stage.get_group(), sequence.get_group()]
+        )
         for group in {id(g): g for g in groups}.values():
             dist.distributed_c10d._set_pg_timeout(timeout, group)
     rank = dist.get_rank()
-    return ParallelMesh(dims=dims, rank=rank, coords=rank_coordinates(rank, dims), dense=dense, sparse=sparse,
-                        dense_fsdp_mesh=dense_fsdp, expert_fsdp_mesh=sparse["edp"], stage_mesh=stage,
-                        sequence_mesh=sequence,
-                        embedding_group=_embedding_group(dims, timeout))
+    return ParallelMesh(
+        dims=dims,
+        rank=rank,
+        coords=rank_coordinates(rank, dims),
+        dense=dense,
+        sparse=sparse,
+        dense_fsdp_mesh=dense_fsdp,
+        expert_fsdp_mesh=sparse["edp"],
+        stage_mesh=stage,
+        sequence_mesh=sequence,
+        embedding_group=_embedding_group(dims, timeout),
+    )
 
 
 def _embedding_group(dims: ParallelDims, timeout: timedelta | None) -> ProcessGroup | None:
-    """For every (dp, cp, tp) position the group {pp rank 0, pp rank pp-1}; this rank's one, if it is in any."""
+    """For every (dp, cp, tp) position the group {pp rank 0, pp rank pp-1}; this rank's one, if it
+    is in any."""
     if dims.pp == 1:
         return None
     grid = _mesh_tensor(dims, DENSE_DIMS)  # [pp, dp, cp, tp]

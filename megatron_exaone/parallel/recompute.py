@@ -1,5 +1,6 @@
-"""Activation checkpointing (recompute) as a pass: whole decoder layers ("full") or chosen sub-modules
-("selective": attention, dense MLP, MoE block). Non-reentrant torch checkpointing; parameter names unchanged."""
+"""Activation checkpointing (recompute) as a pass: whole decoder layers ("full") or chosen
+sub-modules ("selective": attention, dense MLP, MoE block). Non-reentrant torch checkpointing;
+parameter names unchanged."""
 
 from __future__ import annotations
 
@@ -23,18 +24,22 @@ SELECTIVE_KINDS = {"attention": Attention, "mlp": SwiGLUMLP, "moe": MoEBlock}
 
 
 def check_recompute(mode: str, selective: Sequence[str]) -> None:
-    """Raise `LayoutError` for an unknown mode (`parallel.recompute`) or module kind (`parallel.recompute_modules`)."""
+    """Raise `LayoutError` for an unknown mode (`parallel.recompute`) or module kind
+    (`parallel.recompute_modules`)."""
     if mode not in RECOMPUTE_MODES:
         raise LayoutError(f"parallel.recompute={mode!r}: use one of {', '.join(RECOMPUTE_MODES)}.")
     unknown = sorted(set(selective) - set(SELECTIVE_KINDS))
     if mode == "selective" and unknown:
-        raise LayoutError(f"parallel.recompute_modules {unknown} are unknown; choose from {sorted(SELECTIVE_KINDS)}.")
+        raise LayoutError(
+            f"parallel.recompute_modules {unknown} are unknown; choose from "
+            f"{sorted(SELECTIVE_KINDS)}."
+        )
 
 
 class _NotCountingTokens:
-    """While active, MoE blocks do not count routed tokens: a recomputed forward must not count them twice.
-    A class, not a generator: zero-bubble schedules recompute twice (input and weight gradients), entering the
-    same context object again."""
+    """While active, MoE blocks do not count routed tokens: a recomputed forward must not count them
+    twice. A class, not a generator: zero-bubble schedules recompute twice (input and weight
+    gradients), entering the same context object again."""
 
     def __init__(self, module: nn.Module) -> None:
         self.blocks = [m for m in module.modules() if isinstance(m, MoEBlock)]
@@ -50,25 +55,40 @@ class _NotCountingTokens:
 
 def _recompute_in_backward(module: nn.Module) -> None:
     original = module.forward
-    # Transformer Engine modules must be recomputed under the forward's FP8 autocast: TE's own checkpoint.
-    run = recompute_checkpoint if holds_te_modules(module) else functools.partial(checkpoint, use_reentrant=False)
+    # Transformer Engine modules must be recomputed under the forward's FP8 autocast: TE's own
+    # checkpoint.
+    run = (
+        recompute_checkpoint
+        if holds_te_modules(module)
+        else functools.partial(checkpoint, use_reentrant=False)
+    )
 
     def forward(*args, **kwargs):
-        return run(original, *args, context_fn=lambda: (contextlib.nullcontext(), _NotCountingTokens(module)),
-                   **kwargs)
+        return run(
+            original,
+            *args,
+            context_fn=lambda: (contextlib.nullcontext(), _NotCountingTokens(module)),
+            **kwargs,
+        )
 
     module.forward = forward
 
 
-def apply_recompute(root: nn.Module, mode: str, selective: tuple[str, ...] = ("attention",)) -> None:
-    """mode "none" | "full" (every decoder layer) | "selective" (modules of the kinds in `selective`)."""
+def apply_recompute(
+    root: nn.Module, mode: str, selective: tuple[str, ...] = ("attention",)
+) -> None:
+    """mode "none" | "full" (every decoder layer) | "selective" (modules of the kinds in
+    `selective`)."""
     check_recompute(mode, selective)
     if mode == "none":
         return
     kinds = (DecoderLayer,) if mode == "full" else tuple(SELECTIVE_KINDS[k] for k in selective)
     for module in root.modules():
-        # Shared experts are SwiGLUMLPs inside MoE blocks; "mlp" means the dense MLP of a decoder layer.
-        if isinstance(module, kinds) and not (isinstance(module, SwiGLUMLP) and _is_shared_expert(root, module)):
+        # Shared experts are SwiGLUMLPs inside MoE blocks; "mlp" means the dense MLP of a decoder
+        # layer.
+        if isinstance(module, kinds) and not (
+            isinstance(module, SwiGLUMLP) and _is_shared_expert(root, module)
+        ):
             _recompute_in_backward(module)
 
 

@@ -1,12 +1,12 @@
-"""FP8 scaling math shared by the torch-native and emulated backends: formats, amax, current scaling, saturating
-quantization.
+"""FP8 scaling math shared by the torch-native and emulated backends: formats, amax, current
+scaling, saturating quantization.
 
-Current (just-in-time) scaling: every GEMM operand is scaled from its own amax at the moment it is used,
-scale = fp8_max / amax, so the largest magnitude lands on the format's largest finite value. `tensorwise` takes one
-amax for the whole operand; `rowwise` one per slice along the GEMM's non-contracted axis (per row of the left
-operand, per column of the right one, i.e. per output channel of a weight), reduced over the contraction axis.
-Values are clamped to +-fp8_max before the cast: a CUDA cast to E4M3 turns overflow into NaN and one to E5M2 into
-inf, whatever the amax said.
+Current (just-in-time) scaling: every GEMM operand is scaled from its own amax at the moment it is
+used, scale = fp8_max / amax, so the largest magnitude lands on the format's largest finite value.
+`tensorwise` takes one amax for the whole operand; `rowwise` one per slice along the GEMM's
+non-contracted axis (per row of the left operand, per column of the right one, i.e. per output
+channel of a weight), reduced over the contraction axis. Values are clamped to +-fp8_max before the
+cast: a CUDA cast to E4M3 turns overflow into NaN and one to E5M2 into inf, whatever the amax said.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ E5M2 = torch.float8_e5m2
 # Largest finite values: E4M3 (no infinities) 448, E5M2 57344.
 FP8_MAX = {E4M3: torch.finfo(E4M3).max, E5M2: torch.finfo(E5M2).max}
 SCALINGS = ("tensorwise", "rowwise")
-# amax is clamped away from zero so an all-zero operand gets a finite scale (and quantizes to zeros).
+# amax is clamped away from zero so an all-zero operand gets a finite scale (and quantizes to
+# zeros).
 AMAX_EPS = 1e-12
 
 
@@ -35,9 +36,9 @@ class Fp8Unavailable(UserError, ValueError):
 
 @dataclass(frozen=True)
 class Fp8Recipe:
-    """How a dense linear's operands are quantized. `grad_dtype`: E5M2 (the "hybrid" format) or E4M3 for dY.
-    `amax_group`: a process group over which tensorwise amaxes are max-reduced (tensor parallel), so every rank
-    uses the scale of the full, unsharded operand."""
+    """How a dense linear's operands are quantized. `grad_dtype`: E5M2 (the "hybrid" format) or E4M3
+    for dY. `amax_group`: a process group over which tensorwise amaxes are max-reduced (tensor
+    parallel), so every rank uses the scale of the full, unsharded operand."""
 
     scaling: str = "tensorwise"
     grad_dtype: torch.dtype = E5M2
@@ -52,8 +53,8 @@ class Fp8Recipe:
 
 @dataclass(frozen=True)
 class Quantized:
-    """An FP8 tensor and its inverse scale (broadcastable to `data`): data * scale_inv ~ the original values.
-    The inverse scale is what a scaled GEMM multiplies its accumulator by."""
+    """An FP8 tensor and its inverse scale (broadcastable to `data`): data * scale_inv ~ the
+    original values. The inverse scale is what a scaled GEMM multiplies its accumulator by."""
 
     data: torch.Tensor
     scale_inv: torch.Tensor
@@ -66,9 +67,12 @@ class Quantized:
         return Quantized(self.data.t(), self.scale_inv.t())
 
 
-def amax(x: torch.Tensor, dim: int | None = None, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """max |x| in fp32: over the whole tensor (dim=None, shape []) or reduced along `dim` (kept, size 1); with a
-    `group`, the maximum over its ranks (each holding a shard or a replica of the same operand)."""
+def amax(
+    x: torch.Tensor, dim: int | None = None, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """max |x| in fp32: over the whole tensor (dim=None, shape []) or reduced along `dim` (kept,
+    size 1); with a `group`, the maximum over its ranks (each holding a shard or a replica of the
+    same operand)."""
     with torch.no_grad():
         result = (x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)).float()
         if group is not None:
@@ -92,36 +96,52 @@ def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     return Quantized(quantize(x, scale, dtype), scale.reciprocal())
 
 
-def current_scale(x: torch.Tensor, dtype: torch.dtype, scaling: str, contraction_dim: int,
-                  group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """The scale of `x` now, for a GEMM contracting `x` along `contraction_dim`: tensorwise (max-reduced over
-    `group` when given), or rowwise (one per slice along the other axis; never reduced over ranks, since
-    different shards hold different slices)."""
+def current_scale(
+    x: torch.Tensor,
+    dtype: torch.dtype,
+    scaling: str,
+    contraction_dim: int,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """The scale of `x` now, for a GEMM contracting `x` along `contraction_dim`: tensorwise
+    (max-reduced over `group` when given), or rowwise (one per slice along the other axis; never
+    reduced over ranks, since different shards hold different slices)."""
     if scaling == "tensorwise":
         return scale_from_amax(amax(x, None, group), dtype)
     return scale_from_amax(amax(x, contraction_dim), dtype)
 
 
-def to_fp8(x: torch.Tensor, dtype: torch.dtype, scaling: str, contraction_dim: int,
-           group: dist.ProcessGroup | None = None) -> Quantized:
+def to_fp8(
+    x: torch.Tensor,
+    dtype: torch.dtype,
+    scaling: str,
+    contraction_dim: int,
+    group: dist.ProcessGroup | None = None,
+) -> Quantized:
     """`x` quantized with its current scale (see `current_scale`)."""
     return quantize_with_scale(x, current_scale(x, dtype, scaling, contraction_dim, group), dtype)
 
 
 def per_group_scale(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """One scale per group of stacked weights [G, N, K] (per expert), shape [G, 1, 1]: it does not depend on the
-    GEMM's axis, so the same scale serves the forward GEMM and the input-gradient GEMM of the transposed weight."""
+    """One scale per group of stacked weights [G, N, K] (per expert), shape [G, 1, 1]: it does not
+    depend on the GEMM's axis, so the same scale serves the forward GEMM and the input-gradient GEMM
+    of the transposed weight."""
     with torch.no_grad():
         return scale_from_amax(weights.abs().amax(dim=(1, 2), keepdim=True), dtype)
 
 
-def to_fp8_per_group_columns(x: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype) -> Quantized:
-    """x [T, C] with rows sorted into groups of `counts`: one scale per (group, column), for a grouped GEMM that
-    contracts over each group's rows (the routed experts' weight gradient). scale_inv is [G, C]; row t uses
-    scale_inv[group of t]."""
+def to_fp8_per_group_columns(
+    x: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype
+) -> Quantized:
+    """x [T, C] with rows sorted into groups of `counts`: one scale per (group, column), for a
+    grouped GEMM that contracts over each group's rows (the routed experts' weight gradient).
+    scale_inv is [G, C]; row t uses scale_inv[group of t]."""
     with torch.no_grad():
-        # A segmented reduction over each group's rows (one pass, no atomics: a scatter_reduce here made every row
-        # of a group contend for the same [C] addresses). The max of bf16 values is exact in bf16.
-        group_amax = torch.segment_reduce(x.abs(), "max", lengths=counts, axis=0, unsafe=True, initial=0.0)
+        # A segmented reduction over each group's rows (one pass, no atomics: a scatter_reduce here
+        # made every row of a group contend for the same [C] addresses). The max of bf16 values is
+        # exact in bf16.
+        group_amax = torch.segment_reduce(
+            x.abs(), "max", lengths=counts, axis=0, unsafe=True, initial=0.0
+        )
     scale = scale_from_amax(group_amax, dtype)
     return Quantized(quantize(x, scale[group_ids(counts, x.shape[0])], dtype), scale.reciprocal())

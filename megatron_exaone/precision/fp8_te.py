@@ -1,69 +1,85 @@
-"""Transformer Engine FP8 backend: precision=fp8_te_delayed | fp8_te_tensorwise | fp8_te_blockwise | fp8_te_mxfp8.
+"""Transformer Engine FP8 backend: precision=fp8_te_delayed | fp8_te_tensorwise | fp8_te_blockwise |
+fp8_te_mxfp8.
 
-Importing this module never imports Transformer Engine (TE); every entry point that needs TE imports it then and
-raises `TEUnavailable` (a configuration error naming `pip install 'megatron-exaone[te]'`) when it cannot. API facts
-come from TE 2.20.2 (shared/reference/transformer-engine.md, cited as "ref §N").
+Importing this module never imports Transformer Engine (TE); every entry point that needs TE imports
+it then and raises `TEUnavailable` (a configuration error naming `pip install
+'megatron-exaone[te]'`) when it cannot. API facts come from TE 2.20.2's Python source (the
+`transformer-engine` wheel on PyPI); a file named in brackets is in its
+`transformer_engine/pytorch/` ([module/linear.py]), [MCore ...] is a file of megatron-core 0.19's
+`megatron/core/`.
 
 Entry points
-  recipe_spec(cfg) -> RecipeSpec       pure data: which TE recipe class and arguments a PrecisionConfig means
-  build_recipe(cfg)                    RecipeSpec -> TE recipe object (the only place recipe classes are named)
-  fp8_context(cfg, group)              `te.autocast(enabled=True, recipe=..., amax_reduction_group=group)`, or a
-                                       nullcontext for non-TE precisions
-  plan_te_conversion(root, ...)        pure: which modules become TE modules and why the others stay BF16
+  recipe_spec(cfg) -> RecipeSpec   pure data: the TE recipe class and arguments of a precision
+  build_recipe(cfg)                RecipeSpec -> TE recipe object (the one place recipes are named)
+  fp8_context(cfg, group)          `te.autocast(enabled=True, recipe=..., amax_reduction_group)`,
+                                   or a nullcontext for non-TE precisions
+  plan_te_conversion(root, ...)    pure: which modules become TE modules, why the others stay BF16
   apply_te(root, cfg, tp_group, sequence_parallel, amax_group=...)
-                                       the precision pass (after tensor and expert parallel, on the meta device,
-                                       before activation checkpointing, FSDP2 and materialize)
-  recompute_checkpoint(...)            TE's `checkpoint` for activation recompute of modules holding TE modules
-  te_extra_state / load_te_extra_state FP8 metadata (`_extra_state`) of the TE modules, for checkpoints
+                                   the precision pass (after tensor and expert parallel, on the meta
+                                   device, before activation checkpointing, FSDP2 and materialize)
+  recompute_checkpoint(...)        TE's `checkpoint`, to recompute modules holding TE modules
+  te_extra_state / load_te_extra_state
+                                   FP8 metadata (`_extra_state`) of the TE modules, for checkpoints
 
 Design (each choice with its reason)
-1. Tensor/sequence parallel: TE modules are built with `parallel_mode=None`, `tp_size=1` on the LOCAL shapes the
-   tensor-parallel pass left, and our communication hooks on the parent modules stay as they are. TE therefore
-   never communicates (ref §1.5, row `None`), so nothing is communicated twice. This is what Megatron does for
-   expert layers with explicit comms (ref §1.2). TE's own column/row modes were not chosen: their SP all-gather and
-   reduce-scatter work on dim 0 (ref §1.5), the batch dim in our [B, S, H] layout, and they would need the
-   parameter classification of `parallel/tensor_parallel.py` redone. The cost is that SP all-gathers move BF16
-   instead of FP8 and TE's comm/GEMM overlap (Userbuffers) is not used. With `parallel_mode=None` an activation
-   is quantized after our all-gather, on the full (replicated) tensor, so per-tensor scales agree over TP without
-   the TP amax reduction TE adds in its SP modes.
-2. Names and shapes are unchanged, so checkpoints, the parallel plan, FSDP2 and the HF converter see the same model:
-   `nn.Linear` -> `te.Linear` keeps the parameter `weight` [out, in] (ref §1.3). We move our Parameter object into
-   it. Routed experts keep OUR stacked Parameters `gate_proj`/`up_proj` [E, I, H] and `down_proj` [E, H, I]. Each
-   of the three grouped GEMMs is a `te.GroupedLinear(num_gemms=E_local)` whose own `weight0..weight{E-1}`
-   Parameters (ref §3) are deregistered. Before every call they are bound to views of our stacked tensor
-   (`stacked.unbind(0)`: a single backward node stacks the expert gradients into the stacked gradient). TE 2.20.2
-   reads the per-GEMM weights with `getattr(self, f"weight{i}")` and passes them to its autograd function as
-   inputs (module/grouped_linear.py `_get_weight_tensors`, `forward`; read from the wheel, not from the reference
-   sheet). A state-dict hook was not an option: our DCP checkpoints, the optimizer, FSDP2 and `materialize` use
-   `named_parameters()`, not `state_dict()`. Per-expert token splits are padded for FP8 with
-   `te.Fp8Padding` / `te.Fp8Unpadding` (16 rows, 32 for MXFP8; ref §3, §7.2).
+1. Tensor/sequence parallel: TE modules are built with `parallel_mode=None`, `tp_size=1` on the
+   LOCAL shapes the tensor-parallel pass left, and our communication hooks on the parent modules
+   stay as they are. TE therefore never communicates ([module/linear.py] `_linear_forward_impl`,
+   `parallel_mode=None`), so nothing is communicated twice. This is what Megatron does for expert
+   layers with explicit comms ([MCore extensions/transformer_engine.py]). TE's own column/row modes
+   were not chosen: their SP all-gather and reduce-scatter work on dim 0 ([module/linear.py]), the
+   batch dim in our [B, S, H] layout, and they would need the parameter classification of
+   `parallel/tensor_parallel.py` redone. The cost is that SP all-gathers move BF16 instead of FP8
+   and TE's comm/GEMM overlap (Userbuffers) is not used. With `parallel_mode=None` an activation is
+   quantized after our all-gather, on the full (replicated) tensor, so per-tensor scales agree over
+   TP without the TP amax reduction TE adds in its SP modes.
+2. Names and shapes are unchanged, so checkpoints, the parallel plan, FSDP2 and the HF converter see
+   the same model: `nn.Linear` -> `te.Linear` keeps the parameter `weight` [out, in]
+   ([module/linear.py]). We move our Parameter object into it. Routed experts keep OUR stacked
+   Parameters `gate_proj`/`up_proj` [E, I, H] and `down_proj` [E, H, I]. Each of the three grouped
+   GEMMs is a `te.GroupedLinear(num_gemms=E_local)` whose own `weight0..weight{E-1}` Parameters
+   ([module/grouped_linear.py]) are deregistered. Before every call they are bound to views of our
+   stacked tensor (`stacked.unbind(0)`: a single backward node stacks the expert gradients into the
+   stacked gradient). TE 2.20.2 reads the per-GEMM weights with `getattr(self, f"weight{i}")` and
+   passes them to its autograd function as inputs ([module/grouped_linear.py] `_get_weight_tensors`,
+   `forward`). A state-dict hook was not an option: our DCP checkpoints, the optimizer, FSDP2 and
+   `materialize` use `named_parameters()`, not `state_dict()`. Per-expert token splits are padded
+   for FP8 with `te.Fp8Padding` / `te.Fp8Unpadding` (16 rows, 32 for MXFP8; [quantization.py]
+   `get_align_size_for_quantization`).
 3. Autocast: `apply_te` wraps the forward of the root it converts (a model or a pipeline chunk) in
-   `fp8_context(cfg, amax_group)`, so every pipeline micro-batch forward runs in its own autocast region. Backward
-   runs outside it, as TE requires (ref §5.2). The amax reduction group should be the stage's TP x CP x DP group
-   (`mesh.tp_cp_dp_group`, Megatron's default, ref §8.3). Only DelayedScaling uses it (ref §5.2).
-   `te.autocast` appeared in TE 2.9; older TEs get the deprecated `te.fp8_autocast(enabled, fp8_recipe, fp8_group)`.
-4. BF16 layers: the first/last `keep_bf16_*` decoder layers, the router (`mlp.gate`, fp32 by design), the
-   embedding, `lm_head` and the MTP module (unless `fp8_mtp=True`) are simply not converted. They stay torch
-   modules that TE's autocast does not affect. One autocast region therefore covers a whole stage, also with
-   DelayedScaling. Megatron rejects that combination only because it implements BF16 layers with nested per-layer
-   autocasts (ref §7.3).
-   Weights whose local shape breaks the recipe's FP8 GEMM alignment (ref §1.6, §7.1) stay BF16. `apply_te` logs
-   them and returns them in the report. `strict=True` makes that an error instead.
-5. Activation recompute: the recomputed forward runs in backward, outside the autocast. Modules holding TE modules
-   must therefore be checkpointed with TE's `checkpoint` (`recompute_checkpoint` here, `use_reentrant=False`). It
-   re-enters the autocast with the forward's recipe and restores DelayedScaling metadata. torch's plain checkpoint
-   would recompute in BF16 and fail the saved-tensor check. `parallel/recompute.py` should call
-   `recompute_checkpoint` for modules where `holds_te_modules(module)` is true.
-6. Checkpoints: TE modules add `_extra_state` to `state_dict()` (ref §6.1). For the stateless recipes
-   (tensorwise, blockwise, mxfp8) it is empty in TE >= 2.18. For DelayedScaling it holds the amax history and
-   scales: checkpoint/state.py saves each rank's non-empty `te_extra_state(root)` and restores it with
-   `load_te_extra_state` when the layout is unchanged (TE >= 2.18 refuses to unpickle it unless
-   NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1, ref §6.1; the run then warns and restarts the history).
-7. Optional TE attention (`te_attention=True`): `te.DotProductAttention` with `window_size=(W-1, 0)` on sliding
-   layers (our window: i - W < j <= i; ref §4.2), `"bshd"` with a causal mask, or packed documents as `"thd"` with
-   `padding_causal` and int32 `cu_seqlens` (ref §4.4). The cu_seqlens are derived from the attention mask the model
-   already builds. It runs in BF16 (recipes here keep `fp8_dpa=False`). It never builds the [S, S] mask inside
-   TE, which is what long sequences need.
+   `fp8_context(cfg, amax_group)`, so every pipeline micro-batch forward runs in its own autocast
+   region. Backward runs outside it, as TE requires ([quantization.py] `autocast`). The amax
+   reduction group should be the stage's TP x CP x DP group (`mesh.tp_cp_dp_group`, Megatron's
+   default, [MCore fp8_utils.py] `get_fp8_context`). Only DelayedScaling uses it. `te.autocast`
+   appeared in TE 2.9; older TEs get the deprecated `te.fp8_autocast(enabled, fp8_recipe,
+   fp8_group)`.
+4. BF16 layers: the first/last `keep_bf16_*` decoder layers, the router (`mlp.gate`, fp32 by
+   design), the embedding, `lm_head` and the MTP module (unless `fp8_mtp=True`) are simply not
+   converted. They stay torch modules that TE's autocast does not affect. One autocast region
+   therefore covers a whole stage, also with DelayedScaling. Megatron rejects that combination only
+   because it implements BF16 layers with nested per-layer autocasts ([MCore fp8_utils.py]). Weights
+   whose local shape breaks the recipe's FP8 GEMM alignment ([utils.py], [quantization.py]) stay
+   BF16. `apply_te` logs them and returns them in the report. `strict=True` makes that an error
+   instead.
+5. Activation recompute: the recomputed forward runs in backward, outside the autocast. Modules
+   holding TE modules must therefore be checkpointed with TE's `checkpoint` (`recompute_checkpoint`
+   here, `use_reentrant=False`). It re-enters the autocast with the forward's recipe and restores
+   DelayedScaling metadata. torch's plain checkpoint would recompute in BF16 and fail the
+   saved-tensor check. `parallel/recompute.py` calls `recompute_checkpoint` for modules where
+   `holds_te_modules(module)` is true.
+6. Checkpoints: TE modules add `_extra_state` to `state_dict()` ([module/base.py]
+   `get_extra_state`). For the stateless recipes (tensorwise, blockwise, mxfp8) it is empty in TE >=
+   2.18. For DelayedScaling it holds the amax history and scales: checkpoint/state.py saves each
+   rank's non-empty `te_extra_state(root)` and restores it with `load_te_extra_state` when the
+   layout is unchanged (TE >= 2.18 refuses to unpickle it unless
+   NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1, [module/base.py]; the run then warns and restarts the
+   history).
+7. Optional TE attention (`te_attention=True`): `te.DotProductAttention` with `window_size=(W-1, 0)`
+   on sliding layers (our window: i - W < j <= i; [attention/dot_product_attention/utils.py]
+   `check_set_window_size`), `"bshd"` with a causal mask, or packed documents as `"thd"` with
+   `padding_causal` and int32 `cu_seqlens` (`DotProductAttention.forward`). The cu_seqlens are
+   derived from the attention mask the model already builds. It runs in BF16 (recipes here keep
+   `fp8_dpa=False`). It never builds the [S, S] mask inside TE, which is what long sequences need.
 """
 
 from __future__ import annotations
@@ -90,25 +106,27 @@ from .registry import PRECISIONS, TE_INSTALL_HINT
 
 log = logging.getLogger(__name__)
 
-# TE's torch extension is compiled against the installed torch, so pip must not build it in an isolated
-# environment (TE's installation guide). 2.10 is the first release with FSDP2 support.
+# TE's torch extension is compiled against the installed torch, so pip must not build it in an
+# isolated environment (TE's installation guide). 2.10 is the first release with FSDP2 support.
 INSTALL_HINT = TE_INSTALL_HINT
 # Precision name -> the one FP8 recipe it runs, from the table of precisions.
 TE_PRECISIONS = {name: p.recipes[0] for name, p in PRECISIONS.items() if p.is_te}
-# Our recipe name -> TE recipe class in transformer_engine.common.recipe (ref §5.1, §8.2).
+# Our recipe name -> TE recipe class in transformer_engine.common.recipe, as [MCore fp8_utils.py]
+# `get_fp8_recipe`.
 RECIPE_CLASSES = {
     "delayed": "DelayedScaling",
     "tensorwise": "Float8CurrentScaling",
     "blockwise": "Float8BlockScaling",
     "mxfp8": "MXFP8BlockScaling",
 }
-# precision.fp8_format -> TE `Format` member (ref §5.1: E5M2 alone is rejected by every FP8 recipe).
+# precision.fp8_format -> TE `Format` member (E5M2 alone is rejected by every FP8 recipe).
 FP8_FORMATS = {"hybrid": "HYBRID", "e4m3": "E4M3"}
-# Rows each expert's token split is padded to under FP8 (TE's get_align_size_for_quantization, ref §3).
+# Rows each expert's token split is padded to under FP8 ([quantization.py]
+# `get_align_size_for_quantization`).
 SPLIT_ALIGN = {"delayed": 16, "tensorwise": 16, "blockwise": 16, "mxfp8": 32}
-# Both weight dims must be multiples of this for the recipe's GEMMs. Per-tensor FP8 needs leading dims % 8 and the
-# last % 16 on both operands (ref §1.6); 16 is used for both weight dims because backward uses the transpose.
-# Block scaling: 128 (1x128 / 128x128 blocks, ref §7.1). MXFP8: 32 (ref §7.1).
+# Both weight dims must be multiples of this for the recipe's GEMMs. Per-tensor FP8 needs leading
+# dims % 8 and the last % 16 on both operands ([utils.py]); 16 is used for both weight dims because
+# backward uses the transpose. Block scaling: 128 (1x128 / 128x128 blocks). MXFP8: 32 (1x32 blocks).
 WEIGHT_ALIGN = {"delayed": 16, "tensorwise": 16, "blockwise": 128, "mxfp8": 32}
 
 _DECODER_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -116,20 +134,24 @@ _MTP = re.compile(r"^mtp\.")
 
 
 class TEUnavailable(Fp8Unavailable):
-    """A Transformer Engine precision was requested where TE cannot be imported or used (no silent fallback)."""
+    """A Transformer Engine precision was requested where TE cannot be imported or used (no silent
+    fallback)."""
 
 
-# ---------------------------------------------------------------------------------------------- import guard
+# ------------------------------------------------------------------------------------- import guard
 def _unavailable(what: str, exc: BaseException | None = None) -> TEUnavailable:
     cause = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
-    return TEUnavailable(f"{what} needs NVIDIA Transformer Engine, which cannot be used here{cause}. Fix: "
-                         f"`{INSTALL_HINT}` on a CUDA machine (Hopper or Blackwell), or choose precision=bf16, "
-                         "fp8_torch (torch-native FP8) or fp8_emulated (CPU tests).")
+    return TEUnavailable(
+        f"{what} needs NVIDIA Transformer Engine, which cannot be used here{cause}. Fix: "
+        f"`{INSTALL_HINT}` on a CUDA machine (Hopper or Blackwell), or choose precision=bf16, "
+        "fp8_torch (torch-native FP8) or fp8_emulated (CPU tests)."
+    )
 
 
 def import_te(what: str = "precision=fp8_te_*"):
-    """`transformer_engine.pytorch`, or `TEUnavailable`. TE's import can also fail with RuntimeError (missing CUDA
-    libraries, an empty meta package) or AssertionError (version mismatch), not only ImportError (ref §7.8)."""
+    """`transformer_engine.pytorch`, or `TEUnavailable`. TE's import can also fail with RuntimeError
+    (missing CUDA libraries, an empty meta package) or AssertionError (version mismatch), not only
+    ImportError (`transformer_engine/common/__init__.py`)."""
     try:
         import transformer_engine.pytorch as te  # noqa: PLC0415 - guarded, lazy import
     except Exception as exc:  # noqa: BLE001 - any failure to load TE is the same configuration problem
@@ -155,11 +177,12 @@ def te_available() -> bool:
 
 
 def is_te_precision(cfg: Any) -> bool:
-    """Whether a precision (its name, or a config / plan with a `name`) is a Transformer Engine mode."""
+    """Whether a precision (its name, or a config / plan with a `name`) is a Transformer Engine
+    mode."""
     return (cfg if isinstance(cfg, str) else getattr(cfg, "name", None)) in TE_PRECISIONS
 
 
-# ---------------------------------------------------------------------------------------------- recipes
+# ------------------------------------------------------------------------------------------ recipes
 @dataclass(frozen=True)
 class RecipeSpec:
     """A TE recipe as data: `recipe_class(fp8_format=Format.<fp8_format>, **dict(options))`."""
@@ -178,27 +201,31 @@ class RecipeSpec:
         return WEIGHT_ALIGN[self.recipe]
 
     def kwargs(self, format_enum: Any = None) -> dict[str, Any]:
-        """Constructor keyword arguments; `format_enum` is TE's `Format` (None keeps the member name)."""
+        """Constructor keyword arguments; `format_enum` is TE's `Format` (None keeps the member
+        name)."""
         fmt = getattr(format_enum, self.fp8_format) if format_enum is not None else self.fp8_format
         return {"fp8_format": fmt, **dict(self.options)}
 
 
 def recipe_spec(cfg: Any) -> RecipeSpec:
-    """The TE recipe for a `PrecisionConfig` or `PrecisionPlan` with an fp8_te_* name (ref §5.1 fields, §8.2
-    Megatron's mapping).
+    """The TE recipe for a `PrecisionConfig` with an fp8_te_* name (the classes of
+    `transformer_engine/common/recipe/__init__.py`, mapped as [MCore fp8_utils.py] does).
 
-    delayed: DelayedScaling(fp8_format, amax_history_len, amax_compute_algo, margin=0, reduce_amax=True). Amax
-        reduction is always on (TE asserts it under SP, ref §1.5, and it keeps ranks' scales identical).
+    delayed: DelayedScaling(fp8_format, amax_history_len, amax_compute_algo, margin=0,
+        reduce_amax=True). Amax reduction is always on (TE asserts it under SP, [module/base.py],
+        and it keeps ranks' scales identical).
     tensorwise: Float8CurrentScaling(fp8_format).
     blockwise: Float8BlockScaling(fp8_format, x_block_scaling_dim=1, w_block_scaling_dim=2,
-        grad_block_scaling_dim=1): 1x128 activation and gradient blocks, 128x128 weight blocks (the DeepSeek-V3
-        scheme, Hopper's production choice). These are TE's defaults, pinned here.
+        grad_block_scaling_dim=1): 1x128 activation and gradient blocks, 128x128 weight blocks
+        (the DeepSeek-V3 scheme, Hopper's production choice). These are TE's defaults, pinned here.
     mxfp8: MXFP8BlockScaling(fp8_format): 1x32 blocks with E8M0 scales, Blackwell sm_100/103.
     """
     name = getattr(cfg, "name", None)
     if name not in TE_PRECISIONS:
-        raise ValueError(f"precision {name!r} is not a Transformer Engine precision; use one of "
-                         f"{', '.join(TE_PRECISIONS)}.")
+        raise ValueError(
+            f"precision {name!r} is not a Transformer Engine precision; use one of "
+            f"{', '.join(TE_PRECISIONS)}."
+        )
     recipe = cfg.recipe or TE_PRECISIONS[name]
     if recipe != TE_PRECISIONS[name]:
         raise ValueError(f"precision {name} runs recipe {TE_PRECISIONS[name]!r}, not {recipe!r}.")
@@ -210,10 +237,18 @@ def recipe_spec(cfg: Any) -> RecipeSpec:
         algo = cfg.amax_compute_algo
         if algo not in ("max", "most_recent"):
             raise ValueError(f"precision.amax_compute_algo={algo!r}: use 'max' or 'most_recent'.")
-        options = (("margin", 0), ("amax_history_len", int(cfg.amax_history_len)),
-                   ("amax_compute_algo", algo), ("reduce_amax", True))
+        options = (
+            ("margin", 0),
+            ("amax_history_len", int(cfg.amax_history_len)),
+            ("amax_compute_algo", algo),
+            ("reduce_amax", True),
+        )
     elif recipe == "blockwise":
-        options = (("x_block_scaling_dim", 1), ("w_block_scaling_dim", 2), ("grad_block_scaling_dim", 1))
+        options = (
+            ("x_block_scaling_dim", 1),
+            ("w_block_scaling_dim", 2),
+            ("grad_block_scaling_dim", 1),
+        )
     return RecipeSpec(recipe, RECIPE_CLASSES[recipe], FP8_FORMATS[fmt], options)
 
 
@@ -222,7 +257,8 @@ _RECIPES: dict[RecipeSpec, Any] = {}
 
 def build_recipe(cfg_or_spec: Any, recipe_module: Any = None) -> Any:
     """The TE recipe object for a PrecisionConfig (or RecipeSpec). `recipe_module` defaults to
-    `transformer_engine.common.recipe`; one object per spec is cached, so every autocast reuses it."""
+    `transformer_engine.common.recipe`; one object per spec is cached, so every autocast reuses
+    it."""
     spec = cfg_or_spec if isinstance(cfg_or_spec, RecipeSpec) else recipe_spec(cfg_or_spec)
     if recipe_module is None:
         if spec not in _RECIPES:
@@ -232,11 +268,14 @@ def build_recipe(cfg_or_spec: Any, recipe_module: Any = None) -> Any:
     return getattr(recipe_module, spec.recipe_class)(**spec.kwargs(recipe_module.Format))
 
 
-# ---------------------------------------------------------------------------------------------- autocast
-def fp8_context(cfg: Any, group: Any = None, *, te: Any = None) -> contextlib.AbstractContextManager:
+# ----------------------------------------------------------------------------------------- autocast
+def fp8_context(
+    cfg: Any, group: Any = None, *, te: Any = None
+) -> contextlib.AbstractContextManager:
     """The autocast region a stage's forward runs in: TE's `autocast(enabled=True, recipe=<recipe>,
-    amax_reduction_group=group)` (ref §5.2) for fp8_te_* precisions, a nullcontext otherwise. Enter it around the
-    forward only; call backward outside it. `group`: the amax reduction group (mesh.tp_cp_dp_group)."""
+    amax_reduction_group=group)` for fp8_te_* precisions, a nullcontext otherwise. Enter
+    it around the forward only; call backward outside it. `group`: the amax reduction group
+    (mesh.tp_cp_dp_group)."""
     if not is_te_precision(cfg):
         return contextlib.nullcontext()
     te = te if te is not None else import_te(f"precision={cfg.name}")
@@ -244,19 +283,22 @@ def fp8_context(cfg: Any, group: Any = None, *, te: Any = None) -> contextlib.Ab
     autocast = getattr(te, "autocast", None)
     if autocast is not None:
         return autocast(enabled=True, recipe=recipe, amax_reduction_group=group)
-    return te.fp8_autocast(enabled=True, fp8_recipe=recipe, fp8_group=group)  # TE < 2.9 (deprecated in 2.9+)
+    # TE < 2.9 (deprecated in 2.9+)
+    return te.fp8_autocast(enabled=True, fp8_recipe=recipe, fp8_group=group)
 
 
 def amax_reduction_group(mesh: Any) -> Any:
-    """The group DelayedScaling reduces amaxes over: all ranks of the pipeline stage (TP x CP x DP), as
-    Megatron's default `get_amax_reduction_group(with_context_parallel=True)` (ref §8.3)."""
+    """The group DelayedScaling reduces amaxes over: all ranks of the pipeline stage (TP x CP x DP),
+    as Megatron's default `get_amax_reduction_group(with_context_parallel=True)` ([MCore
+    fp8_utils.py])."""
     return mesh.tp_cp_dp_group
 
 
-# ---------------------------------------------------------------------------------------------- what to convert
+# ---------------------------------------------------------------------------------- what to convert
 @dataclass(frozen=True)
 class Candidate:
-    """A module the pass considered: `kind` linear | experts | attention; `reason` says why it stays BF16."""
+    """A module the pass considered: `kind` linear | experts | attention; `reason` says why it stays
+    BF16."""
 
     name: str
     kind: str
@@ -266,31 +308,47 @@ class Candidate:
 
 
 def decoder_layer_index(name: str) -> int | None:
-    """Global decoder-layer index of a module name (`model.layers.<i>.` in a model or a pipeline chunk)."""
+    """Global decoder-layer index of a module name (`model.layers.<i>.` in a model or a pipeline
+    chunk)."""
     match = _DECODER_LAYER.match(name)
     return int(match.group(1)) if match else None
 
 
 def is_bf16_layer(index: int, num_layers: int, keep_first: int, keep_last: int) -> bool:
-    """Whether decoder layer `index` (global, 0-based) stays BF16 under keep_bf16_first/last_layers."""
+    """Whether decoder layer `index` (global, 0-based) stays BF16 under
+    keep_bf16_first/last_layers."""
     return index < keep_first or index >= num_layers - keep_last
 
 
 def _misaligned(shapes: list[tuple[int, ...]], align: int) -> str:
     bad = [s for s in shapes if any(d % align for d in s)]
-    return (f"weight shape(s) {sorted(set(bad))} not multiples of {align} (FP8 GEMM alignment of the recipe)"
-            if bad else "")
+    return (
+        f"weight shape(s) {sorted(set(bad))} not multiples of {align} (FP8 GEMM alignment of the "
+        "recipe)"
+        if bad
+        else ""
+    )
 
 
-def plan_te_conversion(root: nn.Module, num_layers: int, keep_first: int, keep_last: int, weight_align: int,
-                       *, fp8_mtp: bool = False, te_attention: bool = False) -> list[Candidate]:
-    """Every module `apply_te` would look at, with the decision. Pure: reads names, types and shapes only.
+def plan_te_conversion(
+    root: nn.Module,
+    num_layers: int,
+    keep_first: int,
+    keep_last: int,
+    weight_align: int,
+    *,
+    fp8_mtp: bool = False,
+    te_attention: bool = False,
+) -> list[Candidate]:
+    """Every module `apply_te` would look at, with the decision. Pure: reads names, types and shapes
+    only.
 
-    FP8 candidates: exactly `nn.Linear` (q/k/v/o projections, dense MLP, shared experts, and with `fp8_mtp`
-    `mtp.fc` and the MTP layer) and `GroupedExperts` (routed experts, also under expert parallel). Never: the router
-    (`Router`, fp32), the embedding, `lm_head` (`OutputHead` and the vocab-parallel head are not plain nn.Linear),
-    norms. Decoder layers inside the first `keep_first` / last `keep_last` stay BF16. With `te_attention`, every
-    `Attention` gets TE's DotProductAttention, which computes in BF16 (no FP8 attention recipe is used).
+    FP8 candidates: exactly `nn.Linear` (q/k/v/o projections, dense MLP, shared experts, and with
+    `fp8_mtp` `mtp.fc` and the MTP layer) and `GroupedExperts` (routed experts, also under expert
+    parallel). Never: the router (`Router`, fp32), the embedding, `lm_head` (`OutputHead` and the
+    vocab-parallel head are not plain nn.Linear), norms. Decoder layers inside the first
+    `keep_first` / last `keep_last` stay BF16. With `te_attention`, every `Attention` gets TE's
+    DotProductAttention, which computes in BF16 (no FP8 attention recipe is used).
     """
     out: list[Candidate] = []
     for name, module in root.named_modules():
@@ -305,14 +363,24 @@ def plan_te_conversion(root: nn.Module, num_layers: int, keep_first: int, keep_l
             continue
         layer = decoder_layer_index(name)
         if layer is not None and is_bf16_layer(layer, num_layers, keep_first, keep_last):
-            out.append(Candidate(name, kind, layer, False, f"decoder layer {layer} is kept in BF16 "
-                                 f"(keep_bf16_first_layers={keep_first}, keep_bf16_last_layers={keep_last})"))
+            out.append(
+                Candidate(
+                    name,
+                    kind,
+                    layer,
+                    False,
+                    f"decoder layer {layer} is kept in BF16 "
+                    f"(keep_bf16_first_layers={keep_first}, keep_bf16_last_layers={keep_last})",
+                )
+            )
             continue
         if layer is None and not _MTP.match(name):
             out.append(Candidate(name, kind, None, False, "outside the decoder layers"))
             continue
         if layer is None and not fp8_mtp:
-            out.append(Candidate(name, kind, None, False, "MTP module is kept in BF16 (fp8_mtp=False)"))
+            out.append(
+                Candidate(name, kind, None, False, "MTP module is kept in BF16 (fp8_mtp=False)")
+            )
             continue
         problem = _misaligned(shapes, weight_align)
         out.append(Candidate(name, kind, layer, not problem, problem))
@@ -322,8 +390,13 @@ def plan_te_conversion(root: nn.Module, num_layers: int, keep_first: int, keep_l
 def _attention_candidate(root: nn.Module, name: str, attn: Attention) -> Candidate:
     window = _window_of(root, name)
     if window is not None and window < 2:
-        return Candidate(name, "attention", decoder_layer_index(name), False,
-                         f"sliding window {window} < 2: packed documents cannot be told apart from the mask")
+        return Candidate(
+            name,
+            "attention",
+            decoder_layer_index(name),
+            False,
+            f"sliding window {window} < 2: packed documents cannot be told apart from the mask",
+        )
     return Candidate(name, "attention", decoder_layer_index(name), True)
 
 
@@ -337,10 +410,11 @@ def _window_of(root: nn.Module, attention_name: str) -> int | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------- the pass
+# ----------------------------------------------------------------------------------------- the pass
 @dataclass
 class TEConversion:
-    """What `apply_te` did: the recipe, the converted modules, the modules kept in BF16 with the reason."""
+    """What `apply_te` did: the recipe, the converted modules, the modules kept in BF16 with the
+    reason."""
 
     recipe: RecipeSpec
     converted: list[str] = field(default_factory=list)
@@ -352,49 +426,78 @@ class TEConversion:
             key = reason.split(" (")[0]
             kinds[key] = kinds.get(key, 0) + 1
         kept = "; ".join(f"{n} x {k}" for k, n in sorted(kinds.items())) or "none"
-        return (f"Transformer Engine {self.recipe.recipe_class}({self.recipe.fp8_format}): "
-                f"{len(self.converted)} module(s) converted; kept in BF16: {kept}")
+        return (
+            f"Transformer Engine {self.recipe.recipe_class}({self.recipe.fp8_format}): "
+            f"{len(self.converted)} module(s) converted; kept in BF16: {kept}"
+        )
 
 
 TE_PLAN_ATTR = "_exaone_te_conversion"
 
 
-def apply_te(root: nn.Module, precision_cfg: Any, tp_group: Any = None, sequence_parallel: bool = True, *,
-             amax_group: Any = None, num_layers: int | None = None, fp8_mtp: bool = False,
-             te_attention: bool = False, autocast_forward: bool = True, strict: bool = False,
-             te: Any = None) -> TEConversion:
-    """Convert `root` (a model or pipeline chunk, after the TP and EP passes, on the meta device) to TE modules
-    in place; return what was done.
+def apply_te(
+    root: nn.Module,
+    precision_cfg: Any,
+    tp_group: Any = None,
+    sequence_parallel: bool = True,
+    *,
+    amax_group: Any = None,
+    num_layers: int | None = None,
+    fp8_mtp: bool = False,
+    te_attention: bool = False,
+    autocast_forward: bool = True,
+    strict: bool = False,
+    te: Any = None,
+) -> TEConversion:
+    """Convert `root` (a model or pipeline chunk, after the TP and EP passes, on the meta device) to
+    TE modules in place; return what was done.
 
-    `tp_group` / `sequence_parallel`: the layout the TP pass applied. TE modules run on the local shards with
-    `parallel_mode=None` and our TP/SP hooks do the communication (module docstring, point 1), so `tp_group` is
-    only the fallback amax reduction group when `amax_group` is None. `amax_group`: pass `mesh.tp_cp_dp_group`.
-    `num_layers`: the model's decoder layer count (default `root.config.num_hidden_layers`). `autocast_forward`:
-    wrap `root.forward` in `fp8_context` (leave False if the caller enters `fp8_context` around each stage
-    forward itself). `strict`: raise instead of keeping misaligned layers in BF16. `te`: the
-    `transformer_engine.pytorch` module (tests inject a stand-in).
+    `tp_group` / `sequence_parallel`: the layout the TP pass applied. TE modules run on the local
+    shards with `parallel_mode=None` and our TP/SP hooks do the communication (module docstring,
+    point 1), so `tp_group` is only the fallback amax reduction group when `amax_group` is None.
+    `amax_group`: pass `mesh.tp_cp_dp_group`. `num_layers`: the model's decoder layer count (default
+    `root.config.num_hidden_layers`). `autocast_forward`: wrap `root.forward` in `fp8_context`
+    (leave False if the caller enters `fp8_context` around each stage forward itself). `strict`:
+    raise instead of keeping misaligned layers in BF16. `te`: the `transformer_engine.pytorch`
+    module (tests inject a stand-in).
     """
     del sequence_parallel  # see the docstring: TE's own SP machinery stays off
     spec = recipe_spec(precision_cfg)
     if te is None:
         te = import_te(f"precision={precision_cfg.name}")
         if not torch.cuda.is_available():
-            raise TEUnavailable(f"precision={precision_cfg.name}: Transformer Engine modules need a CUDA device "
-                                "(TE raises 'TransformerEngine needs CUDA.' otherwise); run on a GPU or use "
-                                "precision=fp8_emulated / bf16 here.")
+            raise TEUnavailable(
+                f"precision={precision_cfg.name}: Transformer Engine modules need a CUDA device "
+                "(TE raises 'TransformerEngine needs CUDA.' otherwise); run on a GPU or use "
+                "precision=fp8_emulated / bf16 here."
+            )
     if num_layers is None:
         config = getattr(root, "config", None)
         if config is None:
-            raise ValueError("apply_te: pass num_layers (the model's decoder layer count): root has no .config.")
+            raise ValueError(
+                "apply_te: pass num_layers (the model's decoder layer count): root has no .config."
+            )
         num_layers = config.num_hidden_layers
-    keep_first, keep_last = precision_cfg.keep_bf16_first_layers, precision_cfg.keep_bf16_last_layers
-    candidates = plan_te_conversion(root, num_layers, keep_first, keep_last, spec.weight_align, fp8_mtp=fp8_mtp,
-                                    te_attention=te_attention)
+    keep_first, keep_last = (
+        precision_cfg.keep_bf16_first_layers,
+        precision_cfg.keep_bf16_last_layers,
+    )
+    candidates = plan_te_conversion(
+        root,
+        num_layers,
+        keep_first,
+        keep_last,
+        spec.weight_align,
+        fp8_mtp=fp8_mtp,
+        te_attention=te_attention,
+    )
     report = TEConversion(spec)
     misaligned = [c for c in candidates if not c.convert and "alignment" in c.reason]
     if strict and misaligned:
-        raise ValueError("these modules cannot run FP8 GEMMs with recipe " f"{spec.recipe!r}: " +
-                         "; ".join(f"{c.name}: {c.reason}" for c in misaligned))
+        raise ValueError(
+            "these modules cannot run FP8 GEMMs with recipe "
+            f"{spec.recipe!r}: " + "; ".join(f"{c.name}: {c.reason}" for c in misaligned)
+        )
     for c in candidates:
         if not c.convert:
             report.kept_bf16[c.name] = c.reason
@@ -408,9 +511,15 @@ def apply_te(root: nn.Module, precision_cfg: Any, tp_group: Any = None, sequence
             _convert_attention(module, te, _window_of(root, c.name))
         report.converted.append(c.name)
     if misaligned:
-        log.warning("precision=%s: %d module(s) stay BF16 because their shapes do not meet the FP8 alignment of "
-                    "%s, e.g. %s: %s", precision_cfg.name, len(misaligned), spec.recipe, misaligned[0].name,
-                    misaligned[0].reason)
+        log.warning(
+            "precision=%s: %d module(s) stay BF16 because their shapes do not meet the FP8 "
+            "alignment of %s, e.g. %s: %s",
+            precision_cfg.name,
+            len(misaligned),
+            spec.recipe,
+            misaligned[0].name,
+            misaligned[0].reason,
+        )
     if autocast_forward:
         _wrap_forward(root, precision_cfg, amax_group if amax_group is not None else tp_group, te)
     object.__setattr__(root, TE_PLAN_ATTR, report)
@@ -428,13 +537,21 @@ def _wrap_forward(root: nn.Module, cfg: Any, group: Any, te: Any) -> None:
     root.forward = forward
 
 
-# ---------------------------------------------------------------------------------------------- module swaps
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+# ------------------------------------------------------------------------------------- module swaps
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
 
 
 def _swap(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace submodule `name` by `new`, carrying over the old module's hooks (e.g. mtp.fc's TP hooks)."""
+    """Replace submodule `name` by `new`, carrying over the old module's hooks (e.g. mtp.fc's TP
+    hooks)."""
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     old = getattr(parent, attr)
@@ -445,14 +562,19 @@ def _swap(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _materialize_plain_tensors_once(module: nn.Module) -> None:
-    """TE stores absent biases as plain empty tensors on the construction device (ref §1.3, §3); built on meta,
-    `materialize`'s `to_empty` does not move them. Move them to the input's device before the first forward."""
+    """TE stores absent biases as plain empty tensors on the construction device
+    ([module/linear.py], [module/grouped_linear.py]); built on meta, `materialize`'s `to_empty` does
+    not move them. Move them to the input's device before the first forward."""
+
     def hook(mod: nn.Module, args: tuple) -> None:
         device = args[0].device if args and isinstance(args[0], torch.Tensor) else None
         if device is not None:
             for key, value in list(vars(mod).items()):
-                if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) \
-                        and value.device.type == "meta":
+                if (
+                    isinstance(value, torch.Tensor)
+                    and not isinstance(value, nn.Parameter)
+                    and value.device.type == "meta"
+                ):
                     setattr(mod, key, torch.empty_like(value, device=device))
         handle.remove()
 
@@ -460,31 +582,38 @@ def _materialize_plain_tensors_once(module: nn.Module) -> None:
 
 
 def _te_linear(linear: nn.Linear, te: Any) -> nn.Module:
-    """te.Linear with the local shape of `linear`, no bias, no TE parallelism (ref §1.1), holding `linear`'s own
-    weight Parameter. Built on "meta" (TE defers init there, `reset_parameters(defer_init=device == "meta")`)."""
+    """te.Linear with the local shape of `linear`, no bias, no TE parallelism, holding
+    `linear`'s own weight Parameter. Built on "meta" (TE defers init there,
+    `reset_parameters(defer_init=device == "meta")`)."""
     weight = linear.weight
     out_features, in_features = weight.shape
-    new = te.Linear(in_features=in_features, out_features=out_features, bias=False, params_dtype=weight.dtype,
-                    parallel_mode=None, device="meta")
+    new = te.Linear(
+        in_features=in_features,
+        out_features=out_features,
+        bias=False,
+        params_dtype=weight.dtype,
+        parallel_mode=None,
+        device="meta",
+    )
     new.weight = weight
     _materialize_plain_tensors_once(new)
     return new
 
 
 class TEGroupedExperts(GroupedExperts):
-    """Routed experts whose grouped GEMMs run in `te.GroupedLinear`, over our stacked parameters (names,
-    shapes and init unchanged). Set up by `_convert_experts`: `te_gate`, `te_up`, `te_down` (GroupedLinear with
-    their per-GEMM weight Parameters removed), `te_pad` / `te_unpad` (Fp8Padding / Fp8Unpadding) and `te_align`
-    (the rows each split is padded to)."""
+    """Routed experts whose grouped GEMMs run in `te.GroupedLinear`, over our stacked parameters
+    (names, shapes and init unchanged). Set up by `_convert_experts`: `te_gate`, `te_up`, `te_down`
+    (GroupedLinear with their per-GEMM weight Parameters removed), `te_pad` / `te_unpad` (Fp8Padding
+    / Fp8Unpadding) and `te_align` (the rows each split is padded to)."""
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         splits = [int(c) for c in counts.tolist()]
         rows = x.shape[0]
         if rows == 0:
-            # Nothing routed here, but every TE module must still run: DelayedScaling registers a module's amaxes
-            # on its first forward and all-reduces them by position over the amax group, so a rank that skipped
-            # would misalign every rank's buffer. One aligned block of zero rows for the first expert gives zero
-            # outputs (cut off below) and zero gradients.
+            # Nothing routed here, but every TE module must still run: DelayedScaling registers a
+            # module's amaxes on its first forward and all-reduces them by position over the amax
+            # group, so a rank that skipped would misalign every rank's buffer. One aligned block of
+            # zero rows for the first expert gives zero outputs (cut off below) and zero gradients.
             x = torch.cat([x, x.new_zeros(self.te_align, x.shape[1])])
             splits = [self.te_align] + [0] * (len(splits) - 1)
         x, padded = self.te_pad(x, splits)
@@ -496,9 +625,12 @@ class TEGroupedExperts(GroupedExperts):
         return out[:rows]
 
 
-def _grouped_gemm(module: nn.Module, x: torch.Tensor, splits: list[int], stacked: torch.Tensor) -> torch.Tensor:
-    """y = per-split x_e @ stacked[e].T by `module` (a te.GroupedLinear), with its weight{e} bound to views of the
-    stacked tensor; one UnbindBackward gathers the expert gradients into the stacked gradient."""
+def _grouped_gemm(
+    module: nn.Module, x: torch.Tensor, splits: list[int], stacked: torch.Tensor
+) -> torch.Tensor:
+    """y = per-split x_e @ stacked[e].T by `module` (a te.GroupedLinear), with its weight{e} bound
+    to views of the stacked tensor; one UnbindBackward gathers the expert gradients into the stacked
+    gradient."""
     for e, weight in enumerate(stacked.unbind(0)):
         setattr(module, f"weight{e}", weight)
     return module(x, splits)
@@ -509,13 +641,16 @@ _TE_EXPERT_CLASSES: dict[type, type] = {}
 
 def _te_experts_class(cls: type) -> type:
     """TE variant of an experts class: TEGroupedExperts itself, or a subclass combining e.g.
-    ExpertParallelExperts (whose all-to-all forward calls `super().forward`, which then resolves to the TE GEMMs)."""
+    ExpertParallelExperts (whose all-to-all forward calls `super().forward`, which then resolves to
+    the TE GEMMs)."""
     if issubclass(cls, TEGroupedExperts):
         return cls
     if cls is GroupedExperts:
         return TEGroupedExperts
     if cls not in _TE_EXPERT_CLASSES:
-        _TE_EXPERT_CLASSES[cls] = type(f"TE{cls.__name__}", (cls, TEGroupedExperts), {"__module__": __name__})
+        _TE_EXPERT_CLASSES[cls] = type(
+            f"TE{cls.__name__}", (cls, TEGroupedExperts), {"__module__": __name__}
+        )
     return _TE_EXPERT_CLASSES[cls]
 
 
@@ -524,8 +659,15 @@ def _convert_experts(experts: GroupedExperts, te: Any, spec: RecipeSpec) -> None
     dtype = experts.gate_proj.dtype
 
     def grouped(in_features: int, out_features: int) -> nn.Module:
-        module = te.GroupedLinear(num_gemms=num, in_features=in_features, out_features=out_features, bias=False,
-                                  params_dtype=dtype, parallel_mode=None, device="meta")
+        module = te.GroupedLinear(
+            num_gemms=num,
+            in_features=in_features,
+            out_features=out_features,
+            bias=False,
+            params_dtype=dtype,
+            parallel_mode=None,
+            device="meta",
+        )
         for e in range(num):  # our stacked Parameters are the weights; see _grouped_gemm
             delattr(module, f"weight{e}")
         _materialize_plain_tensors_once(module)
@@ -540,13 +682,15 @@ def _convert_experts(experts: GroupedExperts, te: Any, spec: RecipeSpec) -> None
     experts.te_unpad = te.Fp8Unpadding(num, align_size=spec.split_align)
 
 
-# ---------------------------------------------------------------------------------------------- TE attention
+# ------------------------------------------------------------------------------------- TE attention
 class TEAttention(Attention):
-    """Attention whose core (softmax(QK^T)V) is `te.DotProductAttention` (`core_attention`); projections, QK-norm
-    and RoPE as the model's. Sliding window from the constructor; packed documents as THD."""
+    """Attention whose core (softmax(QK^T)V) is `te.DotProductAttention` (`core_attention`);
+    projections, QK-norm and RoPE as the model's. Sliding window from the constructor; packed
+    documents as THD."""
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None
-                ) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None
+    ) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(batch, seq, -1, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(batch, seq, -1, self.head_dim))
@@ -560,16 +704,23 @@ class TEAttention(Attention):
             out = self.core_attention(q, k, v, qkv_format="bshd", attn_mask_type="causal")
         else:
             tokens = batch * seq
-            out = self.core_attention(q.view(tokens, *q.shape[2:]), k.view(tokens, *k.shape[2:]),
-                                      v.view(tokens, *v.shape[2:]), qkv_format="thd",
-                                      attn_mask_type="padding_causal", cu_seqlens_q=cu_seqlens,
-                                      cu_seqlens_kv=cu_seqlens, max_seqlen_q=seq, max_seqlen_kv=seq)
+            out = self.core_attention(
+                q.view(tokens, *q.shape[2:]),
+                k.view(tokens, *k.shape[2:]),
+                v.view(tokens, *v.shape[2:]),
+                qkv_format="thd",
+                attn_mask_type="padding_causal",
+                cu_seqlens_q=cu_seqlens,
+                cu_seqlens_kv=cu_seqlens,
+                max_seqlen_q=seq,
+                max_seqlen_kv=seq,
+            )
         return self.o_proj(out.reshape(batch, seq, -1))
 
 
 def te_window_size(window: int | None) -> tuple[int, int]:
-    """TE's inclusive (left, right) window for our sliding window W (query i sees keys i-W < j <= i): (W-1, 0);
-    (-1, 0) is plain causal (ref §4.2)."""
+    """TE's inclusive (left, right) window for our sliding window W (query i sees keys i-W < j <=
+    i): (W-1, 0); (-1, 0) is plain causal (`check_set_window_size`)."""
     return (-1, 0) if window is None else (window - 1, 0)
 
 
@@ -577,13 +728,15 @@ _CU_CACHE: list[tuple[weakref.ref, torch.Tensor | None]] = []
 
 
 def packed_cu_seqlens(mask: Any, batch: int, seq: int) -> torch.Tensor | None:
-    """int32 cumulative document lengths over the flattened [batch * seq] tokens, from the model's attention mask
-    (`model.attention.attention_mask`: a boolean [B, 1, S, S] tensor, True = attend, or on GPU a FlexAttention
-    BlockMask): a token starts a document when it cannot see its predecessor. None when no row holds more than one
-    document (no mask, or only causal/window structure): use bshd + causal instead.
+    """int32 cumulative document lengths over the flattened [batch * seq] tokens, from the model's
+    attention mask (`model.attention.attention_mask`: a boolean [B, 1, S, S] tensor, True = attend,
+    or on GPU a FlexAttention BlockMask): a token starts a document when it cannot see its
+    predecessor. None when no row holds more than one document (no mask, or only causal/window
+    structure): use bshd + causal instead.
 
-    Needs a sliding window >= 2 (a window of 1 hides every predecessor). One host sync per mask; every layer of a
-    forward shares the mask objects, so the result is cached (by weak reference) for the last few masks."""
+    Needs a sliding window >= 2 (a window of 1 hides every predecessor). One host sync per mask;
+    every layer of a forward shares the mask objects, so the result is cached (by weak reference)
+    for the last few masks."""
     if mask is None or seq < 2:
         return None
     for cached_mask, cached in _CU_CACHE:
@@ -616,33 +769,52 @@ def _sees_previous_token(mask: Any, batch: int, seq: int) -> torch.Tensor:
 def _convert_attention(attn: Attention, te: Any, window: int | None) -> None:
     heads = attn.q_proj.out_features // attn.head_dim
     kv_heads = attn.k_proj.out_features // attn.head_dim
-    attn.__class__ = TEAttention if type(attn) is Attention else type(
-        f"TE{type(attn).__name__}", (type(attn), TEAttention), {"__module__": __name__})
+    attn.__class__ = (
+        TEAttention
+        if type(attn) is Attention
+        else type(f"TE{type(attn).__name__}", (type(attn), TEAttention), {"__module__": __name__})
+    )
     attn.core_attention = te.DotProductAttention(
-        num_attention_heads=heads, kv_channels=attn.head_dim, num_gqa_groups=kv_heads, attention_dropout=0.0,
-        qkv_format="bshd", attn_mask_type="causal", window_size=te_window_size(window),
-        softmax_scale=attn.head_dim ** -0.5)
+        num_attention_heads=heads,
+        kv_channels=attn.head_dim,
+        num_gqa_groups=kv_heads,
+        attention_dropout=0.0,
+        qkv_format="bshd",
+        attn_mask_type="causal",
+        window_size=te_window_size(window),
+        softmax_scale=attn.head_dim**-0.5,
+    )
 
 
-# ---------------------------------------------------------------------------------------------- recompute
+# ---------------------------------------------------------------------------------------- recompute
 def holds_te_modules(module: nn.Module) -> bool:
-    """Whether `module` contains a module `apply_te` created (a recompute of it must re-enter the autocast)."""
-    return any(isinstance(m, (TEGroupedExperts, TEAttention)) or _is_te_module(m) for m in module.modules())
+    """Whether `module` contains a module `apply_te` created (a recompute of it must re-enter the
+    autocast)."""
+    return any(
+        isinstance(m, (TEGroupedExperts, TEAttention)) or _is_te_module(m) for m in module.modules()
+    )
 
 
-def recompute_checkpoint(function: Callable, *args: Any, context_fn: Callable | None = None, te: Any = None,
-                         **kwargs: Any) -> Any:
-    """Drop-in for `torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, context_fn=...)`
-    that recomputes under the forward's FP8 autocast: TE's `checkpoint` (transformer_engine.pytorch.checkpoint)."""
+def recompute_checkpoint(
+    function: Callable,
+    *args: Any,
+    context_fn: Callable | None = None,
+    te: Any = None,
+    **kwargs: Any,
+) -> Any:
+    """Drop-in for `torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False,
+    context_fn=...)` that recomputes under the forward's FP8 autocast: TE's `checkpoint`
+    (transformer_engine.pytorch.checkpoint)."""
     te = te if te is not None else import_te("activation recompute of Transformer Engine modules")
     if context_fn is not None:
         kwargs["context_fn"] = context_fn
     return te.checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 
-# ---------------------------------------------------------------------------------------------- extra state
+# -------------------------------------------------------------------------------------- extra state
 def _is_te_module(module: nn.Module) -> bool:
-    """A Transformer Engine module (they all carry `fp8_meta` and FP8 `get_extra_state`), without importing TE."""
+    """A Transformer Engine module (they all carry `fp8_meta` and FP8 `get_extra_state`), without
+    importing TE."""
     return hasattr(module, "fp8_meta") and callable(getattr(module, "get_extra_state", None))
 
 
@@ -653,14 +825,17 @@ def te_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def te_extra_state(root: nn.Module) -> dict[str, torch.Tensor]:
-    """`<module name>._extra_state` -> TE's uint8 extra state (FP8 metadata; empty for stateless recipes, ref
-    §6.1) for every TE module of `root`. Per rank: save it next to the RNG states."""
+    """`<module name>._extra_state` -> TE's uint8 extra state (FP8 metadata; empty for stateless
+    recipes) for every TE module of `root`. Per rank: save it next to the RNG states."""
     return {f"{name}._extra_state": module.get_extra_state() for name, module in te_modules(root)}
 
 
-def load_te_extra_state(root: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True) -> list[str]:
-    """Restore `te_extra_state` output into `root`'s TE modules; returns the keys it set. `strict`: every TE
-    module must have an entry. DelayedScaling payloads need NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1 on TE >= 2.18."""
+def load_te_extra_state(
+    root: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True
+) -> list[str]:
+    """Restore `te_extra_state` output into `root`'s TE modules; returns the keys it set. `strict`:
+    every TE module must have an entry. DelayedScaling payloads need
+    NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1 on TE >= 2.18."""
     loaded = []
     for name, module in te_modules(root):
         key = f"{name}._extra_state"
@@ -673,10 +848,30 @@ def load_te_extra_state(root: nn.Module, state: Mapping[str, torch.Tensor], stri
 
 
 __all__ = [
-    "INSTALL_HINT", "RECIPE_CLASSES", "TE_PRECISIONS", "Candidate", "RecipeSpec", "TEAttention", "TEConversion",
-    "TEGroupedExperts", "TEUnavailable", "amax_reduction_group", "apply_te", "build_recipe", "decoder_layer_index",
-    "fp8_context", "holds_te_modules", "import_te", "is_bf16_layer", "is_te_precision", "load_te_extra_state",
-    "packed_cu_seqlens", "plan_te_conversion", "recipe_spec", "recompute_checkpoint", "te_available",
-    "te_extra_state", "te_window_size",
+    "INSTALL_HINT",
+    "RECIPE_CLASSES",
+    "TE_PRECISIONS",
+    "Candidate",
+    "RecipeSpec",
+    "TEAttention",
+    "TEConversion",
+    "TEGroupedExperts",
+    "TEUnavailable",
+    "amax_reduction_group",
+    "apply_te",
+    "build_recipe",
+    "decoder_layer_index",
+    "fp8_context",
+    "holds_te_modules",
+    "import_te",
+    "is_bf16_layer",
+    "is_te_precision",
+    "load_te_extra_state",
+    "packed_cu_seqlens",
+    "plan_te_conversion",
+    "recipe_spec",
+    "recompute_checkpoint",
+    "te_available",
+    "te_extra_state",
+    "te_window_size",
 ]
-

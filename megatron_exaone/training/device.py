@@ -1,4 +1,5 @@
-"""Which device a launch computes on: `trainer.device` (auto, cpu, cuda) resolved once, never silently."""
+"""Which device a launch computes on: `trainer.device` (auto, cpu, cuda) resolved once, never
+silently."""
 
 from __future__ import annotations
 
@@ -15,14 +16,17 @@ class DeviceUnavailable(UserError, ValueError):
 
 
 def resolve_device(device: str) -> str:
-    """`trainer.device` -> "cpu" or "cuda"; asking for CUDA without one is an error, not a CPU run."""
+    """`trainer.device` -> "cpu" or "cuda"; asking for CUDA without one is an error, not a CPU
+    run."""
     if device not in DEVICES:
         raise DeviceUnavailable(f"trainer.device={device!r}: use one of {', '.join(DEVICES)}.")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise DeviceUnavailable("trainer.device=cuda but torch sees no CUDA device; run on a GPU machine or set "
-                                "trainer.device=cpu (or auto).")
+        raise DeviceUnavailable(
+            "trainer.device=cuda but torch sees no CUDA device; run on a GPU machine or set "
+            "trainer.device=cpu (or auto)."
+        )
     return device
 
 

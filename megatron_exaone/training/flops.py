@@ -1,10 +1,11 @@
 """Model FLOPs per token (forward + backward) for MFU, counting what the model really computes.
 
-Matrix multiplies cost 6 FLOPs per weight per token (2 forward, 4 backward), over the *active* weights: attention
-projections, the dense MLP or the k routed experts plus the shared experts, the router, the output head and the
-MTP layers. Attention scores and values cost 12 * heads * head_dim FLOPs per token per attended key (QK^T and PV,
-forward and backward): on average (S + 1) / 2 keys for causal global layers and min(W, ~S) for sliding layers of
-window W. Recompute is not counted (model FLOPs, as in MFU).
+Matrix multiplies cost 6 FLOPs per weight per token (2 forward, 4 backward), over the *active*
+weights: attention projections, the dense MLP or the k routed experts plus the shared experts, the
+router, the output head and the MTP layers. Attention scores and values cost 12 * heads * head_dim
+FLOPs per token per attended key (QK^T and PV, forward and backward): on average (S + 1) / 2 keys
+for causal global layers and min(W, ~S) for sliding layers of window W. Recompute is not counted
+(model FLOPs, as in MFU).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def attention_weights(c: ModelConfig) -> int:
 
 
 def moe_active_weights(c: ModelConfig) -> int:
-    """Weights one token touches in a sparse MLP: its k routed experts, the shared experts and the router."""
+    """Weights one token touches in a sparse MLP: its k routed experts, the shared experts and the
+    router."""
     per_expert = 3 * c.hidden_size * c.moe_intermediate_size
     router = c.num_experts * c.hidden_size
     return per_expert * (c.num_experts_per_tok + c.num_shared_experts) + router
@@ -44,7 +46,12 @@ def active_matmul_weights(c: ModelConfig) -> int:
     for mlp_type in c.mlp_layer_types:
         total += attention_weights(c) + (dense_mlp if mlp_type == DENSE else moe_active_weights(c))
     if c.num_nextn_predict_layers and c.mtp_loss_weight > 0:
-        per_mtp = 2 * c.hidden_size * c.hidden_size + attention_weights(c) + dense_mlp + c.hidden_size * c.vocab_size
+        per_mtp = (
+            2 * c.hidden_size * c.hidden_size
+            + attention_weights(c)
+            + dense_mlp
+            + c.hidden_size * c.vocab_size
+        )
         total += per_mtp * c.num_nextn_predict_layers
     return total
 
@@ -52,21 +59,32 @@ def active_matmul_weights(c: ModelConfig) -> int:
 def flops_per_token(c: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward) at sequence length `seq_len`."""
     attn_per_key = 12 * c.num_attention_heads * c.head_dim
-    attention = sum(attn_per_key * attended_keys(t, seq_len, c.sliding_window) for t in c.layer_types)
+    attention = sum(
+        attn_per_key * attended_keys(t, seq_len, c.sliding_window) for t in c.layer_types
+    )
     if c.num_nextn_predict_layers and c.mtp_loss_weight > 0:
-        attention += sum(attn_per_key * attended_keys(t, seq_len, c.sliding_window) for t in c.mtp_layer_types)
+        attention += sum(
+            attn_per_key * attended_keys(t, seq_len, c.sliding_window) for t in c.mtp_layer_types
+        )
     return 6 * active_matmul_weights(c) + attention
 
 
-def fp8_matmul_flops(c: ModelConfig, keep_bf16_first_layers: int = 1, keep_bf16_last_layers: int = 1,
-                     fp8_expert_wgrad: bool = False, fp8_mtp: bool = False, fp8_lm_head: bool = False) -> float:
-    """FLOPs per token of the GEMMs that an FP8 precision runs in FP8 (`precision.apply`'s rule). All three GEMMs
-    (6 FLOPs per weight) of the attention projections, dense MLPs and shared experts of decoder layers
-    first <= i < L - last. Of their routed experts, forward and input gradient (4); the weight gradient too with
-    `fp8_expert_wgrad`. The MTP layer's fc, attention and MLP with `fp8_mtp`. The output head's logits and input
-    gradient (4 per weight, for the main loss and each MTP loss) with `fp8_lm_head`. The router, attention
-    scores and the rest stay BF16. Amdahl: FP8 GEMMs x times faster make a step at most
-    1 / (1 - share + share / x) faster, share = this / `flops_per_token`."""
+def fp8_matmul_flops(
+    c: ModelConfig,
+    keep_bf16_first_layers: int = 1,
+    keep_bf16_last_layers: int = 1,
+    fp8_expert_wgrad: bool = False,
+    fp8_mtp: bool = False,
+    fp8_lm_head: bool = False,
+) -> float:
+    """FLOPs per token of the GEMMs that an FP8 precision runs in FP8 (`precision.apply`'s rule).
+    All three GEMMs (6 FLOPs per weight) of the attention projections, dense MLPs and shared experts
+    of decoder layers first <= i < L - last. Of their routed experts, forward and input gradient
+    (4); the weight gradient too with `fp8_expert_wgrad`. The MTP layer's fc, attention and MLP with
+    `fp8_mtp`. The output head's logits and input gradient (4 per weight, for the main loss and each
+    MTP loss) with `fp8_lm_head`. The router, attention scores and the rest stay BF16. Amdahl: FP8
+    GEMMs x times faster make a step at most 1 / (1 - share + share / x) faster, share = this /
+    `flops_per_token`."""
     dense_mlp = 3 * c.hidden_size * c.intermediate_size
     expert = 3 * c.hidden_size * c.moe_intermediate_size
     total = 0
@@ -82,14 +100,17 @@ def fp8_matmul_flops(c: ModelConfig, keep_bf16_first_layers: int = 1, keep_bf16_
             total += 6 * expert * c.num_shared_experts + routed
     mtp_layers = c.num_nextn_predict_layers if c.mtp_loss_weight > 0 else 0
     if fp8_mtp:
-        total += 6 * (2 * c.hidden_size * c.hidden_size + attention_weights(c) + dense_mlp) * mtp_layers
+        total += (
+            6 * (2 * c.hidden_size * c.hidden_size + attention_weights(c) + dense_mlp) * mtp_layers
+        )
     if fp8_lm_head:
         total += 4 * c.hidden_size * c.vocab_size * (1 + mtp_layers)
     return float(total)
 
 
 def peak_flops(device_name: str) -> float | None:
-    """Dense BF16 peak of one device, when known (H100/H200: 989 TFLOP/s); None on CPU or unknown devices."""
+    """Dense BF16 peak of one device, when known (H100/H200: 989 TFLOP/s); None on CPU or unknown
+    devices."""
     name = device_name.lower()
     if "h100" in name or "h200" in name:
         return H100_BF16_DENSE_PEAK

@@ -1,5 +1,6 @@
-"""Where a step's numbers go: the console (a line a person can read), run_dir/metrics.jsonl (one JSON object per
-optimizer step) and, optionally, Weights & Biases (offline unless an API key is configured). Rank 0 only."""
+"""Where a step's numbers go: the console (a line a person can read), run_dir/metrics.jsonl (one
+JSON object per optimizer step) and, optionally, Weights & Biases (offline unless an API key is
+configured). Rank 0 only."""
 
 from __future__ import annotations
 
@@ -22,8 +23,14 @@ def _duration(seconds: float) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | os.PathLike, enabled: bool, total_tokens: int, wandb_settings: dict | None = None,
-                 run_config: dict | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        enabled: bool,
+        total_tokens: int,
+        wandb_settings: dict | None = None,
+        run_config: dict | None = None,
+    ) -> None:
         self.enabled = enabled
         self.total_tokens = total_tokens
         self.start = time.perf_counter()
@@ -35,32 +42,53 @@ class MetricsLogger:
         path = Path(run_dir) / "metrics.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = path.open("a")
-        if self.file.tell() and not _ends_with_newline(path):  # a process killed mid-line: start a fresh line
+        # a process killed mid-line: start a fresh line
+        if self.file.tell() and not _ends_with_newline(path):
             self.file.write("\n")
         if wandb_settings and wandb_settings.get("enabled"):
             self.wandb = _start_wandb(wandb_settings, run_config or {}, Path(run_dir))
 
     def log(self, record: dict[str, Any], stage_name: str) -> None:
-        """Write one optimizer step; `record` has at least step, loss, lm_loss, mtp_loss, aux_loss, grad_norm, lr,
-        tokens, stage and tokens_per_s."""
+        """Write one optimizer step; `record` has at least step, loss, lm_loss, mtp_loss, aux_loss,
+        grad_norm, lr, tokens, stage and tokens_per_s."""
         if not self.enabled:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+            self.wandb.log(
+                {k: v for k, v in record.items() if isinstance(v, (int, float))},
+                step=record["step"],
+            )
         if self.start_tokens is None:
             self.start_tokens = record["tokens"] - record.get("step_tokens", 0)
         rate = record.get("tokens_per_s") or 0.0
         eta = (self.total_tokens - record["tokens"]) / rate if rate else float("nan")
         mfu = f"{100 * record['mfu']:.1f}%" if record.get("mfu") is not None else "n/a"
-        memory = (f" | memory {record['peak_memory_gib']:.1f} of {record['gpu_memory_gib']:.0f} GiB"
-                  if record.get("peak_memory_gib") is not None else "")
-        log.info("step %d | stage %d %s | loss %.4f (lm %.4f, mtp %.4f, aux %.2e) | grad norm %.3f | lr %.2e | "
-                 "%.0f tok/s | MFU %s%s | %s tokens | ETA %s%s", record["step"], record["stage"], stage_name,
-                 record["loss"], record["lm_loss"], record["mtp_loss"], record["aux_loss"], record["grad_norm"],
-                 record["lr"], rate, mfu, memory, f"{record['tokens']:,}", _duration(eta) if eta == eta else "?",
-                 " | step skipped (non-finite)" if record.get("skipped") else "")
+        memory = (
+            f" | memory {record['peak_memory_gib']:.1f} of {record['gpu_memory_gib']:.0f} GiB"
+            if record.get("peak_memory_gib") is not None
+            else ""
+        )
+        log.info(
+            "step %d | stage %d %s | loss %.4f (lm %.4f, mtp %.4f, aux %.2e) | grad norm %.3f | "
+            "lr %.2e | %.0f tok/s | MFU %s%s | %s tokens | ETA %s%s",
+            record["step"],
+            record["stage"],
+            stage_name,
+            record["loss"],
+            record["lm_loss"],
+            record["mtp_loss"],
+            record["aux_loss"],
+            record["grad_norm"],
+            record["lr"],
+            rate,
+            mfu,
+            memory,
+            f"{record['tokens']:,}",
+            _duration(eta) if eta == eta else "?",
+            " | step skipped (non-finite)" if record.get("skipped") else "",
+        )
 
     def close(self) -> None:
         if self.file is not None:
@@ -76,9 +104,10 @@ def _ends_with_newline(path: Path) -> bool:
 
 
 def _start_wandb(settings: dict, run_config: dict, run_dir: Path):
-    """W&B run; offline when no API key is configured or the server cannot be reached (a dashboard outage must not
-    stop a training run; the offline run syncs later). Only the resolved training config is sent, never the
-    environment (which may hold secrets). `wandb.enabled=true` without the package fails at validation."""
+    """W&B run; offline when no API key is configured or the server cannot be reached (a dashboard
+    outage must not stop a training run; the offline run syncs later). Only the resolved training
+    config is sent, never the environment (which may hold secrets). `wandb.enabled=true` without the
+    package fails at validation."""
     import wandb
 
     mode = settings.get("mode") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
@@ -89,21 +118,38 @@ def _start_wandb(settings: dict, run_config: dict, run_dir: Path):
         server = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
         problem = _unreachable(server)
         if problem:
-            log.warning("wandb: cannot reach %s (%s); logging offline to %s/wandb instead: upload it later with "
-                        "`wandb sync %s/wandb/offline-run-*`", server, problem, run_dir, run_dir)
+            log.warning(
+                "wandb: cannot reach %s (%s); logging offline to %s/wandb instead: upload it "
+                "later with `wandb sync %s/wandb/offline-run-*`",
+                server,
+                problem,
+                run_dir,
+                run_dir,
+            )
             mode = "offline"
-    return wandb.init(project=settings.get("project"), entity=settings.get("entity"), name=settings.get("name"),
-                      group=settings.get("group"), tags=settings.get("tags") or None, mode=mode,
-                      dir=str(run_dir), config=run_config)
+    return wandb.init(
+        project=settings.get("project"),
+        entity=settings.get("entity"),
+        name=settings.get("name"),
+        group=settings.get("group"),
+        tags=settings.get("tags") or None,
+        mode=mode,
+        dir=str(run_dir),
+        config=run_config,
+    )
 
 
 def _unreachable(url: str, timeout: float = 5.0) -> str | None:
-    """Why no TCP connection to the server of `url` (or the proxy the environment names for it) opens within
-    `timeout` seconds; None when one does. wandb itself retries for about 100 s before it gives up."""
+    """Why no TCP connection to the server of `url` (or the proxy the environment names for it)
+    opens within `timeout` seconds; None when one does. wandb itself retries for about 100 s before
+    it gives up."""
     parsed = urllib.parse.urlsplit(url)
     proxy = urllib.request.getproxies().get(parsed.scheme)
-    target = urllib.parse.urlsplit(proxy) if proxy and not urllib.request.proxy_bypass(parsed.hostname or "") \
+    target = (
+        urllib.parse.urlsplit(proxy)
+        if proxy and not urllib.request.proxy_bypass(parsed.hostname or "")
         else parsed
+    )
     port = target.port or (443 if target.scheme == "https" else 80)
     try:
         socket.create_connection((target.hostname, port), timeout=timeout).close()

@@ -1,8 +1,9 @@
-"""The training loop: curriculum -> batch -> forward/backward (pipeline schedule or micro-batch accumulation) ->
-gradient reduction -> NaN guard -> clipping -> expert-bias update -> optimizer step -> metrics -> checkpoints.
+"""The training loop: curriculum -> batch -> forward/backward (pipeline schedule or micro-batch
+accumulation) -> gradient reduction -> NaN guard -> clipping -> expert-bias update -> optimizer step
+-> metrics -> checkpoints.
 
-One `Trainer` per rank. Everything the step needs comes from the curriculum's plan at the current token count, so
-a run resumed from a checkpoint (same or different layout) continues exactly.
+One `Trainer` per rank. Everything the step needs comes from the curriculum's plan at the current
+token count, so a run resumed from a checkpoint (same or different layout) continues exactly.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ from megatron_exaone.model import ModelConfig, update_expert_bias
 from megatron_exaone.model.moe import MoEBlock
 from megatron_exaone.parallel.build import all_reduce_grads, build_chunks
 from megatron_exaone.parallel.comm import all_gather_objects, all_reduce_, barrier
+from megatron_exaone.parallel.features import Build
 from megatron_exaone.parallel.grad_norm import clip_grad_norm_
 from megatron_exaone.parallel.mesh import ParallelDims, ParallelMesh, build_mesh
-from megatron_exaone.parallel.features import Build
 from megatron_exaone.parallel.pipeline import embedding_copies, sync_embedding_grads
 from megatron_exaone.parallel.step import step_runner
 from megatron_exaone.parallel.tensor_parallel import reduce_tp_partial_grads
@@ -47,17 +48,18 @@ from .optim import build_optimizer
 
 log = logging.getLogger("megatron_exaone.train")
 
-# Evaluation gates run when a stage ends (e.g. a needle-in-a-haystack check before the next context extension):
-# name -> fn(trainer, stage) -> dict of metrics. Register with `register_eval_hook`.
-EVAL_HOOKS: dict[str, Callable[["Trainer", Stage], dict[str, float]]] = {}
+# Evaluation gates run when a stage ends (e.g. a needle-in-a-haystack check before the next context
+# extension): name -> fn(trainer, stage) -> dict of metrics. Register with `register_eval_hook`.
+EVAL_HOOKS: dict[str, Callable[[Trainer, Stage], dict[str, float]]] = {}
 
 
-def register_eval_hook(name: str, fn: Callable[["Trainer", Stage], dict[str, float]]) -> None:
+def register_eval_hook(name: str, fn: Callable[[Trainer, Stage], dict[str, float]]) -> None:
     EVAL_HOOKS[name] = fn
 
 
-# rank 0 writes it when a launch ends normally: why it stopped and whether relaunching the same command continues
-# the run (launch/slurm.sbatch requeues the job then). A launch that fails leaves none.
+# rank 0 writes it when a launch ends normally: why it stopped and whether relaunching the same
+# command continues the run (launch/slurm.sbatch requeues the job then). A launch that fails leaves
+# none.
 LAUNCH_STATUS = "launch_status.json"
 LOSS_KEYS = ("lm_loss", "mtp_loss", "aux_loss")
 
@@ -68,8 +70,9 @@ class TrainingAborted(UserError, RuntimeError):
 
 @dataclasses.dataclass
 class Progress:
-    """Counters saved with every checkpoint. `skipped_in_a_row`: the current run of skipped (non-finite) steps,
-    with the step and the quantity that started it (`first_bad_step`, `first_bad_value`)."""
+    """Counters saved with every checkpoint. `skipped_in_a_row`: the current run of skipped
+    (non-finite) steps, with the step and the quantity that started it (`first_bad_step`,
+    `first_bad_value`)."""
 
     step: int = 0
     tokens: int = 0
@@ -80,9 +83,20 @@ class Progress:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model_config: ModelConfig, dims: ParallelDims, curriculum: Curriculum,
-                 device: torch.device) -> None:
-        self.cfg, self.model_config, self.curriculum, self.device = cfg, model_config, curriculum, device
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model_config: ModelConfig,
+        dims: ParallelDims,
+        curriculum: Curriculum,
+        device: torch.device,
+    ) -> None:
+        self.cfg, self.model_config, self.curriculum, self.device = (
+            cfg,
+            model_config,
+            curriculum,
+            device,
+        )
         self.run_dir = Path(cfg.run_dir)
         self.mesh: ParallelMesh = build_mesh(dims, device.type)
         self.rank = dist.get_rank()
@@ -96,27 +110,44 @@ class Trainer:
         self._prepare_data()
         self.chunks = self._build_model()
         self.optimizer = build_optimizer(
-            self.chunks, cfg.optim.name, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas),
-            eps=cfg.optim.eps, muon_momentum=cfg.optim.muon_momentum, muon_nesterov=cfg.optim.muon_nesterov,
-            muon_ns_steps=cfg.optim.muon_ns_steps, muon_adjust_lr=cfg.optim.muon_adjust_lr,
-            tp_group=self.mesh.tp_group, tp_size=dims.tp)
+            self.chunks,
+            cfg.optim.name,
+            weight_decay=cfg.optim.weight_decay,
+            betas=tuple(cfg.optim.betas),
+            eps=cfg.optim.eps,
+            muon_momentum=cfg.optim.muon_momentum,
+            muon_nesterov=cfg.optim.muon_nesterov,
+            muon_ns_steps=cfg.optim.muon_ns_steps,
+            muon_adjust_lr=cfg.optim.muon_adjust_lr,
+            tp_group=self.mesh.tp_group,
+            tp_size=dims.tp,
+        )
         self.loader = self._build_loader()
-        self.runner = step_runner(self.chunks, self.mesh, cfg.parallel.pipeline_schedule, self._microbatches(),
-                                  activation_dtype=self._compute_dtype(),
-                                  reduce_each_micro_batch=cfg.parallel.reduce_grads_each_micro_batch)
-        self.metrics = MetricsLogger(self.run_dir, enabled=self.rank == 0, total_tokens=curriculum.total_tokens,
-                                     wandb_settings={**dataclasses.asdict(cfg.wandb),
-                                                     "mode": cfg.wandb.resolved_mode()},
-                                     run_config=dataclasses.asdict(cfg))
+        self.runner = step_runner(
+            self.chunks,
+            self.mesh,
+            cfg.parallel.pipeline_schedule,
+            self._microbatches(),
+            activation_dtype=self._compute_dtype(),
+            reduce_each_micro_batch=cfg.parallel.reduce_grads_each_micro_batch,
+        )
+        self.metrics = MetricsLogger(
+            self.run_dir,
+            enabled=self.rank == 0,
+            total_tokens=curriculum.total_tokens,
+            wandb_settings={**dataclasses.asdict(cfg.wandb), "mode": cfg.wandb.resolved_mode()},
+            run_config=dataclasses.asdict(cfg),
+        )
         self._resume()
 
-    # ------------------------------------------------------------------------------------------ setup
+    # ---------------------------------------------------------------------------------------- setup
     def _prepare_data(self) -> None:
         data = self.cfg.data
         self.datasets = data.resolved_datasets(self.run_dir)
         tokenizer = data.resolved_path(data.tokenizer, self.run_dir)
         self.tokenizer_dir: Path | None = Path(tokenizer) if tokenizer else None
-        if data.prepare_sample:  # the embedded default: build the tokenizer and shards once, on rank 0
+        # the embedded default: build the tokenizer and shards once, on rank 0
+        if data.prepare_sample:
             if self.rank == 0:
                 prepare_sample_data(self.run_dir / "data", self.model_config.vocab_size)
             barrier()
@@ -127,30 +158,64 @@ class Trainer:
     def _build_model(self) -> list[nn.Module]:
         config = self.model_config
         if self.mesh.dims.pp > 1:
-            # The last stage runs MTP (and holds a copy of the embedding) only if built to: build it for the
-            # curriculum's largest MTP weight, so a stage that turns MTP on trains it; each stage sets its own.
-            config = dataclasses.replace(config, mtp_loss_weight=max(
-                [config.mtp_loss_weight] + [s.mtp_loss_weight for s in self.curriculum.stages]))
-        self.build = build = Build(config, self.cfg.parallel, self.cfg.precision, self.mesh.dims, self.device.type,
-                                   self.cfg.trainer.seed)
+            # The last stage runs MTP (and holds a copy of the embedding) only if built to: build it
+            # for the curriculum's largest MTP weight, so a stage that turns MTP on trains it; each
+            # stage sets its own.
+            config = dataclasses.replace(
+                config,
+                mtp_loss_weight=max(
+                    [config.mtp_loss_weight] + [s.mtp_loss_weight for s in self.curriculum.stages]
+                ),
+            )
+        self.build = build = Build(
+            config,
+            self.cfg.parallel,
+            self.cfg.precision,
+            self.mesh.dims,
+            self.device.type,
+            self.cfg.trainer.seed,
+        )
         if self.cfg.parallel.compile:
-            log.info("rank %d: the decoder layers will be compiled with torch.compile during the first steps "
-                     "(slower until the kernels are built)", self.rank)
+            log.info(
+                "rank %d: the decoder layers will be compiled with torch.compile during the first "
+                "steps (slower until the kernels are built)",
+                self.rank,
+            )
         chunks = build_chunks(build, self.mesh)
         params = sum(param.numel() for chunk in chunks for param in chunk.parameters())
-        log.info("rank %d: %s; %d model chunk(s), %.2fM local parameters", self.rank, self.mesh.describe(),
-                 len(chunks), params / 1e6)
+        log.info(
+            "rank %d: %s; %d model chunk(s), %.2fM local parameters",
+            self.rank,
+            self.mesh.describe(),
+            len(chunks),
+            params / 1e6,
+        )
         return chunks
 
     def _build_loader(self) -> MixtureLoader:
-        stages = [DataStage(dict(s.mixture) or {name: 1.0 for name in self.datasets}, s.seq_len,
-                            s.global_batch_size) for s in self.curriculum.stages]
+        stages = [
+            DataStage(
+                dict(s.mixture) or {name: 1.0 for name in self.datasets},
+                s.seq_len,
+                s.global_batch_size,
+            )
+            for s in self.curriculum.stages
+        ]
         first = self.curriculum.stages[0]
-        return MixtureLoader(self.datasets, stages, seq_len=first.seq_len, global_batch_size=first.global_batch_size,
-                             dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dims.dp,  # cp ranks: same sequences
-                             seed=self.cfg.trainer.seed, packing=self.cfg.data.packing,
-                             pad_token_id=self.model_config.pad_token_id or 0, vocab_size=self.model_config.vocab_size,
-                             cache_dir=self.cfg.data.resolved_path(self.cfg.data.cache_dir, self.run_dir))
+        return MixtureLoader(
+            self.datasets,
+            stages,
+            seq_len=first.seq_len,
+            global_batch_size=first.global_batch_size,
+            # cp ranks: same sequences
+            dp_rank=self.mesh.dp_rank,
+            dp_size=self.mesh.dims.dp,
+            seed=self.cfg.trainer.seed,
+            packing=self.cfg.data.packing,
+            pad_token_id=self.model_config.pad_token_id or 0,
+            vocab_size=self.model_config.vocab_size,
+            cache_dir=self.cfg.data.resolved_path(self.cfg.data.cache_dir, self.run_dir),
+        )
 
     def _microbatches(self, global_batch: int | None = None) -> int:
         global_batch = global_batch or self.curriculum.stages[0].global_batch_size
@@ -158,35 +223,51 @@ class Trainer:
 
     def _resume(self) -> None:
         source = resume_source(self.cfg.run_dir, self.cfg.checkpoint.load)
-        loaded = ckpt.load(source, self.chunks, self.optimizer, self.mesh) if source is not None else None
+        loaded = (
+            ckpt.load(source, self.chunks, self.optimizer, self.mesh)
+            if source is not None
+            else None
+        )
         if loaded is None:
             log.info("starting from the initial weights (seed %d)", self.cfg.trainer.seed)
             return
-        if "progress" in loaded.extra:  # a training checkpoint; an HF import starts its step and optimizer fresh
+        # a training checkpoint; an HF import starts its step and optimizer fresh
+        if "progress" in loaded.extra:
             self.progress = Progress(**loaded.extra["progress"])
             self.loader.load_state_dict(loaded.extra["loader"])
             if loaded.path.parent == self.run_dir / "checkpoints":
-                self._last_saved_step = self.progress.step  # a finished run relaunched has nothing new to save
+                # a finished run relaunched has nothing new to save
+                self._last_saved_step = self.progress.step
         self._last_good_checkpoint = loaded.path
-        log.info("resumed from %s (step %d, %s tokens, saved with layout %s)", loaded.path, self.progress.step,
-                 f"{self.progress.tokens:,}", loaded.meta.get("layout"))
+        log.info(
+            "resumed from %s (step %d, %s tokens, saved with layout %s)",
+            loaded.path,
+            self.progress.step,
+            f"{self.progress.tokens:,}",
+            loaded.meta.get("layout"),
+        )
 
-    # ------------------------------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------------------------- the loop
     def run(self) -> str:
-        """Train until the curriculum is done, max_steps, a stop signal, or a stage that needs another layout.
-        Returns the reason."""
+        """Train until the curriculum is done, max_steps, a stop signal, or a stage that needs
+        another layout. Returns the reason."""
         reason, resume = "curriculum finished", False
         stage_index = None
-        stop = self._all_agree(lifetime.stop_requested() is not None)  # a signal during start-up: stop at once
+        # a signal during start-up: stop at once
+        stop = self._all_agree(lifetime.stop_requested() is not None)
         while not stop and not self.curriculum.is_finished(self.progress.tokens):
-            if self.cfg.trainer.max_steps is not None and self.progress.step >= self.cfg.trainer.max_steps:
+            if (
+                self.cfg.trainer.max_steps is not None
+                and self.progress.step >= self.cfg.trainer.max_steps
+            ):
                 reason = f"trainer.max_steps={self.cfg.trainer.max_steps} reached"
                 break
             plan = self.curriculum.plan(self.progress.tokens)
             if plan.stage_index != stage_index:
                 stage_index = plan.stage_index
                 if not self._enter_stage(plan):
-                    reason = f"stage {plan.stage_index} ({plan.stage.name}) needs layout {plan.stage.parallel}"
+                    stage = f"stage {plan.stage_index} ({plan.stage.name})"
+                    reason = f"{stage} needs layout {plan.stage.parallel}"
                     resume = True
                     break
             self._step(plan)
@@ -194,19 +275,28 @@ class Trainer:
             if plan.ends_stage:
                 self._finish_stage(plan, force_save=stop)
                 if self.cfg.trainer.stop_at_stage_end:
-                    reason = f"stage {plan.stage_index} ({plan.stage.name}) finished (trainer.stop_at_stage_end)"
+                    stage = f"stage {plan.stage_index} ({plan.stage.name})"
+                    reason = f"{stage} finished (trainer.stop_at_stage_end)"
                     resume = True
                     break
             elif stop or self._interval_due():
                 self._save()
         if stop:
-            reason, resume = f"stop signal ({lifetime.stop_requested() or 'received by another rank'})", True
+            reason, resume = (
+                f"stop signal ({lifetime.stop_requested() or 'received by another rank'})",
+                True,
+            )
         if not self._latest_is_current():
             self._save()
         ckpt.wait_pending_save()
         self.metrics.close()
-        log.info("training stopped: %s (step %d, %s tokens)%s", reason, self.progress.step,
-                 f"{self.progress.tokens:,}", "; relaunch the same command to continue" if resume else "")
+        log.info(
+            "training stopped: %s (step %d, %s tokens)%s",
+            reason,
+            self.progress.step,
+            f"{self.progress.tokens:,}",
+            "; relaunch the same command to continue" if resume else "",
+        )
         self._write_launch_status(reason, resume)
         return reason
 
@@ -214,17 +304,32 @@ class Trainer:
         if self.rank == 0:
             path = self.run_dir / LAUNCH_STATUS
             tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps({"reason": reason, "resume": resume, "step": self.progress.step,
-                                       "tokens": self.progress.tokens}) + "\n")
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "reason": reason,
+                        "resume": resume,
+                        "step": self.progress.step,
+                        "tokens": self.progress.tokens,
+                    }
+                )
+                + "\n"
+            )
             os.replace(tmp, path)
 
     def _enter_stage(self, plan: StepPlan) -> bool:
         stage = plan.stage
-        wanted = {k: v for k, v in stage.parallel.items() if getattr(self.cfg.parallel, k, None) != v}
+        wanted = {
+            k: v for k, v in stage.parallel.items() if getattr(self.cfg.parallel, k, None) != v
+        }
         if wanted:
-            log.warning("stage %d (%s) asks for parallel settings %s: saving a checkpoint; relaunch with those "
-                        "overrides to continue (the checkpoint reshards to the new layout)", plan.stage_index,
-                        stage.name, wanted)
+            log.warning(
+                "stage %d (%s) asks for parallel settings %s: saving a checkpoint; relaunch with "
+                "those overrides to continue (the checkpoint reshards to the new layout)",
+                plan.stage_index,
+                stage.name,
+                wanted,
+            )
             self._save()
             return False
         self.loader.set_stage(plan.stage_index)
@@ -233,25 +338,45 @@ class Trainer:
                 if isinstance(module, MoEBlock):
                     module.aux_loss_coeff = stage.aux_loss_coeff
             _set_mtp_weight(chunk, stage.mtp_loss_weight)
-        log.info("entering curriculum stage %d (%s) at %s tokens: seq_len %d, global batch %d, mixture %s, "
-                 "mtp weight %g, aux coeff %g, bias rate %g", plan.stage_index, stage.name,
-                 f"{self.progress.tokens:,}", stage.seq_len, stage.global_batch_size, stage.mixture or "uniform",
-                 stage.mtp_loss_weight, stage.aux_loss_coeff, stage.bias_update_rate)
+        log.info(
+            "entering curriculum stage %d (%s) at %s tokens: seq_len %d, global batch %d, mixture "
+            "%s, mtp weight %g, aux coeff %g, bias rate %g",
+            plan.stage_index,
+            stage.name,
+            f"{self.progress.tokens:,}",
+            stage.seq_len,
+            stage.global_batch_size,
+            stage.mixture or "uniform",
+            stage.mtp_loss_weight,
+            stage.aux_loss_coeff,
+            stage.bias_update_rate,
+        )
         return True
 
     def _step(self, plan: StepPlan) -> None:
         start = time.perf_counter()
         self.optimizer.set_lr(plan.lr)
-        batch = {k: v.to(self.device) for k, v in self.loader.next_batch(plan.global_batch_size).items()}
-        for chunk in self.chunks:  # the optimizer changed the weights: FP8 weight caches quantize them again
+        batch = {
+            k: v.to(self.device) for k, v in self.loader.next_batch(plan.global_batch_size).items()
+        }
+        # the optimizer changed the weights: FP8 weight caches quantize them again
+        for chunk in self.chunks:
             mark_fp8_weights_stale(chunk)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         losses = self._forward_backward(batch, plan)
         self._reduce_grads()
-        grad_norm = clip_grad_norm_(self.chunks, self.cfg.optim.clip_grad, self.mesh,
-                                    embedding_copies(self.model_config, self.mesh.dims.pp)).item()
-        nonfinite = [k for k in (*LOSS_KEYS, "grad_norm") if not math.isfinite({**losses, "grad_norm": grad_norm}[k])]
+        grad_norm = clip_grad_norm_(
+            self.chunks,
+            self.cfg.optim.clip_grad,
+            self.mesh,
+            embedding_copies(self.model_config, self.mesh.dims.pp),
+        ).item()
+        nonfinite = [
+            k
+            for k in (*LOSS_KEYS, "grad_norm")
+            if not math.isfinite({**losses, "grad_norm": grad_norm}[k])
+        ]
         finite = not nonfinite
         if finite:
             imbalance = self._update_expert_bias(plan.stage.bias_update_rate)
@@ -268,11 +393,16 @@ class Trainer:
         self._check_skipped_limit()
 
     def _forward_backward(self, batch: dict[str, torch.Tensor], plan: StepPlan) -> dict[str, float]:
-        return self.runner.step(batch["input_ids"], batch["labels"], batch["position_ids"],
-                                n_microbatches=self._microbatches(plan.global_batch_size))
+        return self.runner.step(
+            batch["input_ids"],
+            batch["labels"],
+            batch["position_ids"],
+            n_microbatches=self._microbatches(plan.global_batch_size),
+        )
 
     def _reduce_grads(self) -> None:
-        if self.cfg.parallel.fsdp:  # FSDP2 reduced dense grads over dp x cp and experts over edp in backward
+        # FSDP2 reduced dense grads over dp x cp and experts over edp in backward
+        if self.cfg.parallel.fsdp:
             for chunk in self.chunks:
                 reduce_tp_partial_grads(chunk, self.mesh.tp_group)
             sync_embedding_grads(self.chunks, self.mesh)
@@ -284,114 +414,203 @@ class Trainer:
         imbalance: dict[str, float] = {}
         for chunk in self.chunks:
             imbalance.update(update_expert_bias(chunk, rate, lambda t: all_reduce_(t, group)))
-        if self.mesh.dims.pp > 1:  # each pipeline stage holds different layers; rank 0 logs them all
-            imbalance = {k: v for part in all_gather_objects(imbalance, self.mesh.pp_group) for k, v in part.items()}
+        # each pipeline stage holds different layers; rank 0 logs them all
+        if self.mesh.dims.pp > 1:
+            imbalance = {
+                k: v
+                for part in all_gather_objects(imbalance, self.mesh.pp_group)
+                for k, v in part.items()
+            }
         return imbalance
 
     def _discard_step(self, nonfinite: list[str]) -> None:
-        """A step whose loss or gradient norm is NaN/Inf: no update. More than trainer.max_skipped_steps of them
-        in a row end the run (`_check_skipped_limit`); while they last, no checkpoint is written (the newest stays
-        the last good one)."""
+        """A step whose loss or gradient norm is NaN/Inf: no update. More than
+        trainer.max_skipped_steps of them in a row end the run (`_check_skipped_limit`); while they
+        last, no checkpoint is written (the newest stays the last good one)."""
         self.progress.skipped_steps += 1
         self.progress.skipped_in_a_row += 1
         if self.progress.first_bad_step is None:
-            self.progress.first_bad_step, self.progress.first_bad_value = self.progress.step + 1, nonfinite[0]
+            self.progress.first_bad_step, self.progress.first_bad_value = (
+                self.progress.step + 1,
+                nonfinite[0],
+            )
         for chunk in self.chunks:
             for module in chunk.modules():
                 if isinstance(module, MoEBlock):
                     module.tokens_per_expert.zero_()
-        log.warning("non-finite %s at step %d: update skipped (%d in a row, limit trainer.max_skipped_steps=%d)",
-                    " and ".join(nonfinite), self.progress.step + 1, self.progress.skipped_in_a_row,
-                    self.cfg.trainer.max_skipped_steps)
+        log.warning(
+            "non-finite %s at step %d: update skipped (%d in a row, limit "
+            "trainer.max_skipped_steps=%d)",
+            " and ".join(nonfinite),
+            self.progress.step + 1,
+            self.progress.skipped_in_a_row,
+            self.cfg.trainer.max_skipped_steps,
+        )
 
     def _check_skipped_limit(self) -> None:
         limit = self.cfg.trainer.max_skipped_steps
         if self.progress.skipped_in_a_row > limit:
             good = self._last_good_checkpoint or "none (no checkpoint was written)"
             raise TrainingAborted(
-                f"{self.progress.skipped_in_a_row} steps in a row were non-finite (limit trainer.max_skipped_steps="
-                f"{limit}); the first, step {self.progress.first_bad_step}, had a non-finite "
-                f"{self.progress.first_bad_value}. The last good checkpoint is {good}: relaunching resumes from "
-                "it; change what broke first (learning rate, data around that step, precision).")
+                f"{self.progress.skipped_in_a_row} steps in a row were non-finite (limit "
+                f"trainer.max_skipped_steps={limit}); the first, step "
+                f"{self.progress.first_bad_step}, had a non-finite "
+                f"{self.progress.first_bad_value}. The last good checkpoint is {good}: relaunching "
+                "resumes from it; change what broke first (learning rate, data around that step, "
+                "precision)."
+            )
 
-    def _log(self, plan: StepPlan, losses: dict[str, float], grad_norm: float, elapsed: float,
-             imbalance: dict[str, float], skipped: bool) -> None:
+    def _log(
+        self,
+        plan: StepPlan,
+        losses: dict[str, float],
+        grad_norm: float,
+        elapsed: float,
+        imbalance: dict[str, float],
+        skipped: bool,
+    ) -> None:
         tokens_per_s = plan.tokens / elapsed
-        peak = peak_flops(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu")
-        mfu = (flops_per_token(self.model_config, plan.seq_len) * tokens_per_s / (peak * dist.get_world_size())
-               if peak else None)
+        peak = peak_flops(
+            torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        )
+        mfu = (
+            flops_per_token(self.model_config, plan.seq_len)
+            * tokens_per_s
+            / (peak * dist.get_world_size())
+            if peak
+            else None
+        )
         loss = losses["loss"]
-        if self._loss_ema is not None and math.isfinite(loss) and loss > self.cfg.trainer.loss_spike_factor * \
-                self._loss_ema and self.rank == 0:
-            log.warning("loss spike at step %d: %.4f is more than %gx the running average %.4f", self.progress.step,
-                        loss, self.cfg.trainer.loss_spike_factor, self._loss_ema)
+        if (
+            self._loss_ema is not None
+            and math.isfinite(loss)
+            and loss > self.cfg.trainer.loss_spike_factor * self._loss_ema
+            and self.rank == 0
+        ):
+            log.warning(
+                "loss spike at step %d: %.4f is more than %gx the running average %.4f",
+                self.progress.step,
+                loss,
+                self.cfg.trainer.loss_spike_factor,
+                self._loss_ema,
+            )
         if math.isfinite(loss):
             self._loss_ema = loss if self._loss_ema is None else 0.9 * self._loss_ema + 0.1 * loss
-        record = {"step": self.progress.step, "loss": loss, "lm_loss": losses["lm_loss"],
-                  "mtp_loss": losses["mtp_loss"], "aux_loss": losses["aux_loss"], "grad_norm": grad_norm,
-                  "lr": plan.lr, "tokens": self.progress.tokens, "stage": plan.stage_index,
-                  "stage_name": plan.stage.name, "seq_len": plan.seq_len, "global_batch_size": plan.global_batch_size,
-                  "tokens_per_s": tokens_per_s, "step_tokens": plan.tokens, "mfu": mfu, "skipped": skipped,
-                  "skipped_steps": self.progress.skipped_steps,
-                  "expert_imbalance_max": max(imbalance.values()) if imbalance else None,
-                  "expert_imbalance": imbalance}
+        record = {
+            "step": self.progress.step,
+            "loss": loss,
+            "lm_loss": losses["lm_loss"],
+            "mtp_loss": losses["mtp_loss"],
+            "aux_loss": losses["aux_loss"],
+            "grad_norm": grad_norm,
+            "lr": plan.lr,
+            "tokens": self.progress.tokens,
+            "stage": plan.stage_index,
+            "stage_name": plan.stage.name,
+            "seq_len": plan.seq_len,
+            "global_batch_size": plan.global_batch_size,
+            "tokens_per_s": tokens_per_s,
+            "step_tokens": plan.tokens,
+            "mfu": mfu,
+            "skipped": skipped,
+            "skipped_steps": self.progress.skipped_steps,
+            "expert_imbalance_max": max(imbalance.values()) if imbalance else None,
+            "expert_imbalance": imbalance,
+        }
         if self.progress.step % self.cfg.trainer.log_interval == 0 or plan.ends_stage or skipped:
-            self.metrics.log({**record, **self._peak_memory()}, plan.stage.name)  # its all-reduce only when logged
+            # its all-reduce only when logged
+            self.metrics.log({**record, **self._peak_memory()}, plan.stage.name)
 
     def _peak_memory(self) -> dict[str, float | None]:
-        """`peak_memory_gib`: the most GPU memory any rank allocated during the step (what tools/planner.py
-        estimates), with the GPU's size as `gpu_memory_gib`; None on CPU."""
+        """`peak_memory_gib`: the most GPU memory any rank allocated during the step (what
+        tools/planner.py estimates), with the GPU's size as `gpu_memory_gib`; None on CPU."""
         if self.device.type != "cuda":
             return {"peak_memory_gib": None, "gpu_memory_gib": None}
-        peak = all_reduce_(torch.tensor(float(torch.cuda.max_memory_allocated(self.device)), device=self.device),
-                           op=dist.ReduceOp.MAX)
+        peak = all_reduce_(
+            torch.tensor(float(torch.cuda.max_memory_allocated(self.device)), device=self.device),
+            op=dist.ReduceOp.MAX,
+        )
         total = torch.cuda.get_device_properties(self.device).total_memory
         return {"peak_memory_gib": peak.item() / 2**30, "gpu_memory_gib": total / 2**30}
 
-    # ------------------------------------------------------------------------------------------ checkpoints
+    # ---------------------------------------------------------------------------------- checkpoints
     def _interval_due(self) -> bool:
         interval = self.cfg.checkpoint.interval
         return bool(interval) and self.progress.step % interval == 0
 
     def _finish_stage(self, plan: StepPlan, force_save: bool) -> None:
         stage = plan.stage
-        log.info("curriculum stage %d (%s) finished at %s tokens", plan.stage_index, stage.name,
-                 f"{self.progress.tokens:,}")
+        log.info(
+            "curriculum stage %d (%s) finished at %s tokens",
+            plan.stage_index,
+            stage.name,
+            f"{self.progress.tokens:,}",
+        )
         if force_save or (stage.checkpoint_at_end and self.cfg.checkpoint.save_at_stage_end):
             self._save()
         for name in stage.eval_hooks:
             if name not in EVAL_HOOKS:
-                raise KeyError(f"stage {stage.name!r} names eval hook {name!r}, which is not registered; known: "
-                               f"{sorted(EVAL_HOOKS)}")
+                raise KeyError(
+                    f"stage {stage.name!r} names eval hook {name!r}, which is not registered; "
+                    f"known: {sorted(EVAL_HOOKS)}"
+                )
             results = EVAL_HOOKS[name](self, stage)
             log.info("eval hook %s after stage %s: %s", name, stage.name, results)
 
     def _save(self) -> None:
         if self.progress.skipped_in_a_row:
             if self.rank == 0:
-                log.warning("not saving a checkpoint at step %d: the last %d step(s) were non-finite, so the newest "
-                            "checkpoint stays the last good one (%s)", self.progress.step,
-                            self.progress.skipped_in_a_row, self._last_good_checkpoint)
+                log.warning(
+                    "not saving a checkpoint at step %d: the last %d step(s) were non-finite, so "
+                    "the newest checkpoint stays the last good one (%s)",
+                    self.progress.step,
+                    self.progress.skipped_in_a_row,
+                    self._last_good_checkpoint,
+                )
             return
         extra = {"progress": dataclasses.asdict(self.progress), "loader": self.loader.state_dict()}
-        meta = {"tokens": self.progress.tokens,
-                "stage": self.curriculum.stage_index_at(min(self.progress.tokens, self.curriculum.total_tokens - 1)),
-                "tokenizer": str(self.tokenizer_dir.resolve()) if self.tokenizer_dir else None}
-        result = ckpt.save(self.run_dir / "checkpoints", self.progress.step, self.chunks, self.optimizer, self.mesh,
-                           extra=extra, keep_last=self.cfg.checkpoint.keep_last, meta=meta,
-                           model_config=self.model_config, async_save=self.cfg.checkpoint.async_save)
+        meta = {
+            "tokens": self.progress.tokens,
+            "stage": self.curriculum.stage_index_at(
+                min(self.progress.tokens, self.curriculum.total_tokens - 1)
+            ),
+            "tokenizer": str(self.tokenizer_dir.resolve()) if self.tokenizer_dir else None,
+        }
+        result = ckpt.save(
+            self.run_dir / "checkpoints",
+            self.progress.step,
+            self.chunks,
+            self.optimizer,
+            self.mesh,
+            extra=extra,
+            keep_last=self.cfg.checkpoint.keep_last,
+            meta=meta,
+            model_config=self.model_config,
+            async_save=self.cfg.checkpoint.async_save,
+        )
         if self.rank == 0:
-            done = "started (asynchronous)" if self.cfg.checkpoint.async_save else f"written to {result}"
+            done = (
+                "started (asynchronous)"
+                if self.cfg.checkpoint.async_save
+                else f"written to {result}"
+            )
             log.info("checkpoint for step %d %s", self.progress.step, done)
         self._last_saved_step = self.progress.step
-        self._last_good_checkpoint = self.run_dir / "checkpoints" / ckpt.store.step_dir_name(self.progress.step)
+        self._last_good_checkpoint = (
+            self.run_dir / "checkpoints" / ckpt.store.step_dir_name(self.progress.step)
+        )
 
     def _latest_is_current(self) -> bool:
-        """Is there nothing new to save (the last checkpoint is of this step, or nothing was trained yet)?"""
+        """Is there nothing new to save (the last checkpoint is of this step, or nothing was trained
+        yet)?"""
         return self._last_saved_step == self.progress.step
 
     def _all_agree(self, flag: bool) -> bool:
-        return bool(all_reduce_(torch.tensor([float(flag)], device=self.device), op=dist.ReduceOp.MAX).item())
+        return bool(
+            all_reduce_(
+                torch.tensor([float(flag)], device=self.device), op=dist.ReduceOp.MAX
+            ).item()
+        )
 
 
 def _set_mtp_weight(chunk: nn.Module, weight: float) -> None:
@@ -401,9 +620,18 @@ def _set_mtp_weight(chunk: nn.Module, weight: float) -> None:
 
 
 def prepare_sample_data(data_dir: Path, vocab_size: int) -> None:
-    """The bundled sample corpus as a tokenizer and shards under `data_dir`, by the data tool (`exaone-data
-    prepare-sample`, a process of its own: the library does not import the command package)."""
-    command = [sys.executable, "-m", "data_tools", "prepare-sample", str(data_dir), "--vocab-size", str(vocab_size)]
+    """The bundled sample corpus as a tokenizer and shards under `data_dir`, by the data tool
+    (`exaone-data prepare-sample`, a process of its own: the library does not import the command
+    package)."""
+    command = [
+        sys.executable,
+        "-m",
+        "data_tools",
+        "prepare-sample",
+        str(data_dir),
+        "--vocab-size",
+        str(vocab_size),
+    ]
     if subprocess.run(command).returncode:
         raise SampleDataError(f"`{' '.join(command[1:])}` failed (its messages are above)")
 

@@ -1,14 +1,16 @@
 """Reshardable checkpoints: train one AdamW step under layout A, save, load under layout B.
 
-Every parameter, buffer and optimizer state B loads must equal (exactly) its slice of what A held. The reference
-is assembled in the test process from every A rank's local tensors placed by their `ParamLayout` offsets (FSDP
-shards gathered with `full_tensor()`), independently of the checkpoint code. Two more training steps after the
-load give the same losses as A continuing without a checkpoint (bit-exact when B is A's layout).
+Every parameter, buffer and optimizer state B loads must equal (exactly) its slice of what A held.
+The reference is assembled in the test process from every A rank's local tensors placed by their
+`ParamLayout` offsets (FSDP shards gathered with `full_tensor()`), independently of the checkpoint
+code. Two more training steps after the load give the same losses as A continuing without a
+checkpoint (bit-exact when B is A's layout).
 
-Order of the process groups: world 4 saves tp4 with replicated KV heads; world 2 saves tp2 / dp2 (async) / ep2
-and loads dp2 -> tp2, dp2 -> dp2, tp4_kv2 -> tp2_kv2; world 8 saves pipeline chunks (pp2 x vpp2 x tp2, model
-only); world 4 loads tp2 -> ep2 x edp2 (FSDP) and ep2 -> tp2 x dp2 x ep2 (FSDP); world 1 loads tp2 (through
-`load_model_state` / `load_optimizer_state`) and the pipeline checkpoint.
+Order of the process groups: world 4 saves tp4 with replicated KV heads; world 2 saves tp2 / dp2
+(async) / ep2 and loads dp2 -> tp2, dp2 -> dp2, tp4_kv2 -> tp2_kv2; world 8 saves pipeline chunks
+(pp2 x vpp2 x tp2, model only); world 4 loads tp2 -> ep2 x edp2 (FSDP) and ep2 -> tp2 x dp2 x ep2
+(FSDP); world 1 loads tp2 (through `load_model_state` / `load_optimizer_state`) and the pipeline
+checkpoint.
 """
 
 import json
@@ -43,14 +45,25 @@ LAYOUTS = {
     "tp2_dp2_ep2": (dict(tp=2, dp=2, ep=2), True, 4),
 }
 # (saved by, loaded by)
-PAIRS = [("dp2", "tp2"), ("dp2", "dp2"), ("tp4_kv2", "tp2_kv2"), ("tp2", "ep2_edp2"), ("ep2", "tp2_dp2_ep2"),
-         ("tp2", "single")]
+PAIRS = [
+    ("dp2", "tp2"),
+    ("dp2", "dp2"),
+    ("tp4_kv2", "tp2_kv2"),
+    ("tp2", "ep2_edp2"),
+    ("ep2", "tp2_dp2_ep2"),
+    ("tp2", "single"),
+]
 ASYNC = {"dp2"}
 
 
 def config(layout: str):
-    return tiny(vocab_size=128, aux_loss_coeff=0.01, sliding_window=4, num_attention_heads=4,
-                num_key_value_heads=LAYOUTS[layout][2])
+    return tiny(
+        vocab_size=128,
+        aux_loss_coeff=0.01,
+        sliding_window=4,
+        num_attention_heads=4,
+        num_key_value_heads=LAYOUTS[layout][2],
+    )
 
 
 def batch(index: int):
@@ -63,7 +76,9 @@ def batch(index: int):
 def setup(layout: str):
     dims_kw, fsdp, _ = LAYOUTS[layout]
     mesh = build_mesh(ParallelDims(**dims_kw), "cpu")
-    model = build_parallel_model(config(layout), mesh, seed=SEED, device="cpu", sequence_parallel=True)
+    model = build_parallel_model(
+        config(layout), mesh, seed=SEED, device="cpu", sequence_parallel=True
+    )
     if fsdp:
         apply_data_parallel(model, mesh, bf16=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
@@ -76,24 +91,34 @@ def train_step(layout: str, mesh, model, optimizer, index: int) -> float:
     x, positions, labels = batch(index)
     per = x.shape[0] // mesh.dims.dp
     rows = slice(mesh.dp_rank * per, (mesh.dp_rank + 1) * per)
-    out = model(x[rows], labels=labels[rows], position_ids=positions[rows], loss_normalizer=(labels != -100).sum(),
-                aux_loss_scale=per / x.shape[0])
+    out = model(
+        x[rows],
+        labels=labels[rows],
+        position_ids=positions[rows],
+        loss_normalizer=(labels != -100).sum(),
+        aux_loss_scale=per / x.shape[0],
+    )
     out.loss.backward()
     if fsdp:
         reduce_tp_partial_grads(model, mesh.tp_group)
     else:
         all_reduce_grads(model, mesh)
-    update_expert_bias(model, 1e-3, reduce_counts=lambda t: dist.all_reduce(t, group=mesh.tp_cp_dp_group))
+    update_expert_bias(
+        model, 1e-3, reduce_counts=lambda t: dist.all_reduce(t, group=mesh.tp_cp_dp_group)
+    )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     lm_loss = out.lm_loss.detach().clone()
-    dist.all_reduce(lm_loss, group=mesh.dp_cp_group)  # each dp rank's share, normalised by the global count
+    # each dp rank's share, normalised by the global count
+    dist.all_reduce(lm_loss, group=mesh.dp_cp_group)
     return lm_loss.item()
 
 
 def pieces(model, optimizer) -> dict[str, tuple]:
-    """name -> (full shape, offsets, local value) of every parameter, buffer and optimizer state of this rank,
-    read through FSDP's own all-gather and the passes' ParamLayout (not through the checkpoint code)."""
+    """name -> (full shape, offsets, local value) of every parameter, buffer and optimizer state of
+    this rank, read through FSDP's own all-gather and the passes' ParamLayout (not through the
+    checkpoint code)."""
+
     def whole(t):
         return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
@@ -118,10 +143,15 @@ def save_layout(rank, world, layout, root):
     torch.manual_seed(100 + rank)
     loss1 = train_step(layout, mesh, model, optimizer, 1)
     reference = pieces(model, optimizer)
-    extra = {"tokens": 64, "loader": {"seed": 7, "stage": 0, "tokens_consumed": 64, "stage_start_tokens": 0}}
-    handle = ckpt.save(f"{root}/{layout}", 1, [model], optimizer, mesh, extra=extra,
-                       async_save=layout in ASYNC)
-    # Training goes on while an async save writes: the checkpoint must hold the weights of the save call.
+    extra = {
+        "tokens": 64,
+        "loader": {"seed": 7, "stage": 0, "tokens_consumed": 64, "stage_start_tokens": 0},
+    }
+    handle = ckpt.save(
+        f"{root}/{layout}", 1, [model], optimizer, mesh, extra=extra, async_save=layout in ASYNC
+    )
+    # Training goes on while an async save writes: the checkpoint must hold the weights of the save
+    # call.
     after_save_draw = torch.rand(3)
     losses = [loss1] + [train_step(layout, mesh, model, optimizer, i) for i in (2, 3)]
     if layout in ASYNC:
@@ -144,15 +174,20 @@ def load_layout(rank, world, saved, layout, root):
     return {"pieces": got, "losses": losses, "draw": draw, "extra": extra}
 
 
-PIPELINE_CONFIG = dict(vocab_size=128, num_attention_heads=4, num_key_value_heads=4, num_nextn_predict_layers=1)
+PIPELINE_CONFIG = dict(
+    vocab_size=128, num_attention_heads=4, num_key_value_heads=4, num_nextn_predict_layers=1
+)
 
 
 def save_pipeline(root):
-    """pp=2 x vpp=2 x tp=2 chunks (the last stage holds a copy of the embedding for MTP), weights scaled by 1.5."""
+    """pp=2 x vpp=2 x tp=2 chunks (the last stage holds a copy of the embedding for MTP), weights
+    scaled by 1.5."""
     from megatron_exaone.parallel.build import build_pipeline_chunks
 
     mesh = build_mesh(ParallelDims(pp=2, vpp=2, tp=2), "cpu")
-    chunks = build_pipeline_chunks(tiny(**PIPELINE_CONFIG), mesh, SEED, "cpu", schedule="interleaved_1f1b")
+    chunks = build_pipeline_chunks(
+        tiny(**PIPELINE_CONFIG), mesh, SEED, "cpu", schedule="interleaved_1f1b"
+    )
     with torch.no_grad():
         for chunk in chunks:
             for p in chunk.parameters():
@@ -167,7 +202,8 @@ def load_pipeline(root):
     model = build_parallel_model(tiny(**PIPELINE_CONFIG), mesh, seed=SEED + 1, device="cpu")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     extra = ckpt.load(f"{root}/pp2_vpp2_tp2", [model], optimizer, mesh).extra
-    assert extra == {} and not optimizer.state  # a model-only checkpoint: the optimizer starts fresh
+    # a model-only checkpoint: the optimizer starts fresh
+    assert extra == {} and not optimizer.state
     reference = dict(build_model(tiny(**PIPELINE_CONFIG), seed=SEED).named_parameters())
     return [n for n, p in model.named_parameters() if not torch.equal(p, 1.5 * reference[n])]
 
@@ -198,11 +234,13 @@ def assemble(per_rank: list[dict]) -> dict[str, torch.Tensor]:
 def results(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("reshard"))
     saved, loaded = {}, {"pipeline": None}
-    plan = [(4, ["tp4_kv2"], [], None),
-            (2, ["tp2", "dp2", "ep2"], [("dp2", "tp2"), ("dp2", "dp2"), ("tp4_kv2", "tp2_kv2")], None),
-            (8, [], [], "save"),
-            (4, [], [("tp2", "ep2_edp2"), ("ep2", "tp2_dp2_ep2")], None),
-            (1, [], [("tp2", "single")], "load")]
+    plan = [
+        (4, ["tp4_kv2"], [], None),
+        (2, ["tp2", "dp2", "ep2"], [("dp2", "tp2"), ("dp2", "dp2"), ("tp4_kv2", "tp2_kv2")], None),
+        (8, [], [], "save"),
+        (4, [], [("tp2", "ep2_edp2"), ("ep2", "tp2_dp2_ep2")], None),
+        (1, [], [("tp2", "single")], "load"),
+    ]
     for world, saves, loads, pipeline in plan:
         per_rank = run_distributed(run, world, saves, loads, root, pipeline, timeout_s=120)
         for layout in saves:
@@ -224,7 +262,9 @@ def test_loaded_state_is_the_saved_state(results, pair):
         for name, (_shape, offsets, local) in result["pieces"].items():
             names.add(name)
             want = reference[name][tuple(slice(o, o + n) for o, n in zip(offsets, local.shape))]
-            assert torch.equal(local, want), f"{pair} rank {rank}: {name} differs from the saved value"
+            assert torch.equal(local, want), (
+                f"{pair} rank {rank}: {name} differs from the saved value"
+            )
     assert names == set(reference), set(reference) ^ names
     assert any(".experts." in n and n.endswith("exp_avg_sq") for n in names)
 
@@ -251,12 +291,21 @@ def test_extra_rng_and_meta(results):
         if pair == "pipeline" or per_rank[0]["extra"] is None:
             continue
         for rank, result in enumerate(per_rank):
-            assert result["extra"]["tokens"] == 64 and result["extra"]["loader"]["tokens_consumed"] == 64
-            # Same layout: the RNG continues exactly where the saving rank's did; otherwise it is left alone.
+            assert (
+                result["extra"]["tokens"] == 64
+                and result["extra"]["loader"]["tokens_consumed"] == 64
+            )
+            # Same layout: the RNG continues exactly where the saving rank's did; otherwise it is
+            # left alone.
             saver = saved[pair[0]][rank % len(saved[pair[0]])]
             same_draw = torch.equal(result["draw"], saver["draw"])
             assert same_draw == (pair[0] == pair[1]), pair
     meta = read_meta(find_checkpoint(f"{root}/ep2"))
-    assert meta["step"] == 1 and meta["layout"]["ep"] == 2 and meta["world_size"] == 2 and meta["tokens"] == 64
+    assert (
+        meta["step"] == 1
+        and meta["layout"]["ep"] == 2
+        and meta["world_size"] == 2
+        and meta["tokens"] == 64
+    )
     assert meta["model_config"]["num_experts"] == config("ep2").num_experts
     json.dumps(meta)

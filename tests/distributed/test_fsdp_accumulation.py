@@ -1,9 +1,10 @@
-"""What FSDP2 holds over a step of micro-batches, measured on 2 gloo ranks against the planner's model of it
-(tools/planner.py): without gradient sync it accumulates unsharded gradients (4 B per local parameter in fp32);
-reducing every micro-batch (parallel.reduce_grads_each_micro_batch) holds only the sharded ones.
+"""What FSDP2 holds over a step of micro-batches, measured on 2 gloo ranks against the planner's
+model of it (tools/planner.py): without gradient sync it accumulates unsharded gradients (4 B per
+local parameter in fp32); reducing every micro-batch (parallel.reduce_grads_each_micro_batch) holds
+only the sharded ones.
 
-The held gradients are read from FSDP2's parameter groups (torch internals): this pins the behaviour the
-planner's memory figures assume.
+The held gradients are read from FSDP2's parameter groups (torch internals): this pins the behaviour
+the planner's memory figures assume.
 """
 
 import pytest
@@ -17,7 +18,6 @@ from megatron_exaone.parallel.data_parallel import apply_data_parallel
 from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
 from megatron_exaone.parallel.testing import run_distributed
 from tools import planner
-
 
 
 def held_gradient_bytes(model: torch.nn.Module) -> tuple[int, int]:
@@ -62,9 +62,14 @@ def measured():
 
 def test_accumulation_holds_what_the_planner_counts(measured):
     config = tiny(vocab_size=128)
-    (counted,) = planner.plan(planner.PlanInput(model=config, dims=ParallelDims(dp=2), seq_len=16)).ranks
-    (each,) = planner.plan(planner.PlanInput(model=config, dims=ParallelDims(dp=2), seq_len=16,
-                                             reduce_each_micro_batch=True)).ranks
+    (counted,) = planner.plan(
+        planner.PlanInput(model=config, dims=ParallelDims(dp=2), seq_len=16)
+    ).ranks
+    (each,) = planner.plan(
+        planner.PlanInput(
+            model=config, dims=ParallelDims(dp=2), seq_len=16, reduce_each_micro_batch=True
+        )
+    ).ranks
     local = counted.dense_params + counted.expert_params
     for held in measured:
         assert held["accumulate"] == (4 * local, 0) and counted.bytes["gradients"] == 4 * local

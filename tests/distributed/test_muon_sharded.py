@@ -1,4 +1,5 @@
-"""Muon on sharded parameters (TP, replicated KV heads, FSDP, expert parallel) equals Muon on the full model."""
+"""Muon on sharded parameters (TP, replicated KV heads, FSDP, expert parallel) equals Muon on the
+full model."""
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -13,13 +14,19 @@ from megatron_exaone.parallel.tensor_parallel import reduce_tp_partial_grads
 from megatron_exaone.parallel.testing import run_distributed
 from megatron_exaone.training.optim import build_optimizer
 
-LAYOUTS = {2: {"tp2": (dict(tp=2), 4, False), "dp2_fsdp_ep2": (dict(dp=2, ep=2), 4, True)},
-           4: {"tp4_replicated_kv": (dict(tp=4), 2, False), "tp2_dp2_fsdp": (dict(tp=2, dp=2), 4, True)}}
+LAYOUTS = {
+    2: {"tp2": (dict(tp=2), 4, False), "dp2_fsdp_ep2": (dict(dp=2, ep=2), 4, True)},
+    4: {"tp4_replicated_kv": (dict(tp=4), 2, False), "tp2_dp2_fsdp": (dict(tp=2, dp=2), 4, True)},
+}
 
 
 def one_step(model, x, labels, rows, per, opt):
-    model(x[rows], labels=labels[rows], loss_normalizer=(labels != -100).sum(), aux_loss_scale=per / x.shape[0]
-          ).loss.backward()
+    model(
+        x[rows],
+        labels=labels[rows],
+        loss_normalizer=(labels != -100).sum(),
+        aux_loss_scale=per / x.shape[0],
+    ).loss.backward()
 
 
 def run_layout(rank, world, dims_kw, kv_heads, fsdp):

@@ -1,9 +1,10 @@
-"""Tensor/sequence, context, expert and (FSDP2) data parallel layouts, with and without compiled layers, against
-the single-process model.
+"""Tensor/sequence, context, expert and (FSDP2) data parallel layouts, with and without compiled
+layers, against the single-process model.
 
-For a tiny model, a fixed seed and a fixed global batch of packed documents, every layout must reproduce the
-single-process loss and every gradient (each rank compares its local slice), start from the same full weights,
-and compute the same global gradient norm. One process group per world size runs every layout of that size.
+For a tiny model, a fixed seed and a fixed global batch of packed documents, every layout must
+reproduce the single-process loss and every gradient (each rank compares its local slice), start
+from the same full weights, and compute the same global gradient norm. One process group per world
+size runs every layout of that size.
 """
 
 import pytest
@@ -13,11 +14,11 @@ from torch.distributed.tensor import DTensor
 from megatron_exaone.model import build_model, tiny
 from megatron_exaone.model.mtp import shift_left
 from megatron_exaone.parallel.build import all_reduce_grads, build_parallel_model
-from megatron_exaone.parallel.recompute import apply_recompute
 from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.parallel.data_parallel import apply_data_parallel
 from megatron_exaone.parallel.grad_norm import clip_grad_norm_
 from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
+from megatron_exaone.parallel.recompute import apply_recompute
 from megatron_exaone.parallel.sharding import layout_of
 from megatron_exaone.parallel.tensor_parallel import reduce_tp_partial_grads
 from megatron_exaone.parallel.testing import run_distributed
@@ -25,29 +26,42 @@ from megatron_exaone.parallel.testing import run_distributed
 SEED = 3
 # name -> (ParallelDims kwargs, sequence parallel, FSDP2, activation checkpointing, compiled layers)
 LAYOUTS = {
-    2: {"tp2": (dict(tp=2), False, False, "none", False), "tp2_sp": (dict(tp=2), True, False, "none", False),
-        "ep2": (dict(ep=2), True, True, "none", False), "dp2_fsdp": (dict(dp=2), True, True, "none", False),
+    2: {
+        "tp2": (dict(tp=2), False, False, "none", False),
+        "tp2_sp": (dict(tp=2), True, False, "none", False),
+        "ep2": (dict(ep=2), True, True, "none", False),
+        "dp2_fsdp": (dict(dp=2), True, True, "none", False),
         "tp2_ep2_sp": (dict(tp=2, ep=2), True, False, "full", False),
         "dp2_selective_ac": (dict(dp=2), True, True, "selective", False),
         "tp2_ep2_sp_compiled": (dict(tp=2, ep=2), True, False, "full", True),
         "ep2_fsdp_recompute_compiled": (dict(ep=2), True, True, "full", True),
-        "cp2": (dict(cp=2), True, False, "none", False)},
-    4: {"ep4": (dict(ep=4), True, True, "none", False),
+        "cp2": (dict(cp=2), True, False, "none", False),
+    },
+    4: {
+        "ep4": (dict(ep=4), True, True, "none", False),
         "tp2_dp2_ep2_fsdp": (dict(tp=2, dp=2, ep=2), True, True, "full", False),
         "tp4_sp": (dict(tp=4), True, False, "none", False),
         "tp4_replicated_kv": (dict(tp=4), True, False, "none", False),
         "tp2_dp2_ep2_fsdp_compiled": (dict(tp=2, dp=2, ep=2), True, True, "none", True),
         "cp2_tp2_ep2_sp_fsdp_recompute": (dict(cp=2, tp=2, ep=2), True, True, "full", False),
         "cp2_dp2_fsdp": (dict(cp=2, dp=2), True, True, "none", False),
-        # chunks of 16 / 8 = 2 tokens, shorter than the window's 3-token halo: sliding layers gather everything
-        "cp4": (dict(cp=4), True, False, "none", False)},
+        # chunks of 16 / 8 = 2 tokens, shorter than the window's 3-token halo: sliding layers gather
+        # everything
+        "cp4": (dict(cp=4), True, False, "none", False),
+    },
 }
 
 
 def config(name: str = ""):
-    kv_heads = 2 if name.endswith("replicated_kv") else 4  # tp4 over 2 KV heads: each KV head on 2 ranks
-    return tiny(vocab_size=128, aux_loss_coeff=0.01, sliding_window=4, num_attention_heads=4,
-                num_key_value_heads=kv_heads)
+    # tp4 over 2 KV heads: each KV head on 2 ranks
+    kv_heads = 2 if name.endswith("replicated_kv") else 4
+    return tiny(
+        vocab_size=128,
+        aux_loss_coeff=0.01,
+        sliding_window=4,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+    )
 
 
 def batch():
@@ -69,12 +83,18 @@ def reference(name: str):
 def run_layout(rank, world, name, dims_kw, sequence_parallel, fsdp, recompute, compiled):
     mesh = build_mesh(ParallelDims(**dims_kw), "cpu")
     ref, ref_out, ref_norm = reference(name)
-    model = build_parallel_model(config(name), mesh, seed=SEED, device="cpu", sequence_parallel=sequence_parallel)
+    model = build_parallel_model(
+        config(name), mesh, seed=SEED, device="cpu", sequence_parallel=sequence_parallel
+    )
     layouts = {n: layout_of(model, n, p) for n, p in model.named_parameters()}
     ref_params = dict(ref.named_parameters())
-    init_err = max((p - layouts[n].slice_of(ref_params[n])).abs().max().item() for n, p in model.named_parameters())
+    init_err = max(
+        (p - layouts[n].slice_of(ref_params[n])).abs().max().item()
+        for n, p in model.named_parameters()
+    )
     if compiled:  # as the trainer: compiled layers recompute inside their graphs
-        torch._dynamo.reset()  # compiled code is shared per function: start from the recompute setting asked for
+        # compiled code is shared per function: start from the recompute setting asked for
+        torch._dynamo.reset()
         apply_compile(model, recompute=recompute == "full")
     else:
         apply_recompute(model, recompute)
@@ -83,8 +103,13 @@ def run_layout(rank, world, name, dims_kw, sequence_parallel, fsdp, recompute, c
     x, positions, labels = batch()
     per = x.shape[0] // mesh.dims.dp
     rows = slice(mesh.dp_rank * per, (mesh.dp_rank + 1) * per)
-    out = model(x[rows], labels=labels[rows], position_ids=positions[rows], loss_normalizer=(labels != -100).sum(),
-                aux_loss_scale=per / x.shape[0])
+    out = model(
+        x[rows],
+        labels=labels[rows],
+        position_ids=positions[rows],
+        loss_normalizer=(labels != -100).sum(),
+        aux_loss_scale=per / x.shape[0],
+    )
     out.loss.backward()
     if fsdp:
         reduce_tp_partial_grads(model, mesh.tp_group)
@@ -99,9 +124,16 @@ def run_layout(rank, world, name, dims_kw, sequence_parallel, fsdp, recompute, c
     lm_loss = out.lm_loss.detach().clone()
     if mesh.dims.cp > 1:  # each rank of a cp group holds part of the tokens' losses
         torch.distributed.all_reduce(lm_loss, group=mesh.cp_group)
-    counts = sum(m.tokens_per_expert.sum().item() for m in model.modules() if hasattr(m, "tokens_per_expert"))
-    return {"init": init_err, "grads": grad_errors, "norm": (norm.item(), ref_norm.item()),
-            "lm_loss": (lm_loss.item(), ref_out.lm_loss.item()), "tokens_counted": counts}
+    counts = sum(
+        m.tokens_per_expert.sum().item() for m in model.modules() if hasattr(m, "tokens_per_expert")
+    )
+    return {
+        "init": init_err,
+        "grads": grad_errors,
+        "norm": (norm.item(), ref_norm.item()),
+        "lm_loss": (lm_loss.item(), ref_out.lm_loss.item()),
+        "tokens_counted": counts,
+    }
 
 
 def run_all(rank, world):
@@ -124,7 +156,9 @@ def test_layouts_match_single_process(results):
                 failures.append(f"{name} rank {rank}: initial weights differ by {r['init']}")
             worst = max(r["grads"], key=r["grads"].get)
             if r["grads"][worst] > 1e-5:
-                failures.append(f"{name} rank {rank}: gradient of {worst} differs by {r['grads'][worst]:.2e}")
+                failures.append(
+                    f"{name} rank {rank}: gradient of {worst} differs by {r['grads'][worst]:.2e}"
+                )
             got, want = r["norm"]
             if abs(got - want) > 1e-5 * want:
                 failures.append(f"{name} rank {rank}: global grad norm {got} != {want}")
@@ -156,6 +190,7 @@ def unknown_parameter_is_refused(rank, world):
 
 
 def test_tensor_parallel_refuses_a_parameter_it_cannot_classify():
-    """The pytorch/torchtitan#2387 class: a replicated parameter whose gradient reduction is unknown."""
+    """The pytorch/torchtitan#2387 class: a replicated parameter whose gradient reduction is
+    unknown."""
     messages = run_distributed(unknown_parameter_is_refused, 2, timeout_s=60)
     assert all(m and "self_attn.temperature" in m for m in messages), messages

@@ -1,11 +1,13 @@
-"""launch/slurm.sbatch on a real single-node Slurm cluster (munge, slurmctld, slurmd started here; .ci/run installs
-Debian's slurm-wlm and munge): a job trains experiment=cpu_tiny on 2 tasks (gloo) to the end; a second job is
-preempted twice, once by `scancel --signal=USR1` and once by a time limit that reaches the script's --signal lead
-time. Each time the ranks save a checkpoint and exit 0, the script requeues the job, and the requeued job resumes:
-its losses equal the uninterrupted job's step for step.
+"""launch/slurm.sbatch on a real single-node Slurm cluster (munge, slurmctld, slurmd started here;
+.ci/run installs Debian's slurm-wlm and munge): a job trains experiment=cpu_tiny on 2 tasks (gloo)
+to the end; a second job is preempted twice, once by `scancel --signal=USR1` and once by a time
+limit that reaches the script's --signal lead time. Each time the ranks save a checkpoint and exit
+0, the script requeues the job, and the requeued job resumes: its losses equal the uninterrupted
+job's step for step.
 
-The cluster follows /work/shared/reference/slurm-single-node.md, with a requeue delay of 5 s (cred_expire) instead
-of 120 s and a 2 s scheduler interval, so the module runs in a few minutes."""
+The cluster is one node with cons_tres, proctrack/linuxproc and munge authentication, with a requeue
+delay of 5 s (cred_expire) instead of 120 s and a 2 s scheduler interval, so the module runs in a
+few minutes."""
 
 from __future__ import annotations
 
@@ -23,10 +25,12 @@ import pytest
 from tests.runs import by_step, free_port, records
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.skipif(shutil.which("slurmctld") is None,
-                                reason="Slurm is not installed (.ci/run installs slurm-wlm and munge)")
-# cpu_tiny's two stages, longer (80 + 40 steps), so a time-limit signal (slurmctld checks about every 10 s) comes
-# while the job still trains.
+pytestmark = pytest.mark.skipif(
+    shutil.which("slurmctld") is None,
+    reason="Slurm is not installed (.ci/run installs slurm-wlm and munge)",
+)
+# cpu_tiny's two stages, longer (80 + 40 steps), so a time-limit signal (slurmctld checks about
+# every 10 s) comes while the job still trains.
 STEPS = 120
 CURRICULUM = ["curriculum.stages.0.tokens=40960", "curriculum.stages.1.tokens=40960"]
 CONF = """\
@@ -83,7 +87,9 @@ def start_munge() -> None:
     Path("/run/munge").mkdir(parents=True, exist_ok=True)
     shutil.chown("/run/munge", "munge", "munge")
     subprocess.run(["su", "-s", "/bin/sh", "munge", "-c", "/usr/sbin/munged --force"], check=True)
-    wait_until(lambda: subprocess.run(["munge", "-n"], capture_output=True).returncode == 0, "munged", 30)
+    wait_until(
+        lambda: subprocess.run(["munge", "-n"], capture_output=True).returncode == 0, "munged", 30
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +103,24 @@ def slurm(tmp_path_factory) -> dict:
         (directory / sub).mkdir(parents=True)
     host = socket.gethostname()
     conf = directory / "slurm.conf"
-    conf.write_text(CONF.format(host=host, dir=directory, ctld_port=free_port(), d_port=free_port(),
-                                cpus=max(2, os.cpu_count() or 2)))
+    conf.write_text(
+        CONF.format(
+            host=host,
+            dir=directory,
+            ctld_port=free_port(),
+            d_port=free_port(),
+            cpus=max(2, os.cpu_count() or 2),
+        )
+    )
     env = {**os.environ, "SLURM_CONF": str(conf), "PYTHON": sys.executable}
     subprocess.run(["slurmctld", "-f", str(conf)], env=env, check=True)
     subprocess.run(["slurmd", "-f", str(conf)], env=env, check=True)
     try:
-        wait_until(lambda: "idle" in run("sinfo", "-h", "-o", "%T", env=env, check=False), "the node to be idle", 60)
+        wait_until(
+            lambda: "idle" in run("sinfo", "-h", "-o", "%T", env=env, check=False),
+            "the node to be idle",
+            60,
+        )
         yield env
     finally:
         run("scancel", "--user=root", env=env, check=False)
@@ -129,17 +146,42 @@ def seconds(duration: str) -> int:
 def submit(env: dict, run_dir: Path, sample_data: list[str]) -> str:
     """launch/slurm.sbatch with experiment=cpu_tiny on 2 tasks of one node (gloo); the job id."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)  # the job's output file goes there
-    overrides = ["experiment=cpu_tiny", "parallel=single", f"run_dir={run_dir}", "trainer.device=cpu",
-                 "checkpoint.interval=0", *CURRICULUM, *sample_data]
-    return run("sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
-               "--time=10", f"--output={run_dir.parent}/slurm-%j.out", f"--chdir={ROOT}", "--job-name=exaone-test",
-               str(ROOT / "launch" / "slurm.sbatch"), *overrides, env=env)
+    overrides = [
+        "experiment=cpu_tiny",
+        "parallel=single",
+        f"run_dir={run_dir}",
+        "trainer.device=cpu",
+        "checkpoint.interval=0",
+        *CURRICULUM,
+        *sample_data,
+    ]
+    return run(
+        "sbatch",
+        "--parsable",
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        "--time=10",
+        f"--output={run_dir.parent}/slurm-%j.out",
+        f"--chdir={ROOT}",
+        "--job-name=exaone-test",
+        str(ROOT / "launch" / "slurm.sbatch"),
+        *overrides,
+        env=env,
+    )
 
 
 def finished(job_id: str, env: dict) -> dict[str, str]:
-    return wait_until(lambda: (info := job(job_id, env))["JobState"] in ("COMPLETED", "FAILED", "CANCELLED",
-                                                                       "TIMEOUT", "NODE_FAIL") and info,
-                      f"job {job_id} to end", timeout=300)
+    return wait_until(
+        lambda: (
+            (info := job(job_id, env))["JobState"]
+            in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+            and info
+        ),
+        f"job {job_id} to end",
+        timeout=300,
+    )
 
 
 def last_step(run_dir: Path) -> int:
@@ -148,15 +190,23 @@ def last_step(run_dir: Path) -> int:
 
 
 def requeued(job_id: str, env: dict, times: int) -> None:
-    wait_until(lambda: int(job(job_id, env)["Restarts"]) >= times, f"job {job_id} to be requeued {times} time(s)")
+    wait_until(
+        lambda: int(job(job_id, env)["Restarts"]) >= times,
+        f"job {job_id} to be requeued {times} time(s)",
+    )
 
 
-def test_a_job_trains_and_a_preempted_job_requeues_and_resumes_exactly(slurm, tmp_path, sample_data):
+def test_a_job_trains_and_a_preempted_job_requeues_and_resumes_exactly(
+    slurm, tmp_path, sample_data
+):
     env = slurm
     reference_dir, preempted_dir = tmp_path / "reference" / "run", tmp_path / "preempted" / "run"
     reference = submit(env, reference_dir, sample_data)
     info = finished(reference, env)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, _output(reference_dir))
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (
+        info,
+        _output(reference_dir),
+    )
     expected = by_step(reference_dir)
     assert sorted(expected) == list(range(1, STEPS + 1)) and int(info["Restarts"]) == 0
 
@@ -166,20 +216,32 @@ def test_a_job_trains_and_a_preempted_job_requeues_and_resumes_exactly(slurm, tm
     run("scancel", "--signal=USR1", preempted, env=env)
     requeued(preempted, env, 1)
     first_stop = last_step(preempted_dir)
-    # 2. The time limit comes within the script's --signal=USR1@120 lead time: Slurm sends SIGUSR1 itself.
-    wait_until(lambda: last_step(preempted_dir) >= first_stop + 3 and job(preempted, env)["JobState"] == "RUNNING",
-               "the requeued job to train")
+    # 2. The time limit comes within the script's --signal=USR1@120 lead time: Slurm sends SIGUSR1
+    #    itself.
+    wait_until(
+        lambda: (
+            last_step(preempted_dir) >= first_stop + 3
+            and job(preempted, env)["JobState"] == "RUNNING"
+        ),
+        "the requeued job to train",
+    )
     elapsed = seconds(job(preempted, env)["RunTime"])
-    run("scontrol", "update", f"JobId={preempted}", f"TimeLimit={elapsed // 60 + 2}", env=env)  # < 120 s left
+    # < 120 s left
+    run("scontrol", "update", f"JobId={preempted}", f"TimeLimit={elapsed // 60 + 2}", env=env)
     requeued(preempted, env, 2)
-    run("scontrol", "update", f"JobId={preempted}", "TimeLimit=10", env=env)  # the last run goes to the end
+    # the last run goes to the end
+    run("scontrol", "update", f"JobId={preempted}", "TimeLimit=10", env=env)
     info = finished(preempted, env)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, _output(preempted_dir))
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (
+        info,
+        _output(preempted_dir),
+    )
 
     log = _output(preempted_dir)
     assert log.count("requeueing job") == 2 and "received SIGUSR1" in log
     steps = [r["step"] for r in records(preempted_dir)]
-    assert steps == list(range(1, STEPS + 1)), steps  # each stop saved its step: nothing was lost or repeated
+    # each stop saved its step: nothing was lost or repeated
+    assert steps == list(range(1, STEPS + 1)), steps
     metrics = by_step(preempted_dir)
     for step in expected:
         for key in ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm", "tokens", "lr"):

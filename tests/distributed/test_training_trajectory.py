@@ -1,4 +1,5 @@
-"""Three optimizer steps under tp2 x pp2 x ep2 (x dp2, 8 ranks) follow the single-process trajectory."""
+"""Three optimizer steps under tp2 x pp2 x ep2 (x dp2, 8 ranks) follow the single-process
+trajectory."""
 
 import torch
 
@@ -8,20 +9,25 @@ from megatron_exaone.parallel.build import all_reduce_grads, build_pipeline_chun
 from megatron_exaone.parallel.grad_norm import clip_grad_norm_
 from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
 from megatron_exaone.parallel.pipeline import embedding_copies
-from megatron_exaone.parallel.step import PipelineRunner
 from megatron_exaone.parallel.sharding import layout_of
+from megatron_exaone.parallel.step import PipelineRunner
 from megatron_exaone.parallel.testing import run_distributed
 from megatron_exaone.training.optim import build_optimizer
 
 STEPS, LR, SEED = 3, 3e-3, 7
-# Adam divides by sqrt(v) + eps: for gradients near eps, fp32 summation-order noise becomes a visible fraction of
-# a step, so the comparison uses an eps above that noise.
+# Adam divides by sqrt(v) + eps: for gradients near eps, fp32 summation-order noise becomes a
+# visible fraction of a step, so the comparison uses an eps above that noise.
 EPS = 1e-5
 
 
 def config():
-    return tiny(vocab_size=128, num_attention_heads=4, num_key_value_heads=4, aux_loss_coeff=0.01,
-                bias_update_rate=0.01)
+    return tiny(
+        vocab_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        aux_loss_coeff=0.01,
+        bias_update_rate=0.01,
+    )
 
 
 def batches():
@@ -60,17 +66,29 @@ def parallel(rank, world):
         all_reduce_grads(chunks, mesh)
         clip_grad_norm_(chunks, 1.0, mesh, embedding_copies(config(), mesh.dims.pp))
         for chunk in chunks:
-            update_expert_bias(chunk, config().bias_update_rate,
-                               reduce_counts=lambda t: torch.distributed.all_reduce(t, group=mesh.tp_cp_dp_group))
+            update_expert_bias(
+                chunk,
+                config().bias_update_rate,
+                reduce_counts=lambda t: torch.distributed.all_reduce(t, group=mesh.tp_cp_dp_group),
+            )
         opt.step()
         opt.zero_grad()
         losses.append(metrics["loss"])
-    param_err = max(((p.detach() - layout_of(c, n, p).slice_of(ref_params[n])).abs().max().item(), n)
-                    for c in chunks for n, p in c.named_parameters())
+    param_err = max(
+        ((p.detach() - layout_of(c, n, p).slice_of(ref_params[n])).abs().max().item(), n)
+        for c in chunks
+        for n, p in c.named_parameters()
+    )
     return losses, ref_losses, param_err
 
 
 def test_three_steps_match_single_process():
-    for rank, (losses, ref_losses, param_err) in enumerate(run_distributed(parallel, 8, timeout_s=180)):
-        assert max(abs(a - b) for a, b in zip(losses, ref_losses)) < 1e-5, (rank, losses, ref_losses)
+    for rank, (losses, ref_losses, param_err) in enumerate(
+        run_distributed(parallel, 8, timeout_s=180)
+    ):
+        assert max(abs(a - b) for a, b in zip(losses, ref_losses)) < 1e-5, (
+            rank,
+            losses,
+            ref_losses,
+        )
         assert param_err[0] < 1e-5, (rank, param_err)

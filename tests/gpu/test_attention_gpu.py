@@ -1,4 +1,5 @@
-"""FlexAttention (GPU path for sliding-window and packed-document masks) against SDPA with the boolean mask."""
+"""FlexAttention (GPU path for sliding-window and packed-document masks) against SDPA with the
+boolean mask."""
 
 import pytest
 import torch
@@ -32,8 +33,9 @@ def test_flex_attention_matches_masked_sdpa(window, packed):
 
 @pytest.mark.parametrize("window,packed", [(16, True), (None, False)])
 def test_context_parallel_queries_match_masked_sdpa(window, packed):
-    """Context parallel: a rank's zigzag queries against the whole sequence's keys, as a FlexAttention BlockMask
-    with Q_LEN < KV_LEN, equal the same rows of the single-device attention."""
+    """Context parallel: a rank's zigzag queries against the whole sequence's keys, as a
+    FlexAttention BlockMask with Q_LEN < KV_LEN, equal the same rows of the single-device
+    attention."""
     from megatron_exaone.model.sequence_shard import SequenceShard
 
     torch.manual_seed(0)
@@ -47,7 +49,8 @@ def test_context_parallel_queries_match_masked_sdpa(window, packed):
     whole = attn.attend(q, k, v, None if dense is None else dense.cuda())
     for rank in range(4):
         shard = SequenceShard(4, rank)
-        index, keys = shard.index(512, "cuda"), shard.gathered_keys(512, "cuda")  # keys in all-gather order
+        # keys in all-gather order
+        index, keys = shard.index(512, "cuda"), shard.gathered_keys(512, "cuda")
         block = attention_mask(positions, window, index, keys)
         assert type(block).__name__ == "BlockMask"
         part = attn.attend(q[:, :, index], k[:, :, keys[0]], v[:, :, keys[0]], block)

@@ -1,5 +1,6 @@
-"""The GPU paths that the CPU suite cannot run: the loss's fused (inductor) softmax kernels with the fp32-output
-weight-gradient GEMM, and BF16 decoder layers compiled with `parallel.compile` (grouped_mm traced)."""
+"""The GPU paths that the CPU suite cannot run: the loss's fused (inductor) softmax kernels with the
+fp32-output weight-gradient GEMM, and BF16 decoder layers compiled with `parallel.compile`
+(grouped_mm traced)."""
 
 import pytest
 import torch
@@ -20,12 +21,18 @@ def assert_near(got: torch.Tensor, want: torch.Tensor, rel: float, what: str) ->
 def test_bf16_linear_cross_entropy_matches_fp32_reference():
     gen = torch.Generator(device="cuda").manual_seed(0)
     hidden = torch.randn(2, 300, 256, device="cuda", generator=gen).bfloat16().requires_grad_()
-    weight = (0.1 * torch.randn(5000, 256, device="cuda", generator=gen)).bfloat16().requires_grad_()
+    weight = (
+        (0.1 * torch.randn(5000, 256, device="cuda", generator=gen)).bfloat16().requires_grad_()
+    )
     labels = torch.randint(0, 5000, (2, 300), device="cuda", generator=gen)
     labels[0, :50] = -100
-    got = linear_cross_entropy(hidden, weight, labels, chunk_size=128)  # five chunks, the last one partial
+    # five chunks, the last one partial
+    got = linear_cross_entropy(hidden, weight, labels, chunk_size=128)
     grads = torch.autograd.grad(got, (hidden, weight))
-    ref_hidden, ref_weight = hidden.float().detach().requires_grad_(), weight.float().detach().requires_grad_()
+    ref_hidden, ref_weight = (
+        hidden.float().detach().requires_grad_(),
+        weight.float().detach().requires_grad_(),
+    )
     want = cross_entropy(ref_hidden @ ref_weight.T, labels)
     want_grads = torch.autograd.grad(want, (ref_hidden, ref_weight))
     assert abs(got.item() - want.item()) < 2e-3 * want.item()
@@ -39,9 +46,10 @@ def rel_norm(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def test_compiled_bf16_layers_as_accurate_as_eager_bf16():
-    """Against the fp32 model, compiled BF16 layers are as accurate as eager BF16 ones. (BF16 rounding flips
-    near-tied routing choices, so BF16 MoE gradients of this tiny model differ from fp32 by several percent
-    either way: the two BF16 runs are compared by their distance to fp32, not to each other.)"""
+    """Against the fp32 model, compiled BF16 layers are as accurate as eager BF16 ones. (BF16
+    rounding flips near-tied routing choices, so BF16 MoE gradients of this tiny model differ from
+    fp32 by several percent either way: the two BF16 runs are compared by their distance to fp32,
+    not to each other.)"""
     config = tiny(vocab_size=512, aux_loss_coeff=0.01)
     reference = build_model(config, seed=0, device="cuda")
     eager, compiled = (build_model(config, seed=0, device="cuda").bfloat16() for _ in range(2))
@@ -56,7 +64,9 @@ def test_compiled_bf16_layers_as_accurate_as_eager_bf16():
         losses.append(out.loss.item())
     assert abs(losses[2] - losses[0]) <= 2 * abs(losses[1] - losses[0]) + 1e-3 * losses[0], losses
     worse = []
-    for (name, ref), a, b in zip(reference.named_parameters(), eager.parameters(), compiled.parameters()):
+    for (name, ref), a, b in zip(
+        reference.named_parameters(), eager.parameters(), compiled.parameters()
+    ):
         eager_error, compiled_error = rel_norm(a.grad, ref.grad), rel_norm(b.grad, ref.grad)
         if compiled_error > 2 * eager_error + 0.03:
             worse.append(f"{name}: compiled {compiled_error:.3g} vs eager {eager_error:.3g}")

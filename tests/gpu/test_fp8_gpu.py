@@ -1,7 +1,8 @@
-"""precision=fp8_torch on a CUDA GPU: torch's scaled-matmul kernels against the emulation (tests/unit/test_fp8.py
-checks it on CPU) on the same quantized inputs, the FP8 linear and grouped experts against high precision, and a
-few training steps of a small model. Needs compute capability >= 8.9 (grouped experts: sm_90 in torch 2.11).
-Self-contained: no Hydra, no tokenizers, no process group.
+"""precision=fp8_torch on a CUDA GPU: torch's scaled-matmul kernels against the emulation
+(tests/unit/test_fp8.py checks it on CPU) on the same quantized inputs, the FP8 linear and grouped
+experts against high precision, and a few training steps of a small model. Needs compute capability
+>= 8.9 (grouped experts: sm_90 in torch 2.11). Self-contained: no Hydra, no tokenizers, no process
+group.
 """
 
 import pytest
@@ -10,13 +11,18 @@ import torch.nn.functional as F
 
 from megatron_exaone.config.schema import PrecisionConfig
 from megatron_exaone.model import build_model, tiny
+from megatron_exaone.model.loss import linear_cross_entropy
 from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.precision import apply_precision
 from megatron_exaone.precision.fp8_common import E4M3, E5M2, Fp8Recipe, to_fp8
 from megatron_exaone.precision.fp8_emulated import EmulatedGemms
-from megatron_exaone.model.loss import linear_cross_entropy
-from megatron_exaone.precision.fp8_ops import (Fp8GroupedExperts, Fp8HeadGemms, fp8_grouped_linear, fp8_linear,
-                                               linear_weight_operands)
+from megatron_exaone.precision.fp8_ops import (
+    Fp8GroupedExperts,
+    Fp8HeadGemms,
+    fp8_grouped_linear,
+    fp8_linear,
+    linear_weight_operands,
+)
 from megatron_exaone.precision.fp8_torch import TorchGemms, grouped_supported
 
 pytestmark = pytest.mark.gpu
@@ -27,7 +33,9 @@ DEVICE = "cuda"
 @pytest.fixture(autouse=True)
 def fp8_capable():
     if torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip(f"FP8 GEMMs need compute capability 8.9+, {torch.cuda.get_device_name()} has less")
+        pytest.skip(
+            f"FP8 GEMMs need compute capability 8.9+, {torch.cuda.get_device_name()} has less"
+        )
 
 
 @pytest.fixture
@@ -55,7 +63,9 @@ def test_scaled_mm_matches_emulation(scaling, a_dtype, out_dtype, k):
     got = TORCH.mm(a, b, out_dtype, fast_accum=False)
     assert got.dtype == out_dtype and got.shape == (96, 64)
     # Same FP8 inputs: only accumulation order/precision and the output rounding differ.
-    assert rel(got, EMULATED.mm(a, b, torch.float32, False)) < (1e-3 if out_dtype == torch.float32 else 5e-3)
+    assert rel(got, EMULATED.mm(a, b, torch.float32, False)) < (
+        1e-3 if out_dtype == torch.float32 else 5e-3
+    )
 
 
 @pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
@@ -82,19 +92,28 @@ def test_fp8_linear_forward_backward(scaling, grad_dtype):
 
 @pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
 def test_fp8_head_loss(scaling):
-    """precision.fp8_lm_head: the fused loss with FP8 logits and hidden-state gradient (4 chunks) on the scaled
-    matmul kernels, against the emulation and against high precision."""
+    """precision.fp8_lm_head: the fused loss with FP8 logits and hidden-state gradient (4 chunks) on
+    the scaled matmul kernels, against the emulation and against high precision."""
     hidden = randn(512, 256, seed=10, dtype=torch.bfloat16).requires_grad_()
     weight = randn(1024, 256, seed=11, scale=0.05, dtype=torch.bfloat16).requires_grad_()
-    labels = torch.randint(0, 1024, (512,), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(12))
+    labels = torch.randint(
+        0, 1024, (512,), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(12)
+    )
     recipe = Fp8Recipe(scaling, E5M2)
     results = []
     for gemms in (TORCH, EMULATED, None):
-        head = None if gemms is None else Fp8HeadGemms(weight, gemms, recipe, linear_weight_operands(weight, recipe))
+        head = (
+            None
+            if gemms is None
+            else Fp8HeadGemms(weight, gemms, recipe, linear_weight_operands(weight, recipe))
+        )
         loss = linear_cross_entropy(hidden, weight, labels, chunk_size=128, gemms=head)
         results.append((loss, *torch.autograd.grad(loss, (hidden, weight))))
     (loss, *grads), (emulated_loss, *emulated), (want_loss, *want) = results
-    assert abs(loss - emulated_loss) < 1e-3 * emulated_loss and abs(loss - want_loss) < 1e-2 * want_loss
+    assert (
+        abs(loss - emulated_loss) < 1e-3 * emulated_loss
+        and abs(loss - want_loss) < 1e-2 * want_loss
+    )
     for got, emulation, reference in zip(grads, emulated, want):
         assert got.dtype == torch.bfloat16
         assert rel(got, emulation) < 1e-2 and rel(got, reference) < 0.08
@@ -102,8 +121,9 @@ def test_fp8_head_loss(scaling):
 
 @pytest.mark.parametrize("fp8_wgrad", [False, True])
 def test_grouped_experts_matmul(grouped, fp8_wgrad):
-    """Gate and up projections in one FP8 grouped GEMM (tokens scaled per row, weights per expert), against fp32
-    and against the emulation, with unaligned groups and an empty one; the weight gradient in BF16 or FP8."""
+    """Gate and up projections in one FP8 grouped GEMM (tokens scaled per row, weights per expert),
+    against fp32 and against the emulation, with unaligned groups and an empty one; the weight
+    gradient in BF16 or FP8."""
     counts = torch.tensor([40, 0, 17, 100, 3, 64, 16, 8], device=DEVICE)
     rows = int(counts.sum())
     x = randn(rows, 256, seed=5, dtype=torch.bfloat16).requires_grad_()
@@ -134,8 +154,13 @@ def test_grouped_experts_without_tokens(grouped):
     assert dx.shape == x.shape and (dw == 0).all()
 
 
-def train(fixed_batch_losses, dtype: torch.dtype, plan: PrecisionConfig | None, steps: int = 30,
-          compile: bool = False) -> list[float]:
+def train(
+    fixed_batch_losses,
+    dtype: torch.dtype,
+    plan: PrecisionConfig | None,
+    steps: int = 30,
+    compile: bool = False,
+) -> list[float]:
     cfg = tiny(vocab_size=256)
     model = build_model(cfg, seed=0, device=DEVICE).to(dtype)
     if plan is not None:
@@ -150,10 +175,13 @@ def train(fixed_batch_losses, dtype: torch.dtype, plan: PrecisionConfig | None, 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_training_steps_track_high_precision(dtype, grouped, fixed_batch_losses):
-    """A small MoE model with every decoder layer in fp8_torch trains like the same model without FP8."""
+    """A small MoE model with every decoder layer in fp8_torch trains like the same model without
+    FP8."""
     want = train(fixed_batch_losses, dtype, None)
     for recipe in ("tensorwise", "rowwise"):
-        plan = PrecisionConfig("fp8_torch", recipe=recipe, keep_bf16_first_layers=0, keep_bf16_last_layers=0)
+        plan = PrecisionConfig(
+            "fp8_torch", recipe=recipe, keep_bf16_first_layers=0, keep_bf16_last_layers=0
+        )
         got = train(fixed_batch_losses, dtype, plan)
         assert got[-1] < 0.7 * got[0], (recipe, got)
         assert abs(got[-1] - want[-1]) < 0.03 * want[-1], (recipe, got[-1], want[-1])
@@ -161,9 +189,11 @@ def test_training_steps_track_high_precision(dtype, grouped, fixed_batch_losses)
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_compiled_fp8_layers_train_like_eager_fp8(recipe, grouped, fixed_batch_losses):
-    """parallel.compile fuses the FP8 casts and scales into the layers' kernels without changing the numerics
-    beyond rounding order."""
-    plan = PrecisionConfig("fp8_torch", recipe=recipe, keep_bf16_first_layers=0, keep_bf16_last_layers=0)
+    """parallel.compile fuses the FP8 casts and scales into the layers' kernels without changing the
+    numerics beyond rounding order."""
+    plan = PrecisionConfig(
+        "fp8_torch", recipe=recipe, keep_bf16_first_layers=0, keep_bf16_last_layers=0
+    )
     eager = train(fixed_batch_losses, torch.bfloat16, plan, steps=10)
     compiled = train(fixed_batch_losses, torch.bfloat16, plan, steps=10, compile=True)
     assert abs(compiled[0] - eager[0]) < 0.01 * eager[0], (compiled[0], eager[0])
@@ -171,16 +201,25 @@ def test_compiled_fp8_layers_train_like_eager_fp8(recipe, grouped, fixed_batch_l
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
-def test_compiled_weight_cache_trains_as_quantizing_every_micro_batch(recipe, grouped, accumulated_losses):
-    """precision.fp8_weight_cache under torch.compile (one graph for a step's first micro-batch, one for the
-    others), the FP8 head and MTP included: the same FP8 operands as quantizing the weights for every
-    micro-batch, so the same losses up to the order of floating-point sums."""
+def test_compiled_weight_cache_trains_as_quantizing_every_micro_batch(
+    recipe, grouped, accumulated_losses
+):
+    """precision.fp8_weight_cache under torch.compile (one graph for a step's first micro-batch, one
+    for the others), the FP8 head and MTP included: the same FP8 operands as quantizing the weights
+    for every micro-batch, so the same losses up to the order of floating-point sums."""
     runs = []
     for cache in (False, True):
         cfg = tiny(vocab_size=256)
         model = build_model(cfg, seed=0, device=DEVICE).to(torch.bfloat16)
-        plan = PrecisionConfig("fp8_torch", recipe=recipe, keep_bf16_first_layers=0, keep_bf16_last_layers=0,
-                             fp8_weight_cache=cache, fp8_lm_head=True, fp8_mtp=True)
+        plan = PrecisionConfig(
+            "fp8_torch",
+            recipe=recipe,
+            keep_bf16_first_layers=0,
+            keep_bf16_last_layers=0,
+            fp8_weight_cache=cache,
+            fp8_lm_head=True,
+            fp8_mtp=True,
+        )
         apply_precision(model, plan, cfg.num_hidden_layers, DEVICE)
         apply_compile(model)
         runs.append(accumulated_losses(model, 3, 3))

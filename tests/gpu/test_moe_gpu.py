@@ -1,6 +1,6 @@
-"""The routed experts' BF16 grouped GEMMs on a CUDA GPU against the per-expert loop: the weight-gradient form
-(ragged K) takes groups of any size, an empty one included, without padding, and a column slice of a wider
-gradient (gate or up of the stacked gate_up output)."""
+"""The routed experts' BF16 grouped GEMMs on a CUDA GPU against the per-expert loop: the
+weight-gradient form (ragged K) takes groups of any size, an empty one included, without padding,
+and a column slice of a wider gradient (gate or up of the stacked gate_up output)."""
 
 import pytest
 import torch

@@ -1,8 +1,9 @@
-"""Checkpoints as untrusted input: per-file checksums (XXH3-128) written while saving and verified while loading (a
-corrupt newest checkpoint falls back to the previous one), and nothing in a checkpoint can run code when it loads.
+"""Checkpoints as untrusted input: per-file checksums (XXH3-128) written while saving and verified
+while loading (a corrupt newest checkpoint falls back to the previous one), and nothing in a
+checkpoint can run code when it loads.
 
-The checksums are checked against XXH3-128 of each file's bytes read whole (not streamed as the writer hashes
-them), the payloads are real pickles whose loading would create a directory."""
+The checksums are checked against XXH3-128 of each file's bytes read whole (not streamed as the
+writer hashes them), the payloads are real pickles whose loading would create a directory."""
 
 from __future__ import annotations
 
@@ -17,13 +18,19 @@ import xxhash
 
 from megatron_exaone.checkpoint import integrity, state
 from megatron_exaone.checkpoint.integrity import UntrustedCheckpointError
-from megatron_exaone.checkpoint.store import (CorruptCheckpointError, checksum_problems, load_checkpoint, read_meta,
-                                              save_checkpoint)
+from megatron_exaone.checkpoint.store import (
+    CorruptCheckpointError,
+    checksum_problems,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
 from megatron_exaone.cli.convert import main as convert
 from megatron_exaone.model import build_model, tiny
 from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
 from megatron_exaone.parallel.testing import run_distributed
 from tests.faults import corrupt, data_file, planted_entry, planted_metadata
+
 
 def test_checksums_are_the_xxh3_128_of_each_file(tmp_path):
     big = {"w": torch.randn(5 << 20), "b": torch.arange(7)}  # 20 MiB in one tensor
@@ -42,15 +49,23 @@ def test_content_changed_in_place_is_detected_on_load(tmp_path):
     damaged = data_file(path)
     corrupt(damaged)
     target = {"w": torch.zeros(1 << 20)}
-    with pytest.raises(CorruptCheckpointError, match=f"file {damaged.name} does not match the checksum"):
+    with pytest.raises(
+        CorruptCheckpointError, match=f"file {damaged.name} does not match the checksum"
+    ):
         load_checkpoint(path, target)
-    assert checksum_problems(path) == [f"file {damaged.name} does not match the checksum recorded when it was "
-                                       "written (its content changed: a damaged disk or a copy that went wrong)"]
+    assert checksum_problems(path) == [
+        f"file {damaged.name} does not match the checksum recorded when it was "
+        "written (its content changed: a damaged disk or a copy that went wrong)"
+    ]
 
 
 def test_inspect_verify_reports_a_corrupt_checkpoint(tmp_path, capsys):
-    path = save_checkpoint(tmp_path / "ckpt", 1, build_model(tiny(), seed=0).state_dict(),
-                           meta={"model_config": dataclasses.asdict(tiny())})
+    path = save_checkpoint(
+        tmp_path / "ckpt",
+        1,
+        build_model(tiny(), seed=0).state_dict(),
+        meta={"model_config": dataclasses.asdict(tiny())},
+    )
     assert convert(["inspect", str(tmp_path / "ckpt"), "--verify"]) == 0
     assert "checksums: ok" in capsys.readouterr().out
     corrupt(data_file(path))
@@ -93,28 +108,42 @@ def _fall_back(_rank: int, _world: int, root: Path) -> dict:
     messages = _Messages()
     loaded = state.load(root, [model], optimizer, mesh)
     expected, _ = _trained_state(1)
-    weights_equal = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
+    weights_equal = all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), expected.state_dict().values())
+    )
     try:
         state.load(root / "step_00000002", [model], optimizer, mesh)
         direct = "loaded"
     except CorruptCheckpointError as exc:
         direct = str(exc)
-    return {"path": loaded.path.name, "extra": loaded.extra, "damaged": damaged.name, "log": " ".join(messages.lines),
-            "weights_equal": weights_equal, "direct": direct}
+    return {
+        "path": loaded.path.name,
+        "extra": loaded.extra,
+        "damaged": damaged.name,
+        "log": " ".join(messages.lines),
+        "weights_equal": weights_equal,
+        "direct": direct,
+    }
 
 
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     result = run_distributed(_fall_back, 1, tmp_path / "checkpoints")[0]
     assert result["path"] == "step_00000001" and result["extra"] == {"progress": {"step": 1}}
-    assert f"file {result['damaged']} does not match" in result["log"] and "falling back" in result["log"]
+    assert (
+        f"file {result['damaged']} does not match" in result["log"]
+        and "falling back" in result["log"]
+    )
     assert result["weights_equal"]
     assert result["damaged"] in result["direct"]  # a checkpoint named directly has no fallback
 
 
-# ---------------------------------------------------------------------------------------------- payloads
+# ----------------------------------------------------------------------------------------- payloads
 def _save_checkpoint(_rank: int, _world: int, root: Path) -> Path:
     model, optimizer = _trained_state(3)
-    return state.save(root, 3, [model], optimizer, _one_rank_mesh(), extra={"progress": {"step": 3}})
+    return state.save(
+        root, 3, [model], optimizer, _one_rank_mesh(), extra={"progress": {"step": 3}}
+    )
 
 
 def _load(_rank: int, _world: int, checkpoint: Path) -> str:
@@ -150,12 +179,15 @@ def test_real_metadata_of_every_entry_kind_passes_the_allow_list(checkpoint):
     metadata = integrity.read_metadata(checkpoint)
     kinds = {type(md).__name__ for md in metadata.state_dict_metadata.values()}
     assert kinds == {"TensorStorageMetadata"}
-    assert {"extra", "rng.rank0", "optim.model.embed_tokens.weight.exp_avg"} <= set(metadata.state_dict_metadata)
+    assert {"extra", "rng.rank0", "optim.model.embed_tokens.weight.exp_avg"} <= set(
+        metadata.state_dict_metadata
+    )
 
 
 def test_damaged_metadata_is_corruption_not_a_refusal(tmp_path):
-    """Random bytes over DCP's .metadata (the unpickler refuses them) count as a damaged file when the manifest
-    says it changed, so a run falls back to the previous checkpoint instead of stopping."""
+    """Random bytes over DCP's .metadata (the unpickler refuses them) count as a damaged file when
+    the manifest says it changed, so a run falls back to the previous checkpoint instead of
+    stopping."""
     path = save_checkpoint(tmp_path / "ckpt", 1, {"w": torch.zeros(4)})
     (path / ".metadata").write_bytes(os.urandom((path / ".metadata").stat().st_size))
     with pytest.raises(CorruptCheckpointError, match="file .metadata does not match"):

@@ -1,4 +1,5 @@
-"""The Hydra recipes compose into the typed schema and validate; bad configs fail early, naming what to change."""
+"""The Hydra recipes compose into the typed schema and validate; bad configs fail early, naming what
+to change."""
 
 import dataclasses
 import importlib.util
@@ -17,18 +18,22 @@ from megatron_exaone.training.device import resolve_device
 from megatron_exaone.training.plan import validate
 
 # FP8 precision name -> the module of its backend
-FP8_BACKEND_MODULES = {name: f"megatron_exaone.precision.{p.backend}" for name, p in PRECISIONS.items() if p.backend}
+FP8_BACKEND_MODULES = {
+    name: f"megatron_exaone.precision.{p.backend}" for name, p in PRECISIONS.items() if p.backend
+}
 
 RECIPES = recipes_dir()
 K_EXAONE_64 = ["experiment=k_exaone_236b_h100x64"]
 
 # Every recipe file -> (extra overrides it needs to make a complete run, world size). Validated with
-# device_type=None: only what this build contains is checked, not this machine (see test_fp8_availability_on_cpu).
+# device_type=None: only what this build contains is checked, not this machine (see
+# test_fp8_availability_on_cpu).
 CASES = {
     "model/tiny": ([], 1),
     "model/k_exaone_236b": ([], 1),
     "model/proxy_2b": ([], 1),
-    "model/from_checkpoint": (None, 1),  # needs a checkpoint: see tests/parity/test_convert_checkpoint.py
+    # needs a checkpoint: see tests/parity/test_convert_checkpoint.py
+    "model/from_checkpoint": (None, 1),
     "parallel/single": ([], 2),
     "parallel/cpu_tp2": ([], 2),
     "parallel/cpu_tp2_pp2_ep2": ([], 8),
@@ -89,8 +94,12 @@ def test_recipe_composes_and_validates(recipe):
 
 
 def test_schema_mirrors_the_curriculum_classes():
-    assert [f.name for f in dataclasses.fields(StageConfig)] == [f.name for f in dataclasses.fields(Stage)]
-    assert [f.name for f in dataclasses.fields(LRConfig)] == [f.name for f in dataclasses.fields(LRPhase)]
+    assert [f.name for f in dataclasses.fields(StageConfig)] == [
+        f.name for f in dataclasses.fields(Stage)
+    ]
+    assert [f.name for f in dataclasses.fields(LRConfig)] == [
+        f.name for f in dataclasses.fields(LRPhase)
+    ]
 
 
 def test_cpu_tiny_experiment_with_overrides():
@@ -108,13 +117,16 @@ def test_cpu_tiny_experiment_with_overrides():
     assert [checked.curriculum.plan(t).stage.name for t in (0, 20 * 8 * 64)] == ["short", "long"]
 
 
-@pytest.mark.parametrize("override, key, suggestion", [
-    ("trainer.max_stepz=3", "trainer.max_stepz", "trainer.max_steps"),
-    ("+trainer.max_stepz=3", "trainer.max_stepz", "trainer.max_steps"),
-    ("model.hiden_size=3", "model.hiden_size", "model.hidden_size"),
-    ("+model.hiden_size=3", "model.hiden_size", "model.hidden_size"),
-    ("curriculum.stages.0.lr.peak=1", "curriculum.stages.0.lr.peak", "peak_lr"),
-])
+@pytest.mark.parametrize(
+    "override, key, suggestion",
+    [
+        ("trainer.max_stepz=3", "trainer.max_stepz", "trainer.max_steps"),
+        ("+trainer.max_stepz=3", "trainer.max_stepz", "trainer.max_steps"),
+        ("model.hiden_size=3", "model.hiden_size", "model.hidden_size"),
+        ("+model.hiden_size=3", "model.hiden_size", "model.hidden_size"),
+        ("curriculum.stages.0.lr.peak=1", "curriculum.stages.0.lr.peak", "peak_lr"),
+    ],
+)
 def test_unknown_key_is_named_with_a_suggestion(override, key, suggestion):
     with pytest.raises(RecipeError) as info:
         _load(override)
@@ -124,8 +136,11 @@ def test_unknown_key_is_named_with_a_suggestion(override, key, suggestion):
 
 
 def test_a_model_field_the_recipe_does_not_set_says_how_to_add_it():
-    with pytest.raises(RecipeError, match=r"'model.mtp_loss_weight' is not set .* add it with "
-                                          r"'\+model.mtp_loss_weight=VALUE'"):
+    with pytest.raises(
+        RecipeError,
+        match=r"'model.mtp_loss_weight' is not set .* add it with "
+        r"'\+model.mtp_loss_weight=VALUE'",
+    ):
         _load("model.mtp_loss_weight=0")
     assert _load("+model.mtp_loss_weight=0").model["mtp_loss_weight"] == 0
 
@@ -133,8 +148,12 @@ def test_a_model_field_the_recipe_does_not_set_says_how_to_add_it():
 def test_unknown_key_in_a_recipe_file_names_the_file(tmp_path):
     recipes = tmp_path / "recipes"
     shutil.copytree(RECIPES, recipes)
-    (recipes / "experiment" / "typo.yaml").write_text("# @package _global_\ntrainer:\n  max_stepz: 3\n")
-    with pytest.raises(RecipeError, match=r"trainer\.max_stepz.*experiment/typo\.yaml.*trainer\.max_steps"):
+    (recipes / "experiment" / "typo.yaml").write_text(
+        "# @package _global_\ntrainer:\n  max_stepz: 3\n"
+    )
+    with pytest.raises(
+        RecipeError, match=r"trainer\.max_stepz.*experiment/typo\.yaml.*trainer\.max_steps"
+    ):
         load_config(["experiment=typo"], config_dir=recipes)
 
 
@@ -166,29 +185,87 @@ def test_mixture_of_an_unknown_dataset_names_it():
     assert "'short'" in message and "'web'" in message and "sample" in message
 
 
-@pytest.mark.parametrize("overrides, world_size, expected", [
-    (["experiment=cpu_tiny", "parallel=cpu_tp2_pp2_ep2", "trainer.micro_batch_size=3"], 8,
-     "micro_batch_size x dp = 3 x 2 = 6"),
-    (["model.max_position_embeddings=100"], 1, "max_position_embeddings=100"),
-    (["experiment=cpu_tiny", "parallel.vpp=2"], 4, "vpp=2"),
-    (["experiment=cpu_tiny", "parallel.pipeline_layout='Ett|tL'"], 4, "pipeline layout 'Ett|tL'"),
-    (["experiment=cpu_tiny", "curriculum.stages.0.seq_len=65", "curriculum.stages.0.tokens=10400"], 4,
-     "not divisible by tp=2"),
-    (["precision=fp8_emulated", "precision.keep_bf16_first_layers=3", "precision.keep_bf16_last_layers=2"], 1,
-     "exceeds the model's 4 layers"),
-    (["parallel.compile=true", "parallel.recompute=selective"], 1, "parallel.compile=true with recompute=selective"),
-    (["parallel.compile=true", "precision=fp8_te_blockwise"], 1, "Transformer Engine modules"),
-    (["precision=fp8_te_tensorwise", "curriculum.stages.0.seq_len=68", "curriculum.stages.0.tokens=10880"], 1,
-     "68 tokens reach each linear"),
-    (["experiment=cpu_tiny", "parallel.cp=2", "parallel.tp=1", "precision=fp8_te_tensorwise",
-      "precision.te_attention=true"], 4, "context parallel attention runs on SDPA"),
-    (["precision=fp8_torch", "precision.te_attention=true"], 1,
-     "precision.te_attention=true needs a Transformer Engine precision"),
-    (["precision=fp8_te_delayed", "precision.fp8_weight_cache=true"], 1,
-     "precision.fp8_weight_cache=true applies to fp8_torch and fp8_emulated"),
-    (["experiment=cpu_tiny", "parallel.pipeline_schedule=zbv", "parallel.vpp=2",
-      "parallel.reduce_grads_each_micro_batch=true"], 4, "use 1f1b or interleaved_1f1b"),
-])
+@pytest.mark.parametrize(
+    "overrides, world_size, expected",
+    [
+        (
+            ["experiment=cpu_tiny", "parallel=cpu_tp2_pp2_ep2", "trainer.micro_batch_size=3"],
+            8,
+            "micro_batch_size x dp = 3 x 2 = 6",
+        ),
+        (["model.max_position_embeddings=100"], 1, "max_position_embeddings=100"),
+        (["experiment=cpu_tiny", "parallel.vpp=2"], 4, "vpp=2"),
+        (
+            ["experiment=cpu_tiny", "parallel.pipeline_layout='Ett|tL'"],
+            4,
+            "pipeline layout 'Ett|tL'",
+        ),
+        (
+            [
+                "experiment=cpu_tiny",
+                "curriculum.stages.0.seq_len=65",
+                "curriculum.stages.0.tokens=10400",
+            ],
+            4,
+            "not divisible by tp=2",
+        ),
+        (
+            [
+                "precision=fp8_emulated",
+                "precision.keep_bf16_first_layers=3",
+                "precision.keep_bf16_last_layers=2",
+            ],
+            1,
+            "exceeds the model's 4 layers",
+        ),
+        (
+            ["parallel.compile=true", "parallel.recompute=selective"],
+            1,
+            "parallel.compile=true with recompute=selective",
+        ),
+        (["parallel.compile=true", "precision=fp8_te_blockwise"], 1, "Transformer Engine modules"),
+        (
+            [
+                "precision=fp8_te_tensorwise",
+                "curriculum.stages.0.seq_len=68",
+                "curriculum.stages.0.tokens=10880",
+            ],
+            1,
+            "68 tokens reach each linear",
+        ),
+        (
+            [
+                "experiment=cpu_tiny",
+                "parallel.cp=2",
+                "parallel.tp=1",
+                "precision=fp8_te_tensorwise",
+                "precision.te_attention=true",
+            ],
+            4,
+            "context parallel attention runs on SDPA",
+        ),
+        (
+            ["precision=fp8_torch", "precision.te_attention=true"],
+            1,
+            "precision.te_attention=true needs a Transformer Engine precision",
+        ),
+        (
+            ["precision=fp8_te_delayed", "precision.fp8_weight_cache=true"],
+            1,
+            "precision.fp8_weight_cache=true applies to fp8_torch and fp8_emulated",
+        ),
+        (
+            [
+                "experiment=cpu_tiny",
+                "parallel.pipeline_schedule=zbv",
+                "parallel.vpp=2",
+                "parallel.reduce_grads_each_micro_batch=true",
+            ],
+            4,
+            "use 1f1b or interleaved_1f1b",
+        ),
+    ],
+)
 def test_cross_field_checks(overrides, world_size, expected):
     assert expected in _error(overrides, world_size)
 
@@ -199,11 +276,15 @@ def test_k_exaone_curriculum():
     assert abs(checked.curriculum.total_tokens - 11e12) < 0.01e12
     assert [s.seq_len for s in checked.curriculum.stages] == [8192, 8192, 8192, 32768, 262144]
     assert {s.lr.peak_lr for s in checked.curriculum.stages[:3]} == {3e-4}
-    assert all((s.mtp_loss_weight, s.aux_loss_coeff, s.bias_update_rate) == (0.05, 1e-4, 1e-4)
-               for s in checked.curriculum.stages)
+    assert all(
+        (s.mtp_loss_weight, s.aux_loss_coeff, s.bias_update_rate) == (0.05, 1e-4, 1e-4)
+        for s in checked.curriculum.stages
+    )
     # dp gives way to context parallel in the long-context stages.
-    assert [(p.tp, p.cp, p.pp, p.dp) for p in checked.stage_parallel] == \
-        [(4, 1, 8, 2)] * 3 + [(4, 2, 8, 1), (4, 8, 2, 1)]
+    assert [(p.tp, p.cp, p.pp, p.dp) for p in checked.stage_parallel] == [(4, 1, 8, 2)] * 3 + [
+        (4, 2, 8, 1),
+        (4, 8, 2, 1),
+    ]
     assert [p.reduce_grads_each_micro_batch for p in checked.stage_parallel] == [False] * 4 + [True]
     assert cfg.optim.name == "muon" and cfg.parallel.recompute == "full"
 
@@ -218,19 +299,34 @@ def test_save_resolved_round_trip(tmp_path):
 
 def test_relative_data_paths_resolve_against_run_dir(tmp_path):
     cfg = _load(f"run_dir={tmp_path}")
-    assert cfg.data.resolved_datasets(cfg.run_dir) == {"sample": [str(tmp_path / "data" / "sample")]}
-    assert cfg.data.resolved_path(cfg.data.tokenizer, cfg.run_dir) == str(tmp_path / "data" / "tokenizer")
+    assert cfg.data.resolved_datasets(cfg.run_dir) == {
+        "sample": [str(tmp_path / "data" / "sample")]
+    }
+    assert cfg.data.resolved_path(cfg.data.tokenizer, cfg.run_dir) == str(
+        tmp_path / "data" / "tokenizer"
+    )
 
 
 def test_every_recipe_is_installed_with_the_package():
-    """A wheel install has no source checkout: pyproject.toml's data-files must ship every recipe."""
+    """A wheel install has no source checkout: pyproject.toml's data-files must ship every
+    recipe."""
     tomllib = pytest.importorskip("tomllib")
     root = RECIPES.parent
-    data_files = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
-    shipped = {path for patterns in data_files.values() for pattern in patterns for path in root.glob(pattern)}
+    data_files = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "data-files"
+    ]
+    shipped = {
+        path
+        for patterns in data_files.values()
+        for pattern in patterns
+        for path in root.glob(pattern)
+    }
     assert shipped == set(RECIPES.rglob("*.yaml"))
-    for target, patterns in data_files.items():  # each file lands where recipes_dir expects its group
-        assert all(Path(target) == Path("share/megatron-exaone") / Path(p).parent for p in patterns), target
+    # each file lands where recipes_dir expects its group
+    for target, patterns in data_files.items():
+        assert all(
+            Path(target) == Path("share/megatron-exaone") / Path(p).parent for p in patterns
+        ), target
 
 
 def test_recipes_dir_override(tmp_path, monkeypatch):
@@ -242,7 +338,8 @@ def test_recipes_dir_override(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(FP8_BACKEND_MODULES))
 def test_fp8_availability_on_cpu(name):
-    """Only fp8_emulated may run on CPU, and only in a build that has its backend; the others always say why not."""
+    """Only fp8_emulated may run on CPU, and only in a build that has its backend; the others always
+    say why not."""
     backend = _module_exists(FP8_BACKEND_MODULES[name])
     if name == "fp8_emulated" and backend:
         validate(_load(f"precision={name}"), 1, device_type="cpu")
@@ -251,20 +348,23 @@ def test_fp8_availability_on_cpu(name):
     assert "FP8 backend not available in this build" in message if not backend else name in message
 
 
-@pytest.mark.parametrize("name, capability, cuda, problem", [
-    ("fp8_te_tensorwise", (8, 9), "12.4", None),
-    ("fp8_te_tensorwise", (8, 6), "12.4", "needs CUDA compute capability 8.9 or newer"),
-    ("fp8_te_blockwise", (9, 0), "12.9", None),
-    ("fp8_te_blockwise", (9, 0), "12.8", "needs torch built with CUDA 12.9 or newer"),
-    ("fp8_te_blockwise", (8, 9), "13.0", "needs CUDA compute capability 9.0 or newer"),
-    ("fp8_te_mxfp8", (10, 3), "13.0", None),
-    ("fp8_te_mxfp8", (11, 0), "13.0", None),
-    ("fp8_te_mxfp8", (12, 0), "13.0", "needs CUDA compute capability 10.x or 11.x"),
-    ("fp8_te_mxfp8", (9, 0), "13.0", "needs CUDA compute capability 10.x or 11.x"),
-])
+@pytest.mark.parametrize(
+    "name, capability, cuda, problem",
+    [
+        ("fp8_te_tensorwise", (8, 9), "12.4", None),
+        ("fp8_te_tensorwise", (8, 6), "12.4", "needs CUDA compute capability 8.9 or newer"),
+        ("fp8_te_blockwise", (9, 0), "12.9", None),
+        ("fp8_te_blockwise", (9, 0), "12.8", "needs torch built with CUDA 12.9 or newer"),
+        ("fp8_te_blockwise", (8, 9), "13.0", "needs CUDA compute capability 9.0 or newer"),
+        ("fp8_te_mxfp8", (10, 3), "13.0", None),
+        ("fp8_te_mxfp8", (11, 0), "13.0", None),
+        ("fp8_te_mxfp8", (12, 0), "13.0", "needs CUDA compute capability 10.x or 11.x"),
+        ("fp8_te_mxfp8", (9, 0), "13.0", "needs CUDA compute capability 10.x or 11.x"),
+    ],
+)
 def test_te_hardware_gates_follow_te(monkeypatch, name, capability, cuda, problem):
-    """TE 2.20's gates: per-tensor FP8 from sm_89, block scaling from sm_90 with CUDA >= 12.9, MXFP8 on
-    10.0 <= sm < 12.0. The machine is described to the check (this one has no GPU and no TE)."""
+    """TE 2.20's gates: per-tensor FP8 from sm_89, block scaling from sm_90 with CUDA >= 12.9, MXFP8
+    on 10.0 <= sm < 12.0. The machine is described to the check (this one has no GPU and no TE)."""
     monkeypatch.setattr(registry, "_importable", lambda module: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "a test GPU")

@@ -1,6 +1,7 @@
-"""Context parallel pieces that need no process group: the zigzag split of a sequence and the masks of a rank's
-queries against the whole sequence (the FlexAttention BlockMask the GPU runs, checked here in forward on CPU).
-The layouts themselves are compared with the single-process model in tests/distributed."""
+"""Context parallel pieces that need no process group: the zigzag split of a sequence and the masks
+of a rank's queries against the whole sequence (the FlexAttention BlockMask the GPU runs, checked
+here in forward on CPU). The layouts themselves are compared with the single-process model in
+tests/distributed."""
 
 import pytest
 import torch
@@ -36,19 +37,27 @@ def test_a_ranks_queries_see_what_they_see_in_the_whole_sequence(window):
             shard = SequenceShard(4, rank)
             index, keys = shard.index(512), shard.gathered_keys(512)
             rows = whole[:, :, index]
-            gathered_k, gathered_v = k[:, :, keys[0]], v[:, :, keys[0]]  # every rank's tokens in rank order
+            # every rank's tokens in rank order
+            gathered_k, gathered_v = k[:, :, keys[0]], v[:, :, keys[0]]
             for key_layout, (kk, vv) in ((None, (k, v)), (keys, (gathered_k, gathered_v))):
-                dense = attention_mask(positions, window, index, key_layout)  # what SDPA gets on CPU
+                # what SDPA gets on CPU
+                dense = attention_mask(positions, window, index, key_layout)
                 assert dense.shape == (2, 1, 128, 512)
                 torch.testing.assert_close(attn.attend(q[:, :, index], kk, vv, dense), rows)
-                block = _block_mask(document_ids(positions), window, 2, 512, "cpu", index, key_layout)  # GPU's
-                flex = flex_attention(q[:, :, index], kk, vv, block_mask=block, scale=32 ** -0.5, enable_gqa=True)
+                # GPU's
+                block = _block_mask(
+                    document_ids(positions), window, 2, 512, "cpu", index, key_layout
+                )
+                flex = flex_attention(
+                    q[:, :, index], kk, vv, block_mask=block, scale=32**-0.5, enable_gqa=True
+                )
                 torch.testing.assert_close(flex, rows, rtol=1e-5, atol=1e-5)
 
 
 def test_sliding_layers_need_only_every_chunks_last_window_tokens():
-    """A sliding layer's keys under cp: the last W - 1 tokens of every rank's chunks (what the halo all-gather
-    yields; this rank's own tails masked out) and this rank's tokens give the whole-sequence rows."""
+    """A sliding layer's keys under cp: the last W - 1 tokens of every rank's chunks (what the halo
+    all-gather yields; this rank's own tails masked out) and this rank's tokens give the
+    whole-sequence rows."""
     torch.manual_seed(0)
     attn = Attention(256, 8, 2, 32, 1e-5, use_rope=False)
     positions = torch.arange(512).expand(2, 512).clone()
@@ -64,12 +73,22 @@ def test_sliding_layers_need_only_every_chunks_last_window_tokens():
             assert halo == window - 1 and keys[0].numel() == 2 * cp * halo + 128
             index = shard.index(512)
             rows = whole[:, :, index]
-            gathered_k, gathered_v = k[:, :, keys[0]], v[:, :, keys[0]]  # the gather, done on the whole tensors
+            # the gather, done on the whole tensors
+            gathered_k, gathered_v = k[:, :, keys[0]], v[:, :, keys[0]]
             dense = attention_mask(positions, window, index, keys)
-            torch.testing.assert_close(attn.attend(q[:, :, index], gathered_k, gathered_v, dense), rows)
+            torch.testing.assert_close(
+                attn.attend(q[:, :, index], gathered_k, gathered_v, dense), rows
+            )
             block = _block_mask(document_ids(positions), window, 2, 512, "cpu", index, keys)
-            flex = flex_attention(q[:, :, index], gathered_k, gathered_v, block_mask=block, scale=32 ** -0.5,
-                                  enable_gqa=True)
+            flex = flex_attention(
+                q[:, :, index],
+                gathered_k,
+                gathered_v,
+                block_mask=block,
+                scale=32**-0.5,
+                enable_gqa=True,
+            )
             torch.testing.assert_close(flex, rows, rtol=1e-5, atol=1e-5)
-    assert SequenceShard(4, 0).halo(64, 16) is None  # chunks of 8 tokens are shorter than the window
+    # chunks of 8 tokens are shorter than the window
+    assert SequenceShard(4, 0).halo(64, 16) is None
     assert SequenceShard(4, 0).halo(512, None) is None

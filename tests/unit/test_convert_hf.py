@@ -1,4 +1,5 @@
-"""HF directory reading/writing: round trips, layouts, and clear errors that leave nothing half-written."""
+"""HF directory reading/writing: round trips, layouts, and clear errors that leave nothing
+half-written."""
 
 import json
 import os
@@ -7,7 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_exaone.convert.hf import HFFormatError, from_hf, from_hf_tensors, to_hf, to_hf_tensors, write_hf_dir
+from megatron_exaone.convert.hf import (
+    HFFormatError,
+    from_hf,
+    from_hf_tensors,
+    to_hf,
+    to_hf_tensors,
+    write_hf_dir,
+)
 from megatron_exaone.model import build_model, tiny
 
 
@@ -19,7 +27,11 @@ def tiny_model():
 
 def hf_tensors(path):
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.exists()
+        else ["model.safetensors"]
+    )
     out = {}
     for name in files:
         out.update(load_file(path / name))
@@ -56,7 +68,9 @@ def test_fused_expert_layout_is_accepted(tiny_model):
     fused = {}
     for key, value in state.items():
         if key.endswith("experts.gate_proj"):
-            fused[key.replace("gate_proj", "gate_up_proj")] = torch.cat([value, state[key.replace("gate", "up")]], 1)
+            fused[key.replace("gate_proj", "gate_up_proj")] = torch.cat(
+                [value, state[key.replace("gate", "up")]], 1
+            )
         elif key.endswith("experts.up_proj"):
             continue
         elif key.endswith("mlp.e_score_correction_bias"):
@@ -90,10 +104,18 @@ def test_wrong_model_type(tmp_path, tiny_model):
 def test_missing_and_unexpected_keys_and_shape_mismatch(tmp_path, tiny_model):
     out = corrupt(tmp_path, tiny_model, "x")
     tensors = load_file(out / "model.safetensors")
-    for edit, needle in ((lambda t: t.pop("model.layers.2.self_attn.k_norm.weight"), "missing 1 tensor"),
-                         (lambda t: t.__setitem__("model.layers.9.foo", torch.zeros(1)), "unexpected"),
-                         (lambda t: t.__setitem__("model.norm.weight", torch.ones(3)), "model.norm.weight has shape"),
-                         (lambda t: t.pop("model.layers.1.mlp.experts.5.up_proj.weight"), r"missing for experts \[5\]")):
+    for edit, needle in (
+        (lambda t: t.pop("model.layers.2.self_attn.k_norm.weight"), "missing 1 tensor"),
+        (lambda t: t.__setitem__("model.layers.9.foo", torch.zeros(1)), "unexpected"),
+        (
+            lambda t: t.__setitem__("model.norm.weight", torch.ones(3)),
+            "model.norm.weight has shape",
+        ),
+        (
+            lambda t: t.pop("model.layers.1.mlp.experts.5.up_proj.weight"),
+            r"missing for experts \[5\]",
+        ),
+    ):
         broken = dict(tensors)
         edit(broken)
         save_file(broken, str(out / "model.safetensors"))

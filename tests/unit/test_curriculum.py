@@ -4,12 +4,29 @@ from megatron_exaone.curriculum import Curriculum, CurriculumError, LRPhase, Sta
 
 
 def two_stages():
-    return Curriculum([
-        Stage("pretrain", tokens=8 * 64 * 10, seq_len=64, global_batch_size=8, mixture={"web": 1.0},
-              lr=LRPhase("wsd", peak_lr=1e-3, min_lr=1e-4, warmup_tokens=8 * 64 * 2, decay_fraction=0.0)),
-        Stage("long", tokens=4 * 128 * 5, seq_len=128, global_batch_size=4, mixture={"web": 0.5, "books": 0.5},
-              lr=LRPhase("decay", peak_lr=1e-3, min_lr=1e-4), mtp_loss_weight=0.1),
-    ])
+    return Curriculum(
+        [
+            Stage(
+                "pretrain",
+                tokens=8 * 64 * 10,
+                seq_len=64,
+                global_batch_size=8,
+                mixture={"web": 1.0},
+                lr=LRPhase(
+                    "wsd", peak_lr=1e-3, min_lr=1e-4, warmup_tokens=8 * 64 * 2, decay_fraction=0.0
+                ),
+            ),
+            Stage(
+                "long",
+                tokens=4 * 128 * 5,
+                seq_len=128,
+                global_batch_size=4,
+                mixture={"web": 0.5, "books": 0.5},
+                lr=LRPhase("decay", peak_lr=1e-3, min_lr=1e-4),
+                mtp_loss_weight=0.1,
+            ),
+        ]
+    )
 
 
 def test_plan_switches_stage_at_the_exact_token_count():
@@ -28,11 +45,21 @@ def test_plan_switches_stage_at_the_exact_token_count():
 
 
 def test_batch_ramp_and_budget_validation():
-    stage = Stage("ramp", tokens=0, seq_len=10, global_batch_size=8, batch_ramp_start=2, batch_ramp_increment=2,
-                  batch_ramp_tokens=120)
+    stage = Stage(
+        "ramp",
+        tokens=0,
+        seq_len=10,
+        global_batch_size=8,
+        batch_ramp_start=2,
+        batch_ramp_increment=2,
+        batch_ramp_tokens=120,
+    )
     assert [stage.batch_at(t) for t in (0, 39, 40, 80, 119, 120)] == [2, 2, 4, 6, 6, 8]
-    with pytest.raises(CurriculumError, match=r"tokens=1000 does not end on a step boundary.*tokens=960 or "
-                                              r"tokens=1040"):
+    with pytest.raises(
+        CurriculumError,
+        match=r"tokens=1000 does not end on a step boundary.*tokens=960 or "
+        r"tokens=1040",
+    ):
         Curriculum([Stage("s", tokens=1000, seq_len=10, global_batch_size=8)])
     with pytest.raises(CurriculumError, match="does not split into data-parallel ranks"):
         Curriculum([Stage("s", tokens=60, seq_len=10, global_batch_size=6)], batch_multiple=4)
@@ -42,7 +69,13 @@ def test_batch_ramp_and_budget_validation():
 
 @pytest.mark.parametrize("kind", ["wsd", "cosine", "constant", "decay"])
 def test_lr_phases(kind):
-    phase = LRPhase(kind, peak_lr=1.0, min_lr=0.1, warmup_tokens=10 if kind != "decay" else 0, decay_fraction=0.5)
+    phase = LRPhase(
+        kind,
+        peak_lr=1.0,
+        min_lr=0.1,
+        warmup_tokens=10 if kind != "decay" else 0,
+        decay_fraction=0.5,
+    )
     values = [phase.lr_at(t, 100) for t in range(1, 101)]
     assert max(values) == pytest.approx(1.0, abs=0.01)  # a decay's first step is already 1% down
     assert values[-1] == (1.0 if kind == "constant" else pytest.approx(0.1))

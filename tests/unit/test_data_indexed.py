@@ -1,14 +1,21 @@
-"""Megatron MMIDIDX shards: bytes checked by an independent reader written from the published layout."""
+"""Megatron MMIDIDX shards: bytes checked by an independent reader written from the published
+layout."""
 
 import struct
 
 import numpy as np
 import pytest
 
-from megatron_exaone.data.indexed import (IndexedDataset, IndexedDatasetError, IndexedDatasetWriter,
-                                          merge_datasets, optimal_dtype)
+from megatron_exaone.data.indexed import (
+    IndexedDataset,
+    IndexedDatasetError,
+    IndexedDatasetWriter,
+    merge_datasets,
+    optimal_dtype,
+)
 
-# Published layout (megatron/core/datasets/indexed_dataset.py), written out independently of the code under test.
+# Published layout (megatron/core/datasets/indexed_dataset.py), written out independently of the
+# code under test.
 CODES = {1: "u1", 2: "i1", 3: "<i2", 4: "<i4", 5: "<i8", 6: "<f8", 7: "<f4", 8: "<u2"}
 
 
@@ -25,7 +32,10 @@ def reference_read(prefix):
     docs = struct.unpack_from(f"<{d}q", raw, 34 + 12 * n)
     data = open(f"{prefix}.bin", "rb").read()
     item = np.dtype(CODES[code]).itemsize
-    seqs = [np.frombuffer(data[p:p + item * ln], dtype=CODES[code]).tolist() for p, ln in zip(pointers, lengths)]
+    seqs = [
+        np.frombuffer(data[p : p + item * ln], dtype=CODES[code]).tolist()
+        for p, ln in zip(pointers, lengths)
+    ]
     return np.dtype(CODES[code]), seqs, list(docs)
 
 
@@ -35,8 +45,10 @@ def write(prefix, docs, dtype):
             w.add_document(np.array(doc))
 
 
-@pytest.mark.parametrize("vocab_size, dtype", [(4000, np.uint16), (65499, np.uint16), (65500, np.int32),
-                                               (153600, np.int32)])
+@pytest.mark.parametrize(
+    "vocab_size, dtype",
+    [(4000, np.uint16), (65499, np.uint16), (65500, np.int32), (153600, np.int32)],
+)
 def test_writer_bytes_match_published_layout(tmp_path, vocab_size, dtype):
     assert optimal_dtype(vocab_size) == dtype
     docs = [[1, 2, 3], [], [vocab_size - 1] * 5, [0]]
@@ -56,8 +68,22 @@ def test_batched_adds_and_merge(tmp_path):
     write(tmp_path / "b", [[7, 7], [9]], np.uint16)
     merge_datasets([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
     _, seqs, bounds = reference_read(tmp_path / "m")
-    assert seqs == [[0, 1, 2, 3], [], [4, 5, 6, 7, 8, 9], [7, 7], [9]] and bounds == [0, 1, 2, 3, 4, 5]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "a.idx", "b.bin", "b.idx", "m.bin", "m.idx"]
+    assert seqs == [[0, 1, 2, 3], [], [4, 5, 6, 7, 8, 9], [7, 7], [9]] and bounds == [
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.bin",
+        "a.idx",
+        "b.bin",
+        "b.idx",
+        "m.bin",
+        "m.idx",
+    ]
 
 
 def test_failed_write_leaves_nothing(tmp_path):
@@ -73,22 +99,25 @@ def _corrupt(path, offset=None, data=None, truncate=None, append=None):
     if truncate is not None:
         raw = raw[:truncate]
     if data is not None:
-        raw[offset:offset + len(data)] = data
+        raw[offset : offset + len(data)] = data
     if append is not None:
         raw += append
     path.write_bytes(bytes(raw))
 
 
-@pytest.mark.parametrize("target, change, message", [
-    ("idx", dict(offset=0, data=b"NOTMEGA"), "not the MMIDIDX magic"),
-    ("idx", dict(offset=9, data=struct.pack("<Q", 2)), "version 2"),
-    ("idx", dict(offset=17, data=bytes([9])), "unknown dtype code 9"),
-    ("idx", dict(truncate=20), "shorter than the 34-byte"),
-    ("idx", dict(truncate=60), "truncated or corrupted"),
-    ("idx", dict(offset=34 + 4 * 3, data=struct.pack("<q", 5)), "byte offsets do not match"),
-    ("bin", dict(truncate=10), "truncated"),
-    ("bin", dict(append=b"\x00\x00"), "trailing data"),
-])
+@pytest.mark.parametrize(
+    "target, change, message",
+    [
+        ("idx", dict(offset=0, data=b"NOTMEGA"), "not the MMIDIDX magic"),
+        ("idx", dict(offset=9, data=struct.pack("<Q", 2)), "version 2"),
+        ("idx", dict(offset=17, data=bytes([9])), "unknown dtype code 9"),
+        ("idx", dict(truncate=20), "shorter than the 34-byte"),
+        ("idx", dict(truncate=60), "truncated or corrupted"),
+        ("idx", dict(offset=34 + 4 * 3, data=struct.pack("<q", 5)), "byte offsets do not match"),
+        ("bin", dict(truncate=10), "truncated"),
+        ("bin", dict(append=b"\x00\x00"), "trailing data"),
+    ],
+)
 def test_corrupted_shards_fail_clearly(tmp_path, target, change, message):
     write(tmp_path / "c", [[1, 2, 3], [4, 5], [6, 7, 8, 9]], np.uint16)
     _corrupt(tmp_path / f"c.{target}", **change)
@@ -118,4 +147,3 @@ def test_megatron_core_reads_our_shards(tmp_path):
     write(tmp_path / "c", docs, np.int32)
     theirs = mcore.IndexedDataset(str(tmp_path / "c"))
     assert [theirs[i].tolist() for i in range(len(theirs))] == docs
-

@@ -1,4 +1,5 @@
-"""Training-time data: packing, position ids, mixtures, rank splits, exact resume and the index cache."""
+"""Training-time data: packing, position ids, mixtures, rank splits, exact resume and the index
+cache."""
 
 import threading
 import time
@@ -28,8 +29,10 @@ def make_dataset(path, num_docs, seed, base=0, max_len=120):
 
 @pytest.fixture()
 def data(tmp_path):
-    return {name: (tmp_path / name, make_dataset(tmp_path / name, 300, seed=i, base=i * 10_000_000))
-            for i, name in enumerate(["web", "code", "math"])}
+    return {
+        name: (tmp_path / name, make_dataset(tmp_path / name, 300, seed=i, base=i * 10_000_000))
+        for i, name in enumerate(["web", "code", "math"])
+    }
 
 
 def origin(tokens):
@@ -38,7 +41,8 @@ def origin(tokens):
 
 
 def check_sample(input_ids, labels, position_ids):
-    """Position ids restart exactly where a new document starts; labels are the inputs shifted by one."""
+    """Position ids restart exactly where a new document starts; labels are the inputs shifted by
+    one."""
     real = labels != -100
     doc, pos = origin(input_ids)
     new_doc = np.r_[True, (doc[1:] != doc[:-1]) | (pos[1:] != pos[:-1] + 1)]
@@ -68,8 +72,14 @@ def test_epoch_packing_covers_every_token_once(mode):
         cut |= {s for s, o, n in pieces if o > 0 or o + n < lengths[s]}
     predictable = {(d, p) for d, n in enumerate(lengths) for p in range(1, n)}
     if mode == "best_fit":
-        # Every predictable token is a label exactly once; documents that fit a sample are never cut.
-        labelled = [(s, o + k) for i in range(index.num_samples) for s, o, n in index.pieces(i) for k in range(1, n)]
+        # Every predictable token is a label exactly once; documents that fit a sample are never
+        # cut.
+        labelled = [
+            (s, o + k)
+            for i in range(index.num_samples)
+            for s, o, n in index.pieces(i)
+            for k in range(1, n)
+        ]
         assert sorted(labelled) == sorted(predictable)
         assert not {s for s in cut if lengths[s] <= seq_len + 1}
     else:
@@ -80,14 +90,16 @@ def test_epoch_packing_covers_every_token_once(mode):
 
 def test_best_fit_pads_with_ignored_labels():
     lengths = np.array([10, 30, 50, 7, 64, 65, 100])
-    index = EpochIndex(build_epoch("best_fit", lengths, 64, np.random.default_rng(0)), "best_fit", 64)
+    index = EpochIndex(
+        build_epoch("best_fit", lengths, 64, np.random.default_rng(0)), "best_fit", 64
+    )
     padded = 0
     for i in range(index.num_samples):
         inputs, labels, positions = assemble(index.pieces(i), read(lengths), 64, pad_id=-7)
         fill = sum(n for _, _, n in index.pieces(i))
-        assert (labels[:fill - 1] != -100).all()
+        assert (labels[: fill - 1] != -100).all()
         if fill < 65:
-            assert (inputs[fill:] == -7).all() and (labels[fill - 1:] == -100).all()
+            assert (inputs[fill:] == -7).all() and (labels[fill - 1 :] == -100).all()
             assert fill == 64 or positions[fill] == 0  # padding is a document of its own
             padded += 1
     assert padded and index.num_samples < len(lengths) + 2
@@ -125,18 +137,27 @@ def test_mixture_proportions_and_sample_contents(data):
         batch = loader.next_batch()
         assert all(v.dtype == torch.int64 and v.shape == (32, 32) for v in batch.values())
         for row in range(32):
-            inputs, labels, positions = (batch[k][row].numpy() for k in ("input_ids", "labels", "position_ids"))
+            inputs, labels, positions = (
+                batch[k][row].numpy() for k in ("input_ids", "labels", "position_ids")
+            )
             check_sample(inputs, labels, positions)
             sources.append(int(inputs[0]) // 10_000_000)
     share = np.bincount(sources, minlength=3) / len(sources)
     assert np.allclose(share, [0.6, 0.3, 0.1], atol=0.01)
-    assert loader.state_dict() == {"seed": 1234, "stage": 0, "tokens_consumed": 40 * 32 * 32,
-                                   "stage_start_tokens": 0}
+    assert loader.state_dict() == {
+        "seed": 1234,
+        "stage": 0,
+        "tokens_consumed": 40 * 32 * 32,
+        "stage_start_tokens": 0,
+    }
 
 
 @pytest.mark.parametrize("packing", ["concat", "best_fit"])
 def test_resume_is_exact_across_stages_and_rank_layouts(data, packing):
-    stages = [{"web": 1, "code": 1}, DataStage({"math": 2, "code": 1}, seq_len=48, global_batch_size=4)]
+    stages = [
+        {"web": 1, "code": 1},
+        DataStage({"math": 2, "code": 1}, seq_len=48, global_batch_size=4),
+    ]
 
     def run(loader, steps, resume_from=None):
         out = []
@@ -161,7 +182,10 @@ def test_resume_is_exact_across_stages_and_rank_layouts(data, packing):
         for a, b in zip(full[stop:], rest):
             assert all(torch.equal(a[k], b[k]) for k in a)
     # Two data-parallel ranks together see exactly the single-rank global batch.
-    ranks = [run(make_loader(data, stages, packing=packing, seed=5, dp_rank=r, dp_size=2), 8) for r in (0, 1)]
+    ranks = [
+        run(make_loader(data, stages, packing=packing, seed=5, dp_rank=r, dp_size=2), 8)
+        for r in (0, 1)
+    ]
     for step, batch in enumerate(full):
         for key in batch:
             assert torch.equal(torch.cat([ranks[0][step][key], ranks[1][step][key]]), batch[key])
@@ -205,10 +229,14 @@ def test_configuration_errors_are_explained(data, tmp_path):
         make_loader(data, [{"web": 1}], packing="greedy")
     loader = make_loader(data, [{"web": 1}])
     with pytest.raises(ValueError, match="differs from this loader's seed"):
-        loader.load_state_dict({"seed": 1, "stage": 0, "tokens_consumed": 0, "stage_start_tokens": 0})
+        loader.load_state_dict(
+            {"seed": 1, "stage": 0, "tokens_consumed": 0, "stage_start_tokens": 0}
+        )
     with pytest.raises(ValueError, match="stage 4 does not exist"):
         loader.set_stage(4)
     with IndexedDatasetWriter(tmp_path / "tiny", np.uint16) as w:
         w.add_document(np.arange(10))
     with pytest.raises(ValueError, match="dataset 'tiny': 10 tokens cannot fill one sample"):
-        MixtureLoader({"tiny": tmp_path / "tiny"}, [{"tiny": 1}], seq_len=32, global_batch_size=2).next_batch()
+        MixtureLoader(
+            {"tiny": tmp_path / "tiny"}, [{"tiny": 1}], seq_len=32, global_batch_size=2
+        ).next_batch()

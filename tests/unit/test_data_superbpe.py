@@ -1,4 +1,5 @@
-"""SuperBPE tokenizer training: a stock tokenizer.json that round-trips, holds superwords and beats plain BPE."""
+"""SuperBPE tokenizer training: a stock tokenizer.json that round-trips, holds superwords and beats
+plain BPE."""
 
 import json
 import unicodedata
@@ -31,8 +32,15 @@ TEXTS = [
 @pytest.fixture(scope="module", params=["superbpe-default", "k-exaone"])
 def trained(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
-    report = train_tokenizer(TrainTokenizerConfig(inputs=files(), output=out, vocab_size=4000,
-                                                  pretokenizer=request.param, show_progress=False))
+    report = train_tokenizer(
+        TrainTokenizerConfig(
+            inputs=files(),
+            output=out,
+            vocab_size=4000,
+            pretokenizer=request.param,
+            show_progress=False,
+        )
+    )
     return out, report
 
 
@@ -43,7 +51,12 @@ def test_tokenizer_json_is_stock_superbpe_layout(trained):
     split, byte_level = spec["pre_tokenizer"]["pretokenizers"]
     assert split["type"] == "Split" and split["behavior"] == "Isolated"
     assert split["pattern"]["Regex"] == superbpe.PRETOKENIZERS[report["pretokenizer"]][1]
-    assert byte_level == {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    assert byte_level == {
+        "type": "ByteLevel",
+        "add_prefix_space": False,
+        "trim_offsets": True,
+        "use_regex": False,
+    }
     assert spec["decoder"]["type"] == "ByteLevel" and spec["model"]["type"] == "BPE"
     assert len(spec["model"]["vocab"]) == 4000 == report["vocab_size"]
     specials, _ = parse_special_tokens(report["special_tokens"])
@@ -73,8 +86,11 @@ def test_round_trip_stock_and_transformers(trained):
 def test_superword_rules_and_gain(trained):
     out, report = trained
     vocab = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab()
-    decoded = [bytes(superbpe.BYTE_DECODER[c] for c in t).decode("utf-8", "replace")
-               for t in vocab if not t.startswith("[") and not t.startswith("<|")]
+    decoded = [
+        bytes(superbpe.BYTE_DECODER[c] for c in t).decode("utf-8", "replace")
+        for t in vocab
+        if not t.startswith("[") and not t.startswith("<|")
+    ]
     superwords = [t for t in decoded if " " in t.strip()]
     assert len(superwords) == report["superwords_in_vocab"] > 50
     assert not any(": " in t for t in decoded)
@@ -82,13 +98,40 @@ def test_superword_rules_and_gain(trained):
     overall = report["heldout"][-1]
     assert overall["group"] == "all" and overall["superword_tokens"] > 0
     assert overall["superbpe_bytes_per_token"] > overall["bpe_bytes_per_token"]
-    assert {r["group"] for r in report["heldout"]} == {"ko", "en", "es", "de", "ja", "vi", "code", "all"}
+    assert {r["group"] for r in report["heldout"]} == {
+        "ko",
+        "en",
+        "es",
+        "de",
+        "ja",
+        "vi",
+        "code",
+        "all",
+    }
 
 
 def test_cli_prints_per_language_comparison(tmp_path, capsys):
-    assert main(["train-tokenizer", "--input", *map(str, files(["en", "ko"])), "--vocab-size", "1000",
-                 "--output", str(tmp_path), "--no-progress", "--pretokenizer", "k-exaone",
-                 "--special-tokens", "pad=<pad>", "eos=</s>", "<|user|>"]) == 0
+    assert (
+        main(
+            [
+                "train-tokenizer",
+                "--input",
+                *map(str, files(["en", "ko"])),
+                "--vocab-size",
+                "1000",
+                "--output",
+                str(tmp_path),
+                "--no-progress",
+                "--pretokenizer",
+                "k-exaone",
+                "--special-tokens",
+                "pad=<pad>",
+                "eos=</s>",
+                "<|user|>",
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "SuperBPE" in table and "\nen " in table and "\nko " in table and "\nall " in table
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
@@ -101,6 +144,19 @@ def test_bad_settings_are_explained(tmp_path, caplog):
         parse_special_tokens(["eos=[EOS]", "[EOS]"])
     with pytest.raises(ValueError, match="two special tokens have the role 'eos'"):
         parse_special_tokens(["eos=a", "eos=b"])
-    assert main(["train-tokenizer", "--input", str(files(["en"])[0]), "--vocab-size", "300",
-                 "--output", str(tmp_path), "--no-progress"]) == 1
+    assert (
+        main(
+            [
+                "train-tokenizer",
+                "--input",
+                str(files(["en"])[0]),
+                "--vocab-size",
+                "300",
+                "--output",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     assert "transition point 240 must lie in (264, 300]" in caplog.text

@@ -1,4 +1,5 @@
-"""`exaone-data tokenize`: exact round trips, worker-count independence, safe splits, inputs, bad lines, resume."""
+"""`exaone-data tokenize`: exact round trips, worker-count independence, safe splits, inputs, bad
+lines, resume."""
 
 import gzip
 import json
@@ -26,7 +27,8 @@ SPECIAL_DOCS = [
     "def f(x):\n    return x\n\n\n\tindented\n \n  \nend:\n\n",
     "",
     "trailing newline\n",
-    unicodedata.normalize("NFD", "NFD input: Tiếng Việt, 한국어, Größe\n") * 3,  # encoded as its NFC form
+    # encoded as its NFC form
+    unicodedata.normalize("NFD", "NFD input: Tiếng Việt, 한국어, Größe\n") * 3,
 ]
 
 
@@ -34,14 +36,22 @@ SPECIAL_DOCS = [
 def corpus(tmp_path):
     docs = SPECIAL_DOCS + list(iter_texts())
     path = tmp_path / "docs.jsonl"
-    path.write_text("".join(json.dumps({"id": i, "text": t}, ensure_ascii=False) + "\n"
-                            for i, t in enumerate(docs)), encoding="utf-8")
+    path.write_text(
+        "".join(
+            json.dumps({"id": i, "text": t}, ensure_ascii=False) + "\n" for i, t in enumerate(docs)
+        ),
+        encoding="utf-8",
+    )
     return path, docs
 
 
 def run(inputs, tok, prefix, **kw):
     kw.setdefault("show_progress", False)
-    return tc.tokenize(tc.TokenizeConfig(inputs=[str(i) for i in inputs], tokenizer=tok, output_prefix=prefix, **kw))
+    return tc.tokenize(
+        tc.TokenizeConfig(
+            inputs=[str(i) for i in inputs], tokenizer=tok, output_prefix=prefix, **kw
+        )
+    )
 
 
 def read_docs(prefix):
@@ -52,7 +62,9 @@ def read_docs(prefix):
 def test_every_document_round_trips(tmp_path, corpus, tokenizers_dir):
     path, docs = corpus
     tok_dir = tokenizers_dir["superbpe-default"]
-    stats = run([path], tok_dir, tmp_path / "out" / "c", workers=1, split_chars=64, docs_per_shard=50)
+    stats = run(
+        [path], tok_dir, tmp_path / "out" / "c", workers=1, split_chars=64, docs_per_shard=50
+    )
     tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
     eod = tok.token_to_id("<|endoftext|>")
     got = read_docs(tmp_path / "out" / "c")
@@ -65,27 +77,46 @@ def test_every_document_round_trips(tmp_path, corpus, tokenizers_dir):
     assert stats["tokens"] == stats["text_tokens"] + len(docs) and stats["dtype"] == "uint16"
     side = json.loads((tmp_path / "out" / "c.stats.json").read_text())
     assert side["tokenizer"]["eod_id"] == eod and len(side["tokenizer"]["sha256"]) == 64
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c.bin", "c.idx", "c.stats.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "c.bin",
+        "c.idx",
+        "c.stats.json",
+    ]
 
 
-def test_parallel_output_is_byte_identical_to_serial_and_per_document_encoding(tmp_path, corpus, tokenizers_dir):
+def test_parallel_output_is_byte_identical_to_serial_and_per_document_encoding(
+    tmp_path, corpus, tokenizers_dir
+):
     path, docs = corpus
     tok_dir = tokenizers_dir["k-exaone"]
     run([path], tok_dir, tmp_path / "serial", workers=1, docs_per_shard=40, batch_bytes=4096)
-    run([path], tok_dir, tmp_path / "parallel", workers=2, docs_per_shard=40, batch_bytes=4096, split_chars=200)
+    run(
+        [path],
+        tok_dir,
+        tmp_path / "parallel",
+        workers=2,
+        docs_per_shard=40,
+        batch_bytes=4096,
+        split_chars=200,
+    )
     for ext in ("bin", "idx"):
-        assert (tmp_path / f"serial.{ext}").read_bytes() == (tmp_path / f"parallel.{ext}").read_bytes()
+        assert (tmp_path / f"serial.{ext}").read_bytes() == (
+            tmp_path / f"parallel.{ext}"
+        ).read_bytes()
     tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
     tok.encode_special_tokens = True
     eod = tok.token_to_id("<|endoftext|>")
-    assert read_docs(tmp_path / "serial") == [tok.encode(t, add_special_tokens=False).ids + [eod] for t in docs]
+    assert read_docs(tmp_path / "serial") == [
+        tok.encode(t, add_special_tokens=False).ids + [eod] for t in docs
+    ]
 
 
 SPLIT_TEXTS = [
     "Hello world!\nNext line\n\nAfter blank\n \nspace line\n\tTab\r\nWindows\r\nend",
     "a:\nb: c\n'sx\n's\n12\n345 678\n(paren)\n...\n안녕\n日本\n😀\n- item\n  indented\nZ",
     "punct!!\n??\n/path/to\n/\nx\n\n\n\ny\n\u3000ideographic\n\u00a0nbsp\n\u200bzw\nq",
-    "".join(f"{w}\n" for w in ["the", "cat", ":", " sat", "on", "-", "the", "mat", "", "!", "42"]) * 20,
+    "".join(f"{w}\n" for w in ["the", "cat", ":", " sat", "on", "-", "the", "mat", "", "!", "42"])
+    * 20,
 ]
 
 
@@ -115,8 +146,10 @@ def test_nfc_shortcut_only_where_provably_equal(tokenizers_dir):
 def test_tokenizer_that_cannot_be_split_is_caught(tmp_path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Metaspace()  # prepends "▁" to every input, so pieces differ
-    tok.train_from_iterator(["hello world\nagain here"] * 10,
-                            trainers.BpeTrainer(vocab_size=60, special_tokens=["</s>"], show_progress=False))
+    tok.train_from_iterator(
+        ["hello world\nagain here"] * 10,
+        trainers.BpeTrainer(vocab_size=60, special_tokens=["</s>"], show_progress=False),
+    )
     tok.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "hello world\nagain here\n" * 20}) + "\n")
     with pytest.raises(RuntimeError, match="--split-chars 0"):
@@ -136,7 +169,11 @@ def test_all_input_formats_give_the_same_shard(tmp_path, tokenizers_dir):
     (tmp_path / "a.jsonl").write_bytes(lines)
     (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(lines))
     (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
-    pq.write_table(pa.table({"body": docs, "n": list(range(len(docs)))}), tmp_path / "a.parquet", row_group_size=7)
+    pq.write_table(
+        pa.table({"body": docs, "n": list(range(len(docs)))}),
+        tmp_path / "a.parquet",
+        row_group_size=7,
+    )
     datasets.Dataset.from_dict({"body": docs}).save_to_disk(str(tmp_path / "hf"))
     tok_dir = tokenizers_dir["superbpe-default"]
     outputs = []
@@ -158,7 +195,7 @@ BAD_LINES = [
     ('{"text": null}', "'text' is null"),
     ('["text"]', "expected a JSON object, got list"),
     ('{"text": "\\ud800 lone"}', "'text' contains an unpaired surrogate"),
-    ('', None),  # blank lines are not records
+    ("", None),  # blank lines are not records
     ('{"text": "good two"}', None),
 ]
 
@@ -178,7 +215,9 @@ def test_bad_lines_fail_or_skip_with_file_and_line(tmp_path, tokenizers_dir, cap
     assert f"{path}:10: skipped: line is not valid UTF-8" in caplog.text
 
 
-def test_interrupted_run_resumes_without_redoing_finished_parts(tmp_path, corpus, tokenizers_dir, monkeypatch):
+def test_interrupted_run_resumes_without_redoing_finished_parts(
+    tmp_path, corpus, tokenizers_dir, monkeypatch
+):
     path, docs = corpus
     tok_dir = tokenizers_dir["superbpe-default"]
     run([path], tok_dir, tmp_path / "full", workers=1, docs_per_shard=60, batch_bytes=1 << 30)
@@ -195,13 +234,22 @@ def test_interrupted_run_resumes_without_redoing_finished_parts(tmp_path, corpus
     with pytest.raises(KeyboardInterrupt):
         run([path], tok_dir, tmp_path / "r", workers=1, docs_per_shard=60, batch_bytes=1 << 30)
     parts = sorted(p.name for p in (tmp_path / "r.parts").iterdir())
-    assert parts == ["manifest.json", "part-00000.bin", "part-00000.idx", "part-00000.json",
-                     "part-00001.bin", "part-00001.idx", "part-00001.json"]
+    assert parts == [
+        "manifest.json",
+        "part-00000.bin",
+        "part-00000.idx",
+        "part-00000.json",
+        "part-00001.bin",
+        "part-00001.idx",
+        "part-00001.json",
+    ]
     assert not (tmp_path / "r.bin").exists()
     with pytest.raises(ValueError, match=r"different settings \(text_field\)"):
         run([path], tok_dir, tmp_path / "r", workers=1, docs_per_shard=60, text_field="body")
     calls.clear()
-    monkeypatch.setattr(tc, "encode_records", lambda records: calls.append(len(records)) or real(records))
+    monkeypatch.setattr(
+        tc, "encode_records", lambda records: calls.append(len(records)) or real(records)
+    )
     stats = run([path], tok_dir, tmp_path / "r", workers=1, docs_per_shard=60, batch_bytes=1 << 30)
     assert len(calls) == -(-len(docs) // 60) - 2 and stats["documents"] == len(docs)
     for ext in ("bin", "idx"):
@@ -214,23 +262,57 @@ def test_interrupted_run_resumes_without_redoing_finished_parts(tmp_path, corpus
 def test_eod_options_and_int32_for_large_vocabularies(tmp_path, tokenizers_dir):
     tok = Tokenizer.from_file(str(tokenizers_dir["superbpe-default"] / "tokenizer.json"))
     (tmp_path / "d.jsonl").write_text('{"text": "hello <x64400> world"}\n{"text": ""}\n')
-    run([tmp_path / "d.jsonl"], tokenizers_dir["superbpe-default"], tmp_path / "noeod", workers=1, append_eod=False)
+    run(
+        [tmp_path / "d.jsonl"],
+        tokenizers_dir["superbpe-default"],
+        tmp_path / "noeod",
+        workers=1,
+        append_eod=False,
+    )
     assert read_docs(tmp_path / "noeod") == [tok.encode("hello <x64400> world").ids, []]
     with pytest.raises(ValueError, match="'<nope>' is not in the vocabulary"):
-        run([tmp_path / "d.jsonl"], tokenizers_dir["superbpe-default"], tmp_path / "x", eod_token="<nope>")
+        run(
+            [tmp_path / "d.jsonl"],
+            tokenizers_dir["superbpe-default"],
+            tmp_path / "x",
+            eod_token="<nope>",
+        )
     tok.add_tokens([f"<x{i}>" for i in range(66000 - tok.get_vocab_size())])
     tok.save(str(tmp_path / "big.json"))
-    stats = run([tmp_path / "d.jsonl"], tmp_path / "big.json", tmp_path / "big", workers=1, eod_token="[EOS]")
+    stats = run(
+        [tmp_path / "d.jsonl"],
+        tmp_path / "big.json",
+        tmp_path / "big",
+        workers=1,
+        eod_token="[EOS]",
+    )
     assert stats["dtype"] == "int32" and IndexedDataset(tmp_path / "big").dtype == np.int32
-    assert read_docs(tmp_path / "big")[0] == tok.encode("hello <x64400> world").ids + [tok.token_to_id("[EOS]")]
+    assert read_docs(tmp_path / "big")[0] == tok.encode("hello <x64400> world").ids + [
+        tok.token_to_id("[EOS]")
+    ]
     assert tok.token_to_id("<x64400>") > 65535
 
 
 def test_cli_tokenize_and_inspect(tmp_path, corpus, tokenizers_dir, capsys):
     path, docs = corpus
     tok_dir = tokenizers_dir["k-exaone"]
-    assert main(["tokenize", "--input", str(path), "--tokenizer", str(tok_dir), "--output-prefix",
-                 str(tmp_path / "out" / "corpus"), "--workers", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "tokenize",
+                "--input",
+                str(path),
+                "--tokenizer",
+                str(tok_dir),
+                "--output-prefix",
+                str(tmp_path / "out" / "corpus"),
+                "--workers",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert main(["inspect", str(tmp_path / "out"), "--samples", "2", "--max-chars", "40"]) == 0
     out = capsys.readouterr().out
     assert f"{len(docs):,} documents" in out and "bytes/token" in out and "--- sequence 0" in out
@@ -238,9 +320,14 @@ def test_cli_tokenize_and_inspect(tmp_path, corpus, tokenizers_dir, capsys):
     stats = json.loads(capsys.readouterr().out)
     assert stats[0]["documents"] == len(docs) and stats[0]["dtype"] == "uint16"
     (tmp_path / "out" / "corpus.idx").write_bytes(b"garbage")
-    assert main(["inspect", str(tmp_path / "out" / "corpus")]) == 2  # a UserError: one line, exit status 2
+    # a UserError: one line, exit status 2
+    assert main(["inspect", str(tmp_path / "out" / "corpus")]) == 2
 
 
 def test_module_entry_point(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "data_tools", "tokenize", "--help"], capture_output=True, text=True)
-    assert done.returncode == 0 and "--output-prefix" in done.stdout and "--on-bad-line" in done.stdout
+    done = subprocess.run(
+        [sys.executable, "-m", "data_tools", "tokenize", "--help"], capture_output=True, text=True
+    )
+    assert (
+        done.returncode == 0 and "--output-prefix" in done.stdout and "--on-bad-line" in done.stdout
+    )

@@ -1,8 +1,9 @@
-"""FP8 on CPU: scaling math, the emulated FP8 linear and grouped experts against fp32, the precision pass, 50
-training steps against fp32, and composition with tensor parallel and FSDP2 (gloo ranks).
+"""FP8 on CPU: scaling math, the emulated FP8 linear and grouped experts against fp32, the precision
+pass, 50 training steps against fp32, and composition with tensor parallel and FSDP2 (gloo ranks).
 
-The GPU kernels (`fp8_torch`) are checked against this emulation in tests/gpu/test_fp8_gpu.py; where torch's CPU
-build has `torch._scaled_mm`, the torch backend's calling conventions are checked here too (a real call).
+The GPU kernels (`fp8_torch`) are checked against this emulation in tests/gpu/test_fp8_gpu.py; where
+torch's CPU build has `torch._scaled_mm`, the torch backend's calling conventions are checked here
+too (a real call).
 """
 
 import dataclasses
@@ -15,6 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from megatron_exaone.config.schema import PrecisionConfig
 from megatron_exaone.model import ExaoneMoeForCausalLM, build_model, tiny
+from megatron_exaone.model.loss import linear_cross_entropy
 from megatron_exaone.model.moe import GroupedExperts, Router, grouped_wgrad
 from megatron_exaone.model.mtp import shift_left
 from megatron_exaone.parallel.build import all_reduce_grads, build_parallel_model
@@ -25,14 +27,36 @@ from megatron_exaone.parallel.pipeline import PipelineChunk, StageSpec
 from megatron_exaone.parallel.sharding import layout_of, materialize
 from megatron_exaone.parallel.tensor_parallel import reduce_tp_partial_grads
 from megatron_exaone.parallel.testing import run_distributed
-from megatron_exaone.precision import Fp8Unavailable, PrecisionUnavailable, apply_precision, validate_precision
-from megatron_exaone.precision.fp8_common import (E4M3, E5M2, FP8_MAX, Fp8Recipe, amax, current_scale,
-                                                  per_group_scale, quantize, quantize_with_scale, scale_from_amax,
-                                                  to_fp8, to_fp8_per_group_columns)
+from megatron_exaone.precision import (
+    Fp8Unavailable,
+    PrecisionUnavailable,
+    apply_precision,
+    validate_precision,
+)
+from megatron_exaone.precision.fp8_common import (
+    E4M3,
+    E5M2,
+    FP8_MAX,
+    Fp8Recipe,
+    amax,
+    current_scale,
+    per_group_scale,
+    quantize,
+    quantize_with_scale,
+    scale_from_amax,
+    to_fp8,
+    to_fp8_per_group_columns,
+)
 from megatron_exaone.precision.fp8_emulated import EmulatedGemms
-from megatron_exaone.model.loss import linear_cross_entropy
-from megatron_exaone.precision.fp8_ops import (Fp8GroupedExperts, Fp8Head, Fp8HeadGemms, Fp8Linear, fp8_grouped_linear,
-                                               fp8_linear, linear_weight_operands)
+from megatron_exaone.precision.fp8_ops import (
+    Fp8GroupedExperts,
+    Fp8Head,
+    Fp8HeadGemms,
+    Fp8Linear,
+    fp8_grouped_linear,
+    fp8_linear,
+    linear_weight_operands,
+)
 from megatron_exaone.precision.fp8_torch import TorchGemms, pad_groups
 
 EMULATED = EmulatedGemms()
@@ -43,7 +67,7 @@ def rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
-# ---------------------------------------------------------------------------------------------- scaling math
+# ------------------------------------------------------------------------------------- scaling math
 def test_format_ranges_and_saturation():
     assert FP8_MAX[E4M3] == 448.0 and FP8_MAX[E5M2] == 57344.0
     one = torch.tensor(1.0)
@@ -53,17 +77,23 @@ def test_format_ranges_and_saturation():
     assert quantize(y, one, E5M2).float().tolist() == [57344.0, -57344.0, 57344.0, 3.0]
 
 
-@pytest.mark.parametrize("dtype, mantissa_bits, min_subnormal", [(E4M3, 3, 2.0 ** -9), (E5M2, 2, 2.0 ** -16)])
+@pytest.mark.parametrize(
+    "dtype, mantissa_bits, min_subnormal", [(E4M3, 3, 2.0**-9), (E5M2, 2, 2.0**-16)]
+)
 def test_round_trip_error_bound(dtype, mantissa_bits, min_subnormal):
-    """Each element is off by at most half a unit in the last place: 2^-(m+1) relative in the normal range, half
-    the smallest subnormal (divided by the scale) below it."""
+    """Each element is off by at most half a unit in the last place: 2^-(m+1) relative in the normal
+    range, half the smallest subnormal (divided by the scale) below it."""
     x = torch.randn(4096, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 4096)
     q = to_fp8(x, dtype, "tensorwise", 0)
     err = (q.dequantize() - x).abs()
     scale = 1 / q.scale_inv
-    bound = torch.maximum(x.abs() * 2.0 ** -(mantissa_bits + 1), torch.full_like(x, min_subnormal / 2) / scale)
+    bound = torch.maximum(
+        x.abs() * 2.0 ** -(mantissa_bits + 1), torch.full_like(x, min_subnormal / 2) / scale
+    )
     assert (err <= bound * (1 + 1e-6)).all()
-    assert q.dequantize().abs().max() == pytest.approx(x.abs().max().item(), rel=2.0 ** -(mantissa_bits + 1))
+    assert q.dequantize().abs().max() == pytest.approx(
+        x.abs().max().item(), rel=2.0 ** -(mantissa_bits + 1)
+    )
 
 
 def test_amax_and_scales_tensorwise_vs_rowwise():
@@ -74,9 +104,11 @@ def test_amax_and_scales_tensorwise_vs_rowwise():
     assert current_scale(x, E4M3, "tensorwise", 1).item() == pytest.approx(448 / 8)
     rows = current_scale(x, E4M3, "rowwise", 1)
     assert rows.shape == (3, 1) and rows[:2].flatten().tolist() == pytest.approx([112.0, 56.0])
-    assert torch.isfinite(scale_from_amax(torch.tensor(0.0), E4M3))  # all-zero rows: finite scale, zero data
+    # all-zero rows: finite scale, zero data
+    assert torch.isfinite(scale_from_amax(torch.tensor(0.0), E4M3))
     q = to_fp8(x, E4M3, "rowwise", 1)
-    assert q.data[:2].float().abs().amax(dim=1).tolist() == [448.0, 448.0]  # every row uses the full range
+    # every row uses the full range
+    assert q.data[:2].float().abs().amax(dim=1).tolist() == [448.0, 448.0]
     assert (q.data[2].float() == 0).all()
     cols = to_fp8(x, E4M3, "rowwise", 0)
     assert cols.scale_inv.shape == (1, 3) and cols.t().scale_inv.shape == (3, 1)
@@ -94,13 +126,16 @@ def test_per_group_column_scales():
     deq = q.data.float() * q.scale_inv[torch.tensor([0, 0, 0, 2, 2, 2, 2, 2])]
     assert rel(deq, x) < 0.05
     half = x.bfloat16()  # the amax of bf16 values is taken in bf16, exactly
-    assert torch.equal(to_fp8_per_group_columns(half, counts, E4M3).scale_inv,
-                       to_fp8_per_group_columns(half.float(), counts, E4M3).scale_inv)
-    empty = to_fp8_per_group_columns(x[:0], torch.zeros(3, dtype=torch.long), E4M3)  # an EP rank without tokens
+    assert torch.equal(
+        to_fp8_per_group_columns(half, counts, E4M3).scale_inv,
+        to_fp8_per_group_columns(half.float(), counts, E4M3).scale_inv,
+    )
+    # an EP rank without tokens
+    empty = to_fp8_per_group_columns(x[:0], torch.zeros(3, dtype=torch.long), E4M3)
     assert empty.data.shape == (0, 4) and empty.scale_inv.shape == (3, 4)
 
 
-# ---------------------------------------------------------------------------------------------- FP8 linear
+# --------------------------------------------------------------------------------------- FP8 linear
 @pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
 @pytest.mark.parametrize("grad_dtype", [E5M2, E4M3])
 def test_emulated_linear_close_to_fp32(scaling, grad_dtype):
@@ -118,8 +153,8 @@ def test_emulated_linear_close_to_fp32(scaling, grad_dtype):
 
 
 def test_emulated_linear_quantizes_along_each_gemms_contraction():
-    """Rowwise backward re-quantizes: dX = q(dY per row) @ q(W per column), dW = q(dY per column)^T @ q(X per
-    column), and the forward result is the dequantized product."""
+    """Rowwise backward re-quantizes: dX = q(dY per row) @ q(W per column), dW = q(dY per column)^T
+    @ q(X per column), and the forward result is the dequantized product."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(32, 64, generator=gen, requires_grad=True)
     w = torch.randn(16, 64, generator=gen, requires_grad=True)
@@ -156,9 +191,9 @@ def test_emulated_grouped_experts_close_to_fp32(fp8_wgrad):
 
 
 def test_grouped_linear_quantizes_tokens_per_row_and_weights_per_expert():
-    """Forward and input gradient are exactly the products of the quantized operands: X and each weight's columns
-    of dY with one scale per row, each expert's stacked (gate, up) weights with one scale, which backward
-    reuses."""
+    """Forward and input gradient are exactly the products of the quantized operands: X and each
+    weight's columns of dY with one scale per row, each expert's stacked (gate, up) weights with one
+    scale, which backward reuses."""
     gen = torch.Generator().manual_seed(1)
     counts = torch.tensor([3, 0, 5])
     x = torch.randn(8, 32, generator=gen, requires_grad=True)
@@ -168,15 +203,19 @@ def test_grouped_linear_quantizes_tokens_per_row_and_weights_per_expert():
     y = fp8_grouped_linear(x, (gate, up), counts, EMULATED, fp8_wgrad=False)
     dx, dgate, dup = torch.autograd.grad(y, (x, gate, up), dy)
     rows = to_fp8(x.detach(), E4M3, "rowwise", 1).dequantize().double()
-    drows = torch.cat([to_fp8(part, E4M3, "rowwise", 1).dequantize() for part in dy.split(16, dim=1)], 1).double()
+    drows = torch.cat(
+        [to_fp8(part, E4M3, "rowwise", 1).dequantize() for part in dy.split(16, dim=1)], 1
+    ).double()
     stacked = torch.cat([gate, up], dim=1).detach()
     qw = quantize_with_scale(stacked, per_group_scale(stacked, E4M3), E4M3)
-    assert (qw.data.float().abs().amax(dim=(1, 2)) == FP8_MAX[E4M3]).all()  # each expert's largest maps to 448
+    # each expert's largest maps to 448
+    assert (qw.data.float().abs().amax(dim=(1, 2)) == FP8_MAX[E4M3]).all()
     w = qw.dequantize().double()
     ids = torch.tensor([0, 0, 0, 2, 2, 2, 2, 2])
     torch.testing.assert_close(y, torch.einsum("tk,tnk->tn", rows, w[ids]).float())
     torch.testing.assert_close(dx, torch.einsum("tn,tnk->tk", drows, w[ids]).float())
-    # each weight gets its own contiguous BF16-path gradient: dy's columns of that weight times X, per expert
+    # each weight gets its own contiguous BF16-path gradient: dy's columns of that weight times X,
+    # per expert
     for grad, columns in ((dgate, slice(0, 16)), (dup, slice(16, 32))):
         assert grad.is_contiguous()
         torch.testing.assert_close(grad, grouped_wgrad(dy[:, columns], x.detach(), counts))
@@ -185,19 +224,26 @@ def test_grouped_linear_quantizes_tokens_per_row_and_weights_per_expert():
 def _cpu_scaled_mm_works() -> bool:
     try:
         one = torch.tensor(1.0)
-        torch._scaled_mm(torch.ones(16, 16).to(E4M3), torch.ones(16, 16).to(E4M3).t(), one, one,
-                         out_dtype=torch.float32)
+        torch._scaled_mm(
+            torch.ones(16, 16).to(E4M3),
+            torch.ones(16, 16).to(E4M3).t(),
+            one,
+            one,
+            out_dtype=torch.float32,
+        )
         return True
     except (RuntimeError, NotImplementedError):
         return False
 
 
-@pytest.mark.skipif(not _cpu_scaled_mm_works(), reason="this torch build has no CPU torch._scaled_mm")
+@pytest.mark.skipif(
+    not _cpu_scaled_mm_works(), reason="this torch build has no CPU torch._scaled_mm"
+)
 @pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
 @pytest.mark.parametrize("k", [64, 40])  # 40: the forward contraction is zero-padded to 48
 def test_torch_backend_linear_matches_emulation_on_cpu(scaling, k):
-    """Calling conventions of `TorchGemms.mm` (inverse scales, layouts, scale strides, padding of the contraction:
-    24 tokens in the weight gradient) in all three GEMMs, on torch's CPU kernel."""
+    """Calling conventions of `TorchGemms.mm` (inverse scales, layouts, scale strides, padding of
+    the contraction: 24 tokens in the weight gradient) in all three GEMMs, on torch's CPU kernel."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(24, k, generator=gen, requires_grad=True)
     w = torch.randn(32, k, generator=gen, requires_grad=True)
@@ -205,11 +251,13 @@ def test_torch_backend_linear_matches_emulation_on_cpu(scaling, k):
     recipe = Fp8Recipe(scaling, E5M2)
     got = fp8_linear(x, w, TorchGemms(), recipe)
     want = fp8_linear(x, w, EMULATED, recipe)
-    for a, b in zip((got, *torch.autograd.grad(got, (x, w), dy)), (want, *torch.autograd.grad(want, (x, w), dy))):
+    for a, b in zip(
+        (got, *torch.autograd.grad(got, (x, w), dy)), (want, *torch.autograd.grad(want, (x, w), dy))
+    ):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
-# ---------------------------------------------------------------------------------------------- FP8 output head
+# ---------------------------------------------------------------------------------- FP8 output head
 def _head_case(seed: int = 3):
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(40, 64, generator=gen, requires_grad=True)
@@ -221,9 +269,9 @@ def _head_case(seed: int = 3):
 
 @pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
 def test_fp8_head_loss_quantizes_logits_and_hidden_gradient(scaling):
-    """precision.fp8_lm_head in the fused loss (chunks of 16 rows): logits = q(h) @ q(W)^T per chunk, the hidden
-    gradient q(dlogits) @ q(W along V) in E5M2, the weight gradient dlogits^T @ h in high precision, against the
-    same arithmetic written out in fp64."""
+    """precision.fp8_lm_head in the fused loss (chunks of 16 rows): logits = q(h) @ q(W)^T per
+    chunk, the hidden gradient q(dlogits) @ q(W along V) in E5M2, the weight gradient dlogits^T @ h
+    in high precision, against the same arithmetic written out in fp64."""
     hidden, weight, labels = _head_case()
     recipe = Fp8Recipe(scaling, E5M2)
     gemms = Fp8HeadGemms(weight, EMULATED, recipe, linear_weight_operands(weight, recipe))
@@ -253,11 +301,13 @@ def test_fp8_head_loss_quantizes_logits_and_hidden_gradient(scaling):
     assert rel(grad_h, torch.autograd.grad(want, hidden)[0]) < 0.1
 
 
-@pytest.mark.skipif(not _cpu_scaled_mm_works(), reason="this torch build has no CPU torch._scaled_mm")
+@pytest.mark.skipif(
+    not _cpu_scaled_mm_works(), reason="this torch build has no CPU torch._scaled_mm"
+)
 @pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
 def test_torch_backend_head_matches_emulation_on_cpu(scaling):
-    """The head's operands in their GEMM layouts (the weight's input-gradient copy column-major) on torch's CPU
-    scaled-matmul kernel: the same loss and gradients as the emulation."""
+    """The head's operands in their GEMM layouts (the weight's input-gradient copy column-major) on
+    torch's CPU scaled-matmul kernel: the same loss and gradients as the emulation."""
     hidden, weight, labels = _head_case(seed=4)
     recipe = Fp8Recipe(scaling, E5M2)
     results = []
@@ -269,7 +319,7 @@ def test_torch_backend_head_matches_emulation_on_cpu(scaling):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------- the pass
+# ----------------------------------------------------------------------------------------- the pass
 def config(**overrides):
     return tiny(vocab_size=256, **overrides)
 
@@ -287,11 +337,19 @@ def test_pass_converts_middle_layers_and_keeps_the_rest():
     for name, module in model.named_modules():
         if isinstance(module, Fp8Linear | Fp8GroupedExperts):
             assert name in report.fp8
-            assert name.startswith("model.layers.") and name.split(".")[2] not in {"0", str(cfg.num_hidden_layers - 1)}
-        elif name.startswith("model.layers.1.") and type(module) in (torch.nn.Linear, GroupedExperts):
+            assert name.startswith("model.layers.") and name.split(".")[2] not in {
+                "0",
+                str(cfg.num_hidden_layers - 1),
+            }
+        elif name.startswith("model.layers.1.") and type(module) in (
+            torch.nn.Linear,
+            GroupedExperts,
+        ):
             pytest.fail(f"{name} was left in BF16")
     assert type(model.lm_head) is type(build_model(cfg).lm_head)
-    assert all(type(m) is torch.nn.Linear for m in model.mtp.modules() if isinstance(m, torch.nn.Linear))
+    assert all(
+        type(m) is torch.nn.Linear for m in model.mtp.modules() if isinstance(m, torch.nn.Linear)
+    )
     assert all(type(m) is Router for m in model.modules() if isinstance(m, Router))
     assert any(n.endswith("mlp.experts") for n in report.fp8)
 
@@ -302,8 +360,14 @@ def test_fp8_mtp_converts_the_mtp_projections():
     x = torch.randint(0, cfg.vocab_size, (2, 16))
     labels = shift_left(x, 1, -100)
     want = model(x, labels=labels).mtp_loss
-    report = apply_precision(model, PrecisionConfig("fp8_emulated", fp8_mtp=True), cfg.num_hidden_layers, "cpu")
-    mtp_linears = [n for n, m in model.named_modules() if n.startswith("mtp.") and isinstance(m, torch.nn.Linear)]
+    report = apply_precision(
+        model, PrecisionConfig("fp8_emulated", fp8_mtp=True), cfg.num_hidden_layers, "cpu"
+    )
+    mtp_linears = [
+        n
+        for n, m in model.named_modules()
+        if n.startswith("mtp.") and isinstance(m, torch.nn.Linear)
+    ]
     assert mtp_linears and all(n in report.fp8 for n in mtp_linears) and "mtp" not in report.bf16
     assert type(model.mtp.fc) is Fp8Linear
     assert abs(model(x, labels=labels).mtp_loss - want) < 0.02 * want
@@ -312,15 +376,21 @@ def test_fp8_mtp_converts_the_mtp_projections():
 
 
 def test_fp8_lm_head_converts_the_output_head():
-    """Logits (evaluation) and the fused losses, main and MTP, through the FP8 head: close to BF16, and logits
-    taken outside the fused loss still train the head."""
+    """Logits (evaluation) and the fused losses, main and MTP, through the FP8 head: close to BF16,
+    and logits taken outside the fused loss still train the head."""
     cfg = config()
     model = build_model(cfg, seed=0)
     x = torch.randint(0, cfg.vocab_size, (2, 16))
     labels = shift_left(x, 1, -100)
     want = model(x, labels=labels, return_logits=False)
-    report = apply_precision(model, PrecisionConfig("fp8_emulated", fp8_lm_head=True), cfg.num_hidden_layers, "cpu")
-    assert "lm_head" in report.fp8 and "lm_head" not in report.bf16 and isinstance(model.lm_head, Fp8Head)
+    report = apply_precision(
+        model, PrecisionConfig("fp8_emulated", fp8_lm_head=True), cfg.num_hidden_layers, "cpu"
+    )
+    assert (
+        "lm_head" in report.fp8
+        and "lm_head" not in report.bf16
+        and isinstance(model.lm_head, Fp8Head)
+    )
     got = model(x, labels=labels, return_logits=False)
     for name in ("lm_loss", "mtp_loss"):
         assert abs(getattr(got, name) - getattr(want, name)) < 0.01 * getattr(want, name), name
@@ -329,7 +399,9 @@ def test_fp8_lm_head_converts_the_output_head():
     unfused.lm_loss.backward()
     assert model.lm_head.weight.grad.abs().sum() > 0
     for name in ("fp8_te_tensorwise", "bf16"):
-        with pytest.raises(PrecisionUnavailable, match="fp8_lm_head=true applies to fp8_torch and fp8_emulated"):
+        with pytest.raises(
+            PrecisionUnavailable, match="fp8_lm_head=true applies to fp8_torch and fp8_emulated"
+        ):
             validate_precision(PrecisionConfig(name=name, fp8_lm_head=True), None)
 
 
@@ -340,18 +412,22 @@ def test_pass_on_meta_then_materialize_gives_the_same_weights():
     apply_precision(model, PrecisionConfig("fp8_emulated", **ALL_FP8), cfg.num_hidden_layers, "cpu")
     materialize(model, cfg, seed=3, device="cpu")
     reference = build_model(cfg, seed=3)
-    for (name, got), (_, want) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+    for (name, got), (_, want) in zip(
+        model.named_parameters(), reference.named_parameters(), strict=True
+    ):
         assert torch.equal(got, want), name
     x = torch.randint(0, cfg.vocab_size, (2, 16))
     assert rel(model(x).logits, reference(x).logits) < 0.05
 
 
 def test_pass_rules_for_pipeline_chunks_experts_and_shapes(caplog):
-    cfg = config(moe_intermediate_size=24)  # experts and shared experts of width 24: not a multiple of 16
+    # experts and shared experts of width 24: not a multiple of 16
+    cfg = config(moe_intermediate_size=24)
     chunk = PipelineChunk(cfg, StageSpec(embedding=False, layers=(2, 3), head=True), 1, 2)
     with caplog.at_level(logging.WARNING, logger="megatron_exaone.precision"):
-        report = apply_precision(chunk, PrecisionConfig("fp8_emulated", fp8_lm_head=True), cfg.num_hidden_layers,
-                                 "cpu")
+        report = apply_precision(
+            chunk, PrecisionConfig("fp8_emulated", fp8_lm_head=True), cfg.num_hidden_layers, "cpu"
+        )
     assert "lm_head" in report.fp8 and isinstance(chunk.lm_head, Fp8Head)  # the last stage's head
     assert "model.layers.3" in report.bf16  # the last layer by its global index
     assert "model.layers.2.self_attn.q_proj" in report.fp8
@@ -378,7 +454,7 @@ def test_fp8_where_it_cannot_run_is_an_error():
     validate_precision(PrecisionConfig(name="fp8_emulated", recipe="rowwise"), "cpu")
 
 
-# ---------------------------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------------------- training
 def train(fixed_batch_losses, plan: PrecisionConfig | None, steps: int = 50) -> list[float]:
     cfg = config()
     model = build_model(cfg, seed=0)
@@ -389,19 +465,26 @@ def train(fixed_batch_losses, plan: PrecisionConfig | None, steps: int = 50) -> 
 
 
 def test_fifty_fp8_steps_track_fp32(fixed_batch_losses):
-    """Every decoder layer in FP8 (no BF16 ends), and then the head and MTP too: the loss falls as in fp32 and ends
-    within 2% of it."""
+    """Every decoder layer in FP8 (no BF16 ends), and then the head and MTP too: the loss falls as
+    in fp32 and ends within 2% of it."""
     want = train(fixed_batch_losses, None)
     assert want[-1] < 0.5 * want[0]
     for recipe, head in (("tensorwise", False), ("rowwise", False), ("tensorwise", True)):
-        plan = PrecisionConfig("fp8_emulated", recipe=recipe, fp8_lm_head=head, fp8_mtp=head, **ALL_FP8)
+        plan = PrecisionConfig(
+            "fp8_emulated", recipe=recipe, fp8_lm_head=head, fp8_mtp=head, **ALL_FP8
+        )
         got = train(fixed_batch_losses, plan)
         assert abs(got[-1] - want[-1]) < 0.02 * want[-1], (recipe, head, got[-1], want[-1])
 
 
-def _weight_cache_run(accumulated_losses, plan: PrecisionConfig, steps: int, micro_batches: int,
-                      mark_stale: bool = True, compile_backend: str | None = None
-                      ) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _weight_cache_run(
+    accumulated_losses,
+    plan: PrecisionConfig,
+    steps: int,
+    micro_batches: int,
+    mark_stale: bool = True,
+    compile_backend: str | None = None,
+) -> tuple[list[float], dict[str, torch.Tensor]]:
     """(every micro-batch's LM loss, final weights) of the tiny model trained with `plan`."""
     cfg = config()
     model = build_model(cfg, seed=0)
@@ -413,16 +496,24 @@ def _weight_cache_run(accumulated_losses, plan: PrecisionConfig, steps: int, mic
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("recipe,compile_backend", [("tensorwise", None), ("rowwise", None),
-                                                    ("tensorwise", "aot_eager")])
-def test_weight_cache_reuses_one_quantization_per_optimizer_step(accumulated_losses, recipe, compile_backend):
-    """precision.fp8_weight_cache: FP8 weights quantized on each step's first micro-batch and reused for the others
-    train exactly as quantizing them every time (eagerly and compiled); not marking them stale after the optimizer
-    step (what the trainer does) would train on the old weights, which shows the cache is what runs."""
+@pytest.mark.parametrize(
+    "recipe,compile_backend", [("tensorwise", None), ("rowwise", None), ("tensorwise", "aot_eager")]
+)
+def test_weight_cache_reuses_one_quantization_per_optimizer_step(
+    accumulated_losses, recipe, compile_backend
+):
+    """precision.fp8_weight_cache: FP8 weights quantized on each step's first micro-batch and reused
+    for the others train exactly as quantizing them every time (eagerly and compiled); not marking
+    them stale after the optimizer step (what the trainer does) would train on the old weights,
+    which shows the cache is what runs."""
     plan = PrecisionConfig("fp8_emulated", recipe=recipe, fp8_lm_head=True, fp8_mtp=True, **ALL_FP8)
     cached = dataclasses.replace(plan, fp8_weight_cache=True)
-    want_losses, want_weights = _weight_cache_run(accumulated_losses, plan, 3, 3, compile_backend=compile_backend)
-    got_losses, got_weights = _weight_cache_run(accumulated_losses, cached, 3, 3, compile_backend=compile_backend)
+    want_losses, want_weights = _weight_cache_run(
+        accumulated_losses, plan, 3, 3, compile_backend=compile_backend
+    )
+    got_losses, got_weights = _weight_cache_run(
+        accumulated_losses, cached, 3, 3, compile_backend=compile_backend
+    )
     assert got_losses == want_losses
     for name, want in want_weights.items():
         assert torch.equal(got_weights[name], want), name
@@ -431,11 +522,13 @@ def test_weight_cache_reuses_one_quantization_per_optimizer_step(accumulated_los
     assert stale_losses[:2] == fresh_losses[:2] and stale_losses[2] != fresh_losses[2]
 
 
-# ---------------------------------------------------------------------------------------------- TP / FSDP2
+# --------------------------------------------------------------------------------------- TP / FSDP2
 # name -> (ParallelDims kwargs, sequence parallel, FSDP2, recipe)
-LAYOUTS = {"tp2_sp_tensorwise": (dict(tp=2), True, False, "tensorwise"),
-           "tp2_rowwise": (dict(tp=2), False, False, "rowwise"),
-           "dp2_fsdp_tensorwise": (dict(dp=2), True, True, "tensorwise")}
+LAYOUTS = {
+    "tp2_sp_tensorwise": (dict(tp=2), True, False, "tensorwise"),
+    "tp2_rowwise": (dict(tp=2), False, False, "rowwise"),
+    "dp2_fsdp_tensorwise": (dict(dp=2), True, True, "tensorwise"),
+}
 
 
 def _batch(cfg):
@@ -444,12 +537,16 @@ def _batch(cfg):
 
 
 def _single_process(recipe: str, micro_batches: int):
-    """The reference: one process, the global batch in `micro_batches` accumulated parts (as the dp ranks split it:
-    current scaling takes each part's own amax)."""
+    """The reference: one process, the global batch in `micro_batches` accumulated parts (as the dp
+    ranks split it: current scaling takes each part's own amax)."""
     cfg = config(aux_loss_coeff=0.0)
     model = build_model(cfg, seed=5)
-    apply_precision(model, PrecisionConfig("fp8_emulated", recipe=recipe, fp8_lm_head=True, **ALL_FP8),
-                    cfg.num_hidden_layers, "cpu")
+    apply_precision(
+        model,
+        PrecisionConfig("fp8_emulated", recipe=recipe, fp8_lm_head=True, **ALL_FP8),
+        cfg.num_hidden_layers,
+        "cpu",
+    )
     x, labels = _batch(cfg)
     loss = 0.0
     for part, part_labels in zip(x.chunk(micro_batches), labels.chunk(micro_batches)):
@@ -465,8 +562,9 @@ def _run_layouts(rank, world):
         cfg = config(aux_loss_coeff=0.0)
         mesh = build_mesh(ParallelDims(**dims), "cpu")
         plan = PrecisionConfig("fp8_emulated", recipe=recipe, fp8_lm_head=True, **ALL_FP8)
-        model = build_parallel_model(cfg, mesh, seed=5, device="cpu", sequence_parallel=sequence_parallel,
-                                     precision=plan)
+        model = build_parallel_model(
+            cfg, mesh, seed=5, device="cpu", sequence_parallel=sequence_parallel, precision=plan
+        )
         layouts = {n: layout_of(model, n, p) for n, p in model.named_parameters()}
         if fsdp:
             apply_data_parallel(model, mesh, bf16=False)
@@ -484,23 +582,28 @@ def _run_layouts(rank, world):
             got = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
             grads[n] = rel(got, layouts[n].slice_of(want_grads[n]))
         loss = torch.tensor(out.lm_loss.item())
-        torch.distributed.all_reduce(loss, group=mesh.dp_cp_group)  # the dp ranks' shares of the global loss
-        results[name] = {"loss": (loss.item(), want_loss), "grads": grads,
-                         "fp8": sum(isinstance(m, Fp8Linear) for m in model.modules()),
-                         "fp8_head": isinstance(model.lm_head, Fp8Head)}
+        # the dp ranks' shares of the global loss
+        torch.distributed.all_reduce(loss, group=mesh.dp_cp_group)
+        results[name] = {
+            "loss": (loss.item(), want_loss),
+            "grads": grads,
+            "fp8": sum(isinstance(m, Fp8Linear) for m in model.modules()),
+            "fp8_head": isinstance(model.lm_head, Fp8Head),
+        }
     return results
 
 
 def test_tensor_parallel_and_fsdp_match_single_process_fp8():
-    """The same FP8 losses as one process (decoder layers and the vocabulary-parallel head in FP8), for tp2 + SP
-    (tensorwise, amax max-reduced over TP), tp2 (rowwise: scales per local shard where TP splits the contraction)
-    and FSDP2 over dp2 (the reference accumulates the dp ranks'
-    halves of the batch, since current scaling takes each micro-batch's own amax).
+    """The same FP8 losses as one process (decoder layers and the vocabulary-parallel head in FP8),
+    for tp2 + SP (tensorwise, amax max-reduced over TP), tp2 (rowwise: scales per local shard where
+    TP splits the contraction) and FSDP2 over dp2 (the reference accumulates the dp ranks' halves of
+    the batch, since current scaling takes each micro-batch's own amax).
 
-    Gradients: equal up to summation order (and the FP8 rounding flips it causes) for FSDP2 and TP's dense layers.
-    Under TP the routed experts see 1/tp of the tokens, so their weight-gradient scales (per expert and column, over
-    its tokens) differ: a few %. Rowwise TP gradients are not compared: its slightly different activations can flip
-    a near-tie top-k routing choice, which changes gradients by far more than FP8 rounding."""
+    Gradients: equal up to summation order (and the FP8 rounding flips it causes) for FSDP2 and TP's
+    dense layers. Under TP the routed experts see 1/tp of the tokens, so their weight-gradient
+    scales (per expert and column, over its tokens) differ: a few %. Rowwise TP gradients are not
+    compared: its slightly different activations can flip a near-tie top-k routing choice, which
+    changes gradients by far more than FP8 rounding."""
     for rank, results in enumerate(run_distributed(_run_layouts, 2, timeout_s=120)):
         for name, r in results.items():
             got, want = r["loss"]
@@ -514,7 +617,8 @@ def test_tensor_parallel_and_fsdp_match_single_process_fp8():
 
 
 def test_padding_groups_to_16_rows_keeps_every_per_group_product():
-    """The FP8 ragged-K grouped GEMM needs groups of a positive multiple of 16 rows: zero rows are inserted."""
+    """The FP8 ragged-K grouped GEMM needs groups of a positive multiple of 16 rows: zero rows are
+    inserted."""
     gen = torch.Generator().manual_seed(0)
     counts = torch.tensor([5, 0, 17, 16])
     a, b = torch.randn(38, 3, generator=gen), torch.randn(38, 4, generator=gen)

@@ -1,11 +1,13 @@
 """The Transformer Engine FP8 backend (megatron_exaone.precision.fp8_te).
 
-Without TE: the recipe mapping (as data, and built against a stand-in recipe module), the configuration errors,
-which modules are converted, and the module swap itself, with a small stand-in for `transformer_engine.pytorch`
-whose modules compute what TE documents (te.Linear: x @ W.T; GroupedLinear: per-split GEMMs reading its
-`weight{i}` attributes at call time; Fp8Padding/Unpadding; DotProductAttention: inclusive (left, right) windows,
-bshd causal and thd padding_causal with cu_seqlens). The stand-in checks our wiring (names, views, gradients,
-hooks, autocast placement), not TE's kernels. Tests marked `te` need the real TE (and a GPU where they run it).
+Without TE: the recipe mapping (as data, and built against a stand-in recipe module), the
+configuration errors, which modules are converted, and the module swap itself, with a small stand-in
+for `transformer_engine.pytorch` whose modules compute what TE documents (te.Linear: x @ W.T;
+GroupedLinear: per-split GEMMs reading its `weight{i}` attributes at call time;
+Fp8Padding/Unpadding; DotProductAttention: inclusive (left, right) windows, bshd causal and thd
+padding_causal with cu_seqlens). The stand-in checks our wiring (names, views, gradients, hooks,
+autocast placement), not TE's kernels. Tests marked `te` need the real TE (and a GPU where they run
+it).
 """
 
 from __future__ import annotations
@@ -27,9 +29,18 @@ from megatron_exaone.model.moe import GroupedExperts
 from megatron_exaone.model.mtp import shift_left
 from megatron_exaone.parallel.sharding import materialize
 from megatron_exaone.precision import fp8_te
-from megatron_exaone.precision.fp8_te import (TEConversion, TEGroupedExperts, TEUnavailable, apply_te,
-                                              build_recipe, fp8_context, packed_cu_seqlens, plan_te_conversion,
-                                              recipe_spec, te_window_size)
+from megatron_exaone.precision.fp8_te import (
+    TEConversion,
+    TEGroupedExperts,
+    TEUnavailable,
+    apply_te,
+    build_recipe,
+    fp8_context,
+    packed_cu_seqlens,
+    plan_te_conversion,
+    recipe_spec,
+    te_window_size,
+)
 
 SEED = 4
 
@@ -38,32 +49,65 @@ def precision(name: str, **kw) -> PrecisionConfig:
     return PrecisionConfig(name=name, **kw)
 
 
-# ---------------------------------------------------------------------------------------------- recipes as data
-@pytest.mark.parametrize("name,cls,fmt,options", [
-    ("fp8_te_delayed", "DelayedScaling", "HYBRID",
-     {"margin": 0, "amax_history_len": 1024, "amax_compute_algo": "max", "reduce_amax": True}),
-    ("fp8_te_tensorwise", "Float8CurrentScaling", "HYBRID", {}),
-    ("fp8_te_blockwise", "Float8BlockScaling", "HYBRID",
-     {"x_block_scaling_dim": 1, "w_block_scaling_dim": 2, "grad_block_scaling_dim": 1}),
-    ("fp8_te_mxfp8", "MXFP8BlockScaling", "HYBRID", {}),
-])
+# ---------------------------------------------------------------------------------- recipes as data
+@pytest.mark.parametrize(
+    "name,cls,fmt,options",
+    [
+        (
+            "fp8_te_delayed",
+            "DelayedScaling",
+            "HYBRID",
+            {
+                "margin": 0,
+                "amax_history_len": 1024,
+                "amax_compute_algo": "max",
+                "reduce_amax": True,
+            },
+        ),
+        ("fp8_te_tensorwise", "Float8CurrentScaling", "HYBRID", {}),
+        (
+            "fp8_te_blockwise",
+            "Float8BlockScaling",
+            "HYBRID",
+            {"x_block_scaling_dim": 1, "w_block_scaling_dim": 2, "grad_block_scaling_dim": 1},
+        ),
+        ("fp8_te_mxfp8", "MXFP8BlockScaling", "HYBRID", {}),
+    ],
+)
 def test_recipe_spec_names_the_te_class_and_arguments(name, cls, fmt, options):
     spec = recipe_spec(precision(name))
     assert (spec.recipe_class, spec.fp8_format, dict(spec.options)) == (cls, fmt, options)
 
 
 def test_recipe_spec_follows_the_config_fields():
-    spec = recipe_spec(precision("fp8_te_delayed", fp8_format="e4m3", amax_history_len=16,
-                                 amax_compute_algo="most_recent"))
-    assert spec.kwargs() == {"fp8_format": "E4M3", "margin": 0, "amax_history_len": 16,
-                             "amax_compute_algo": "most_recent", "reduce_amax": True}
+    spec = recipe_spec(
+        precision(
+            "fp8_te_delayed",
+            fp8_format="e4m3",
+            amax_history_len=16,
+            amax_compute_algo="most_recent",
+        )
+    )
+    assert spec.kwargs() == {
+        "fp8_format": "E4M3",
+        "margin": 0,
+        "amax_history_len": 16,
+        "amax_compute_algo": "most_recent",
+        "reduce_amax": True,
+    }
     assert recipe_spec(precision("fp8_te_blockwise", fp8_format="e4m3")).fp8_format == "E4M3"
     # the trainer hands the builder a PrecisionConfig: it carries the same recipe fields
     cfg = precision("fp8_te_delayed", amax_history_len=16, amax_compute_algo="most_recent")
     assert recipe_spec(cfg) == recipe_spec(cfg)
-    # per-expert split padding and weight alignment (TE: 16 rows, 32 for MXFP8; blocks of 128 for blockwise)
+    # per-expert split padding and weight alignment (TE: 16 rows, 32 for MXFP8; blocks of 128 for
+    # blockwise)
     assert [recipe_spec(precision(n)).split_align for n in fp8_te.TE_PRECISIONS] == [16, 16, 16, 32]
-    assert [recipe_spec(precision(n)).weight_align for n in fp8_te.TE_PRECISIONS] == [16, 16, 128, 32]
+    assert [recipe_spec(precision(n)).weight_align for n in fp8_te.TE_PRECISIONS] == [
+        16,
+        16,
+        128,
+        32,
+    ]
 
 
 @pytest.mark.parametrize("name", ["bf16", "fp32", "fp8_torch", "fp8_emulated"])
@@ -93,29 +137,40 @@ def test_build_recipe_constructs_the_class_with_format_enum(name):
     assert recipe.kwargs == {**dict(spec.options), "fp8_format": module.Format.HYBRID}
 
 
-# ---------------------------------------------------------------------------------------------- without TE
+# --------------------------------------------------------------------------------------- without TE
 @pytest.fixture
 def no_te(monkeypatch):
     """Make `import transformer_engine...` fail here, whether or not TE is installed."""
-    for mod in ("transformer_engine", "transformer_engine.pytorch", "transformer_engine.common",
-                "transformer_engine.common.recipe"):
+    for mod in (
+        "transformer_engine",
+        "transformer_engine.pytorch",
+        "transformer_engine.common",
+        "transformer_engine.common.recipe",
+    ):
         monkeypatch.setitem(sys.modules, mod, None)
 
 
 def test_module_imports_without_te():
     import subprocess
 
-    code = ("import sys; sys.modules['transformer_engine'] = None; "
-            "import megatron_exaone.precision.fp8_te as m; assert not m.te_available(); "
-            "assert 'transformer_engine.pytorch' not in sys.modules")
+    code = (
+        "import sys; sys.modules['transformer_engine'] = None; "
+        "import megatron_exaone.precision.fp8_te as m; assert not m.te_available(); "
+        "assert 'transformer_engine.pytorch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_missing_te_is_a_configuration_error_naming_the_fix(no_te):
-    with pytest.raises(TEUnavailable, match=r"pip install --no-build-isolation 'transformer_engine\[pytorch\]>=2.10'"
-                                            r".*CUDA machine"):
+    with pytest.raises(
+        TEUnavailable,
+        match=r"pip install --no-build-isolation 'transformer_engine\[pytorch\]>=2.10'"
+        r".*CUDA machine",
+    ):
         fp8_context(precision("fp8_te_tensorwise"))
-    with pytest.raises(TEUnavailable, match="precision=fp8_te_blockwise needs NVIDIA Transformer Engine"):
+    with pytest.raises(
+        TEUnavailable, match="precision=fp8_te_blockwise needs NVIDIA Transformer Engine"
+    ):
         with torch.device("meta"):
             model = ExaoneMoeForCausalLM(tiny())
         apply_te(model, precision("fp8_te_blockwise"))
@@ -130,7 +185,7 @@ def test_fp8_context_is_a_no_op_for_other_precisions(no_te, name):
     assert isinstance(fp8_context(precision(name), group=None), contextlib.nullcontext)
 
 
-# ---------------------------------------------------------------------------------------------- what converts
+# ------------------------------------------------------------------------------------ what converts
 def meta_model(**overrides) -> ExaoneMoeForCausalLM:
     with torch.device("meta"):
         return ExaoneMoeForCausalLM(tiny(**overrides))
@@ -138,16 +193,34 @@ def meta_model(**overrides) -> ExaoneMoeForCausalLM:
 
 def test_plan_keeps_first_last_router_head_embedding_and_mtp_in_bf16():
     model = meta_model()  # 4 layers: 0 dense, 1-3 MoE; one MTP layer
-    plan = {c.name: c for c in plan_te_conversion(model, 4, keep_first=1, keep_last=1, weight_align=16)}
+    plan = {
+        c.name: c for c in plan_te_conversion(model, 4, keep_first=1, keep_last=1, weight_align=16)
+    }
     converted = sorted(n for n, c in plan.items() if c.convert)
-    assert converted == sorted(f"model.layers.{i}.{m}" for i in (1, 2) for m in (
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.experts",
-        "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj"))
+    assert converted == sorted(
+        f"model.layers.{i}.{m}"
+        for i in (1, 2)
+        for m in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.experts",
+            "mlp.shared_experts.gate_proj",
+            "mlp.shared_experts.up_proj",
+            "mlp.shared_experts.down_proj",
+        )
+    )
     assert "decoder layer 0 is kept in BF16" in plan["model.layers.0.mlp.gate_proj"].reason
     assert "decoder layer 3 is kept in BF16" in plan["model.layers.3.mlp.experts"].reason
-    assert "MTP module" in plan["mtp.fc"].reason and "MTP module" in plan["mtp.layers.0.self_attn.q_proj"].reason
+    assert (
+        "MTP module" in plan["mtp.fc"].reason
+        and "MTP module" in plan["mtp.layers.0.self_attn.q_proj"].reason
+    )
     names = set(plan)
-    assert not any(n.endswith(("mlp.gate", "lm_head", "embed_tokens")) or "norm" in n for n in names)
+    assert not any(
+        n.endswith(("mlp.gate", "lm_head", "embed_tokens")) or "norm" in n for n in names
+    )
 
 
 def test_plan_with_fp8_mtp_and_no_bf16_layers_converts_every_projection():
@@ -165,20 +238,35 @@ def test_plan_keeps_misaligned_weights_in_bf16_with_the_reason():
     reason = {c.name: c.reason for c in plan}["model.layers.1.self_attn.k_proj"]
     assert "(32, 64)" in reason and "multiples of 128" in reason
     with pytest.raises(ValueError, match="cannot run FP8 GEMMs with recipe 'blockwise'"):
-        apply_te(model, precision("fp8_te_blockwise", keep_bf16_first_layers=0, keep_bf16_last_layers=0),
-                 te=FakeTE(), strict=True)
+        apply_te(
+            model,
+            precision("fp8_te_blockwise", keep_bf16_first_layers=0, keep_bf16_last_layers=0),
+            te=FakeTE(),
+            strict=True,
+        )
 
 
-# ---------------------------------------------------------------------------------------------- TE stand-in
+# -------------------------------------------------------------------------------------- TE stand-in
 class FakeLinear(nn.Module):
-    """te.Linear's documented surface: keyword args, Parameter `weight` [out, in], an absent bias stored as a
-    plain empty tensor on the construction device, `fp8_meta` and extra state."""
+    """te.Linear's documented surface: keyword args, Parameter `weight` [out, in], an absent bias
+    stored as a plain empty tensor on the construction device, `fp8_meta` and extra state."""
 
-    def __init__(self, in_features, out_features, *, bias=True, params_dtype=None, parallel_mode=None,
-                 device="cuda", **kwargs):
+    def __init__(
+        self,
+        in_features,
+        out_features,
+        *,
+        bias=True,
+        params_dtype=None,
+        parallel_mode=None,
+        device="cuda",
+        **kwargs,
+    ):
         super().__init__()
         assert parallel_mode is None and not bias and not kwargs
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=params_dtype, device=device))
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=params_dtype, device=device)
+        )
         self.bias = torch.Tensor().to(dtype=params_dtype, device=device)
         self.fp8_meta = {}
         self.extra = torch.empty(0, dtype=torch.uint8)
@@ -195,20 +283,34 @@ class FakeLinear(nn.Module):
 
 
 class FakeGroupedLinear(nn.Module):
-    def __init__(self, num_gemms, in_features, out_features, *, bias=True, params_dtype=None, parallel_mode=None,
-                 device="cuda"):
+    def __init__(
+        self,
+        num_gemms,
+        in_features,
+        out_features,
+        *,
+        bias=True,
+        params_dtype=None,
+        parallel_mode=None,
+        device="cuda",
+    ):
         super().__init__()
         assert parallel_mode is None and not bias
         self.num_gemms = num_gemms
         for i in range(num_gemms):
-            self.register_parameter(f"weight{i}", nn.Parameter(torch.empty(out_features, in_features,
-                                                                           dtype=params_dtype, device=device)))
+            self.register_parameter(
+                f"weight{i}",
+                nn.Parameter(
+                    torch.empty(out_features, in_features, dtype=params_dtype, device=device)
+                ),
+            )
             setattr(self, f"bias{i}", torch.Tensor().to(dtype=params_dtype, device=device))
         self.fp8_meta = {}
 
     def forward(self, inp, m_splits):
         assert isinstance(m_splits, list) and sum(m_splits) == inp.shape[0]
-        weights = [getattr(self, f"weight{i}") for i in range(self.num_gemms)]  # as TE 2.20's _get_weight_tensors
+        # as TE 2.20's _get_weight_tensors
+        weights = [getattr(self, f"weight{i}") for i in range(self.num_gemms)]
         chunks = torch.split(inp, m_splits)
         return torch.cat([c @ w.T for c, w in zip(chunks, weights)])
 
@@ -226,8 +328,10 @@ class FakePadding(nn.Module):
 
     def forward(self, inp, m_splits):
         padded = [-(-m // self.align) * self.align for m in m_splits]
-        parts = [torch.cat([c, c.new_zeros(p - m, c.shape[1])]) for c, m, p in
-                 zip(torch.split(inp, m_splits), m_splits, padded)]
+        parts = [
+            torch.cat([c, c.new_zeros(p - m, c.shape[1])])
+            for c, m, p in zip(torch.split(inp, m_splits), m_splits, padded)
+        ]
         return torch.cat(parts), padded
 
 
@@ -238,10 +342,20 @@ class FakeUnpadding(FakePadding):
 
 
 class FakeDPA(nn.Module):
-    """DotProductAttention semantics from the reference: window (left, right) inclusive, -1 unbounded."""
+    """DotProductAttention semantics from the reference: window (left, right) inclusive, -1
+    unbounded."""
 
-    def __init__(self, num_attention_heads, kv_channels, num_gqa_groups=None, attention_dropout=0.0,
-                 qkv_format="sbhd", attn_mask_type="causal", window_size=None, softmax_scale=None):
+    def __init__(
+        self,
+        num_attention_heads,
+        kv_channels,
+        num_gqa_groups=None,
+        attention_dropout=0.0,
+        qkv_format="sbhd",
+        attn_mask_type="causal",
+        window_size=None,
+        softmax_scale=None,
+    ):
         super().__init__()
         self.window = window_size
         self.scale = softmax_scale
@@ -254,24 +368,54 @@ class FakeDPA(nn.Module):
             ok = ok & (k_pos[None, :] >= q_pos[:, None] - left)
         return ok
 
-    def forward(self, q, k, v, qkv_format=None, attn_mask_type=None, cu_seqlens_q=None, cu_seqlens_kv=None,
-                max_seqlen_q=None, max_seqlen_kv=None):
+    def forward(
+        self,
+        q,
+        k,
+        v,
+        qkv_format=None,
+        attn_mask_type=None,
+        cu_seqlens_q=None,
+        cu_seqlens_kv=None,
+        max_seqlen_q=None,
+        max_seqlen_kv=None,
+    ):
         if qkv_format == "bshd":
             assert attn_mask_type == "causal"
             seq = q.shape[1]
             pos = torch.arange(seq)
             mask = self._allowed(pos, pos, torch.ones(seq, seq, dtype=torch.bool))
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 attn_mask=mask, scale=self.scale, enable_gqa=True)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=mask,
+                scale=self.scale,
+                enable_gqa=True,
+            )
             return out.transpose(1, 2).flatten(2)
-        assert qkv_format == "thd" and attn_mask_type == "padding_causal" and cu_seqlens_q.dtype == torch.int32
+        assert (
+            qkv_format == "thd"
+            and attn_mask_type == "padding_causal"
+            and cu_seqlens_q.dtype == torch.int32
+        )
         assert cu_seqlens_q is cu_seqlens_kv and max_seqlen_q == max_seqlen_kv
         tokens = q.shape[0]
-        doc = torch.repeat_interleave(torch.arange(len(cu_seqlens_q) - 1), cu_seqlens_q.diff().long())
+        doc = torch.repeat_interleave(
+            torch.arange(len(cu_seqlens_q) - 1), cu_seqlens_q.diff().long()
+        )
         assert int(cu_seqlens_q.diff().max()) <= max_seqlen_q
-        mask = self._allowed(torch.arange(tokens), torch.arange(tokens), doc[:, None] == doc[None, :])
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                             attn_mask=mask, scale=self.scale, enable_gqa=True)
+        mask = self._allowed(
+            torch.arange(tokens), torch.arange(tokens), doc[:, None] == doc[None, :]
+        )
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            attn_mask=mask,
+            scale=self.scale,
+            enable_gqa=True,
+        )
         return out.transpose(0, 1).flatten(1)
 
 
@@ -284,8 +428,15 @@ class FakeTE(types.SimpleNamespace):
             entered.append((enabled, recipe, amax_reduction_group))
             yield
 
-        super().__init__(Linear=FakeLinear, GroupedLinear=FakeGroupedLinear, Fp8Padding=FakePadding,
-                         Fp8Unpadding=FakeUnpadding, DotProductAttention=FakeDPA, autocast=autocast, entered=entered)
+        super().__init__(
+            Linear=FakeLinear,
+            GroupedLinear=FakeGroupedLinear,
+            Fp8Padding=FakePadding,
+            Fp8Unpadding=FakeUnpadding,
+            DotProductAttention=FakeDPA,
+            autocast=autocast,
+            entered=entered,
+        )
 
 
 @pytest.fixture
@@ -298,7 +449,7 @@ def stub_recipe(monkeypatch):
     fp8_te._RECIPES.clear()
 
 
-# ---------------------------------------------------------------------------------------------- the swap
+# ----------------------------------------------------------------------------------------- the swap
 def packed_batch(vocab):
     gen = torch.Generator().manual_seed(2)
     x = torch.randint(1, vocab, (2, 32), generator=gen)
@@ -309,8 +460,13 @@ def packed_batch(vocab):
 def converted_model(config, te, **kw):
     with torch.device("meta"):
         model = ExaoneMoeForCausalLM(config)
-    report = apply_te(model, precision("fp8_te_tensorwise", keep_bf16_first_layers=0, keep_bf16_last_layers=0),
-                      amax_group="stage-group", te=te, **kw)
+    report = apply_te(
+        model,
+        precision("fp8_te_tensorwise", keep_bf16_first_layers=0, keep_bf16_last_layers=0),
+        amax_group="stage-group",
+        te=te,
+        **kw,
+    )
     materialize(model, config, SEED, "cpu")
     return model, report
 
@@ -370,8 +526,9 @@ def test_expert_splits_are_padded_to_the_recipe_alignment(stub_recipe, grouped_s
 
 
 def test_experts_with_no_routed_tokens_still_run_every_grouped_gemm(stub_recipe, grouped_splits):
-    # DelayedScaling registers each TE module's amaxes on its first forward and all-reduces them by position over
-    # the amax group, so a rank whose experts received no tokens must still call every GroupedLinear.
+    # DelayedScaling registers each TE module's amaxes on its first forward and all-reduces them by
+    # position over the amax group, so a rank whose experts received no tokens must still call every
+    # GroupedLinear.
     model, _ = converted_model(tiny(vocab_size=128), FakeTE())
     experts = model.model.layers[1].mlp.experts
     x = torch.randn(0, 64, requires_grad=True)
@@ -397,7 +554,11 @@ def test_hooks_on_a_swapped_linear_are_kept(stub_recipe):
 
 def test_extra_state_round_trip(stub_recipe):
     model = meta_model()
-    apply_te(model, precision("fp8_te_tensorwise", keep_bf16_first_layers=0, keep_bf16_last_layers=0), te=FakeTE())
+    apply_te(
+        model,
+        precision("fp8_te_tensorwise", keep_bf16_first_layers=0, keep_bf16_last_layers=0),
+        te=FakeTE(),
+    )
     q = model.model.layers[1].self_attn.q_proj
     q.extra = torch.tensor([1, 2, 3], dtype=torch.uint8)
     state = fp8_te.te_extra_state(model)
@@ -406,7 +567,9 @@ def test_extra_state_round_trip(stub_recipe):
     q.extra = torch.empty(0, dtype=torch.uint8)
     fp8_te.load_te_extra_state(model, state)
     assert q.extra.tolist() == [1, 2, 3]
-    assert fp8_te.holds_te_modules(model.model.layers[1]) and not fp8_te.holds_te_modules(model.model.norm)
+    assert fp8_te.holds_te_modules(model.model.layers[1]) and not fp8_te.holds_te_modules(
+        model.model.norm
+    )
 
 
 def _checkpoint_round_trip(rank, world, directory):
@@ -432,7 +595,8 @@ def _checkpoint_round_trip(rank, world, directory):
 
 
 def test_checkpoints_keep_the_te_extra_state(tmp_path):
-    """DelayedScaling's amax history (TE `_extra_state`) survives save and resume under the same layout."""
+    """DelayedScaling's amax history (TE `_extra_state`) survives save and resume under the same
+    layout."""
     from megatron_exaone.parallel.testing import run_distributed
 
     assert run_distributed(_checkpoint_round_trip, 1, str(tmp_path)) == [[7, 8, 9]]
@@ -445,7 +609,7 @@ def test_recompute_checkpoint_calls_te_checkpoint_non_reentrant():
     assert calls == [{"use_reentrant": False, "context_fn": "ctx"}]
 
 
-# ---------------------------------------------------------------------------------------------- TE attention
+# ------------------------------------------------------------------------------------- TE attention
 def test_window_maps_to_te_inclusive_left_bound():
     assert te_window_size(128) == (127, 0)  # K-EXAONE: i - 128 < j <= i
     assert te_window_size(None) == (-1, 0)
@@ -460,7 +624,9 @@ def test_cu_seqlens_follow_the_document_boundaries_of_the_mask():
             cu = packed_cu_seqlens(mask, 2, 8)
             assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 5, 8, 16]
             flat = docs.reshape(-1) + torch.tensor([0, 10]).repeat_interleave(8)
-            assert cu.diff().tolist() == torch.unique_consecutive(flat, return_counts=True)[1].tolist()
+            assert (
+                cu.diff().tolist() == torch.unique_consecutive(flat, return_counts=True)[1].tolist()
+            )
     unpacked = torch.arange(8).expand(2, 8)
     for mask in (attention_mask(unpacked, 3), _block_mask(None, 3, 2, 8, "cpu")):
         assert packed_cu_seqlens(mask, 2, 8) is None  # windowed but one document per row
@@ -481,9 +647,13 @@ def _build_with_te_options(rank, world):
     for te_attention, fp8_mtp in ((False, False), (True, True)):
         cfg = precision("fp8_te_tensorwise", te_attention=te_attention, fp8_mtp=fp8_mtp)
         model = build_parallel_model(config, mesh, SEED, "cpu", precision=cfg)
-        found.append(([type(m).__name__ for n, m in model.named_modules() if n.endswith("self_attn")],
-                      isinstance(model.mtp.fc, FakeLinear),
-                      isinstance(model.model.layers[0].self_attn.q_proj, FakeLinear)))
+        found.append(
+            (
+                [type(m).__name__ for n, m in model.named_modules() if n.endswith("self_attn")],
+                isinstance(model.mtp.fc, FakeLinear),
+                isinstance(model.model.layers[0].self_attn.q_proj, FakeLinear),
+            )
+        )
     return found
 
 
@@ -492,18 +662,24 @@ def test_builder_applies_the_configured_te_options():
 
     (found,) = run_distributed(_build_with_te_options, 1)
     layers = tiny().num_hidden_layers + 1  # and the MTP layer
-    assert found == [(["Attention"] * layers, False, False),  # layer 0 stays BF16: keep_bf16_first_layers=1
-                     (["TEAttention"] * layers, True, False)]
+    # layer 0 stays BF16: keep_bf16_first_layers=1
+    assert found == [
+        (["Attention"] * layers, False, False),
+        (["TEAttention"] * layers, True, False),
+    ]
 
 
-# ---------------------------------------------------------------------------------------------- layouts
+# ------------------------------------------------------------------------------------------ layouts
 def _tp2_ep2_rank(rank, world):
     import torch.distributed as dist
 
     from megatron_exaone.parallel.expert_parallel import apply_expert_parallel
     from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
     from megatron_exaone.parallel.sharding import layout_of
-    from megatron_exaone.parallel.tensor_parallel import apply_tensor_parallel, reduce_tp_partial_grads
+    from megatron_exaone.parallel.tensor_parallel import (
+        apply_tensor_parallel,
+        reduce_tp_partial_grads,
+    )
 
     fp8_te.import_te_recipes = lambda what="": _fake_recipe_module()  # forked rank: patch freely
     config = tiny(vocab_size=128, sliding_window=4, aux_loss_coeff=0.01)
@@ -513,11 +689,20 @@ def _tp2_ep2_rank(rank, world):
     apply_tensor_parallel(model, mesh.tp_group, sequence_parallel=True)
     apply_expert_parallel(model, mesh.ep_group)
     te = FakeTE()
-    apply_te(model, precision("fp8_te_tensorwise", keep_bf16_first_layers=0, keep_bf16_last_layers=0),
-             mesh.tp_group, True, amax_group=mesh.tp_cp_dp_group, te=te, te_attention=True)
+    apply_te(
+        model,
+        precision("fp8_te_tensorwise", keep_bf16_first_layers=0, keep_bf16_last_layers=0),
+        mesh.tp_group,
+        True,
+        amax_group=mesh.tp_cp_dp_group,
+        te=te,
+        te_attention=True,
+    )
     materialize(model, config, SEED, "cpu")
     experts = model.model.layers[1].mlp.experts
-    assert type(experts).__name__ == "TEExpertParallelExperts" and isinstance(experts, TEGroupedExperts)
+    assert type(experts).__name__ == "TEExpertParallelExperts" and isinstance(
+        experts, TEGroupedExperts
+    )
     x, positions, labels = packed_batch(128)
     out = model(x, labels=labels, position_ids=positions, loss_normalizer=(labels != -100).sum())
     out.loss.backward()
@@ -542,7 +727,7 @@ def test_tp2_ep2_sp_with_te_modules_matches_the_single_process_model():
         assert loss_diff < 1e-5 and grad_diff < 1e-5
 
 
-# ---------------------------------------------------------------------------------------------- real TE
+# ------------------------------------------------------------------------------------------ real TE
 def _real_te():
     try:
         return pytest.importorskip("transformer_engine.pytorch")
@@ -574,25 +759,45 @@ class _GpuCase:
 
 @pytest.mark.te
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [_GpuCase("fp8_te_tensorwise", 0.15), _GpuCase("fp8_te_delayed", 0.15),
-                                  _GpuCase("fp8_te_blockwise", 0.15)], ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case",
+    [
+        _GpuCase("fp8_te_tensorwise", 0.15),
+        _GpuCase("fp8_te_delayed", 0.15),
+        _GpuCase("fp8_te_blockwise", 0.15),
+    ],
+    ids=lambda c: c.name,
+)
 def test_real_te_model_trains_close_to_bf16(case):
-    """A small model whose every projection is a multiple of 128: converted with real TE modules (names kept),
-    forward/backward on the GPU in FP8 close to the BF16 model; extra state readable."""
+    """A small model whose every projection is a multiple of 128: converted with real TE modules
+    (names kept), forward/backward on the GPU in FP8 close to the BF16 model; extra state
+    readable."""
     te = _real_te()
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     if case.name == "fp8_te_blockwise" and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("block scaling needs sm_90+")
-    config = tiny(vocab_size=512, hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=64, moe_intermediate_size=128, num_experts=8, sliding_window=16)
+    config = tiny(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        moe_intermediate_size=128,
+        num_experts=8,
+        sliding_window=16,
+    )
     ref = build_model(config, seed=SEED).cuda().to(torch.bfloat16)
     with torch.device("meta"):
         model = ExaoneMoeForCausalLM(config)
     cfg = precision(case.name, keep_bf16_first_layers=0, keep_bf16_last_layers=1)
     fp8_te._RECIPES.clear()
     report = apply_te(model, cfg, te_attention=True)
-    assert report.converted and dict(model.named_parameters()).keys() == dict(ref.named_parameters()).keys()
+    assert (
+        report.converted
+        and dict(model.named_parameters()).keys() == dict(ref.named_parameters()).keys()
+    )
     materialize(model, config, SEED, "cuda")
     model.to(torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
@@ -603,6 +808,10 @@ def test_real_te_model_trains_close_to_bf16(case):
     want = ref(x, labels=labels, position_ids=positions)
     assert abs(got.loss.item() - want.loss.item()) < case.tol * want.loss.item()
     got.loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all()
+        for p in model.parameters()
+        if p.requires_grad
+    )
     assert fp8_te.te_extra_state(model)
     del te

@@ -4,8 +4,19 @@ from megatron_exaone.training.metrics import MetricsLogger
 
 
 def record(step: int) -> dict:
-    return {"step": step, "loss": 1.0, "lm_loss": 1.0, "mtp_loss": 0.0, "aux_loss": 0.0, "grad_norm": 1.0,
-            "lr": 1e-3, "tokens": 8 * step, "stage": 0, "tokens_per_s": 8.0, "step_tokens": 8}
+    return {
+        "step": step,
+        "loss": 1.0,
+        "lm_loss": 1.0,
+        "mtp_loss": 0.0,
+        "aux_loss": 0.0,
+        "grad_norm": 1.0,
+        "lr": 1e-3,
+        "tokens": 8 * step,
+        "stage": 0,
+        "tokens_per_s": 8.0,
+        "step_tokens": 8,
+    }
 
 
 def test_a_resumed_run_appends_after_a_line_cut_short_by_a_kill(tmp_path):
@@ -18,7 +29,9 @@ def test_a_resumed_run_appends_after_a_line_cut_short_by_a_kill(tmp_path):
     logger.log(record(2), "s")
     logger.close()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 3 and json.loads(lines[0])["step"] == 1 and json.loads(lines[2]) == record(2)
+    assert (
+        len(lines) == 3 and json.loads(lines[0])["step"] == 1 and json.loads(lines[2]) == record(2)
+    )
 
 
 def test_console_line_shows_peak_memory_when_measured(tmp_path, caplog):

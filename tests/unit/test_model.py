@@ -7,17 +7,35 @@ from transformers.models.exaone_moe.modeling_exaone_moe import ExaoneMoeTopkRout
 
 from megatron_exaone.model import ExaoneMoeForCausalLM, build_model, tiny, update_expert_bias
 from megatron_exaone.model.init import full_init
-from megatron_exaone.model.moe import (MoEBlock, RouterSettings, dispatch, grouped_mm, grouped_mm_usable, grouped_wgrad,
-                                       permute_by_expert, route, sequence_aux_loss)
+from megatron_exaone.model.moe import (
+    MoEBlock,
+    RouterSettings,
+    dispatch,
+    grouped_mm,
+    grouped_mm_usable,
+    grouped_wgrad,
+    permute_by_expert,
+    route,
+    sequence_aux_loss,
+)
 from megatron_exaone.model.mtp import shift_left
 
 
-@pytest.mark.parametrize("n_group,topk_group,norm,ties", [(1, 1, True, False), (4, 2, True, False),
-                                                           (4, 2, False, True), (1, 1, True, True)])
+@pytest.mark.parametrize(
+    "n_group,topk_group,norm,ties",
+    [(1, 1, True, False), (4, 2, True, False), (4, 2, False, True), (1, 1, True, True)],
+)
 def test_router_matches_transformers(n_group, topk_group, norm, ties):
     experts, hidden, top_k = 16, 24, 4
-    hf_cfg = ExaoneMoeConfig(num_experts=experts, hidden_size=hidden, num_experts_per_tok=top_k, n_group=n_group,
-                             topk_group=topk_group, norm_topk_prob=norm, routed_scaling_factor=2.5)
+    hf_cfg = ExaoneMoeConfig(
+        num_experts=experts,
+        hidden_size=hidden,
+        num_experts_per_tok=top_k,
+        n_group=n_group,
+        topk_group=topk_group,
+        norm_topk_prob=norm,
+        routed_scaling_factor=2.5,
+    )
     hf_router = ExaoneMoeTopkRouter(hf_cfg)
     gen = torch.Generator().manual_seed(n_group + 7 * ties)
     with torch.no_grad():
@@ -34,7 +52,9 @@ def test_router_matches_transformers(n_group, topk_group, norm, ties):
     _, got_w, got_i = route(logits, hf_router.e_score_correction_bias, settings)
     assert torch.equal(got_i.sort(-1).values, want_i.sort(-1).values)
     order_got, order_want = got_i.argsort(-1), want_i.argsort(-1)
-    torch.testing.assert_close(got_w.gather(1, order_got), want_w.gather(1, order_want), rtol=0, atol=1e-7)
+    torch.testing.assert_close(
+        got_w.gather(1, order_got), want_w.gather(1, order_want), rtol=0, atol=1e-7
+    )
 
 
 def test_packed_documents_equal_documents_run_alone():
@@ -48,14 +68,17 @@ def test_packed_documents_equal_documents_run_alone():
         alone = torch.cat([model(d).logits for d in docs], dim=1)
         unpacked = model(packed).logits
     torch.testing.assert_close(packed_logits, alone, rtol=0, atol=1e-5)
-    assert (unpacked - alone).abs().max() > 1e-3  # without position_ids the documents do see each other
+    # without position_ids the documents do see each other
+    assert (unpacked - alone).abs().max() > 1e-3
 
 
 def test_sequence_aux_loss_matches_direct_formula():
     gen = torch.Generator().manual_seed(1)
     batch, seq, experts, top_k = 3, 10, 6, 2
     scores = torch.rand(batch * seq, experts, generator=gen)
-    indices = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(batch * seq)])
+    indices = torch.stack(
+        [torch.randperm(experts, generator=gen)[:top_k] for _ in range(batch * seq)]
+    )
     want = 0.0
     for b in range(batch):
         rows = range(b * seq, (b + 1) * seq)
@@ -66,7 +89,9 @@ def test_sequence_aux_loss_matches_direct_formula():
             p_i = sum(scores[t, i] / scores[t].sum() for t in rows) / seq
             per_seq += f_i * p_i
         want += per_seq / batch
-    torch.testing.assert_close(sequence_aux_loss(scores, indices, batch, top_k), torch.tensor(float(want)))
+    torch.testing.assert_close(
+        sequence_aux_loss(scores, indices, batch, top_k), torch.tensor(float(want))
+    )
 
 
 def test_aux_loss_is_coefficient_weighted_sum_over_moe_layers():
@@ -79,7 +104,9 @@ def test_aux_loss_is_coefficient_weighted_sum_over_moe_layers():
     no_aux.load_state_dict(model.state_dict())
     out0 = no_aux(x, labels=shift_left(x, 1, -100))
     torch.testing.assert_close(out.loss - out0.loss, out.aux_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.loss, out.lm_loss + config.mtp_loss_weight * out.mtp_loss + out.aux_loss)
+    torch.testing.assert_close(
+        out.loss, out.lm_loss + config.mtp_loss_weight * out.mtp_loss + out.aux_loss
+    )
 
 
 def test_bias_update_moves_toward_balance_and_resets_counts():
@@ -87,8 +114,9 @@ def test_bias_update_moves_toward_balance_and_resets_counts():
     block = next(m for m in model.modules() if isinstance(m, MoEBlock))
     block.tokens_per_expert.copy_(torch.tensor([10.0, 0, 2, 4, 4, 4, 4, 4]))  # mean 4
     update_expert_bias(model, rate=0.01)
-    torch.testing.assert_close(block.e_score_correction_bias,
-                               torch.tensor([-0.01, 0.01, 0.01, 0, 0, 0, 0, 0]))
+    torch.testing.assert_close(
+        block.e_score_correction_bias, torch.tensor([-0.01, 0.01, 0.01, 0, 0, 0, 0, 0])
+    )
     assert block.tokens_per_expert.sum() == 0
     assert block.e_score_correction_bias.dtype == torch.float32
 
@@ -103,7 +131,8 @@ def test_forward_counts_routed_tokens():
             assert m.tokens_per_expert.sum() == 2 * 9 * config.num_experts_per_tok
 
 
-@pytest.mark.parametrize("k,m", [(8, 12), (6, 3)])  # aligned shapes take torch._grouped_mm, others the loop
+# aligned shapes take torch._grouped_mm, others the loop
+@pytest.mark.parametrize("k,m", [(8, 12), (6, 3)])
 def test_grouped_mm_matches_per_expert_loop_forward_and_backward(k, m):
     gen = torch.Generator().manual_seed(0)
     counts = torch.tensor([5, 0, 7, 1])
@@ -118,14 +147,15 @@ def test_grouped_mm_matches_per_expert_loop_forward_and_backward(k, m):
     torch.testing.assert_close(gx, rx)
     torch.testing.assert_close(gw, rw)
     torch.testing.assert_close(grouped_wgrad(x.detach(), upstream, counts), rw)
-    wide = torch.cat([x.detach(), torch.randn(13, 5, generator=gen)], dim=1)  # a column slice, as gate of gate_up
+    # a column slice, as gate of gate_up
+    wide = torch.cat([x.detach(), torch.randn(13, 5, generator=gen)], dim=1)
     torch.testing.assert_close(grouped_wgrad(wide[:, :k], upstream, counts), rw)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_dispatch_gradient_sums_each_tokens_slots(compiled):
-    """dispatch's backward (gather back to slot order, sum over k) equals autograd's scatter-add of x[order // k],
-    eagerly and inside a compiled graph."""
+    """dispatch's backward (gather back to slot order, sum over k) equals autograd's scatter-add of
+    x[order // k], eagerly and inside a compiled graph."""
     gen = torch.Generator().manual_seed(0)
     tokens, top_k, experts = 11, 3, 5
     indices = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
@@ -136,27 +166,35 @@ def test_dispatch_gradient_sums_each_tokens_slots(compiled):
     out = run(x, order, top_k)
     ref = x[order // top_k]
     torch.testing.assert_close(out, ref)
-    got, = torch.autograd.grad(out, x, upstream)
-    want, = torch.autograd.grad(ref, x, upstream)
+    (got,) = torch.autograd.grad(out, x, upstream)
+    (want,) = torch.autograd.grad(ref, x, upstream)
     torch._dynamo.reset()
     torch.testing.assert_close(got, want)
 
 
 def test_bf16_grouped_weight_gradient_under_compile_matches_loop():
-    """The BF16 ragged-K weight gradient (an opaque op) inside a compiled graph, on a column slice of a tensor the
-    graph computes (as the FP8 experts' backward calls it), with unaligned and empty groups."""
+    """The BF16 ragged-K weight gradient (an opaque op) inside a compiled graph, on a column slice
+    of a tensor the graph computes (as the FP8 experts' backward calls it), with unaligned and empty
+    groups."""
     if not grouped_mm_usable("cpu", torch.bfloat16):
         pytest.skip("torch._grouped_mm does not run BF16 on this CPU build")
     gen = torch.Generator().manual_seed(0)
     counts = torch.tensor([5, 0, 17, 3])
-    grad, x = torch.randn(25, 48, generator=gen).bfloat16(), torch.randn(25, 16, generator=gen).bfloat16()
+    grad, x = (
+        torch.randn(25, 48, generator=gen).bfloat16(),
+        torch.randn(25, 16, generator=gen).bfloat16(),
+    )
 
     def gate_grad(grad, x, counts):
         return grouped_wgrad((grad * 2).split(24, dim=1)[0], x, counts)
 
     got = torch.compile(gate_grad, backend="inductor", fullgraph=True)(grad, x, counts)
-    want = torch.stack([pa.float().t() @ pb.float() for pa, pb in
-                        zip((grad * 2)[:, :24].split(counts.tolist()), x.split(counts.tolist()))])
+    want = torch.stack(
+        [
+            pa.float().t() @ pb.float()
+            for pa, pb in zip((grad * 2)[:, :24].split(counts.tolist()), x.split(counts.tolist()))
+        ]
+    )
     torch._dynamo.reset()
     assert got.shape == (4, 24, 16) and got.is_contiguous() and (got[1] == 0).all()
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=5e-2)
@@ -191,8 +229,14 @@ def test_aux_loss_gradient_is_attached_to_the_moe_output():
     from megatron_exaone.model.layers import router_settings
 
     config = tiny(vocab_size=64, aux_loss_coeff=0.3)
-    block = MoEBlock(config.hidden_size, config.num_experts, config.moe_intermediate_size, 1,
-                     router_settings(config), config.aux_loss_coeff)
+    block = MoEBlock(
+        config.hidden_size,
+        config.num_experts,
+        config.moe_intermediate_size,
+        1,
+        router_settings(config),
+        config.aux_loss_coeff,
+    )
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in block.parameters():
@@ -204,8 +248,9 @@ def test_aux_loss_gradient_is_attached_to_the_moe_output():
     x.grad, block.gate.weight.grad = None, None
     block.aux_loss_coeff = 0.0
     y = block(x)
-    scores, _, indices = route(block.gate(x.reshape(-1, config.hidden_size)), block.e_score_correction_bias,
-                               block.router)
+    scores, _, indices = route(
+        block.gate(x.reshape(-1, config.hidden_size)), block.e_score_correction_bias, block.router
+    )
     manual = 0.5 * 0.3 * sequence_aux_loss(scores, indices, 2, config.num_experts_per_tok)
     ((y * upstream).sum() + manual).backward()
     torch.testing.assert_close(got[0], x.grad)

@@ -19,7 +19,9 @@ def test_matches_torch_muon_on_a_plain_matrix():
     w0 = torch.randn(24, 40, generator=gen)
     grads = [torch.randn(24, 40, generator=gen) for _ in range(3)]
     ours, ref = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
-    opt = Muon([ours], {ours: ShardedMatrix(ours, ParamLayout((24, 40)))}, lr=0.02, weight_decay=0.1)
+    opt = Muon(
+        [ours], {ours: ShardedMatrix(ours, ParamLayout((24, 40)))}, lr=0.02, weight_decay=0.1
+    )
     ref_opt = torch.optim.Muon([ref], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     for g in grads:
         ours.grad, ref.grad = g.clone(), g.clone()
@@ -35,9 +37,14 @@ def test_muon_groups_keep_embeddings_head_router_and_norms_in_adamw():
     adamw, muon = opts.optimizers
     muon_params = {id(p) for g in muon.param_groups for p in g["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in muon_params}
-    assert "model.layers.1.mlp.experts.gate_proj" in names and "model.layers.0.self_attn.q_proj.weight" in names
-    assert not any(n.endswith(("embed_tokens.weight", "lm_head.weight", "mlp.gate.weight", "norm.weight"))
-                   for n in names)
+    assert (
+        "model.layers.1.mlp.experts.gate_proj" in names
+        and "model.layers.0.self_attn.q_proj.weight" in names
+    )
+    assert not any(
+        n.endswith(("embed_tokens.weight", "lm_head.weight", "mlp.gate.weight", "norm.weight"))
+        for n in names
+    )
     x = torch.randint(1, 64, (2, 8))
     model(x, labels=x).loss.backward()
     before = model.model.layers[1].mlp.experts.gate_proj.detach().clone()
