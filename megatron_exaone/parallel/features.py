@@ -147,14 +147,8 @@ class Precision(Feature):
             )
 
     def apply(self, chunk: nn.Module, mesh: ParallelMesh, build: Build) -> None:
-        apply_precision(
-            chunk,
-            build.precision,
-            build.model.num_hidden_layers,
-            build.device_type or "cpu",
-            mesh,
-            build.parallel.sequence_parallel,
-        )
+        layers = build.model.num_hidden_layers
+        apply_precision(chunk, build.precision, layers, build.device_type or "cpu", mesh)
 
 
 class Materialize(Feature):

@@ -7,14 +7,15 @@ eligible module (`nn.Linear` -> `Fp8Linear`, `GroupedExperts` -> `Fp8GroupedExpe
 names, shapes and state dicts do not change, the tensor-parallel hooks on the parent modules still
 apply, and FSDP2 later wraps the layers as usual.
 
-What runs in FP8: the attention projections, dense MLPs, shared experts and routed experts of
-decoder layers `model.layers.<i>` with keep_bf16_first_layers <= i < num_layers -
+What runs in FP8, for every backend (`fp8_candidates`; Transformer Engine checks its recipe's
+alignment instead of 16): the attention projections, dense MLPs, shared experts and routed experts
+of decoder layers `model.layers.<i>` with keep_bf16_first_layers <= i < num_layers -
 keep_bf16_last_layers (global indices, so a pipeline chunk gets the same answer as the whole model).
 What stays in BF16: those first/last layers, the router (`mlp.gate`, fp32 anyway), the embedding,
 norms, lm_head (its logits and hidden-state gradient run in FP8 with `fp8_lm_head`) and the MTP
 module (its fc and decoder layer run in FP8 with `fp8_mtp`); and, listed in the report and the log,
-any linear whose local shape is not a multiple of 16 (a limit of the FP8 kernels, applied by the
-emulation too so that it converts the same modules). Routed experts stay BF16 only when
+any module whose local weight shape is not a multiple of 16 (a limit of the FP8 kernels, applied by
+the emulation too so that it converts the same modules). Routed experts stay BF16 only when
 `fp8_experts=False` is asked for.
 
 Tensor parallel: with `amax_group` (the TP group) tensorwise amaxes are max-reduced over it, so
@@ -28,10 +29,10 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -51,6 +52,7 @@ LAYER_PREFIX = "model.layers."
 MTP_NAME = "mtp"
 HEAD_NAME = "lm_head"
 ALIGN = 16
+NOT_ALIGNED = "is not a multiple of"
 
 
 @dataclass
@@ -59,6 +61,72 @@ class PrecisionReport:
 
     fp8: list[str] = field(default_factory=list)
     bf16: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A module the precision pass looked at: `kind` head | linear | experts | layer (a whole block
+    kept in BF16); `reason`: why it stays BF16, empty when it converts."""
+
+    name: str
+    kind: str
+    module: nn.Module
+    reason: str = ""
+
+
+def fp8_candidates(
+    root: nn.Module, cfg: PrecisionConfig, num_layers: int, align: int = ALIGN
+) -> list[Candidate]:
+    """What every backend's pass converts in `root` (a model or pipeline chunk), and what it keeps
+    in BF16 and why (module docstring). `num_layers`: the model's decoder layers (the last-N rule
+    counts global indices). `align`: what every local weight dim must be a multiple of. Pure: reads
+    names, types and shapes."""
+    first, last = cfg.keep_bf16_first_layers, num_layers - cfg.keep_bf16_last_layers
+    out = []
+    for name, block in root.named_modules():
+        if name == HEAD_NAME and isinstance(block, ComputesHeadGemms):
+            why = "" if cfg.fp8_lm_head else "output head stays in BF16 (fp8_lm_head=False)"
+            out.append(_candidate(name, "head", block, block.weight.shape, align, why))
+            continue
+        if name == MTP_NAME:
+            if not cfg.fp8_mtp:
+                why = "MTP module stays in BF16 (fp8_mtp=False)"
+                out.append(Candidate(name, "layer", block, why))
+                continue
+        else:
+            index = _layer_index(name, block)
+            if index is None:
+                continue
+            if not first <= index < last:
+                why = "first/last decoder layers stay in BF16 (keep_bf16_first/last_layers)"
+                out.append(Candidate(name, "layer", block, why))
+                continue
+        for sub, module in block.named_modules():
+            if type(module) is nn.Linear:
+                kind, shape, why = "linear", module.weight.shape, ""
+            elif isinstance(module, GroupedExperts):
+                kind, shape = "experts", module.gate_proj.shape[1:]
+                why = "" if cfg.fp8_experts else "routed experts kept in BF16 (fp8_experts=False)"
+            else:
+                continue
+            out.append(_candidate(f"{name}.{sub}", kind, module, shape, align, why))
+    return out
+
+
+def _candidate(
+    name: str, kind: str, module: nn.Module, shape: torch.Size, align: int, why: str
+) -> Candidate:
+    if not why and any(dim % align for dim in shape):
+        why = f"local shape {tuple(shape)} {NOT_ALIGNED} {align} (FP8 GEMM alignment)"
+    return Candidate(name, kind, module, why)
+
+
+def _layer_index(name: str, module: nn.Module) -> int | None:
+    """The global index of a decoder layer `model.layers.<i>` (not MTP's layers), else None."""
+    if not isinstance(module, DecoderLayer) or not name.startswith(LAYER_PREFIX):
+        return None
+    index = name[len(LAYER_PREFIX) :]
+    return int(index) if index.isdigit() else None
 
 
 def fp8_recipe(cfg: PrecisionConfig, amax_group: dist.ProcessGroup | None) -> Fp8Recipe:
@@ -78,86 +146,30 @@ def convert_gemms(
     device_type: str,
     amax_group: dist.ProcessGroup | None = None,
 ) -> PrecisionReport:
-    """The torch-native pass (`registry.apply_precision` calls it): switch the eligible modules of
-    `root` (a model or pipeline chunk) to the GEMMs of `backend` ("fp8_torch" or "fp8_emulated", the
-    module's `gemms_for`).
-
-    `num_layers`: decoder layers of the whole model (for the last-N rule). `device_type`: where the
-    model will run ("cpu"/"cuda"); a backend that cannot run there raises `Fp8Unavailable`.
-    """
-    gemms: Fp8Gemms = importlib.import_module(f"megatron_exaone.precision.{backend}").gemms_for(
-        device_type
-    )
-    report = PrecisionReport()
+    """The torch-native pass (`registry.apply_precision` calls it): switch the `fp8_candidates` of
+    `root` to the GEMMs of `backend` ("fp8_torch" or "fp8_emulated", the module's `gemms_for`).
+    `device_type`: where the model will run ("cpu"/"cuda"); a backend that cannot run there raises
+    `Fp8Unavailable`."""
+    module = importlib.import_module(f"megatron_exaone.precision.{backend}")
+    gemms: Fp8Gemms = module.gemms_for(device_type)
     recipe = fp8_recipe(cfg, amax_group)
-    first, last = cfg.keep_bf16_first_layers, num_layers - cfg.keep_bf16_last_layers
-    for name, block in root.named_modules():
-        if name == HEAD_NAME and isinstance(block, ComputesHeadGemms):
-            if cfg.fp8_lm_head:
-                _convert(
-                    report,
-                    name,
-                    tuple(block.weight.shape),
-                    lambda m=block: convert_head(m, gemms, recipe, cfg.fp8_weight_cache),
-                )
-            else:
-                report.bf16[name] = "output head stays in BF16 (fp8_lm_head=False)"
+    cache = cfg.fp8_weight_cache
+    convert = {
+        "head": lambda m: convert_head(m, gemms, recipe, cache),
+        "linear": lambda m: convert_linear(m, gemms, recipe, cache),
+        "experts": lambda m: convert_experts(m, gemms, cfg.fp8_expert_wgrad, cache),
+    }
+    report = PrecisionReport()
+    for c in fp8_candidates(root, cfg, num_layers):
+        if c.reason:
+            report.bf16[c.name] = c.reason
             continue
-        if name == MTP_NAME:
-            if not cfg.fp8_mtp:
-                report.bf16[name] = "MTP module stays in BF16 (fp8_mtp=False)"
-                continue
-        else:
-            index = _layer_index(name, block)
-            if index is None:
-                continue
-            if not first <= index < last:
-                report.bf16[name] = (
-                    "first/last decoder layers stay in BF16 (keep_bf16_first/last_layers)"
-                )
-                continue
-        for sub, module in block.named_modules():
-            full = f"{name}.{sub}"
-            if type(module) is nn.Linear:
-                _convert(
-                    report,
-                    full,
-                    tuple(module.weight.shape),
-                    lambda m=module: convert_linear(m, gemms, recipe, cfg.fp8_weight_cache),
-                )
-            elif isinstance(module, GroupedExperts):
-                if not cfg.fp8_experts:
-                    report.bf16[full] = "routed experts kept in BF16 (fp8_experts=False)"
-                    continue
-                gemms.require_grouped()
-                _convert(
-                    report,
-                    full,
-                    tuple(module.gate_proj.shape[1:]),
-                    lambda m=module: convert_experts(
-                        m, gemms, cfg.fp8_expert_wgrad, cfg.fp8_weight_cache
-                    ),
-                )
+        if c.kind == "experts":
+            gemms.require_grouped()
+        convert[c.kind](c.module)
+        report.fp8.append(c.name)
     _log(cfg, recipe, report)
     return report
-
-
-def _layer_index(name: str, module: nn.Module) -> int | None:
-    """The global index of a decoder layer `model.layers.<i>` (not MTP's layers), else None."""
-    if not isinstance(module, DecoderLayer) or not name.startswith(LAYER_PREFIX):
-        return None
-    index = name[len(LAYER_PREFIX) :]
-    return int(index) if index.isdigit() else None
-
-
-def _convert(
-    report: PrecisionReport, name: str, shape: tuple[int, ...], convert: Callable[[], None]
-) -> None:
-    if any(dim % ALIGN for dim in shape):
-        report.bf16[name] = f"local shape {shape} is not a multiple of {ALIGN} (FP8 kernel limit)"
-        return
-    convert()
-    report.fp8.append(name)
 
 
 def _log(cfg: PrecisionConfig, recipe: Fp8Recipe, report: PrecisionReport) -> None:
@@ -170,12 +182,16 @@ def _log(cfg: PrecisionConfig, recipe: Fp8Recipe, report: PrecisionReport) -> No
         len(report.fp8),
         ", ".join(sorted(report.bf16)) or "none",
     )
-    misfits = [name for name, why in report.bf16.items() if "multiple of" in why]
+    warn_misaligned(cfg.name, report)
+
+
+def warn_misaligned(precision: str, report: PrecisionReport) -> None:
+    misfits = [name for name, why in report.bf16.items() if NOT_ALIGNED in why]
     if misfits:
         log.warning(
-            "precision %s: %d linears kept in BF16 because their shapes do not fit the FP8 "
-            "kernels: %s",
-            cfg.name,
+            "precision %s: %d modules kept in BF16 because their shapes do not fit the FP8 "
+            "GEMMs: %s",
+            precision,
             len(misfits),
             ", ".join(misfits),
         )

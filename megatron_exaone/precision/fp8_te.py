@@ -13,7 +13,6 @@ Entry points
   build_recipe(cfg)                RecipeSpec -> TE recipe object (the one place recipes are named)
   fp8_context(cfg, group)          `te.autocast(enabled=True, recipe=..., amax_reduction_group)`,
                                    or a nullcontext for non-TE precisions
-  plan_te_conversion(root, ...)    pure: which modules become TE modules, why the others stay BF16
   apply_te(root, cfg, tp_group, sequence_parallel, amax_group=...)
                                    the precision pass (after tensor and expert parallel, on the meta
                                    device, before activation checkpointing, FSDP2 and materialize)
@@ -86,10 +85,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -101,14 +99,12 @@ from megatron_exaone.model.layers import DecoderLayer
 from megatron_exaone.model.moe import GroupedExperts
 from megatron_exaone.model.rope import apply_rope
 
+from .apply import NOT_ALIGNED, Candidate, PrecisionReport, fp8_candidates, warn_misaligned
 from .fp8_common import Fp8Unavailable
-from .registry import PRECISIONS, TE_INSTALL_HINT
+from .registry import PRECISIONS, TE_INSTALL_HINT, is_te
 
 log = logging.getLogger(__name__)
 
-# TE's torch extension is compiled against the installed torch, so pip must not build it in an
-# isolated environment (TE's installation guide). 2.10 is the first release with FSDP2 support.
-INSTALL_HINT = TE_INSTALL_HINT
 # Precision name -> the one FP8 recipe it runs, from the table of precisions.
 TE_PRECISIONS = {name: p.recipes[0] for name, p in PRECISIONS.items() if p.is_te}
 # Our recipe name -> TE recipe class in transformer_engine.common.recipe, as [MCore fp8_utils.py]
@@ -129,9 +125,6 @@ SPLIT_ALIGN = {"delayed": 16, "tensorwise": 16, "blockwise": 16, "mxfp8": 32}
 # backward uses the transpose. Block scaling: 128 (1x128 / 128x128 blocks). MXFP8: 32 (1x32 blocks).
 WEIGHT_ALIGN = {"delayed": 16, "tensorwise": 16, "blockwise": 128, "mxfp8": 32}
 
-_DECODER_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_MTP = re.compile(r"^mtp\.")
-
 
 class TEUnavailable(Fp8Unavailable):
     """A Transformer Engine precision was requested where TE cannot be imported or used (no silent
@@ -143,7 +136,7 @@ def _unavailable(what: str, exc: BaseException | None = None) -> TEUnavailable:
     cause = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
     return TEUnavailable(
         f"{what} needs NVIDIA Transformer Engine, which cannot be used here{cause}. Fix: "
-        f"`{INSTALL_HINT}` on a CUDA machine (Hopper or Blackwell), or choose precision=bf16, "
+        f"`{TE_INSTALL_HINT}` on a CUDA machine (Hopper or Blackwell), or choose precision=bf16, "
         "fp8_torch (torch-native FP8) or fp8_emulated (CPU tests)."
     )
 
@@ -174,12 +167,6 @@ def te_available() -> bool:
     except TEUnavailable:
         return False
     return True
-
-
-def is_te_precision(cfg: Any) -> bool:
-    """Whether a precision (its name, or a config / plan with a `name`) is a Transformer Engine
-    mode."""
-    return (cfg if isinstance(cfg, str) else getattr(cfg, "name", None)) in TE_PRECISIONS
 
 
 # ------------------------------------------------------------------------------------------ recipes
@@ -276,7 +263,7 @@ def fp8_context(
     amax_reduction_group=group)` for fp8_te_* precisions, a nullcontext otherwise. Enter
     it around the forward only; call backward outside it. `group`: the amax reduction group
     (mesh.tp_cp_dp_group)."""
-    if not is_te_precision(cfg):
+    if not is_te(cfg):
         return contextlib.nullcontext()
     te = te if te is not None else import_te(f"precision={cfg.name}")
     recipe = build_recipe(cfg)
@@ -287,117 +274,20 @@ def fp8_context(
     return te.fp8_autocast(enabled=True, fp8_recipe=recipe, fp8_group=group)
 
 
-def amax_reduction_group(mesh: Any) -> Any:
-    """The group DelayedScaling reduces amaxes over: all ranks of the pipeline stage (TP x CP x DP),
-    as Megatron's default `get_amax_reduction_group(with_context_parallel=True)` ([MCore
-    fp8_utils.py])."""
-    return mesh.tp_cp_dp_group
-
-
 # ---------------------------------------------------------------------------------- what to convert
-@dataclass(frozen=True)
-class Candidate:
-    """A module the pass considered: `kind` linear | experts | attention; `reason` says why it stays
-    BF16."""
-
-    name: str
-    kind: str
-    layer: int | None
-    convert: bool
-    reason: str = ""
-
-
-def decoder_layer_index(name: str) -> int | None:
-    """Global decoder-layer index of a module name (`model.layers.<i>.` in a model or a pipeline
-    chunk)."""
-    match = _DECODER_LAYER.match(name)
-    return int(match.group(1)) if match else None
-
-
-def is_bf16_layer(index: int, num_layers: int, keep_first: int, keep_last: int) -> bool:
-    """Whether decoder layer `index` (global, 0-based) stays BF16 under
-    keep_bf16_first/last_layers."""
-    return index < keep_first or index >= num_layers - keep_last
-
-
-def _misaligned(shapes: list[tuple[int, ...]], align: int) -> str:
-    bad = [s for s in shapes if any(d % align for d in s)]
-    return (
-        f"weight shape(s) {sorted(set(bad))} not multiples of {align} (FP8 GEMM alignment of the "
-        "recipe)"
-        if bad
-        else ""
-    )
-
-
-def plan_te_conversion(
-    root: nn.Module,
-    num_layers: int,
-    keep_first: int,
-    keep_last: int,
-    weight_align: int,
-    *,
-    fp8_mtp: bool = False,
-    te_attention: bool = False,
-) -> list[Candidate]:
-    """Every module `apply_te` would look at, with the decision. Pure: reads names, types and shapes
-    only.
-
-    FP8 candidates: exactly `nn.Linear` (q/k/v/o projections, dense MLP, shared experts, and with
-    `fp8_mtp` `mtp.fc` and the MTP layer) and `GroupedExperts` (routed experts, also under expert
-    parallel). Never: the router (`Router`, fp32), the embedding, `lm_head` (`OutputHead` and the
-    vocab-parallel head are not plain nn.Linear), norms. Decoder layers inside the first
-    `keep_first` / last `keep_last` stay BF16. With `te_attention`, every `Attention` gets TE's
-    DotProductAttention, which computes in BF16 (no FP8 attention recipe is used).
-    """
-    out: list[Candidate] = []
+def _attention_candidates(root: nn.Module) -> list[Candidate]:
+    """With `te_attention`: every `Attention` gets TE's DotProductAttention (which computes in BF16;
+    no FP8 attention recipe is used), unless its window is too small to tell packed documents
+    apart."""
+    out = []
     for name, module in root.named_modules():
-        if isinstance(module, Attention) and te_attention:
-            out.append(_attention_candidate(root, name, module))
-        if type(module) is nn.Linear:
-            kind, shapes = "linear", [tuple(module.weight.shape)]
-        elif isinstance(module, GroupedExperts):
-            kind = "experts"
-            shapes = [tuple(module.gate_proj.shape[1:]), tuple(module.down_proj.shape[1:])]
-        else:
-            continue
-        layer = decoder_layer_index(name)
-        if layer is not None and is_bf16_layer(layer, num_layers, keep_first, keep_last):
-            out.append(
-                Candidate(
-                    name,
-                    kind,
-                    layer,
-                    False,
-                    f"decoder layer {layer} is kept in BF16 "
-                    f"(keep_bf16_first_layers={keep_first}, keep_bf16_last_layers={keep_last})",
-                )
-            )
-            continue
-        if layer is None and not _MTP.match(name):
-            out.append(Candidate(name, kind, None, False, "outside the decoder layers"))
-            continue
-        if layer is None and not fp8_mtp:
-            out.append(
-                Candidate(name, kind, None, False, "MTP module is kept in BF16 (fp8_mtp=False)")
-            )
-            continue
-        problem = _misaligned(shapes, weight_align)
-        out.append(Candidate(name, kind, layer, not problem, problem))
+        if isinstance(module, Attention):
+            window = _window_of(root, name)
+            why = ""
+            if window is not None and window < 2:
+                why = f"sliding window {window} < 2: packed documents cannot be told apart"
+            out.append(Candidate(name, "attention", module, why))
     return out
-
-
-def _attention_candidate(root: nn.Module, name: str, attn: Attention) -> Candidate:
-    window = _window_of(root, name)
-    if window is not None and window < 2:
-        return Candidate(
-            name,
-            "attention",
-            decoder_layer_index(name),
-            False,
-            f"sliding window {window} < 2: packed documents cannot be told apart from the mask",
-        )
-    return Candidate(name, "attention", decoder_layer_index(name), True)
 
 
 def _window_of(root: nn.Module, attention_name: str) -> int | None:
@@ -411,57 +301,29 @@ def _window_of(root: nn.Module, attention_name: str) -> int | None:
 
 
 # ----------------------------------------------------------------------------------------- the pass
-@dataclass
-class TEConversion:
-    """What `apply_te` did: the recipe, the converted modules, the modules kept in BF16 with the
-    reason."""
-
-    recipe: RecipeSpec
-    converted: list[str] = field(default_factory=list)
-    kept_bf16: dict[str, str] = field(default_factory=dict)
-
-    def summary(self) -> str:
-        kinds: dict[str, int] = {}
-        for reason in self.kept_bf16.values():
-            key = reason.split(" (")[0]
-            kinds[key] = kinds.get(key, 0) + 1
-        kept = "; ".join(f"{n} x {k}" for k, n in sorted(kinds.items())) or "none"
-        return (
-            f"Transformer Engine {self.recipe.recipe_class}({self.recipe.fp8_format}): "
-            f"{len(self.converted)} module(s) converted; kept in BF16: {kept}"
-        )
-
-
-TE_PLAN_ATTR = "_exaone_te_conversion"
-
-
 def apply_te(
     root: nn.Module,
     precision_cfg: Any,
     tp_group: Any = None,
-    sequence_parallel: bool = True,
     *,
     amax_group: Any = None,
     num_layers: int | None = None,
-    fp8_mtp: bool = False,
-    te_attention: bool = False,
     autocast_forward: bool = True,
     strict: bool = False,
     te: Any = None,
-) -> TEConversion:
+) -> PrecisionReport:
     """Convert `root` (a model or pipeline chunk, after the TP and EP passes, on the meta device) to
-    TE modules in place; return what was done.
+    TE modules in place: the `apply.fp8_candidates` of every backend, at the recipe's alignment,
+    plus TE attention with `precision_cfg.te_attention`; return what was done.
 
-    `tp_group` / `sequence_parallel`: the layout the TP pass applied. TE modules run on the local
-    shards with `parallel_mode=None` and our TP/SP hooks do the communication (module docstring,
-    point 1), so `tp_group` is only the fallback amax reduction group when `amax_group` is None.
-    `amax_group`: pass `mesh.tp_cp_dp_group`. `num_layers`: the model's decoder layer count (default
-    `root.config.num_hidden_layers`). `autocast_forward`: wrap `root.forward` in `fp8_context`
-    (leave False if the caller enters `fp8_context` around each stage forward itself). `strict`:
-    raise instead of keeping misaligned layers in BF16. `te`: the `transformer_engine.pytorch`
-    module (tests inject a stand-in).
+    TE modules run on the local shards with `parallel_mode=None` and our TP/SP hooks do the
+    communication (module docstring, point 1), so `tp_group` is only the fallback amax reduction
+    group when `amax_group` is None. `amax_group`: pass `mesh.tp_cp_dp_group`. `num_layers`: the
+    model's decoder layer count (default `root.config.num_hidden_layers`). `autocast_forward`: wrap
+    `root.forward` in `fp8_context` (leave False if the caller enters `fp8_context` around each
+    stage forward itself). `strict`: raise instead of keeping misaligned modules in BF16. `te`: the
+    `transformer_engine.pytorch` module (tests inject a stand-in).
     """
-    del sequence_parallel  # see the docstring: TE's own SP machinery stays off
     spec = recipe_spec(precision_cfg)
     if te is None:
         te = import_te(f"precision={precision_cfg.name}")
@@ -472,58 +334,38 @@ def apply_te(
                 "precision=fp8_emulated / bf16 here."
             )
     if num_layers is None:
-        config = getattr(root, "config", None)
-        if config is None:
-            raise ValueError(
-                "apply_te: pass num_layers (the model's decoder layer count): root has no .config."
-            )
-        num_layers = config.num_hidden_layers
-    keep_first, keep_last = (
-        precision_cfg.keep_bf16_first_layers,
-        precision_cfg.keep_bf16_last_layers,
-    )
-    candidates = plan_te_conversion(
-        root,
-        num_layers,
-        keep_first,
-        keep_last,
-        spec.weight_align,
-        fp8_mtp=fp8_mtp,
-        te_attention=te_attention,
-    )
-    report = TEConversion(spec)
-    misaligned = [c for c in candidates if not c.convert and "alignment" in c.reason]
+        num_layers = root.config.num_hidden_layers
+    # attention first: its conversion reads the shapes of the projections before they are swapped
+    candidates = _attention_candidates(root) if precision_cfg.te_attention else []
+    candidates += fp8_candidates(root, precision_cfg, num_layers, spec.weight_align)
+    misaligned = [c for c in candidates if NOT_ALIGNED in c.reason]
     if strict and misaligned:
         raise ValueError(
-            "these modules cannot run FP8 GEMMs with recipe "
-            f"{spec.recipe!r}: " + "; ".join(f"{c.name}: {c.reason}" for c in misaligned)
+            f"these modules cannot run FP8 GEMMs with recipe {spec.recipe!r}: "
+            + "; ".join(f"{c.name}: {c.reason}" for c in misaligned)
         )
+    report = PrecisionReport()
     for c in candidates:
-        if not c.convert:
-            report.kept_bf16[c.name] = c.reason
-            continue
-        module = root.get_submodule(c.name)
-        if c.kind == "linear":
-            _swap(root, c.name, _te_linear(module, te))
+        if c.reason:
+            report.bf16[c.name] = c.reason
+        elif c.kind == "linear":
+            _swap(root, c.name, _te_linear(c.module, te))
         elif c.kind == "experts":
-            _convert_experts(module, te, spec)
+            _convert_experts(c.module, te, spec)
         else:
-            _convert_attention(module, te, _window_of(root, c.name))
-        report.converted.append(c.name)
-    if misaligned:
-        log.warning(
-            "precision=%s: %d module(s) stay BF16 because their shapes do not meet the FP8 "
-            "alignment of %s, e.g. %s: %s",
-            precision_cfg.name,
-            len(misaligned),
-            spec.recipe,
-            misaligned[0].name,
-            misaligned[0].reason,
-        )
+            _convert_attention(c.module, te, _window_of(root, c.name))
+        if not c.reason:
+            report.fp8.append(c.name)
     if autocast_forward:
         _wrap_forward(root, precision_cfg, amax_group if amax_group is not None else tp_group, te)
-    object.__setattr__(root, TE_PLAN_ATTR, report)
-    log.info("%s", report.summary())
+    log.info(
+        "Transformer Engine %s(%s): %d module(s) converted; kept in BF16: %s",
+        spec.recipe_class,
+        spec.fp8_format,
+        len(report.fp8),
+        ", ".join(sorted(report.bf16)) or "none",
+    )
+    warn_misaligned(precision_cfg.name, report)
     return report
 
 
@@ -848,27 +690,19 @@ def load_te_extra_state(
 
 
 __all__ = [
-    "INSTALL_HINT",
     "RECIPE_CLASSES",
     "TE_PRECISIONS",
-    "Candidate",
     "RecipeSpec",
     "TEAttention",
-    "TEConversion",
     "TEGroupedExperts",
     "TEUnavailable",
-    "amax_reduction_group",
     "apply_te",
     "build_recipe",
-    "decoder_layer_index",
     "fp8_context",
     "holds_te_modules",
     "import_te",
-    "is_bf16_layer",
-    "is_te_precision",
     "load_te_extra_state",
     "packed_cu_seqlens",
-    "plan_te_conversion",
     "recipe_spec",
     "recompute_checkpoint",
     "te_available",

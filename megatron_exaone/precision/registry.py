@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from megatron_exaone.config.schema import PrecisionConfig
     from megatron_exaone.parallel.mesh import ParallelMesh
 
+# TE's torch extension is compiled against the installed torch, so pip must not build it in an
+# isolated environment (TE's installation guide). 2.10 is the first release with FSDP2 support.
 TE_INSTALL_HINT = "pip install --no-build-isolation 'transformer_engine[pytorch]>=2.10'"
 # A compute capability requirement: (what to tell the user, the test).
 Capability = tuple[str, Callable[[tuple[int, int]], bool]]
@@ -216,7 +218,6 @@ def apply_precision(
     num_layers: int,
     device_type: str,
     mesh: ParallelMesh | None = None,
-    sequence_parallel: bool = True,
 ) -> Any:
     """Switch `root` (a model or pipeline chunk, after the tensor and expert parallel passes) to the
     backend of `cfg` (a `PrecisionConfig` or a precision name); fp32/bf16 leave it as it is.
@@ -239,11 +240,8 @@ def apply_precision(
             root,
             cfg,
             mesh.tp_group if mesh else None,
-            sequence_parallel,
             amax_group=mesh.tp_cp_dp_group if mesh else None,
             num_layers=num_layers,
-            fp8_mtp=cfg.fp8_mtp,
-            te_attention=cfg.te_attention,
         )
     from .apply import convert_gemms
 

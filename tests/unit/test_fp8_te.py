@@ -28,16 +28,15 @@ from megatron_exaone.model.attention import _block_mask, attention_mask, documen
 from megatron_exaone.model.moe import GroupedExperts
 from megatron_exaone.model.mtp import shift_left
 from megatron_exaone.parallel.sharding import materialize
-from megatron_exaone.precision import fp8_te
+from megatron_exaone.precision import PrecisionReport, fp8_te
+from megatron_exaone.precision.apply import fp8_candidates
 from megatron_exaone.precision.fp8_te import (
-    TEConversion,
     TEGroupedExperts,
     TEUnavailable,
     apply_te,
     build_recipe,
     fp8_context,
     packed_cu_seqlens,
-    plan_te_conversion,
     recipe_spec,
     te_window_size,
 )
@@ -193,10 +192,9 @@ def meta_model(**overrides) -> ExaoneMoeForCausalLM:
 
 def test_plan_keeps_first_last_router_head_embedding_and_mtp_in_bf16():
     model = meta_model()  # 4 layers: 0 dense, 1-3 MoE; one MTP layer
-    plan = {
-        c.name: c for c in plan_te_conversion(model, 4, keep_first=1, keep_last=1, weight_align=16)
-    }
-    converted = sorted(n for n, c in plan.items() if c.convert)
+    cfg = precision("fp8_te_tensorwise", keep_bf16_first_layers=1, keep_bf16_last_layers=1)
+    plan = {c.name: c for c in fp8_candidates(model, cfg, 4, align=16)}
+    converted = sorted(n for n, c in plan.items() if not c.reason)
     assert converted == sorted(
         f"model.layers.{i}.{m}"
         for i in (1, 2)
@@ -211,39 +209,32 @@ def test_plan_keeps_first_last_router_head_embedding_and_mtp_in_bf16():
             "mlp.shared_experts.down_proj",
         )
     )
-    assert "decoder layer 0 is kept in BF16" in plan["model.layers.0.mlp.gate_proj"].reason
-    assert "decoder layer 3 is kept in BF16" in plan["model.layers.3.mlp.experts"].reason
-    assert (
-        "MTP module" in plan["mtp.fc"].reason
-        and "MTP module" in plan["mtp.layers.0.self_attn.q_proj"].reason
-    )
-    names = set(plan)
-    assert not any(
-        n.endswith(("mlp.gate", "lm_head", "embed_tokens")) or "norm" in n for n in names
-    )
+    for layer in ("model.layers.0", "model.layers.3"):
+        assert "keep_bf16_first/last_layers" in plan[layer].reason
+    assert "fp8_mtp=False" in plan["mtp"].reason and "fp8_lm_head=False" in plan["lm_head"].reason
+    assert not any(n.endswith(("mlp.gate", "embed_tokens")) or "norm" in n for n in plan)
 
 
 def test_plan_with_fp8_mtp_and_no_bf16_layers_converts_every_projection():
     model = meta_model()
-    plan = plan_te_conversion(model, 4, keep_first=0, keep_last=0, weight_align=16, fp8_mtp=True)
+    cfg = precision(
+        "fp8_te_tensorwise", keep_bf16_first_layers=0, keep_bf16_last_layers=0, fp8_mtp=True
+    )
+    plan = fp8_candidates(model, cfg, 4, align=16)
     linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
     experts = [n for n, m in model.named_modules() if isinstance(m, GroupedExperts)]
-    assert sorted(c.name for c in plan if c.convert) == sorted(linears + experts)
+    assert sorted(c.name for c in plan if not c.reason) == sorted(linears + experts)
 
 
 def test_plan_keeps_misaligned_weights_in_bf16_with_the_reason():
     model = meta_model()  # hidden 64, kv 2 x 16 = 32, moe_intermediate 32: not multiples of 128
-    plan = plan_te_conversion(model, 4, 0, 0, weight_align=128)
-    assert not any(c.convert for c in plan)
+    cfg = precision("fp8_te_blockwise", keep_bf16_first_layers=0, keep_bf16_last_layers=0)
+    plan = fp8_candidates(model, cfg, 4, align=recipe_spec(cfg).weight_align)
+    assert all(c.reason for c in plan)
     reason = {c.name: c.reason for c in plan}["model.layers.1.self_attn.k_proj"]
-    assert "(32, 64)" in reason and "multiples of 128" in reason
+    assert "(32, 64)" in reason and "multiple of 128" in reason
     with pytest.raises(ValueError, match="cannot run FP8 GEMMs with recipe 'blockwise'"):
-        apply_te(
-            model,
-            precision("fp8_te_blockwise", keep_bf16_first_layers=0, keep_bf16_last_layers=0),
-            te=FakeTE(),
-            strict=True,
-        )
+        apply_te(model, cfg, te=FakeTE(), strict=True)
 
 
 # -------------------------------------------------------------------------------------- TE stand-in
@@ -457,16 +448,13 @@ def packed_batch(vocab):
     return x, positions, shift_left(x, 1, -100)
 
 
-def converted_model(config, te, **kw):
+def converted_model(config, te, **options):
     with torch.device("meta"):
         model = ExaoneMoeForCausalLM(config)
-    report = apply_te(
-        model,
-        precision("fp8_te_tensorwise", keep_bf16_first_layers=0, keep_bf16_last_layers=0),
-        amax_group="stage-group",
-        te=te,
-        **kw,
+    cfg = precision(
+        "fp8_te_tensorwise", keep_bf16_first_layers=0, keep_bf16_last_layers=0, **options
     )
+    report = apply_te(model, cfg, amax_group="stage-group", te=te)
     materialize(model, config, SEED, "cpu")
     return model, report
 
@@ -478,7 +466,7 @@ def test_converted_model_keeps_names_init_outputs_and_gradients(stub_recipe, te_
     ref = build_model(config, seed=SEED)
     te = FakeTE()
     model, report = converted_model(config, te, fp8_mtp=True, te_attention=te_attention)
-    assert isinstance(report, TEConversion) and not report.kept_bf16
+    assert isinstance(report, PrecisionReport) and list(report.bf16) == ["lm_head"]
     assert dict(ref.named_parameters()).keys() == dict(model.named_parameters()).keys()
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.equal(p, q), name  # layout-invariant init reaches the TE-held weights
@@ -544,7 +532,7 @@ def test_hooks_on_a_swapped_linear_are_kept(stub_recipe):
     calls = []
     model.mtp.fc.register_forward_pre_hook(lambda m, args: calls.append("pre"))
     model.mtp.fc.register_forward_hook(lambda m, args, out: calls.append("post"))
-    apply_te(model, precision("fp8_te_tensorwise"), te=FakeTE(), fp8_mtp=True)
+    apply_te(model, precision("fp8_te_tensorwise", fp8_mtp=True), te=FakeTE())
     fc = model.mtp.fc
     assert isinstance(fc, FakeLinear)
     fc.to_empty(device="cpu")
@@ -689,15 +677,10 @@ def _tp2_ep2_rank(rank, world):
     apply_tensor_parallel(model, mesh.tp_group, sequence_parallel=True)
     apply_expert_parallel(model, mesh.ep_group)
     te = FakeTE()
-    apply_te(
-        model,
-        precision("fp8_te_tensorwise", keep_bf16_first_layers=0, keep_bf16_last_layers=0),
-        mesh.tp_group,
-        True,
-        amax_group=mesh.tp_cp_dp_group,
-        te=te,
-        te_attention=True,
+    cfg = precision(
+        "fp8_te_tensorwise", keep_bf16_first_layers=0, keep_bf16_last_layers=0, te_attention=True
     )
+    apply_te(model, cfg, mesh.tp_group, amax_group=mesh.tp_cp_dp_group, te=te)
     materialize(model, config, SEED, "cpu")
     experts = model.model.layers[1].mlp.experts
     assert type(experts).__name__ == "TEExpertParallelExperts" and isinstance(
@@ -791,12 +774,11 @@ def test_real_te_model_trains_close_to_bf16(case):
     ref = build_model(config, seed=SEED).cuda().to(torch.bfloat16)
     with torch.device("meta"):
         model = ExaoneMoeForCausalLM(config)
-    cfg = precision(case.name, keep_bf16_first_layers=0, keep_bf16_last_layers=1)
+    cfg = precision(case.name, keep_bf16_first_layers=0, keep_bf16_last_layers=1, te_attention=True)
     fp8_te._RECIPES.clear()
-    report = apply_te(model, cfg, te_attention=True)
+    report = apply_te(model, cfg)
     assert (
-        report.converted
-        and dict(model.named_parameters()).keys() == dict(ref.named_parameters()).keys()
+        report.fp8 and dict(model.named_parameters()).keys() == dict(ref.named_parameters()).keys()
     )
     materialize(model, config, SEED, "cuda")
     model.to(torch.bfloat16)
