@@ -220,7 +220,7 @@ def _unknown_key(key: str, source: str) -> str:
 
 def _valid_keys(path: str) -> list[str]:
     """Field names of the schema node at dotted `path` (`model` -> ModelConfig,
-    `curriculum.stages.0` -> StageConfig)."""
+    `curriculum.stages.0` -> curriculum.Stage)."""
     node: Any = TrainConfig
     for part in filter(None, path.split(".")):
         if part.isdigit():  # a list index: `node` already is the element type

@@ -16,15 +16,11 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
-from megatron_exaone.curriculum import Curriculum, LRPhase, Stage
+from megatron_exaone.curriculum import Curriculum, Stage
 from megatron_exaone.data.packing import PACKING_MODES
 from megatron_exaone.errors import UserError
-
-# OmegaConf resolves the annotations of structured configs at runtime and does not understand
-# PEP 604 unions, so this module spells types with `typing` (Optional, List, Dict) rather than
-# `X | None` / `list[X]`.
 
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -42,7 +38,7 @@ def _one_of(where: str, value: Any, allowed: tuple) -> None:
         raise ValueError(f"{where}={value!r}: use one of {', '.join(map(str, allowed))}.")
 
 
-def _at_least(where: str, value: Optional[int], low: int) -> None:
+def _at_least(where: str, value: int | None, low: int) -> None:
     if value is not None and value < low:
         raise ValueError(f"{where}={value}: must be >= {low}.")
 
@@ -74,19 +70,19 @@ class ParallelConfig:
     vpp: int = 1
     ep: int = 1
     etp: int = 1
-    dp: Optional[int] = None
+    dp: int | None = None
     cp: int = 1
     sequence_parallel: bool = True
     pipeline_schedule: str = "1f1b"
-    pipeline_layout: Optional[str] = None
+    pipeline_layout: str | None = None
     fsdp: bool = True
     reshard_after_forward: bool = True
     reduce_grads_each_micro_batch: bool = False
     recompute: str = "none"
-    recompute_modules: List[str] = field(default_factory=lambda: ["attention"])
+    recompute_modules: list[str] = field(default_factory=lambda: ["attention"])
     compile: bool = False
 
-    def with_overrides(self, overrides: Dict[str, Any]) -> ParallelConfig:
+    def with_overrides(self, overrides: dict[str, Any]) -> ParallelConfig:
         """This layout with a curriculum stage's `parallel` overrides applied.
 
         When the overrides change a size but do not name `dp`, dp is derived again from the world
@@ -140,7 +136,7 @@ class PrecisionConfig:
     """
 
     name: str = "bf16"
-    recipe: Optional[str] = None
+    recipe: str | None = None
     fp8_format: str = "hybrid"
     amax_history_len: int = 1024
     amax_compute_algo: str = "max"
@@ -167,7 +163,7 @@ class OptimConfig:
 
     name: str = "adamw"
     weight_decay: float = 0.1
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     clip_grad: float = 1.0
     muon_momentum: float = 0.95
@@ -186,7 +182,7 @@ class OptimConfig:
             raise ValueError("optim: weight_decay and clip_grad must be >= 0 and eps > 0.")
         _at_least("optim.muon_ns_steps", self.muon_ns_steps, 1)
 
-    def optimizer_kwargs(self) -> Dict[str, Any]:
+    def optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `training.optim.build_optimizer` (everything but the LR and the
         clip)."""
         kwargs = {
@@ -211,10 +207,10 @@ class DataConfig:
     run_dir/`SAMPLE_TOKENIZER` and tokenizes the corpus into run_dir/`SAMPLE_PREFIX`.
     """
 
-    datasets: Dict[str, List[str]] = field(default_factory=dict)
+    datasets: dict[str, list[str]] = field(default_factory=dict)
     packing: str = "concat"
-    cache_dir: Optional[str] = None
-    tokenizer: Optional[str] = None
+    cache_dir: str | None = None
+    tokenizer: str | None = None
     prepare_sample: bool = False
 
     def __post_init__(self) -> None:
@@ -225,13 +221,13 @@ class DataConfig:
                 f"data.datasets {empty} list no shard prefix; give each dataset at least one."
             )
 
-    def resolved_datasets(self, run_dir: str | os.PathLike) -> Dict[str, List[str]]:
+    def resolved_datasets(self, run_dir: str | os.PathLike) -> dict[str, list[str]]:
         """Dataset name -> absolute shard prefixes."""
         return {
             name: [_under(run_dir, p) for p in prefixes] for name, prefixes in self.datasets.items()
         }
 
-    def resolved_path(self, path: Optional[str], run_dir: str | os.PathLike) -> Optional[str]:
+    def resolved_path(self, path: str | None, run_dir: str | os.PathLike) -> str | None:
         """`tokenizer` or `cache_dir` made absolute (None stays None)."""
         return None if path is None else _under(run_dir, path)
 
@@ -242,57 +238,16 @@ def _under(run_dir: str | os.PathLike, path: str) -> str:
 
 # --------------------------------------------------------------------------------------- curriculum
 @dataclass
-class LRConfig:
-    """`curriculum.LRPhase`, field for field."""
-
-    kind: str = "wsd"
-    peak_lr: float = 3e-4
-    min_lr: float = 3e-5
-    warmup_tokens: int = 0
-    decay_fraction: float = 0.2
-    decay_shape: str = "linear"
-
-
-@dataclass
-class StageConfig:
-    """`curriculum.Stage`, field for field (its docstring explains them). `parallel` keys are
-    `ParallelConfig` fields applied with `ParallelConfig.with_overrides` for this stage."""
-
-    name: str
-    tokens: int
-    seq_len: int
-    global_batch_size: int
-    mixture: Dict[str, float] = field(default_factory=dict)
-    lr: LRConfig = field(default_factory=LRConfig)
-    mtp_loss_weight: float = 0.05
-    aux_loss_coeff: float = 1e-4
-    bias_update_rate: float = 1e-4
-    batch_ramp_start: Optional[int] = None
-    batch_ramp_increment: int = 0
-    batch_ramp_tokens: int = 0
-    checkpoint_at_end: bool = True
-    eval_hooks: List[str] = field(default_factory=list)
-    parallel: Dict[str, Any] = field(default_factory=dict)
-
-    def to_stage(self) -> Stage:
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        values.update(
-            lr=LRPhase(**dataclasses.asdict(self.lr)),
-            mixture=dict(self.mixture),
-            eval_hooks=list(self.eval_hooks),
-            parallel=dict(self.parallel),
-        )
-        return Stage(**values)
-
-
-@dataclass
 class CurriculumConfig:
-    stages: List[StageConfig] = field(default_factory=list)
+    """The stages, as `curriculum.Stage` (its docstring explains the fields); a stage's `parallel`
+    keys are `ParallelConfig` fields, applied with `ParallelConfig.with_overrides`."""
+
+    stages: list[Stage] = field(default_factory=list)
 
     def build(self, batch_multiple: int = 1) -> Curriculum:
         """The validated `Curriculum`; every global batch must be a multiple of `batch_multiple`
         (mbs x dp)."""
-        return Curriculum([s.to_stage() for s in self.stages], batch_multiple=batch_multiple)
+        return Curriculum(list(self.stages), batch_multiple=batch_multiple)
 
 
 # -------------------------------------------------------------------------------------- run control
@@ -305,7 +260,7 @@ class TrainerConfig:
     off). `stop_at_stage_end`: end the launch at the next stage boundary (also happens by itself
     when the next stage changes the parallel layout)."""
 
-    max_steps: Optional[int] = None
+    max_steps: int | None = None
     seed: int = 1234
     micro_batch_size: int = 1
     device: str = "auto"
@@ -337,7 +292,7 @@ class CheckpointConfig:
     interval: int = 1000
     keep_last: int = 3
     async_save: bool = False
-    load: Optional[str] = None
+    load: str | None = None
     save_at_stage_end: bool = True
 
     def __post_init__(self) -> None:
@@ -353,17 +308,17 @@ class WandbConfig:
 
     enabled: bool = False
     project: str = "megatron-exaone"
-    entity: Optional[str] = None
-    name: Optional[str] = None
-    group: Optional[str] = None
-    mode: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    mode: str | None = None
+    tags: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.mode is not None:
             _one_of("wandb.mode", self.mode, WANDB_MODES)
 
-    def resolved_mode(self, environ: Optional[Dict[str, str]] = None) -> str:
+    def resolved_mode(self, environ: dict[str, str] | None = None) -> str:
         environ = os.environ if environ is None else environ
         return self.mode or ("online" if environ.get("WANDB_API_KEY") else "offline")
 
@@ -374,7 +329,7 @@ class TrainConfig:
     the `ModelConfig`). `run_dir` holds config.yaml (resolved), metrics.jsonl and checkpoints/."""
 
     run_dir: str = "runs/default"
-    model: Dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -14,8 +14,8 @@ from typing import Any
 from megatron_exaone.checkpoint.resume import starting_checkpoint
 from megatron_exaone.checkpoint.store import read_meta
 from megatron_exaone.config.load import check_model_keys
-from megatron_exaone.config.schema import ParallelConfig, RecipeError, StageConfig, TrainConfig
-from megatron_exaone.curriculum import Curriculum, CurriculumError
+from megatron_exaone.config.schema import ParallelConfig, RecipeError, TrainConfig
+from megatron_exaone.curriculum import Curriculum, CurriculumError, Stage
 from megatron_exaone.errors import UserError
 from megatron_exaone.model.config import ConfigError, ModelConfig
 from megatron_exaone.parallel.features import Build, Shapes, validate_build
@@ -112,7 +112,7 @@ def _check(run, where: str) -> None:
 def _check_stage(
     cfg: TrainConfig,
     index: int,
-    stage: StageConfig,
+    stage: Stage,
     model: ModelConfig,
     world_size: int,
     device_type: str | None,
