@@ -7,7 +7,7 @@ collectives are used: gloo rejects uneven list forms.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -83,48 +83,25 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
-class _ScatterToSP(torch.autograd.Function):
-    @staticmethod
+def _dim_collective(name: str, forward_op: Callable, backward_op: Callable) -> type:
+    """An autograd Function running `forward_op(x, group, dim)` forward and `backward_op` on the
+    gradient."""
+
     def forward(ctx, x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
         ctx.group, ctx.dim = group, dim
-        return _split(x, group, dim)
+        return forward_op(x, group, dim)
 
-    @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        return _all_gather(grad, ctx.group, ctx.dim), None, None
+        return backward_op(grad, ctx.group, ctx.dim), None, None
+
+    methods = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+    return type(name, (torch.autograd.Function,), methods)
 
 
-class _GatherFromSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
-        ctx.group, ctx.dim = group, dim
-        return _all_gather(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        return _reduce_scatter(grad, ctx.group, ctx.dim), None, None
-
-
-class _ReduceScatterToSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
-        ctx.group, ctx.dim = group, dim
-        return _reduce_scatter(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        return _all_gather(grad, ctx.group, ctx.dim), None, None
-
-
-class _AllGatherAlong(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
-        ctx.group, ctx.dim = group, dim
-        return _all_gather(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        return _split(grad, ctx.group, ctx.dim), None, None
+_ScatterToSP = _dim_collective("_ScatterToSP", _split, _all_gather)
+_GatherFromSP = _dim_collective("_GatherFromSP", _all_gather, _reduce_scatter)
+_ReduceScatterToSP = _dim_collective("_ReduceScatterToSP", _reduce_scatter, _all_gather)
+_AllGatherAlong = _dim_collective("_AllGatherAlong", _all_gather, _split)
 
 
 def _all_to_all(
