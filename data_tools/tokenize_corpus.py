@@ -31,7 +31,6 @@ from data_tools.encode_worker import (
     init_pool_worker,
     init_worker,
 )
-from data_tools.jsonio import write_json
 from data_tools.readers import InputFile, Record, iter_records, resolve_inputs
 from megatron_exaone.data.indexed import (
     IndexedDatasetWriter,
@@ -47,6 +46,7 @@ from megatron_exaone.data.tokenizer import (
     tokenizer_json_path,
 )
 from megatron_exaone.errors import UserError
+from megatron_exaone.files import write_json_atomic
 
 log = logging.getLogger("exaone_data")
 STAT_KEYS = ("records", "documents", "tokens", "bytes", "empty_documents", "bad_lines")
@@ -130,7 +130,7 @@ class _Parts:
                 )
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
-            write_json(path, manifest)
+            write_json_atomic(path, manifest)
 
     def prefix(self, part: int) -> Path:
         return self.dir / f"part-{part:05d}"
@@ -173,7 +173,7 @@ class _PartWriter:
 
     def finish(self) -> None:
         self.writer.finish()
-        write_json(
+        write_json_atomic(
             self.parts.prefix(self.part).with_suffix(".json"),
             dict(self.stats, max_id=self.max_id, bad_examples=self.bad_examples),
         )
@@ -378,7 +378,7 @@ def _finalize(
         "workers": cfg.workers,
         "seconds": round(time.time() - started, 3),
     }
-    write_json(stats_path(prefix), stats)
+    write_json_atomic(stats_path(prefix), stats)
     shutil.rmtree(parts.dir)
     log.info(
         "wrote %s.{bin,idx}: %d documents, %d tokens, %.2f bytes/token, %d bad line(s) skipped, "

@@ -14,8 +14,8 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from data_tools import superbpe
-from data_tools.jsonio import write_json
 from data_tools.readers import BadRecord, InputFile, iter_records, parse_record, resolve_inputs
+from megatron_exaone.files import write_json_atomic
 
 log = logging.getLogger("exaone_data")
 
@@ -194,7 +194,7 @@ def write_tokenizer(tok: Tokenizer, out: Path, roles: dict[str, str], extra: lis
         config["extra_special_tokens"] = extra
     if "eod" in roles:  # read by `exaone-data tokenize`; not a transformers field
         config["eod_token"] = roles["eod"]
-    write_json(out / "tokenizer_config.json", config)
+    write_json_atomic(out / "tokenizer_config.json", config)
 
 
 def train_tokenizer(cfg: TrainTokenizerConfig) -> dict:
@@ -276,7 +276,7 @@ def train_tokenizer(cfg: TrainTokenizerConfig) -> dict:
         "inputs": [str(i) for i in cfg.inputs],
         "heldout": rows,
     }
-    write_json(out / "superbpe_report.json", report)
+    write_json_atomic(out / "superbpe_report.json", report)
     log.info(
         "wrote %s (%d tokens, %d superwords)",
         out / "tokenizer.json",

@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
 from megatron_exaone.errors import UserError
+from megatron_exaone.files import write_json_atomic
 
 CHECKSUM = "xxh128"  # the manifest's key for a file's digest: XXH3-128, hex
 READ_CHUNK = 16 << 20
@@ -143,9 +144,7 @@ class HashingWriter(FileSystemWriter):
         prefix = plan.storage_data.prefix
         mine = {name: list(d) for name, d in self.fs.digests.items() if name.startswith(prefix)}
         sidecar = Path(self.path) / f"{prefix}{DIGEST_SIDECAR}"
-        tmp = sidecar.with_name(sidecar.name + ".tmp")
-        tmp.write_text(json.dumps(mine))
-        os.replace(tmp, sidecar)
+        write_json_atomic(sidecar, mine, indent=None)
         return future
 
 

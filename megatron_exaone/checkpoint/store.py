@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlanner
 
 from megatron_exaone.errors import UserError
+from megatron_exaone.files import write_text_atomic
 from megatron_exaone.parallel.comm import all_gather_objects, barrier
 
 from . import integrity
@@ -177,13 +178,6 @@ def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write `path` whole or not at all (a temporary name, then a rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _publish(
     root: Path,
     final: Path,
@@ -197,12 +191,12 @@ def _publish(
     writes .metadata and returns only after every rank has reported its data files written (and
     fsynced); the same holds when an async save's future completes on rank 0."""
     record = {"step": step, **(meta or {}), "format": FORMAT, MANIFEST: _manifest(tmp)}
-    _write_text(tmp / META, json.dumps(record, indent=2) + "\n")
+    write_text_atomic(tmp / META, json.dumps(record, indent=2) + "\n")
     # the same step written again (a resumed run passing it anew): the new one replaces it
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_text(root / LATEST, final.name + "\n")
+    write_text_atomic(root / LATEST, final.name + "\n")
     if keep_last:
         prune(root, step, keep_last)
 

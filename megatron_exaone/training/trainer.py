@@ -9,10 +9,8 @@ token count, so a run resumed from a checkpoint (same or different layout) conti
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 import subprocess
 import sys
 import time
@@ -30,6 +28,7 @@ from megatron_exaone.config.schema import TrainConfig
 from megatron_exaone.curriculum import Curriculum, Stage, StepPlan
 from megatron_exaone.data.loader import DataStage, MixtureLoader
 from megatron_exaone.errors import UserError
+from megatron_exaone.files import write_json_atomic
 from megatron_exaone.model import ModelConfig, update_expert_bias
 from megatron_exaone.model.moe import MoEBlock
 from megatron_exaone.parallel.build import all_reduce_grads, build_chunks
@@ -91,12 +90,8 @@ class Trainer:
         curriculum: Curriculum,
         device: torch.device,
     ) -> None:
-        self.cfg, self.model_config, self.curriculum, self.device = (
-            cfg,
-            model_config,
-            curriculum,
-            device,
-        )
+        self.cfg, self.model_config, self.curriculum = cfg, model_config, curriculum
+        self.device = device
         self.run_dir = Path(cfg.run_dir)
         self.mesh: ParallelMesh = build_mesh(dims, device.type)
         self.rank = dist.get_rank()
@@ -109,18 +104,9 @@ class Trainer:
             (self.run_dir / LAUNCH_STATUS).unlink(missing_ok=True)
         self._prepare_data()
         self.chunks = self._build_model()
+        optimizer_kwargs = cfg.optim.optimizer_kwargs()
         self.optimizer = build_optimizer(
-            self.chunks,
-            cfg.optim.name,
-            weight_decay=cfg.optim.weight_decay,
-            betas=tuple(cfg.optim.betas),
-            eps=cfg.optim.eps,
-            muon_momentum=cfg.optim.muon_momentum,
-            muon_nesterov=cfg.optim.muon_nesterov,
-            muon_ns_steps=cfg.optim.muon_ns_steps,
-            muon_adjust_lr=cfg.optim.muon_adjust_lr,
-            tp_group=self.mesh.tp_group,
-            tp_size=dims.tp,
+            self.chunks, **optimizer_kwargs, tp_group=self.mesh.tp_group, tp_size=dims.tp
         )
         self.loader = self._build_loader()
         self.runner = step_runner(
@@ -302,20 +288,10 @@ class Trainer:
 
     def _write_launch_status(self, reason: str, resume: bool) -> None:
         if self.rank == 0:
-            path = self.run_dir / LAUNCH_STATUS
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(
-                json.dumps(
-                    {
-                        "reason": reason,
-                        "resume": resume,
-                        "step": self.progress.step,
-                        "tokens": self.progress.tokens,
-                    }
-                )
-                + "\n"
-            )
-            os.replace(tmp, path)
+            status = {"reason": reason, "resume": resume}
+            progress = {"step": self.progress.step, "tokens": self.progress.tokens}
+            # one line: launch/slurm.sbatch greps it and prints it
+            write_json_atomic(self.run_dir / LAUNCH_STATUS, {**status, **progress}, indent=None)
 
     def _enter_stage(self, plan: StepPlan) -> bool:
         stage = plan.stage
@@ -430,10 +406,8 @@ class Trainer:
         self.progress.skipped_steps += 1
         self.progress.skipped_in_a_row += 1
         if self.progress.first_bad_step is None:
-            self.progress.first_bad_step, self.progress.first_bad_value = (
-                self.progress.step + 1,
-                nonfinite[0],
-            )
+            self.progress.first_bad_step = self.progress.step + 1
+            self.progress.first_bad_value = nonfinite[0]
         for chunk in self.chunks:
             for module in chunk.modules():
                 if isinstance(module, MoEBlock):
@@ -498,10 +472,7 @@ class Trainer:
             self._loss_ema = loss if self._loss_ema is None else 0.9 * self._loss_ema + 0.1 * loss
         record = {
             "step": self.progress.step,
-            "loss": loss,
-            "lm_loss": losses["lm_loss"],
-            "mtp_loss": losses["mtp_loss"],
-            "aux_loss": losses["aux_loss"],
+            **{key: losses[key] for key in ("loss", *LOSS_KEYS)},
             "grad_norm": grad_norm,
             "lr": plan.lr,
             "tokens": self.progress.tokens,
@@ -589,11 +560,8 @@ class Trainer:
             async_save=self.cfg.checkpoint.async_save,
         )
         if self.rank == 0:
-            done = (
-                "started (asynchronous)"
-                if self.cfg.checkpoint.async_save
-                else f"written to {result}"
-            )
+            async_save = self.cfg.checkpoint.async_save
+            done = "started (asynchronous)" if async_save else f"written to {result}"
             log.info("checkpoint for step %d %s", self.progress.step, done)
         self._last_saved_step = self.progress.step
         self._last_good_checkpoint = (
@@ -606,11 +574,9 @@ class Trainer:
         return self._last_saved_step == self.progress.step
 
     def _all_agree(self, flag: bool) -> bool:
-        return bool(
-            all_reduce_(
-                torch.tensor([float(flag)], device=self.device), op=dist.ReduceOp.MAX
-            ).item()
-        )
+        """Whether `flag` is true on any rank."""
+        flags = torch.tensor([float(flag)], device=self.device)
+        return bool(all_reduce_(flags, op=dist.ReduceOp.MAX).item())
 
 
 def _set_mtp_weight(chunk: nn.Module, weight: float) -> None:
@@ -623,15 +589,8 @@ def prepare_sample_data(data_dir: Path, vocab_size: int) -> None:
     """The bundled sample corpus as a tokenizer and shards under `data_dir`, by the data tool
     (`exaone-data prepare-sample`, a process of its own: the library does not import the command
     package)."""
-    command = [
-        sys.executable,
-        "-m",
-        "data_tools",
-        "prepare-sample",
-        str(data_dir),
-        "--vocab-size",
-        str(vocab_size),
-    ]
+    command = [sys.executable, "-m", "data_tools", "prepare-sample", str(data_dir)]
+    command += ["--vocab-size", str(vocab_size)]
     if subprocess.run(command).returncode:
         raise SampleDataError(f"`{' '.join(command[1:])}` failed (its messages are above)")
 
