@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from megatron_exaone.errors import UserError
+from megatron_exaone.files import write_json_atomic
 from megatron_exaone.model import ExaoneMoeForCausalLM, ModelConfig
 from megatron_exaone.model.config import SPARSE, ConfigError
 
@@ -224,17 +225,8 @@ def parse_size(size: int | str) -> int:
             f"max_shard_size={size!r}: use a number of bytes or a size like '5GB' or '500MiB'."
         )
     unit = (m[2] or "B").upper()
-    scale = {
-        "B": 1,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-    }[unit]
+    power = " KMGT".index(unit[0]) if unit != "B" else 0
+    scale = 2 ** (10 * power) if "I" in unit else 10 ** (3 * power)
     return int(float(m[1]) * scale)
 
 
@@ -245,10 +237,6 @@ def generation_config(config: ModelConfig) -> dict:
         "pad_token_id": config.pad_token_id,
         "_from_model_config": True,
     }
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def _hf_dtype_name(dtype: torch.dtype) -> str:
@@ -379,7 +367,7 @@ def _write_shards(
             final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
             os.replace(folder / name, folder / final)
             weight_map.update({k: final for k in keys})
-        write_json(
+        write_json_atomic(
             folder / "model.safetensors.index.json",
             {
                 "metadata": {"total_size": total_bytes},
@@ -417,8 +405,8 @@ def write_hf_dir(
         )
         hf_config = config.to_hf_config()
         hf_config["dtype"] = _hf_dtype_name(weights_dtype)
-        write_json(folder / "config.json", hf_config)
-        write_json(folder / "generation_config.json", generation_config(config))
+        write_json_atomic(folder / "config.json", hf_config)
+        write_json_atomic(folder / "generation_config.json", generation_config(config))
         for extra in extra_files:
             # not copy2: a copy gets the umask's mode
             shutil.copyfile(extra, folder / Path(extra).name)

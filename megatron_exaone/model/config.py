@@ -154,21 +154,13 @@ class ModelConfig:
         need(
             self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for rotary embeddings."
         )
-        need(
-            len(self.layer_types) == self.num_hidden_layers,
-            f"layer_types has {len(self.layer_types)} entries but "
-            f"num_hidden_layers={self.num_hidden_layers}.",
-        )
-        need(
-            len(self.mlp_layer_types) == self.num_hidden_layers,
-            f"mlp_layer_types has {len(self.mlp_layer_types)} entries but num_hidden_layers="
-            f"{self.num_hidden_layers}.",
-        )
-        need(
-            len(self.mtp_layer_types) == self.num_nextn_predict_layers,
-            f"mtp_layer_types has {len(self.mtp_layer_types)} entries but num_nextn_predict_layers="
-            f"{self.num_nextn_predict_layers}.",
-        )
+        for name, count in (
+            ("layer_types", "num_hidden_layers"),
+            ("mlp_layer_types", "num_hidden_layers"),
+            ("mtp_layer_types", "num_nextn_predict_layers"),
+        ):
+            entries, want = len(getattr(self, name)), getattr(self, count)
+            need(entries == want, f"{name} has {entries} entries but {count}={want}.")
         for name, values, allowed in (
             ("layer_types", self.layer_types + self.mtp_layer_types, (SLIDING, FULL)),
             ("mlp_layer_types", self.mlp_layer_types, (DENSE, SPARSE)),

@@ -38,18 +38,6 @@ class ValidatedConfig:
     curriculum: Curriculum
     stage_parallel: tuple[ParallelConfig, ...]
 
-    def build(self, stage: int, device_type: str | None) -> Build:
-        """What a rank builds for curriculum stage `stage` on `device_type`."""
-        layout = self.stage_parallel[stage] if self.stage_parallel else self.config.parallel
-        return Build(
-            self.model,
-            layout,
-            self.config.precision,
-            ParallelDims.of(layout),
-            device_type,
-            self.config.trainer.seed,
-        )
-
 
 def validate(cfg: TrainConfig, world_size: int, device_type: str | None = None) -> ValidatedConfig:
     """Every check that needs more than one field, for `world_size` ranks; raises `RecipeError`.
