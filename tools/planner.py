@@ -15,7 +15,7 @@ This is an ESTIMATE of what this implementation keeps. It reports every pipeline
 ranks whose peak exceeds the GPU (80 GiB by default). These are the assumptions:
 
 Parameters. They are counted from the real model built on the meta device, split by
-`parallel.pipeline. pipeline_layout` and the rank's stages, and cut as the passes cut them:
+`parallel.pipeline.pipeline_layout` and the rank's stages, and cut as the passes cut them:
   * q/o_proj, dense and shared-expert gate/up/down_proj, embed_tokens, lm_head and mtp.fc over tp;
   * k/v_proj over tp, or one KV head per rank when tp > KV heads;
   * routed experts over ep (etp = 1);

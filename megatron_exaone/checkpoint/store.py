@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import re
 import shutil
 import threading
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -277,12 +279,10 @@ class PendingCheckpoint:
     def __init__(
         self,
         future: Future,
-        root: Path,
         final: Path,
         tmp: Path,
         step: int,
-        meta: dict[str, Any] | None,
-        keep_last: int | None,
+        publish: Callable[[], None],
         writer: integrity.HashingWriter,
     ) -> None:
         self.path = final
@@ -293,16 +293,16 @@ class PendingCheckpoint:
         self._waited = False
         if _rank_world()[0] == 0:
 
-            def publish(done: Future) -> None:
+            def on_done(done: Future) -> None:
                 try:
                     if done.exception() is None:
-                        _publish(root, final, tmp, step, meta, keep_last)
+                        publish()
                 except BaseException as exc:  # noqa: BLE001 - re-raised by wait()
                     self._error = exc
                 finally:
                     self._published.set()
 
-            future.add_done_callback(publish)
+            future.add_done_callback(on_done)
         else:
             self._published.set()
 
@@ -337,7 +337,7 @@ def async_save_checkpoint(
 ) -> PendingCheckpoint:
     """Like `save_checkpoint`, but returns once `state` is copied to memory (`dcp.async_save`); the
     files are written by a background thread, whose collectives run on `group` (all ranks, gloo:
-    `ParallelMesh. background_group`) so they never interleave with the training's. A previous
+    `ParallelMesh.background_group`) so they never interleave with the training's. A previous
     pending save is waited for first. Collective."""
     global _PENDING
     if _PENDING is not None:
@@ -353,7 +353,8 @@ def async_save_checkpoint(
             state, storage_writer=writer, process_group=group, no_dist=group is None
         )
     future = getattr(result, "upload_completion", result)
-    _PENDING = PendingCheckpoint(future, root, final, tmp, step, meta, keep_last, writer)
+    publish = functools.partial(_publish, root, final, tmp, step, meta, keep_last)
+    _PENDING = PendingCheckpoint(future, final, tmp, step, publish, writer)
     return _PENDING
 
 
