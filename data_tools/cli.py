@@ -228,17 +228,27 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-chars", type=int, default=500, help="characters shown per sample (default 500)"
     )
-    p.add_argument("--json", action="store_true", help="print statistics as JSON")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print one JSON list: per shard, its statistics and its decoded documents ("samples")',
+    )
     p.set_defaults(run=_run_inspect)
 
 
 def _run_inspect(args: argparse.Namespace) -> None:
-    from data_tools.inspect_shards import format_stats, inspect
+    from data_tools import inspect_shards as shards
 
-    stats, samples = inspect(args.path, args.tokenizer, args.samples, args.max_chars)
-    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
-    for text in samples:
-        print(text)
+    stats = shards.inspect(args.path, args.tokenizer, args.samples, args.max_chars)
+    if not args.json:
+        print(shards.format_stats(stats))
+        for block in shards.format_samples(stats):
+            print(block)
+        return
+    # stdout holds the one JSON document (samples inside it); notes go to stderr
+    for note in shards.undecoded(stats):
+        log.warning("%s", note)
+    print(json.dumps(stats, indent=2))
 
 
 def _add_prepare_sample(sub: argparse._SubParsersAction) -> None:

@@ -57,8 +57,9 @@ def shard_stats(prefix: Path) -> dict:
 
 def sample_documents(
     prefix: Path, tokenizer_path: str | os.PathLike, count: int, max_chars: int
-) -> list[str]:
-    """`count` documents spread evenly over the shard, decoded (special tokens kept visible)."""
+) -> list[dict]:
+    """`count` documents spread evenly over the shard, decoded (special tokens kept visible), each
+    cut to `max_chars` characters."""
     ds = IndexedDataset(prefix)
     tok = load_tokenizer(tokenizer_path)
     picks = (
@@ -69,9 +70,14 @@ def sample_documents(
     out = []
     for i in picks:
         text = tok.decode(ds.get(int(i)).tolist(), skip_special_tokens=False)
-        if len(text) > max_chars:
-            text = text[:max_chars] + f" [... {len(text) - max_chars} more characters]"
-        out.append(f"--- sequence {i} ({int(ds.sequence_lengths[i])} tokens) ---\n{text}")
+        out.append(
+            {
+                "sequence": int(i),
+                "tokens": int(ds.sequence_lengths[i]),
+                "text": text[:max_chars],
+                "more_characters": max(len(text) - max_chars, 0),
+            }
+        )
     return out
 
 
@@ -80,23 +86,47 @@ def inspect(
     tokenizer: str | os.PathLike | None = None,
     samples: int = 3,
     max_chars: int = 500,
-) -> tuple[list[dict], list[str]]:
-    """(per-shard stats, decoded samples) for `path`; the tokenizer defaults to the one named in the
+) -> list[dict]:
+    """Per-shard stats for `path`; with `samples` > 0 each also holds "samples", its decoded
+    documents, or None when no tokenizer is known. The tokenizer defaults to the one named in the
     sidecar."""
     shards = find_shards(path)
     stats = [shard_stats(s) for s in shards]
-    texts: list[str] = []
     if samples > 0:
         for shard, st in zip(shards, stats):
             tok_path = tokenizer or st.get("tokenizer", {}).get("path")
-            if tok_path is None:
-                texts.append(
-                    f"--- {shard}: no tokenizer known (no stats sidecar); pass --tokenizer to "
-                    "decode ---"
-                )
-                continue
-            texts += sample_documents(shard, tok_path, samples, max_chars)
-    return stats, texts
+            st["samples"] = (
+                None if tok_path is None else sample_documents(shard, tok_path, samples, max_chars)
+            )
+    return stats
+
+
+def _undecoded_note(stats: dict) -> str | None:
+    if "samples" in stats and stats["samples"] is None:
+        prefix = stats["prefix"]
+        return f"{prefix}: no tokenizer known (no stats sidecar); pass --tokenizer to decode"
+    return None
+
+
+def undecoded(stats: list[dict]) -> list[str]:
+    """A note for each shard whose samples were asked for but could not be decoded."""
+    return [note for st in stats if (note := _undecoded_note(st))]
+
+
+def format_samples(stats: list[dict]) -> list[str]:
+    """Shard by shard, its decoded samples (or why there are none) as text blocks, each under a
+    `--- ... ---` header."""
+    blocks = []
+    for st in stats:
+        if note := _undecoded_note(st):
+            blocks.append(f"--- {note} ---")
+        for sample in st.get("samples") or []:
+            text = sample["text"]
+            if sample["more_characters"]:
+                text += f" [... {sample['more_characters']} more characters]"
+            header = f"--- sequence {sample['sequence']} ({sample['tokens']} tokens) ---"
+            blocks.append(f"{header}\n{text}")
+    return blocks
 
 
 def format_stats(stats: list[dict]) -> str:

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from tqdm import tqdm
-
 from data_tools.encode_worker import (
     EncodedBatch,
     EncodeSettings,
@@ -31,6 +29,7 @@ from data_tools.encode_worker import (
     init_pool_worker,
     init_worker,
 )
+from data_tools.progress import ByteProgress, byte_progress
 from data_tools.readers import InputFile, Record, iter_records, resolve_inputs
 from megatron_exaone.data.indexed import (
     IndexedDatasetWriter,
@@ -270,9 +269,7 @@ def _encode_parts(
             initializer=init_pool_worker,
             initargs=(os.getpid(), settings),
         )
-    bar = tqdm(
-        total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not cfg.show_progress
-    )
+    bar = byte_progress(log, "tokenize", total_bytes, cfg.show_progress)
     open_parts: dict[int, _PartWriter] = {}
     pending: deque[tuple[int, int, bool, Future]] = deque()
     try:
@@ -309,7 +306,7 @@ def _collect(
     inputs: list[InputFile],
     cfg: TokenizeConfig,
     dtype,
-    bar: tqdm,
+    bar: ByteProgress,
 ) -> None:
     part, records, last, future = item
     result: EncodedBatch = future.result()

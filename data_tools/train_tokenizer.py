@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 import unicodedata
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 from data_tools import superbpe
+from data_tools.progress import human_bytes, on_terminal
 from data_tools.readers import BadRecord, InputFile, iter_records, parse_record, resolve_inputs
 from megatron_exaone.files import write_json_atomic
 
@@ -85,6 +88,27 @@ def stage_sizes(cfg: TrainTokenizerConfig, num_special: int) -> superbpe.StageSi
     return superbpe.StageSizes(cfg.vocab_size, t)
 
 
+@dataclass
+class Reading:
+    """What one pass over the sample read. The cap is not the corpus size: the log says both."""
+
+    option: str  # the command-line option that sets the cap
+    cap: int
+    bytes: int = 0
+    documents: int = 0
+    trained_bytes: int = 0  # `bytes` less the held-out documents
+    capped: bool = False
+
+    def describe(self) -> str:
+        read = f"read {human_bytes(self.bytes)} of text in {self.documents:,} documents"
+        extent = (
+            f"capped by {self.option} {human_bytes(self.cap)}: the inputs hold more than that"
+            if self.capped
+            else "all of the inputs"
+        )
+        return f"{read}, {extent}; trained on {human_bytes(self.trained_bytes)}"
+
+
 class Sample:
     """Documents read round-robin from the inputs up to a byte budget, split into training and
     held-out text.
@@ -120,19 +144,23 @@ class Sample:
                 group = str((obj or {}).get(self.cfg.group_field) or inp.path.name.split(".")[0])
                 yield group, text, size
 
-    def training_texts(self, max_bytes: int, collect_heldout: bool = False) -> Iterator[str]:
+    def training_texts(self, reading: Reading, collect_heldout: bool = False) -> Iterator[str]:
+        """The training documents among the first `reading.cap` bytes read (held-out documents
+        count too); `reading` records what was read."""
         seen: dict[str, int] = defaultdict(int)
-        used = 0
         for group, text, size in self._documents(report_bad=collect_heldout):
-            if used >= max_bytes:
+            if reading.bytes >= reading.cap:
+                reading.capped = True  # a document beyond the cap exists
                 return
-            used += size
+            reading.bytes += size
+            reading.documents += 1
             seen[group] += 1
             if self.every and seen[group] % self.every == 0:
                 if collect_heldout and self.heldout_bytes[group] < HELDOUT_BYTES_PER_GROUP:
                     self.heldout[group].append(unicodedata.normalize("NFC", text))
                     self.heldout_bytes[group] += size
                 continue
+            reading.trained_bytes += size
             yield text
 
 
@@ -207,22 +235,30 @@ def train_tokenizer(cfg: TrainTokenizerConfig) -> dict:
     specials, roles = parse_special_tokens(cfg.special_tokens)
     sizes = stage_sizes(cfg, len(specials))
     stage1_regex, stage2_regex = superbpe.PRETOKENIZERS[cfg.pretokenizer]
-    sample = Sample(resolve_inputs(cfg.inputs), cfg)
+    inputs = resolve_inputs(cfg.inputs)
+    sample = Sample(inputs, cfg)
     out = Path(cfg.output)
+    # The trainer's bar draws on stderr but ends each phase with a blank line on stdout.
+    bars = cfg.show_progress and on_terminal(sys.stdout, sys.stderr)
 
     log.info(
-        "stage 1: byte-level BPE to %d tokens on up to %.1f MB (pretokenizer %s)",
+        "stage 1: byte-level BPE to %d tokens (pretokenizer %s) from %d input file(s) of %s on "
+        "disk, reading at most %s of text (--max-bytes)",
         sizes.vocab_size,
-        cfg.max_bytes / 1e6,
         cfg.pretokenizer,
+        len(inputs),
+        human_bytes(sum(i.size for i in inputs)),
+        human_bytes(cfg.max_bytes),
     )
+    started, reading1 = time.monotonic(), Reading("--max-bytes", cfg.max_bytes)
     baseline = superbpe.train_stage1(
-        sample.training_texts(cfg.max_bytes, collect_heldout=True),
+        sample.training_texts(reading1, collect_heldout=True),
         stage1_regex,
         sizes.vocab_size,
         specials,
-        cfg.show_progress,
+        bars,
     )
+    log.info("stage 1: %s, %.1f s", reading1.describe(), time.monotonic() - started)
     full_vocab, full_merges = superbpe.bpe_state(baseline)
     if len(full_vocab) < sizes.vocab_size:
         log.warning(
@@ -235,21 +271,24 @@ def train_tokenizer(cfg: TrainTokenizerConfig) -> dict:
     vocab1, merges1 = superbpe.truncate(full_vocab, full_merges, t, len(specials))
 
     log.info(
-        "stage 2: %d superword merges after transition point %d, on up to %.1f MB",
+        "stage 2: %d superword merges after transition point %d, reading at most %s of text "
+        "(--stage2-max-bytes)",
         sizes.vocab_size - t,
         t,
-        cfg.stage2_max_bytes / 1e6,
+        human_bytes(cfg.stage2_max_bytes),
     )
+    started, reading2 = time.monotonic(), Reading("--stage2-max-bytes", cfg.stage2_max_bytes)
     merges2 = superbpe.train_stage2(
         vocab1,
         merges1,
-        sample.training_texts(cfg.stage2_max_bytes),
+        sample.training_texts(reading2),
         stage2_regex,
         sizes.vocab_size - t,
         cfg.max_words,
         specials,
-        cfg.show_progress,
+        bars,
     )
+    log.info("stage 2: %s, %.1f s", reading2.describe(), time.monotonic() - started)
     vocab, merges = superbpe.assemble(vocab1, merges1, merges2, sizes.vocab_size)
     if len(vocab) < sizes.vocab_size:
         log.warning(
@@ -273,6 +312,7 @@ def train_tokenizer(cfg: TrainTokenizerConfig) -> dict:
         "special_tokens": specials,
         "roles": roles,
         "skipped_records": sample.skipped,
+        "text_read": {"stage1": asdict(reading1), "stage2": asdict(reading2)},
         "inputs": [str(i) for i in cfg.inputs],
         "heldout": rows,
     }
