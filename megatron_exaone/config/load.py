@@ -9,6 +9,7 @@ to change). The checks that need the world size, the model and the machine are
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -16,14 +17,17 @@ import re
 import site
 import sysconfig
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.default_element import DefaultsTreeNode, ResultDefault
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
-from omegaconf import OmegaConf, open_dict
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from megatron_exaone.model.config import ModelConfig
@@ -80,28 +84,8 @@ def load_config(
     it is.
     """
     overrides = list(overrides)
-    directory = recipes_dir(config_dir)
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
+    merged, _, source = _composition(overrides, config_dir, config_name)
     try:
-        with initialize_config_dir(
-            config_dir=str(directory), version_base=None, job_name="megatron_exaone"
-        ):
-            composed = compose(
-                config_name=config_name, overrides=overrides, return_hydra_config=True
-            )
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise RecipeError(
-            _explain(exc, overrides, str(directory / f"{config_name}.yaml"))
-        ) from None
-    source = _composed_from(composed.hydra.runtime.choices, directory / f"{config_name}.yaml")
-    with open_dict(composed):
-        del composed["hydra"]
-    try:
-        # Merge plain containers: Hydra's `+key=value` unlocks typed nodes, and that flag would
-        # survive a merge.
-        merged = OmegaConf.merge(
-            OmegaConf.structured(TrainConfig), OmegaConf.to_container(composed)
-        )
         cfg: TrainConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise RecipeError(_explain(exc, overrides, source)) from None
@@ -109,6 +93,83 @@ def load_config(
         raise RecipeError(str(exc)) from None
     check_model_keys(cfg.model, source, overrides)
     return cfg
+
+
+def compose_job(
+    overrides: Sequence[str] = (),
+    config_dir: str | os.PathLike | None = None,
+    config_name: str = "config",
+) -> tuple[DictConfig, DictConfig]:
+    """The training config as `load_config` composes it (merged onto the schema, so every default
+    shows), kept a `DictConfig` with its interpolations for printing, and Hydra's own `hydra` node
+    (runtime.choices, runtime.config_sources, ...). Raises the RecipeError training would for a bad
+    override or key; the schema's field checks are left to `load_config`."""
+    overrides = list(overrides)
+    job, hydra_node, source = _composition(overrides, config_dir, config_name)
+    check_model_keys(job.model, source, overrides)
+    return job, hydra_node
+
+
+def compose_defaults(
+    overrides: Sequence[str] = (),
+    config_dir: str | os.PathLike | None = None,
+    config_name: str = "config",
+) -> tuple[list[ResultDefault], DefaultsTreeNode]:
+    """Hydra's defaults list for these overrides (each config file composed, in order, with its
+    package) and the tree it comes from."""
+    overrides = list(overrides)
+    with _recipes(recipes_dir(config_dir), overrides, config_name):
+        loader = GlobalHydra.instance().config_loader()
+        computed = loader.compute_defaults_list(config_name, overrides, RunMode.RUN)
+    return computed.defaults, computed.defaults_tree
+
+
+def recipe_groups(config_dir: str | os.PathLike | None = None) -> dict[str, list[str]]:
+    """Each recipe group (a subdirectory of the recipes directory) -> its options (YAML file names
+    without the suffix, sorted)."""
+    directory = recipes_dir(config_dir)
+    groups = {
+        group.name: sorted(path.stem for path in group.glob("*.yaml"))
+        for group in sorted(directory.iterdir())
+        if group.is_dir()
+    }
+    return {group: options for group, options in groups.items() if options}
+
+
+def _composition(
+    overrides: list[str], config_dir: str | os.PathLike | None, config_name: str
+) -> tuple[DictConfig, DictConfig, str]:
+    """The composed training config merged onto the schema, Hydra's node, and where the config
+    came from (for errors found after composition)."""
+    directory = recipes_dir(config_dir)
+    with _recipes(directory, overrides, config_name):
+        composed = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    source = _composed_from(composed.hydra.runtime.choices, directory / f"{config_name}.yaml")
+    plain = OmegaConf.to_container(composed)
+    del plain["hydra"]
+    try:
+        # Merge plain containers: Hydra's `+key=value` unlocks typed nodes, and that flag would
+        # survive a merge.
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), plain)
+    except OmegaConfBaseException as exc:
+        raise RecipeError(_explain(exc, overrides, source)) from None
+    return merged, composed.hydra, source
+
+
+@contextlib.contextmanager
+def _recipes(directory: Path, overrides: list[str], config_name: str) -> Iterator[None]:
+    """Hydra initialized on `directory` with the schema registered; Hydra's errors inside become
+    one-paragraph RecipeErrors."""
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
+    try:
+        with initialize_config_dir(
+            config_dir=str(directory), version_base=None, job_name="megatron_exaone"
+        ):
+            yield
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise RecipeError(
+            _explain(exc, overrides, str(directory / f"{config_name}.yaml"))
+        ) from None
 
 
 def save_resolved(cfg: TrainConfig, path: str | os.PathLike | None = None) -> Path:
