@@ -90,8 +90,9 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def by_step(run_dir: Path) -> dict[int, dict]:
-    """The last record of each step (a resumed run appends the steps it repeats)."""
-    return {r["step"]: r for r in records(run_dir)}
+    """The last training record of each step (a resumed run appends the steps it repeats;
+    evaluation records have no loss)."""
+    return {r["step"]: r for r in records(run_dir) if "loss" in r}
 
 
 def wait_for_step(process, run_dir: Path, step: int, timeout: float = 90) -> int:

@@ -620,7 +620,7 @@ def _load_one(
     rng_restored = restore_rng and same_layout and rng_key(rank) in saved
     if rng_restored:
         receive(rng_key(rank))
-    elif restore_rng and rank == 0:
+    elif restore_rng and rank == 0 and meta.get("layout") is not None:  # imports hold no RNG
         log.info(
             "checkpoint %s was written by layout %s on %s ranks, this run is %s on %s ranks: "
             "per-rank RNG states are not restored",

@@ -13,13 +13,16 @@ import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import torch.distributed as dist
 
 from megatron_exaone import lifetime
 from megatron_exaone.checkpoint.resume import starting_checkpoint
 from megatron_exaone.checkpoint.store import read_meta
+from megatron_exaone.cli.args import parse_command_line
 from megatron_exaone.config.load import load_config, save_resolved
 from megatron_exaone.config.schema import TrainConfig
 from megatron_exaone.errors import reported
@@ -28,21 +31,6 @@ from megatron_exaone.training.device import rank_device, resolve_device
 from megatron_exaone.training.plan import ValidatedConfig, validate
 
 log = logging.getLogger("megatron_exaone.train")
-
-
-def _split_args(argv: list[str]) -> tuple[list[str], str | None]:
-    """Hydra-style overrides, plus an optional `--config-dir DIR` (or `-cd DIR`)."""
-    overrides, config_dir, i = [], None, 0
-    while i < len(argv):
-        if argv[i] in ("--config-dir", "-cd") and i + 1 < len(argv):
-            config_dir, i = argv[i + 1], i + 2
-        elif argv[i] in ("-h", "--help"):
-            print(__doc__)
-            raise SystemExit(0)
-        else:
-            overrides.append(argv[i])
-            i += 1
-    return overrides, config_dir
 
 
 def _starting_stage(cfg, validated) -> int:
@@ -95,12 +83,24 @@ def run_training(overrides: list[str], config_dir: str | None = None) -> str:
     return train(*prepare(overrides, config_dir, dist.get_world_size()))
 
 
-def main(argv: list[str] | None = None) -> int:
+def launch(
+    program: str,
+    doc: str,
+    argv: list[str],
+    body: Callable[[TrainConfig, ValidatedConfig, ParallelDims], Any],
+    report: Callable[[Any], None] | None = None,
+) -> int:
+    """A command's life on each rank (exaone-train, exaone-eval): the flags, the validated recipe,
+    the process group, `body(cfg, validated, dims)`, and `report(result)` on rank 0; the exit code.
+    A user's mistake is one line on standard error (exit 2)."""
     # First: a rank dies with its launcher, and stop signals (Slurm's, torchrun's forwarding,
     # Ctrl-C) only ask for a checkpoint, even while the libraries below are still importing.
     lifetime.bind_rank_to_launcher()
     lifetime.install_stop_handlers()
-    overrides, config_dir = _split_args(sys.argv[1:] if argv is None else argv)
+    try:
+        overrides, config_dir = parse_command_line(argv, program, doc)
+    except SystemExit as exc:  # --help, --cfg, --info, or a bad flag
+        return int(exc.code)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     # Rank 0 tells the story; the other ranks only speak up with warnings and errors.
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         # every rank finds the same configuration errors
-        with reported("exaone-train", show=rank == 0):
+        with reported(program, show=rank == 0):
             cfg, validated, dims = prepare(overrides, config_dir, world)
     except SystemExit as exc:
         return int(exc.code)
@@ -132,16 +132,21 @@ def main(argv: list[str] | None = None) -> int:
             world_size=world,
             timeout=timedelta(minutes=30),
         )
-    # a rank's own error, said by it
-    program = "exaone-train" if rank == 0 else f"exaone-train (rank {rank})"
     try:
-        with reported(program):
-            train(cfg, validated, dims)
+        # a rank's own error, said by it
+        with reported(program if rank == 0 else f"{program} (rank {rank})"):
+            result = body(cfg, validated, dims)
+            if report is not None and rank == 0:
+                report(result)
     except SystemExit as exc:
         return int(exc.code)
     finally:
         dist.destroy_process_group()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return launch("exaone-train", __doc__, sys.argv[1:] if argv is None else argv, train)
 
 
 def _free_port() -> int:

@@ -323,6 +323,88 @@ class WandbConfig:
         return self.mode or ("online" if environ.get("WANDB_API_KEY") else "offline")
 
 
+# ------------------------------------------------------------------------------------------- eval
+@dataclass
+class NiahConfig:
+    """The needle-in-a-haystack evaluation (`evaluation.niah`): a pass-key sentence inserted at each
+    of `depths` (fractions of the haystack) into text of `dataset` (an evaluation or training
+    dataset; None: the first evaluation dataset, else the first training dataset) at each of
+    `lengths` (fractions of the sequence length), `trials` times each with new keys of `key_digits`
+    digits; the model must rank the true key above `candidates - 1` others by log-likelihood.
+    `enabled`: also run it with every evaluation (stage gates run it regardless)."""
+
+    enabled: bool = False
+    dataset: str | None = None
+    lengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    trials: int = 2
+    candidates: int = 4
+    key_digits: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _at_least("eval.niah.trials", self.trials, 1)
+        _at_least("eval.niah.candidates", self.candidates, 2)
+        _at_least("eval.niah.key_digits", self.key_digits, 1)
+        if self.candidates > 9 * 10 ** (self.key_digits - 1):
+            raise ValueError(
+                f"eval.niah.candidates={self.candidates}: more than there are "
+                f"{self.key_digits}-digit keys."
+            )
+        for name, values in (("lengths", self.lengths), ("depths", self.depths)):
+            if not values or not all(0 <= v <= 1 for v in values):
+                raise ValueError(f"eval.niah.{name}={list(values)}: give fractions in [0, 1].")
+        if min(self.lengths) <= 0:
+            raise ValueError(f"eval.niah.lengths={list(self.lengths)}: fractions must be > 0.")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation in the training loop (`evaluation.validation`): every `interval` optimizer steps
+    (0 = never), at the end of every stage (`at_stage_end`) and of training, each dataset's mean
+    loss, perplexity and bits per byte on its first `tokens` tokens, in sequences of `seq_len`
+    (None: the current stage's). The same sequences on every layout and after a resume.
+
+    Two kinds of evaluation datasets, reported under their names: `datasets`, name -> shard
+    prefixes of held-out shards (as `data.datasets`; relative prefixes resolve against run_dir),
+    and `holdout`, training dataset name -> the fraction of its documents set aside for evaluation.
+    Which documents is a fixed function of their index and the dataset's name (not of the seed), so
+    every run and layout holds out the same ones; the training loader never samples them."""
+
+    interval: int = 0
+    tokens: int = 16384
+    seq_len: int | None = None
+    at_stage_end: bool = True
+    datasets: dict[str, list[str]] = field(default_factory=dict)
+    holdout: dict[str, float] = field(default_factory=dict)
+    niah: NiahConfig = field(default_factory=NiahConfig)
+
+    def __post_init__(self) -> None:
+        _at_least("eval.interval", self.interval, 0)
+        _at_least("eval.tokens", self.tokens, 1)
+        _at_least("eval.seq_len", self.seq_len, 2)
+        for name, fraction in self.holdout.items():
+            if not 0 < fraction < 1:
+                raise ValueError(f"eval.holdout.{name}={fraction}: use a fraction in (0, 1).")
+        both = sorted(set(self.datasets) & set(self.holdout))
+        if both:
+            raise ValueError(
+                f"eval.datasets and eval.holdout both name {both}: an evaluation dataset is either "
+                "held-out shards or part of a training dataset."
+            )
+
+    def dataset_names(self) -> list[str]:
+        return [*self.datasets, *self.holdout]
+
+
+@dataclass
+class TensorboardConfig:
+    """TensorBoard event files in run_dir/tensorboard: the scalars of metrics.jsonl (needs the
+    `[tensorboard]` extra)."""
+
+    enabled: bool = False
+
+
 @dataclass
 class TrainConfig:
     """A whole run. `model`: `ModelConfig` fields by their Hugging Face names (checked by building
@@ -338,3 +420,14 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.eval.holdout) - set(self.data.datasets))
+        if unknown:
+            raise ValueError(
+                f"eval.holdout names {unknown}, which data.datasets does not define "
+                f"({', '.join(sorted(self.data.datasets)) or 'none'}); hold out part of a training "
+                "dataset."
+            )

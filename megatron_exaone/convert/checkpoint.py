@@ -157,12 +157,13 @@ def checkpoint_to_hf(
     correction bias, config.json, generation_config.json, tokenizer files), streamed tensor group by
     tensor group."""
     info = open_checkpoint(checkpoint)
+    layout = info.meta.get("layout")
     log.info(
-        "converting %s (step %s, %s tokens, saved with layout %s) to %s",
+        "converting %s (step %s, %s tokens, %s) to %s",
         info.path,
         info.meta.get("step"),
         info.meta.get("tokens"),
-        info.meta.get("layout"),
+        f"saved with layout {layout}" if layout else "an imported model",
         out_dir,
     )
     tokenizer = run_tokenizer(tokenizer_dir, info)

@@ -1,6 +1,6 @@
 """Curriculum stages by token budget: data mixture, sequence length, batch size, LR phase and loss
 weights."""
 
-from .schedule import Curriculum, CurriculumError, LRPhase, Stage, StepPlan
+from .schedule import Curriculum, CurriculumError, Gate, LRPhase, Stage, StepPlan
 
-__all__ = ["Curriculum", "CurriculumError", "LRPhase", "Stage", "StepPlan"]
+__all__ = ["Curriculum", "CurriculumError", "Gate", "LRPhase", "Stage", "StepPlan"]

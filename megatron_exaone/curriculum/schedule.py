@@ -87,14 +87,45 @@ class LRPhase:
         )
 
 
+# What a stage gate can check: the evaluation and the metric it reads (`evaluation` reports it).
+GATE_METRICS = {"niah": "eval/niah/acc"}
+GATE_ACTIONS = ("stop", "warn")
+
+
+@dataclass
+class Gate:
+    """A check when a stage ends: evaluation `eval` must score at least `min` at the stage's
+    sequence length (`niah`: needle-in-a-haystack retrieval accuracy, `eval/niah/acc`), else
+    `on_fail`: `stop` saves a checkpoint and ends the run, `warn` logs a warning and goes on. A
+    relaunch after a stop checks the gate again before the next stage starts."""
+
+    eval: str = "niah"
+    min: float = 0.9
+    on_fail: str = "stop"
+
+    @property
+    def metric(self) -> str:
+        return GATE_METRICS[self.eval]
+
+    def validate(self, where: str) -> None:
+        if self.eval not in GATE_METRICS:
+            raise CurriculumError(
+                f"{where}: gate eval={self.eval!r}; use one of {', '.join(GATE_METRICS)}."
+            )
+        if self.on_fail not in GATE_ACTIONS:
+            raise CurriculumError(
+                f"{where}: gate on_fail={self.on_fail!r}; use one of {', '.join(GATE_ACTIONS)}."
+            )
+
+
 @dataclass
 class Stage:
     """One curriculum stage. `batch_ramp_*`: the global batch grows from `batch_ramp_start` by
     `batch_ramp_increment` sequences every `batch_ramp_tokens / number of increments` tokens
     (Megatron's batch-size ramp-up), then stays at `global_batch_size`. `parallel`: layout overrides
     for this stage (e.g. more context parallelism at 256K); a change of layout ends the launch at
-    the stage boundary for a resharding relaunch. `eval_hooks`: names of registered evaluation gates
-    run when the stage ends."""
+    the stage boundary for a resharding relaunch. `gates`: checks run when the stage ends (`Gate`),
+    e.g. that long-context retrieval works before the next context extension."""
 
     name: str
     tokens: int
@@ -109,7 +140,7 @@ class Stage:
     batch_ramp_increment: int = 0
     batch_ramp_tokens: int = 0
     checkpoint_at_end: bool = True
-    eval_hooks: list[str] = field(default_factory=list)
+    gates: list[Gate] = field(default_factory=list)
     parallel: dict[str, Any] = field(default_factory=dict)
 
     def batch_at(self, tokens: int) -> int:
@@ -166,6 +197,8 @@ class Curriculum:
                 f"{where}: tokens, seq_len and global_batch_size must be positive."
             )
         stage.lr.validate(where)
+        for gate in stage.gates:
+            gate.validate(where)
         for value in (stage.global_batch_size, stage.batch_ramp_start or batch_multiple):
             if value % batch_multiple:
                 raise CurriculumError(
@@ -216,6 +249,23 @@ class Curriculum:
             seq_len=stage.seq_len,
             lr=stage.lr.lr_at(into + batch * stage.seq_len, stage.tokens),
         )
+
+    def tokens_after_steps(self, steps: int | None) -> int:
+        """The tokens consumed by the first `steps` optimizer steps (the whole curriculum when None
+        or more steps than it has)."""
+        if steps is None:
+            return self.total_tokens
+        tokens = 0
+        for stage in self.stages:
+            into = 0
+            while into < stage.tokens and steps > 0:
+                step_tokens = stage.batch_at(into) * stage.seq_len
+                # past a batch ramp every step is the same size: jump
+                ramp_done = stage.batch_ramp_start is None or into >= stage.batch_ramp_tokens
+                count = min(steps, (stage.tokens - into) // step_tokens) if ramp_done else 1
+                into, steps = into + count * step_tokens, steps - count
+            tokens += into
+        return tokens
 
     def is_finished(self, tokens_consumed: int) -> bool:
         return tokens_consumed >= self.total_tokens

@@ -7,6 +7,9 @@ sample; each dataset's samples come epoch after epoch from packed, shuffled epoc
 (`packing`) seeded by (seed, s, dataset name, epoch). The loader's position is the number of tokens
 consumed, so its whole state is a few integers: a resumed loader continues with exactly the batches
 the uninterrupted one would have produced, under any number of ranks.
+
+A dataset can hold out a fraction of its documents for evaluation (`held_out_documents`): the
+training loader then reads only the others, an evaluation loader (`held_out=True`) only those.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import os
 import re
 import zlib
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +34,15 @@ from megatron_exaone.data.packing import PACKING_MODES, EpochIndex, Pieces, asse
 # one shard prefix or several read as one dataset
 Prefixes = str | os.PathLike | Sequence[str | os.PathLike]
 INDEX_VERSION = 1  # bump when the index layout or the packing rules change, to invalidate caches
+HOLDOUT_SEED = 0x5E1EC7  # fixed: the held-out documents must not change with the run's seed
+
+
+def held_out_documents(num_documents: int, fraction: float, name: str) -> np.ndarray:
+    """Which of dataset `name`'s documents are held out for evaluation: a boolean mask, about
+    `fraction` of them, a fixed function of each document's index and the name (documents appended
+    to a dataset later do not change the earlier ones' fate)."""
+    rng = np.random.default_rng([HOLDOUT_SEED, zlib.crc32(name.encode())])
+    return rng.random(num_documents) < fraction
 
 
 @dataclass(frozen=True)
@@ -46,7 +58,8 @@ class DataStage:
 class _Source:
     """A named dataset: one or more shard prefixes read as one list of sequences. With `vocab_size`,
     every read is checked to hold only ids the model can embed (an id past the embedding would fail
-    deep inside the model)."""
+    deep inside the model). `documents`: a boolean mask of the sequences it reads (all when None),
+    the rest being invisible to packing and reads."""
 
     def __init__(
         self,
@@ -54,18 +67,23 @@ class _Source:
         prefixes: Sequence[str | os.PathLike],
         cache_dir: str | os.PathLike | None,
         vocab_size: int | None = None,
+        documents: Callable[[int], np.ndarray] | None = None,
     ):
         if not prefixes:
             raise ValueError(f"dataset {name!r} names no shard prefix")
         self.name, self.vocab_size = name, vocab_size
         self.parts = [self._open(p) for p in prefixes]
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
-        self.lengths = np.concatenate(
+        lengths = np.concatenate(
             [np.asarray(p.sequence_lengths, dtype=np.int64) for p in self.parts]
         )
+        self.selected = None if documents is None else np.flatnonzero(documents(len(lengths)))
+        self.lengths = lengths if self.selected is None else lengths[self.selected]
         digest = hashlib.sha256(self.lengths.tobytes())
         for p in self.parts:
             digest.update(str(p.dtype).encode())
+        if self.selected is not None:
+            digest.update(self.selected.tobytes())
         self.digest = digest.hexdigest()
         self.cache_dir = Path(cache_dir) if cache_dir else Path(prefixes[0]).parent / "index-cache"
 
@@ -101,11 +119,26 @@ class _Source:
         )
 
     def read(self, seq: int, start: int, count: int) -> np.ndarray:
+        if self.selected is not None:
+            seq = int(self.selected[seq])
         part = int(np.searchsorted(self.offsets, seq, side="right")) - 1
         tokens = self.parts[part].get(seq - int(self.offsets[part]), start, count)
         if self.vocab_size is not None and len(tokens) and int(tokens.max()) >= self.vocab_size:
             raise self._vocab_error(self.parts[part], f"holds token id {int(tokens.max())}")
         return tokens
+
+
+def _document_filter(name: str, fraction: float, held_out: bool) -> Callable[[int], np.ndarray]:
+    def documents(count: int) -> np.ndarray:
+        mask = held_out_documents(count, fraction, name)
+        if not mask.any() if held_out else mask.all():
+            raise ValueError(
+                f"dataset {name!r}: holding out {fraction:g} of its {count} documents leaves "
+                f"{'no evaluation' if held_out else 'no training'} documents; change the fraction"
+            )
+        return mask if held_out else ~mask
+
+    return documents
 
 
 def _as_prefixes(value: Prefixes) -> list[str | os.PathLike]:
@@ -139,6 +172,8 @@ class MixtureLoader:
         pad_token_id: int = 0,
         cache_dir: str | os.PathLike | None = None,
         vocab_size: int | None = None,
+        holdout: Mapping[str, float] | None = None,
+        held_out: bool = False,
     ) -> None:
         if packing not in PACKING_MODES:
             raise ValueError(f"packing must be one of {', '.join(PACKING_MODES)}, not {packing!r}")
@@ -148,8 +183,15 @@ class MixtureLoader:
             raise ValueError("seed must be a non-negative integer")
         if vocab_size is not None and vocab_size < 1:
             raise ValueError(f"vocab_size must be positive, not {vocab_size}")
+        holdout = dict(holdout or {})
         self.sources = {
-            name: _Source(name, _as_prefixes(p), cache_dir, vocab_size)
+            name: _Source(
+                name,
+                _as_prefixes(p),
+                cache_dir,
+                vocab_size,
+                _document_filter(name, holdout[name], held_out) if name in holdout else None,
+            )
             for name, p in dict(datasets).items()
         }
         self.stages = [s if isinstance(s, DataStage) else DataStage(dict(s)) for s in stages]

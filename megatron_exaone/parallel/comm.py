@@ -235,3 +235,15 @@ def all_gather_objects(value: Any, group: ProcessGroup | None = None) -> list[An
     gathered: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, value, group=group)
     return gathered
+
+
+def send_(tensor: Tensor, peer: int, group: ProcessGroup) -> None:
+    """Blocking send of `tensor` to the rank at index `peer` of `group`."""
+    dist.send(tensor.contiguous(), group=group, group_dst=peer)
+
+
+def recv_(tensor: Tensor, peer: int, group: ProcessGroup) -> Tensor:
+    """Blocking receive into `tensor` from the rank at index `peer` of `group`; returns
+    `tensor`."""
+    dist.recv(tensor, group=group, group_src=peer)
+    return tensor

@@ -51,6 +51,11 @@ class Build:
         compute in fp32)."""
         return self.precision.name != "fp32" and self.device_type == "cuda"
 
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """The dtype of the hidden states between pipeline stages."""
+        return torch.bfloat16 if self.bf16 else torch.float32
+
 
 @dataclass(frozen=True)
 class Shapes:

@@ -6,22 +6,27 @@
 Both split this rank's share of the global batch into micro-batches, divide every micro-batch's CE
 by the valid labels of the whole global batch and weight its MoE aux loss by its share of the global
 sequences, so the summed gradients equal the single-process model's on the global batch; both return
-the step's global losses, the same on every rank.
+the step's global losses, the same on every rank. `sequence_losses` runs the same forward without
+gradients, for evaluation.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from megatron_exaone.model.loss import IGNORE_INDEX, LossMetrics, LossScaling, total_loss
 from megatron_exaone.model.model import default_position_ids
+from megatron_exaone.model.moe import MoEBlock
 
-from .comm import all_reduce_
+from .comm import all_reduce_, recv_, send_
 from .mesh import LayoutError, ParallelMesh
 from .pipeline import (
     PipelineChunk,
@@ -67,6 +72,48 @@ class StepRunner(abc.ABC):
 
     def _set_microbatches(self, n_microbatches: int) -> None:
         self.n_microbatches = n_microbatches
+
+    @torch.no_grad()
+    def sequence_losses(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The summed next-token cross-entropy (nats) of each sequence of a global batch [N, S],
+        which every rank passes whole (N a multiple of dp), through this layout's training forward
+        without gradients: fp32 [N], the same on every rank.
+
+        Data-parallel rank r computes rows [r N/dp, (r+1) N/dp), one sequence at a time, so every
+        layout sums each sequence's tokens alike. The MTP head is skipped, and the MoE routing
+        counts (the expert-bias update's) and the step's loss metrics are left as they were."""
+        rows, dp = input_ids.shape[0], self.mesh.dims.dp
+        if rows % dp:
+            raise ValueError(f"{rows} sequences do not split over {dp} data-parallel ranks.")
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids)
+        local = rows // dp
+        first = self.mesh.dp_rank * local
+        sums = torch.zeros(rows, dtype=torch.float32, device=self.device)
+        with _evaluating(self.chunks):
+            for row in range(first, first + local):
+                one = slice(row, row + 1)
+                loss = self._forward_only(
+                    input_ids[one].to(self.device),
+                    labels[one].to(self.device),
+                    position_ids[one].to(self.device),
+                )
+                if loss is not None:  # the last pipeline stage
+                    sums[row] = loss.float()
+        # context-parallel ranks hold parts of the same sequences; data-parallel ranks other rows
+        all_reduce_(sums, self.mesh.pp_group)
+        return all_reduce_(sums, self.mesh.dp_cp_group)
+
+    @abc.abstractmethod
+    def _forward_only(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor | None:
+        """One sequence's summed CE on the rank that computes the loss, None elsewhere."""
 
     @abc.abstractmethod
     def _forward_backward(
@@ -134,6 +181,20 @@ class AccumulationRunner(StepRunner):
 
     def _metrics(self) -> list[LossMetrics]:
         return [self.metrics]
+
+    def _forward_only(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        (model,) = self.chunks
+        out = model(
+            input_ids,
+            labels=labels,
+            position_ids=position_ids,
+            return_logits=False,
+            loss_normalizer=1.0,
+            aux_loss_scale=0.0,
+        )
+        return out.lm_loss
 
     def _forward_backward(
         self,
@@ -223,6 +284,40 @@ class PipelineRunner(StepRunner):
             labels=labels,
         )
 
+    def _forward_only(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The stages in order, each on the rank that holds it: a pipeline with one sequence in
+        flight (evaluation is a small share of the time; every schedule's stage placement works)."""
+        dims, group = self.mesh.dims, self.mesh.pp_group
+        owner = {
+            stage: rank
+            for rank in range(dims.pp)
+            for stage in local_stage_indices(self.schedule, rank, dims.pp, dims.vpp)
+        }
+        mine = {chunk.stage_index: chunk for chunk in self.chunks}
+        here, hidden, loss = self.mesh.pp_rank, None, None
+        for stage in range(len(owner)):
+            if stage not in mine:
+                continue
+            chunk = mine[stage]
+            if stage == 0:
+                x = input_ids
+            elif owner[stage - 1] == here:
+                x = hidden
+            else:
+                shape = chunk.hidden_shape(1, input_ids.shape[1])
+                buffer = torch.empty(shape, dtype=self.activation_dtype, device=self.device)
+                x = recv_(buffer, owner[stage - 1], group)
+            out = chunk(x, position_ids=position_ids, token_ids=input_ids, labels=labels)
+            if chunk.is_last:
+                loss = out
+            else:
+                hidden = out.to(self.activation_dtype)
+                if owner[stage + 1] != here:
+                    send_(hidden, owner[stage + 1], group)
+        return loss
+
     def _schedule_for(self, micro_batch: int, seq_len: int) -> Any:
         key = (micro_batch, seq_len, self.n_microbatches)
         if key not in self._schedules:
@@ -238,6 +333,35 @@ class PipelineRunner(StepRunner):
                 stages, self.mesh, self.n_microbatches, self.schedule
             )
         return self._schedules[key]
+
+
+@contextlib.contextmanager
+def _evaluating(chunks: Sequence[nn.Module]) -> Iterator[None]:
+    """The chunks set up for `sequence_losses` (losses as plain sums, no MTP, routing counts
+    untouched), then restored; FSDP2 modules give back their gathered parameters after."""
+    blocks = [m for chunk in chunks for m in chunk.modules() if isinstance(m, MoEBlock)]
+    counting = [block.count_routed_tokens for block in blocks]
+    configs = [chunk.config for chunk in chunks]
+    scalings = [getattr(chunk, "loss_scaling", None) for chunk in chunks]
+    for block in blocks:
+        block.count_routed_tokens = False
+    for chunk in chunks:
+        chunk.config = dataclasses.replace(chunk.config, mtp_loss_weight=0.0)
+        if isinstance(chunk, PipelineChunk):
+            chunk.loss_scaling = LossScaling(valid_tokens=1.0, sequences=1)
+    try:
+        yield
+    finally:
+        for block, count in zip(blocks, counting):
+            block.count_routed_tokens = count
+        for chunk, config, scaling in zip(chunks, configs, scalings):
+            chunk.config = config
+            if isinstance(chunk, PipelineChunk):
+                chunk.loss_scaling = scaling
+                chunk.metrics.reset()
+            for module in chunk.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
 
 
 def step_runner(

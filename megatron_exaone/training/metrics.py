@@ -1,5 +1,6 @@
-"""Where a step's numbers go: the console (a line a person can read), run_dir/metrics.jsonl (one
-JSON object per optimizer step) and, optionally, Weights & Biases (offline unless an API key is
+"""Where a step's and an evaluation's numbers go: the console (a line a person can read),
+run_dir/metrics.jsonl (one JSON object per logged optimizer step or evaluation) and, optionally,
+TensorBoard event files in run_dir/tensorboard and Weights & Biases (offline unless an API key is
 configured). Rank 0 only."""
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class MetricsLogger:
         total_tokens: int,
         wandb_settings: dict | None = None,
         run_config: dict | None = None,
+        tensorboard: bool = False,
     ) -> None:
         self.enabled = enabled
         self.total_tokens = total_tokens
@@ -37,6 +39,7 @@ class MetricsLogger:
         self.start_tokens: int | None = None
         self.file = None
         self.wandb = None
+        self.tensorboard = None
         if not enabled:
             return
         path = Path(run_dir) / "metrics.jsonl"
@@ -47,18 +50,28 @@ class MetricsLogger:
             self.file.write("\n")
         if wandb_settings and wandb_settings.get("enabled"):
             self.wandb = _start_wandb(wandb_settings, run_config or {}, Path(run_dir))
+        if tensorboard:
+            self.tensorboard = _start_tensorboard(Path(run_dir) / "tensorboard")
 
     def log(self, record: dict[str, Any], stage_name: str) -> None:
         """Write one optimizer step; `record` has at least step, loss, lm_loss, mtp_loss, aux_loss,
         grad_norm, lr, tokens, stage and tokens_per_s."""
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        self._append(record)
         if self.wandb is not None:
             self.wandb.log(
                 {k: v for k, v in record.items() if isinstance(v, (int, float))},
                 step=record["step"],
+            )
+        if self.tensorboard is not None:
+            imbalance = record.get("expert_imbalance") or {}
+            self._add_scalars(
+                {
+                    **{f"train/{key}": value for key, value in record.items()},
+                    **{f"expert_imbalance/{layer}": value for layer, value in imbalance.items()},
+                },
+                record["step"],
             )
         if self.start_tokens is None:
             self.start_tokens = record["tokens"] - record.get("step_tokens", 0)
@@ -90,17 +103,77 @@ class MetricsLogger:
             " | step skipped (non-finite)" if record.get("skipped") else "",
         )
 
+    def log_eval(self, record: dict[str, Any]) -> None:
+        """Write one evaluation: `record` has step, tokens and `eval/...` values (None where a
+        metric could not be measured, e.g. bits per byte without a tokenizer)."""
+        if not self.enabled:
+            return
+        self._append(record)
+        scalars = _numeric({k: v for k, v in record.items() if k.startswith("eval/")})
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
+        if self.tensorboard is not None:
+            self._add_scalars(scalars, record["step"])
+        log.info("%s", _eval_line(record))
+
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()  # flushes what is still queued
+
+    def _append(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def _add_scalars(self, values: dict[str, Any], step: int) -> None:
+        for tag, value in _numeric(values).items():
+            self.tensorboard.add_scalar(tag, value, global_step=step)
+        # a dashboard open during the run shows the step now, not when the writer's queue fills
+        self.tensorboard.flush()
+
+
+def _numeric(values: dict[str, Any]) -> dict[str, int | float]:
+    """The values a dashboard can plot: numbers, not flags, not None."""
+    return {
+        k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+# how the console line prints an evaluation metric (by the last part of its key)
+_EVAL_FORMATS = {"loss": ".4f", "ppl": ".2f", "bpb": ".3f", "acc": ".3f"}
+
+
+def _eval_line(record: dict[str, Any]) -> str:
+    """`eval at step 20 (10,240 tokens): sample loss 3.2000 ppl 24.50 bpb 1.100 | niah acc 0.750 |
+    1.3 s`: the `eval/<task>/<metric>` values grouped by task; the finer ones (`eval/niah/acc/
+    len_256`) stay in metrics.jsonl and the dashboards."""
+    tasks: dict[str, list[str]] = {}
+    for key, value in record.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "eval":
+            text = "n/a" if value is None else format(value, _EVAL_FORMATS.get(parts[2], ".4g"))
+            tasks.setdefault(parts[1], []).append(f"{parts[2]} {text}")
+    sections = [f"{task} {' '.join(values)}" for task, values in tasks.items()]
+    if record.get("eval/time_s") is not None:
+        sections.append(f"{record['eval/time_s']:.1f} s")
+    return f"eval at step {record['step']} ({record['tokens']:,} tokens): " + " | ".join(sections)
 
 
 def _ends_with_newline(path: Path) -> bool:
     with path.open("rb") as f:
         f.seek(-1, os.SEEK_END)
         return f.read(1) == b"\n"
+
+
+def _start_tensorboard(log_dir: Path):
+    """TensorBoard event writer; `tensorboard.enabled=true` without the package fails at
+    validation."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(log_dir))
 
 
 def _start_wandb(settings: dict, run_config: dict, run_dir: Path):
@@ -136,6 +209,19 @@ def _start_wandb(settings: dict, run_config: dict, run_dir: Path):
         mode=mode,
         dir=str(run_dir),
         config=run_config,
+        # by default wandb also records the console output (output.log), the installed packages
+        # (requirements.txt), system metrics, machine and git metadata (host, command line,
+        # executable, commit) and, where the user's W&B settings ask, the code; none of it is the
+        # training config, and the command line and console may hold paths or secrets
+        settings=wandb.Settings(
+            console="off",
+            x_save_requirements=False,
+            x_disable_stats=True,
+            x_disable_meta=True,
+            x_disable_machine_info=True,
+            disable_git=True,
+            save_code=False,
+        ),
     )
 
 

@@ -84,6 +84,11 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str | None = None) 
             "wandb.enabled=true but the wandb package is not installed: install it with "
             "`pip install 'megatron-exaone[wandb]'`, or set wandb.enabled=false."
         )
+    if cfg.tensorboard.enabled and importlib.util.find_spec("tensorboard") is None:
+        raise RecipeError(
+            "tensorboard.enabled=true but the tensorboard package is not installed: install it "
+            "with `pip install 'megatron-exaone[tensorboard]'`, or set tensorboard.enabled=false."
+        )
     _check_resume(cfg, model)
     return ValidatedConfig(
         config=cfg, model=model, dims=dims, curriculum=curriculum, stage_parallel=stage_parallel

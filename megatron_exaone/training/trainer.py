@@ -14,7 +14,6 @@ import math
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,9 +24,10 @@ from megatron_exaone import lifetime
 from megatron_exaone.checkpoint import state as ckpt
 from megatron_exaone.checkpoint.resume import resume_source
 from megatron_exaone.config.schema import TrainConfig
-from megatron_exaone.curriculum import Curriculum, Stage, StepPlan
+from megatron_exaone.curriculum import Curriculum, StepPlan
 from megatron_exaone.data.loader import DataStage, MixtureLoader
 from megatron_exaone.errors import UserError
+from megatron_exaone.evaluation import Evaluator, gate_failures
 from megatron_exaone.files import write_json_atomic
 from megatron_exaone.model import ModelConfig, update_expert_bias
 from megatron_exaone.model.moe import MoEBlock
@@ -47,15 +47,6 @@ from .optim import build_optimizer
 
 log = logging.getLogger("megatron_exaone.train")
 
-# Evaluation gates run when a stage ends (e.g. a needle-in-a-haystack check before the next context
-# extension): name -> fn(trainer, stage) -> dict of metrics. Register with `register_eval_hook`.
-EVAL_HOOKS: dict[str, Callable[[Trainer, Stage], dict[str, float]]] = {}
-
-
-def register_eval_hook(name: str, fn: Callable[[Trainer, Stage], dict[str, float]]) -> None:
-    EVAL_HOOKS[name] = fn
-
-
 # rank 0 writes it when a launch ends normally: why it stopped and whether relaunching the same
 # command continues the run (launch/slurm.sbatch requeues the job then). A launch that fails leaves
 # none.
@@ -65,6 +56,10 @@ LOSS_KEYS = ("lm_loss", "mtp_loss", "aux_loss")
 
 class TrainingAborted(UserError, RuntimeError):
     """Too many consecutive non-finite steps."""
+
+
+class GateFailed(UserError, RuntimeError):
+    """A stage's evaluation gate with `on_fail: stop` was not met."""
 
 
 @dataclasses.dataclass
@@ -79,6 +74,8 @@ class Progress:
     skipped_in_a_row: int = 0
     first_bad_step: int | None = None
     first_bad_value: str | None = None
+    # the stage whose `stop` gate failed: a relaunch checks its gates again before going on
+    failed_gate_stage: int | None = None
 
 
 class Trainer:
@@ -95,15 +92,18 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.mesh: ParallelMesh = build_mesh(dims, device.type)
         self.rank = dist.get_rank()
+        if self.rank == 0:
+            log.info("run directory: %s", self.run_dir.absolute())
         self.progress = Progress()
         self._loss_ema: float | None = None
         self._last_good_checkpoint: Path | None = None
         self._last_saved_step = 0
+        self._last_eval_step: int | None = None
         lifetime.install_stop_handlers()
         if self.rank == 0:
             (self.run_dir / LAUNCH_STATUS).unlink(missing_ok=True)
         self._prepare_data()
-        self.chunks = self._build_model()
+        self.build, self.chunks = build_model(cfg, model_config, curriculum, self.mesh, device)
         optimizer_kwargs = cfg.optim.optimizer_kwargs()
         self.optimizer = build_optimizer(
             self.chunks, **optimizer_kwargs, tp_group=self.mesh.tp_group, tp_size=dims.tp
@@ -114,15 +114,18 @@ class Trainer:
             self.mesh,
             cfg.parallel.pipeline_schedule,
             self._microbatches(),
-            activation_dtype=self._compute_dtype(),
+            activation_dtype=self.build.activation_dtype,
             reduce_each_micro_batch=cfg.parallel.reduce_grads_each_micro_batch,
         )
+        self.evaluator = self._build_evaluator()
         self.metrics = MetricsLogger(
             self.run_dir,
             enabled=self.rank == 0,
-            total_tokens=curriculum.total_tokens,
+            # what this launch will train: the ETA stops at max_steps
+            total_tokens=curriculum.tokens_after_steps(cfg.trainer.max_steps),
             wandb_settings={**dataclasses.asdict(cfg.wandb), "mode": cfg.wandb.resolved_mode()},
             run_config=dataclasses.asdict(cfg),
+            tensorboard=cfg.tensorboard.enabled,
         )
         self._resume()
 
@@ -137,46 +140,6 @@ class Trainer:
             if self.rank == 0:
                 prepare_sample_data(self.run_dir / "data", self.model_config.vocab_size)
             barrier()
-
-    def _compute_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.build.bf16 else torch.float32
-
-    def _build_model(self) -> list[nn.Module]:
-        config = self.model_config
-        if self.mesh.dims.pp > 1:
-            # The last stage runs MTP (and holds a copy of the embedding) only if built to: build it
-            # for the curriculum's largest MTP weight, so a stage that turns MTP on trains it; each
-            # stage sets its own.
-            config = dataclasses.replace(
-                config,
-                mtp_loss_weight=max(
-                    [config.mtp_loss_weight] + [s.mtp_loss_weight for s in self.curriculum.stages]
-                ),
-            )
-        self.build = build = Build(
-            config,
-            self.cfg.parallel,
-            self.cfg.precision,
-            self.mesh.dims,
-            self.device.type,
-            self.cfg.trainer.seed,
-        )
-        if self.cfg.parallel.compile:
-            log.info(
-                "rank %d: the decoder layers will be compiled with torch.compile during the first "
-                "steps (slower until the kernels are built)",
-                self.rank,
-            )
-        chunks = build_chunks(build, self.mesh)
-        params = sum(param.numel() for chunk in chunks for param in chunk.parameters())
-        log.info(
-            "rank %d: %s; %d model chunk(s), %.2fM local parameters",
-            self.rank,
-            self.mesh.describe(),
-            len(chunks),
-            params / 1e6,
-        )
-        return chunks
 
     def _build_loader(self) -> MixtureLoader:
         stages = [
@@ -201,7 +164,17 @@ class Trainer:
             pad_token_id=self.model_config.pad_token_id or 0,
             vocab_size=self.model_config.vocab_size,
             cache_dir=self.cfg.data.resolved_path(self.cfg.data.cache_dir, self.run_dir),
+            # documents held out for evaluation are never trained on
+            holdout=self.cfg.eval.holdout,
         )
+
+    def _build_evaluator(self) -> Evaluator | None:
+        """The evaluator when the recipe evaluates anything (datasets, niah, stage gates)."""
+        wanted = self.cfg.eval
+        gates = any(stage.gates for stage in self.curriculum.stages)
+        if not (wanted.dataset_names() or wanted.niah.enabled or gates):
+            return None
+        return Evaluator.for_run(self.cfg, self.runner, self.mesh.dims, self.model_config)
 
     def _microbatches(self, global_batch: int | None = None) -> int:
         global_batch = global_batch or self.curriculum.stages[0].global_batch_size
@@ -217,14 +190,20 @@ class Trainer:
         if loaded is None:
             log.info("starting from the initial weights (seed %d)", self.cfg.trainer.seed)
             return
-        # a training checkpoint; an HF import starts its step and optimizer fresh
-        if "progress" in loaded.extra:
-            self.progress = Progress(**loaded.extra["progress"])
-            self.loader.load_state_dict(loaded.extra["loader"])
-            if loaded.path.parent == self.run_dir / "checkpoints":
-                # a finished run relaunched has nothing new to save
-                self._last_saved_step = self.progress.step
         self._last_good_checkpoint = loaded.path
+        # an HF import holds weights only: the step count, data position and optimizer start fresh
+        if "progress" not in loaded.extra:
+            log.info(
+                "starting from the weights of %s (an imported model: training starts at step 0 "
+                "with a fresh optimizer)",
+                loaded.path,
+            )
+            return
+        self.progress = Progress(**loaded.extra["progress"])
+        self.loader.load_state_dict(loaded.extra["loader"])
+        if loaded.path.parent == self.run_dir / "checkpoints":
+            # a finished run relaunched has nothing new to save
+            self._last_saved_step = self.progress.step
         log.info(
             "resumed from %s (step %d, %s tokens, saved with layout %s)",
             loaded.path,
@@ -235,13 +214,18 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- the loop
     def run(self) -> str:
-        """Train until the curriculum is done, max_steps, a stop signal, or a stage that needs
-        another layout. Returns the reason."""
+        """Train until the curriculum is done, max_steps, a stop signal, a stage that needs another
+        layout, or a failed stage gate (`GateFailed`, after the checkpoint). Returns the reason."""
         reason, resume = "curriculum finished", False
-        stage_index = None
+        stage_index, failed_gate = None, None
+        first_step, seq_len = self.progress.step, None
         # a signal during start-up: stop at once
         stop = self._all_agree(lifetime.stop_requested() is not None)
-        while not stop and not self.curriculum.is_finished(self.progress.tokens):
+        if not stop and self.progress.failed_gate_stage is not None:
+            failed_gate = self._check_gates(self.progress.failed_gate_stage)
+        while (
+            not stop and not failed_gate and not self.curriculum.is_finished(self.progress.tokens)
+        ):
             if (
                 self.cfg.trainer.max_steps is not None
                 and self.progress.step >= self.cfg.trainer.max_steps
@@ -249,6 +233,7 @@ class Trainer:
                 reason = f"trainer.max_steps={self.cfg.trainer.max_steps} reached"
                 break
             plan = self.curriculum.plan(self.progress.tokens)
+            seq_len = plan.seq_len
             if plan.stage_index != stage_index:
                 stage_index = plan.stage_index
                 if not self._enter_stage(plan):
@@ -259,23 +244,31 @@ class Trainer:
             self._step(plan)
             stop = self._all_agree(lifetime.stop_requested() is not None)
             if plan.ends_stage:
-                self._finish_stage(plan, force_save=stop)
-                if self.cfg.trainer.stop_at_stage_end:
+                failed_gate = self._finish_stage(plan, force_save=stop)
+                if self.cfg.trainer.stop_at_stage_end and not failed_gate:
                     stage = f"stage {plan.stage_index} ({plan.stage.name})"
                     reason = f"{stage} finished (trainer.stop_at_stage_end)"
                     resume = True
                     break
-            elif stop or self._interval_due():
-                self._save()
+            else:
+                if self._eval_due():
+                    self._evaluate(plan.seq_len)
+                if stop or self._interval_due():
+                    self._save()
         if stop:
             reason, resume = (
                 f"stop signal ({lifetime.stop_requested() or 'received by another rank'})",
                 True,
             )
+        elif not (failed_gate or resume) and self._last_eval_step != self.progress.step:
+            if self.progress.step > first_step:  # the end of training
+                self._evaluate(seq_len)
         if not self._latest_is_current():
             self._save()
         ckpt.wait_pending_save()
         self.metrics.close()
+        if failed_gate:
+            raise GateFailed(failed_gate)
         log.info(
             "training stopped: %s (step %d, %s tokens)%s",
             reason,
@@ -509,7 +502,8 @@ class Trainer:
         interval = self.cfg.checkpoint.interval
         return bool(interval) and self.progress.step % interval == 0
 
-    def _finish_stage(self, plan: StepPlan, force_save: bool) -> None:
+    def _finish_stage(self, plan: StepPlan, force_save: bool) -> str | None:
+        """Evaluate, check the stage's gates and save; the message of a failed `stop` gate."""
         stage = plan.stage
         log.info(
             "curriculum stage %d (%s) finished at %s tokens",
@@ -517,16 +511,68 @@ class Trainer:
             stage.name,
             f"{self.progress.tokens:,}",
         )
-        if force_save or (stage.checkpoint_at_end and self.cfg.checkpoint.save_at_stage_end):
+        record = self._evaluate(
+            plan.seq_len if self.cfg.eval.at_stage_end else None,
+            niah_seq_len=plan.seq_len if stage.gates else None,
+        )
+        failed = self._check_gates(plan.stage_index, record)
+        at_end = stage.checkpoint_at_end and self.cfg.checkpoint.save_at_stage_end
+        if force_save or failed or at_end:
             self._save()
-        for name in stage.eval_hooks:
-            if name not in EVAL_HOOKS:
-                raise KeyError(
-                    f"stage {stage.name!r} names eval hook {name!r}, which is not registered; "
-                    f"known: {sorted(EVAL_HOOKS)}"
-                )
-            results = EVAL_HOOKS[name](self, stage)
-            log.info("eval hook %s after stage %s: %s", name, stage.name, results)
+        return failed
+
+    # ----------------------------------------------------------------------------------- evaluation
+    def _eval_due(self) -> bool:
+        interval = self.cfg.eval.interval
+        return bool(interval) and self.progress.step % interval == 0
+
+    def _evaluate(
+        self, seq_len: int | None, niah_seq_len: int | None = None
+    ) -> dict[str, float | None]:
+        """Run and log the evaluations: validation of the evaluation datasets at `seq_len`
+        (`eval.seq_len` overrides it; None: no validation) and niah at `niah_seq_len` (by default
+        at `seq_len` when `eval.niah.enabled`). The record, or {} when nothing ran."""
+        if self.evaluator is None:
+            return {}
+        if niah_seq_len is None and self.cfg.eval.niah.enabled:
+            niah_seq_len = seq_len
+        validate = seq_len is not None and bool(self.evaluator.dataset_names)
+        validation_seq_len = (self.cfg.eval.seq_len or seq_len) if validate else None
+        if validation_seq_len is None and niah_seq_len is None:
+            return {}
+        # the optimizer changed the weights since the FP8 caches were filled
+        for chunk in self.chunks:
+            mark_fp8_weights_stale(chunk)
+        record = self.evaluator.evaluate(validation_seq_len, niah_seq_len)
+        self._last_eval_step = self.progress.step
+        self.metrics.log_eval(
+            {"step": self.progress.step, "tokens": self.progress.tokens, **record}
+        )
+        return record
+
+    def _check_gates(
+        self, stage_index: int, record: dict[str, float | None] | None = None
+    ) -> str | None:
+        """Check stage `stage_index`'s gates on `record` (by default, evaluate at the stage's
+        sequence length); the message of a failed `stop` gate (recorded in the progress, so a
+        relaunch checks again), None when none failed."""
+        stage = self.curriculum.stages[stage_index]
+        if not stage.gates:
+            return None
+        if record is None:
+            record = self._evaluate(None, niah_seq_len=stage.seq_len)
+        failures = gate_failures(stage_index, stage, record)
+        for gate, message in failures:
+            if gate.on_fail == "warn":
+                log.warning("%s; going on (on_fail: warn)", message)
+        stops = [message for gate, message in failures if gate.on_fail == "stop"]
+        self.progress.failed_gate_stage = stage_index if stops else None
+        if not stops:
+            return None
+        return (
+            f"{stops[0]}: the run stops here with a checkpoint (on_fail: stop). Relaunching checks "
+            "the gate again; train the stage longer, or change its gate, to go on."
+        )
 
     def _save(self) -> None:
         if self.progress.skipped_in_a_row:
@@ -577,6 +623,47 @@ class Trainer:
         """Whether `flag` is true on any rank."""
         flags = torch.tensor([float(flag)], device=self.device)
         return bool(all_reduce_(flags, op=dist.ReduceOp.MAX).item())
+
+
+def build_model(
+    cfg: TrainConfig,
+    model_config: ModelConfig,
+    curriculum: Curriculum,
+    mesh: ParallelMesh,
+    device: torch.device,
+) -> tuple[Build, list[nn.Module]]:
+    """This rank's model chunks for the run's layout (`parallel.build.build_chunks`), with the
+    build they came from."""
+    if mesh.dims.pp > 1:
+        # The last stage runs MTP (and holds a copy of the embedding) only if built to: build it for
+        # the curriculum's largest MTP weight, so a stage that turns MTP on trains it; each stage
+        # sets its own.
+        model_config = dataclasses.replace(
+            model_config,
+            mtp_loss_weight=max(
+                [model_config.mtp_loss_weight] + [s.mtp_loss_weight for s in curriculum.stages]
+            ),
+        )
+    build = Build(
+        model_config, cfg.parallel, cfg.precision, mesh.dims, device.type, cfg.trainer.seed
+    )
+    rank = dist.get_rank()
+    if cfg.parallel.compile:
+        log.info(
+            "rank %d: the decoder layers will be compiled with torch.compile during the first "
+            "steps (slower until the kernels are built)",
+            rank,
+        )
+    chunks = build_chunks(build, mesh)
+    params = sum(param.numel() for chunk in chunks for param in chunk.parameters())
+    log.info(
+        "rank %d: %s; %d model chunk(s), %.2fM local parameters",
+        rank,
+        mesh.describe(),
+        len(chunks),
+        params / 1e6,
+    )
+    return build, chunks
 
 
 def _set_mtp_weight(chunk: nn.Module, weight: float) -> None:

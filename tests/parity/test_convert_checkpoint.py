@@ -4,6 +4,7 @@ resumes from with transformers' loss; HF -> checkpoint -> HF is lossless and the
 the model; bad inputs give clear errors and leave nothing behind."""
 
 import json
+import logging
 import weakref
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def hf_loss_per_document(hf, batch):
     )
 
 
-def test_hf_import_resumes_in_the_trainer_with_transformers_loss(tmp_path):
+def test_hf_import_resumes_in_the_trainer_with_transformers_loss(tmp_path, caplog):
     from data_tools.sample_data import prepare_sample_data
     from megatron_exaone.config.load import load_config
 
@@ -155,7 +156,11 @@ def test_hf_import_resumes_in_the_trainer_with_transformers_loss(tmp_path):
         f"data.tokenizer={tokenizer_dir}",
         "optim.clip_grad=0",
     ]
+    caplog.set_level(logging.INFO, logger="megatron_exaone")
     assert train(overrides) == 0
+    # an import is a model, not a run: no "resumed ... layout None", no RNG-state notice
+    assert "(an imported model: training starts at step 0" in caplog.text
+    assert "layout None" not in caplog.text and "per-rank RNG states" not in caplog.text
     first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     cfg = load_config(overrides)
     from megatron_exaone.data.loader import MixtureLoader

@@ -1,6 +1,6 @@
 import pytest
 
-from megatron_exaone.curriculum import Curriculum, CurriculumError, LRPhase, Stage
+from megatron_exaone.curriculum import Curriculum, CurriculumError, Gate, LRPhase, Stage
 
 
 def two_stages():
@@ -83,3 +83,28 @@ def test_lr_phases(kind):
         assert values[0] == pytest.approx(0.1)  # warmup: 1 of 10 tokens
     if kind == "wsd":
         assert values[49] == 1.0 and values[51] < 1.0
+
+
+def test_tokens_after_steps_matches_stepping_through_the_plan():
+    stages = [
+        Stage("ramp", tokens=1536, seq_len=64, global_batch_size=6,
+              batch_ramp_start=2, batch_ramp_increment=2, batch_ramp_tokens=64 * 4),
+        Stage("flat", tokens=128 * 8 * 5, seq_len=128, global_batch_size=8),
+    ]  # fmt: skip
+    curriculum = Curriculum(stages, batch_multiple=2)
+    tokens, expected = 0, [0]
+    while not curriculum.is_finished(tokens):
+        tokens += curriculum.plan(tokens).tokens
+        expected.append(tokens)
+    assert [curriculum.tokens_after_steps(n) for n in range(len(expected))] == expected
+    assert curriculum.tokens_after_steps(len(expected) + 10) == curriculum.total_tokens
+    assert curriculum.tokens_after_steps(None) == curriculum.total_tokens
+
+
+def test_stage_gates_are_checked():
+    gate = Gate(eval="niah", min=0.9, on_fail="stop")
+    assert gate.metric == "eval/niah/acc"
+    Curriculum([Stage("s", tokens=64, seq_len=64, global_batch_size=1, gates=[gate])])
+    for bad, match in ((Gate(eval="mmlu"), "gate eval='mmlu'"), (Gate(on_fail="pause"), "on_fail")):
+        with pytest.raises(CurriculumError, match=match):
+            Curriculum([Stage("s", tokens=64, seq_len=64, global_batch_size=1, gates=[bad])])

@@ -5,7 +5,6 @@ import json
 import logging
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,20 +14,9 @@ from data_tools.cli import main
 from data_tools.progress import human_bytes
 from data_tools.sample_corpus import files, iter_texts
 from data_tools.sample_data import prepare_sample_data
+from tests.commands import exaone_data
 
-REPO = Path(__file__).resolve().parents[2]
 CORPUS_BYTES = sum(len(t.encode("utf-8")) for t in iter_texts())
-
-
-def exaone_data(*args: str) -> subprocess.CompletedProcess:
-    """The real command with stdout and stderr piped."""
-    return subprocess.run(
-        [sys.executable, "-m", "data_tools", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.fixture(scope="module")

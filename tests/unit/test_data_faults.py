@@ -27,19 +27,7 @@ from megatron_exaone.data import (
 )
 from megatron_exaone.errors import UserError
 from megatron_exaone.lifetime import child_pids
-
-REPO = Path(__file__).resolve().parents[2]
-HANG_GUARD = 120  # seconds; only against a hang, never a timing
-
-
-def exaone_data(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "data_tools", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD,
-    )
+from tests.commands import HANG_GUARD, REPO, exaone_data
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -240,3 +240,43 @@ def test_configuration_errors_are_explained(data, tmp_path):
         MixtureLoader(
             {"tiny": tmp_path / "tiny"}, [{"tiny": 1}], seq_len=32, global_batch_size=2
         ).next_batch()
+
+
+# ------------------------------------------------------------------------------------ held out
+def documents_read(loader, name, batches=100):
+    """The documents of dataset `name` a loader's batches contain."""
+    seen = set()
+    for _ in range(batches):
+        batch = loader.next_batch()
+        docs, _ = origin(batch["input_ids"].numpy().ravel())
+        real = batch["labels"].numpy().ravel() != -100
+        seen |= set(docs[real].tolist())
+    return seen
+
+
+def test_held_out_documents_are_never_trained_on(data):
+    path, lengths = data["web"]
+    held = loader_mod.held_out_documents(len(lengths), 0.2, "web")
+    assert 0.1 < held.mean() < 0.3
+    # a fixed function of the index and the name: more documents keep the earlier ones' fate
+    assert np.array_equal(loader_mod.held_out_documents(len(lengths) + 50, 0.2, "web")[:300], held)
+    assert not np.array_equal(loader_mod.held_out_documents(len(lengths), 0.2, "code"), held)
+
+    def loader(held_out):
+        return MixtureLoader(
+            {"web": path}, [{"web": 1.0}], 32, 8, seed=3, holdout={"web": 0.2}, held_out=held_out
+        )
+
+    training, evaluation = documents_read(loader(False), "web"), documents_read(loader(True), "web")
+    nonempty = set(np.flatnonzero(lengths > 0).tolist())
+    assert training and evaluation and not training & evaluation
+    assert training <= nonempty - set(np.flatnonzero(held).tolist())
+    assert evaluation <= set(np.flatnonzero(held).tolist())
+    # every epoch goes through all the documents a loader may read
+    assert training | evaluation == nonempty
+
+
+def test_a_holdout_that_leaves_nothing_is_refused(data):
+    path, _ = data["web"]
+    with pytest.raises(ValueError, match="leaves no evaluation documents"):
+        MixtureLoader({"web": path}, [{"web": 1.0}], 32, 8, holdout={"web": 1e-9}, held_out=True)
