@@ -242,7 +242,8 @@ def encode_records(records: list[Record]) -> EncodedBatch:
         start = len(flat)
         for piece_ids in ids:
             flat += piece_ids
-        if settings.eod_id is not None:
+        # Megatron's rule: a document that encodes to nothing gets no end-of-document token either
+        if settings.eod_id is not None and len(flat) > start:
             flat.append(settings.eod_id)
         lengths[d] = len(flat) - start
     return EncodedBatch(

@@ -90,7 +90,9 @@ def _replace_tmp(tmp: Path, final: Path) -> None:
 
 
 class IndexedDatasetWriter:
-    """Writes one `.bin/.idx` pair; each added document is one sequence.
+    """Writes one `.bin/.idx` pair; each added document is one sequence, except that a document of
+    no tokens is a document of no sequences (its document index repeats the previous one), as
+    Megatron-LM's `IndexedDatasetBuilder.add_document` writes it.
 
     Data goes to temporary files that take their final names only in `finish()`, `.bin` first and
     `.idx` last, so a reader never sees a partial dataset under the final name. Used as a context
@@ -130,7 +132,8 @@ class IndexedDatasetWriter:
     def finish(self) -> None:
         self._bin.close()
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)
-        write_index(self._idx_tmp, self.dtype, lengths, np.arange(len(lengths) + 1, dtype=np.int64))
+        documents = np.concatenate([[0], np.cumsum(lengths > 0)])
+        write_index(self._idx_tmp, self.dtype, lengths[lengths > 0], documents)
         _replace_tmp(self._bin_tmp, self.bin_path)
         _replace_tmp(self._idx_tmp, self.idx_path)
 

@@ -269,7 +269,7 @@ def test_the_stats_sidecar_fails_a_vocabulary_mismatch_when_the_loader_opens(
 def shard(path: Path) -> None:
     """A 2,048-token uint16 dataset of 3 sequences: its .bin is 4096 bytes, its .idx 102."""
     with IndexedDatasetWriter(path, np.uint16) as w:
-        w.add_documents(np.arange(2048) % 500, np.array([1000, 0, 1048]))
+        w.add_documents(np.arange(2048) % 500, np.array([1000, 24, 1024]))
 
 
 def patch(path: Path, offset: int, data: bytes) -> None:

@@ -3,6 +3,7 @@ lines, resume."""
 
 import gzip
 import json
+import struct
 import subprocess
 import sys
 import unicodedata
@@ -68,13 +69,16 @@ def test_every_document_round_trips(tmp_path, corpus, tokenizers_dir):
     tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
     eod = tok.token_to_id("<|endoftext|>")
     got = read_docs(tmp_path / "out" / "c")
-    assert len(got) == len(docs) == stats["documents"]
-    for ids, text in zip(got, docs):
+    # Megatron's rule: an empty document is a document of no sequence, and gets no end token
+    texts = [t for t in docs if t]
+    assert len(got) == len(texts) and stats["documents"] == len(docs)
+    assert IndexedDataset(tmp_path / "out" / "c").num_documents == len(docs)
+    for ids, text in zip(got, texts):
         assert ids[-1] == eod and eod not in ids[:-1]
         assert tok.decode(ids[:-1], skip_special_tokens=False) == unicodedata.normalize("NFC", text)
     assert stats["empty_documents"] == 2 and stats["bytes"] == sum(len(t.encode()) for t in docs)
     assert sum(not unicodedata.is_normalized("NFC", t) for t in docs) == 1
-    assert stats["tokens"] == stats["text_tokens"] + len(docs) and stats["dtype"] == "uint16"
+    assert stats["tokens"] == stats["text_tokens"] + len(texts) and stats["dtype"] == "uint16"
     side = json.loads((tmp_path / "out" / "c.stats.json").read_text())
     assert side["tokenizer"]["eod_id"] == eod and len(side["tokenizer"]["sha256"]) == 64
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
@@ -107,7 +111,7 @@ def test_parallel_output_is_byte_identical_to_serial_and_per_document_encoding(
     tok.encode_special_tokens = True
     eod = tok.token_to_id("<|endoftext|>")
     assert read_docs(tmp_path / "serial") == [
-        tok.encode(t, add_special_tokens=False).ids + [eod] for t in docs
+        tok.encode(t, add_special_tokens=False).ids + [eod] for t in docs if t
     ]
 
 
@@ -180,7 +184,9 @@ def test_all_input_formats_give_the_same_shard(tmp_path, tokenizers_dir):
     for i, inp in enumerate(["a.jsonl", "a.jsonl.gz", "a.jsonl.zst", "a.parquet", "hf"]):
         run([tmp_path / inp], tok_dir, tmp_path / f"o{i}", workers=1, text_field="body")
         outputs.append((tmp_path / f"o{i}.bin").read_bytes())
-    assert all(o == outputs[0] for o in outputs) and len(read_docs(tmp_path / "o0")) == len(docs)
+    assert all(o == outputs[0] for o in outputs) and len(read_docs(tmp_path / "o0")) == len(
+        [t for t in docs if t]
+    )
     with pytest.raises(ValueError, match=r"no column 'text' \(columns: body, n\)"):
         run([tmp_path / "a.parquet"], tok_dir, tmp_path / "bad", workers=1)
     with pytest.raises(ValueError, match="unsupported input"):
@@ -269,7 +275,7 @@ def test_eod_options_and_int32_for_large_vocabularies(tmp_path, tokenizers_dir):
         workers=1,
         append_eod=False,
     )
-    assert read_docs(tmp_path / "noeod") == [tok.encode("hello <x64400> world").ids, []]
+    assert read_docs(tmp_path / "noeod") == [tok.encode("hello <x64400> world").ids]
     with pytest.raises(ValueError, match="'<nope>' is not in the vocabulary"):
         run(
             [tmp_path / "d.jsonl"],
@@ -331,3 +337,58 @@ def test_module_entry_point(tmp_path):
     assert (
         done.returncode == 0 and "--output-prefix" in done.stdout and "--on-bad-line" in done.stdout
     )
+
+
+# Megatron-LM's tools/preprocess_data.py at document level (no --split-sentences), written down from
+# its source: each JSON record's text is encoded whole, without special tokens; a document that
+# encodes to nothing writes no tokens and no sequence (not even the end-of-document token) but still
+# records a document boundary (IndexedDatasetBuilder.add_document with no lengths); with
+# --append-eod every other document ends with the end-of-document id, the HF tokenizer's eos token,
+# inside its one sequence; ids are uint16 below a 65,500-token vocabulary.
+MEGATRON_DOCS = [
+    "",
+    "   ",
+    "\n\n",
+    "plain text.",
+    "",
+    "a long line without a newline " * 40_000,  # 1.2 MB: cut into pieces for the workers
+    "word\n" * 250_000,  # 1.25 MB of short lines
+    "last",
+]
+
+
+def megatron_reference(texts, tok, eod, dtype):
+    """(.bin bytes, .idx bytes) by those rules and the published MMIDIDX layout."""
+    sequences = []
+    boundaries = [0]
+    for text in texts:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        if ids:
+            sequences.append(ids + [eod])
+        boundaries.append(len(sequences))
+    data = b"".join(np.asarray(s, dtype=dtype).tobytes() for s in sequences)
+    lengths = [len(s) for s in sequences]
+    offsets = np.cumsum([0] + lengths[:-1]) * np.dtype(dtype).itemsize
+    index = (
+        b"MMIDIDX\x00\x00"
+        + struct.pack("<QBQQ", 1, 8, len(sequences), len(boundaries))
+        + np.asarray(lengths, "<i4").tobytes()
+        + np.asarray(offsets, "<i8").tobytes()
+        + np.asarray(boundaries, "<i8").tobytes()
+    )
+    return data, index
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_output_is_megatron_preprocess_datas_bytes(tmp_path, tokenizers_dir, workers):
+    tok_dir = tokenizers_dir["superbpe-default"]
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in MEGATRON_DOCS))
+    stats = run(
+        [path], tok_dir, tmp_path / "ours", workers=workers, eod_token="[EOS]", docs_per_shard=3
+    )
+    data, index = megatron_reference(MEGATRON_DOCS, tok, tok.token_to_id("[EOS]"), np.uint16)
+    assert (tmp_path / "ours.bin").read_bytes() == data
+    assert (tmp_path / "ours.idx").read_bytes() == index
+    assert stats["documents"] == len(MEGATRON_DOCS) and stats["empty_documents"] == 2
