@@ -1,5 +1,5 @@
-"""`exaone-data`: train a SuperBPE tokenizer, tokenize a corpus into Megatron shards, inspect
-shards, prepare the bundled sample data.
+"""`exaone-data`: train a SuperBPE tokenizer, tokenize a corpus into Megatron shards (on one machine
+or as shards of a cluster job, then merged), inspect shards, prepare the bundled sample data.
 
 Argument parsing only; the work is done by data_tools.train_tokenizer, .tokenize_corpus,
 .inspect_shards and .sample_data.
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -155,8 +154,8 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--workers",
         type=int,
-        default=max(1, os.cpu_count() or 1),
-        help="worker processes (default: CPU count; 1 encodes in this process)",
+        default=None,
+        help="worker processes (default: the CPUs this process may use; 1 encodes in this process)",
     )
     p.add_argument("--text-field", default="text")
     p.add_argument("--split", help="split to read from a saved DatasetDict")
@@ -187,20 +186,33 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
         "edges) for parallel encoding, ids unchanged; 0 never cuts (then a document too long for "
         "the tokenizer's regex engine is a bad line)",
     )
+    p.add_argument(
+        "--num-shards",
+        type=int,
+        metavar="N",
+        help="tokenize only shard I of N (a byte range of the inputs; one Slurm array task each) "
+        "into PREFIX-IIIII-of-NNNNN; `exaone-data merge` joins the N shards",
+    )
+    p.add_argument(
+        "--shard-index",
+        type=int,
+        metavar="I",
+        help="which shard, 0..N-1 (default: $SLURM_ARRAY_TASK_ID)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_run_tokenize)
 
 
 def _run_tokenize(args: argparse.Namespace) -> None:
-    from data_tools.tokenize_corpus import TokenizeConfig, tokenize
+    from data_tools.tokenize_corpus import CPUS, TokenizeConfig, tokenize
 
     tokenize(
         TokenizeConfig(
             inputs=args.input,
             tokenizer=args.tokenizer,
             output_prefix=args.output_prefix,
-            workers=args.workers,
+            workers=args.workers or CPUS,
             text_field=args.text_field,
             split=args.split,
             append_eod=not args.no_eod,
@@ -210,8 +222,35 @@ def _run_tokenize(args: argparse.Namespace) -> None:
             split_chars=args.split_chars,
             overwrite=args.overwrite,
             show_progress=not args.no_progress,
+            num_shards=args.num_shards,
+            shard_index=args.shard_index,
         )
     )
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="join the N shards of `tokenize --num-shards N` into one PREFIX.bin/.idx",
+        description="Concatenates the shards into the bytes one unsharded `tokenize` run writes, "
+        "and sums their statistics. Every shard of the run must be there, in order.",
+    )
+    p.add_argument(
+        "shards",
+        nargs="+",
+        metavar="SHARD",
+        help="the shard prefixes in order, e.g. out/web-0000{0,1,2}-of-00003 (the glob "
+        "out/web-?????-of-00003 sorts right)",
+    )
+    p.add_argument("--output-prefix", required=True, metavar="PREFIX")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx")
+    p.set_defaults(run=_run_merge)
+
+
+def _run_merge(args: argparse.Namespace) -> None:
+    from data_tools.merge_shards import merge_shards
+
+    merge_shards(args.shards, args.output_prefix, args.overwrite)
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -278,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train_tokenizer(sub)
     _add_tokenize(sub)
+    _add_merge(sub)
     _add_inspect(sub)
     _add_prepare_sample(sub)
     return parser

@@ -12,12 +12,15 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_exaone.errors import UserError
+
+log = logging.getLogger("exaone_data")
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 COMPRESSED_SUFFIXES = (".gz", ".zst")
@@ -50,6 +53,22 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def _report_skipped(directory: Path, skipped: list[Path]) -> None:
+    """Say which files of an input directory are not read (a .txt or .csv corpus beside the .jsonl
+    files would otherwise vanish without a word)."""
+    if skipped:
+        shown = ", ".join(str(f.relative_to(directory)) for f in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        log.warning(
+            "%s: skipping %d file(s) that are not .jsonl[.gz|.zst] or .parquet: %s%s (convert "
+            "them to JSON lines with a text field to include them)",
+            directory,
+            len(skipped),
+            shown,
+            more,
+        )
+
+
 def resolve_inputs(paths: Sequence[str | os.PathLike]) -> list[InputFile]:
     """Expand the user's inputs: files as given, saved HF datasets as one input, other directories
     to their files."""
@@ -61,7 +80,9 @@ def resolve_inputs(paths: Sequence[str | os.PathLike]) -> list[InputFile]:
         if path.is_dir() and any((path / m).is_file() for m in HF_MARKERS):
             inputs.append(InputFile(path, "hf", _dir_size(path)))
         elif path.is_dir():
-            found = sorted(f for f in path.rglob("*") if f.is_file() and _kind(f))
+            files = sorted(f for f in path.rglob("*") if f.is_file())
+            found = [f for f in files if _kind(f)]
+            _report_skipped(path, [f for f in files if not _kind(f)])
             if not found:
                 raise ValueError(
                     f"{path}: directory holds no .jsonl[.gz|.zst] or .parquet files and is not a "
@@ -150,6 +171,38 @@ def _check_string_column(path: Path, field: str, names: list[str], type_name: st
         )
     if "string" not in type_name:
         raise ValueError(f"{path}: column {field!r} has type {type_name}, expected strings")
+
+
+def jsonl_range_records(
+    index: int, path: Path, start: int, end: int, on_progress: Callable[[int], None]
+) -> Iterator[Record]:
+    """The records of a plain JSON-lines file that start in its bytes [start, end), numbered from 1
+    at the first line that starts at or after `start`."""
+    with open(path, "rb") as f:
+        if start:
+            f.seek(start - 1)
+            f.readline()  # the line holding byte start-1 began before the range: not this one's
+        pos, reported = f.tell(), start
+        for line_no, line in enumerate(f, start=1):
+            if pos >= end:
+                break
+            if line.strip():  # as _jsonl_records: blank lines are not documents
+                yield index, line_no, line
+            pos += len(line)
+            if line_no % PROGRESS_EVERY == 0:
+                on_progress(min(pos, end) - reported)
+                reported = min(pos, end)
+        on_progress(end - reported)
+
+
+def line_number_at(path: Path, offset: int) -> int:
+    """The number of the line that holds byte `offset` of a file."""
+    newlines, left = 0, offset
+    with open(path, "rb") as f:
+        while left > 0 and (chunk := f.read(min(left, 16 << 20))):
+            newlines += chunk.count(b"\n")
+            left -= len(chunk)
+    return newlines + 1
 
 
 def _parquet_records(

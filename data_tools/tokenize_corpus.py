@@ -6,6 +6,13 @@ under `PREFIX.parts/`. A part takes its final name only when complete, so an int
 by skipping finished parts. At the end the parts become `PREFIX.bin/.idx` (a Megatron data-path
 prefix) and `PREFIX.stats.json`. Batch and part boundaries depend on the input only, so the output
 is byte-identical for any number of workers.
+
+At cluster scale the work splits into shards (`--num-shards N`, one Slurm array task each): shard i
+reads the records whose first byte lies in [i*T/N, (i+1)*T/N) of the inputs concatenated in their
+resolved order (T bytes in all); files that can only be read from their start (compressed JSONL,
+Parquet, saved datasets) go whole to the shard holding their first byte. Each shard is a dataset
+of its own, BASE-SSSSS-of-NNNNN, and `merge_shards` concatenates all N into the very bytes a single
+run writes.
 """
 
 from __future__ import annotations
@@ -30,7 +37,11 @@ from data_tools.encode_worker import (
     init_worker,
 )
 from data_tools.progress import ByteProgress, byte_progress
-from data_tools.readers import InputFile, Record, iter_records, resolve_inputs
+from data_tools.readers import (
+    Record,
+    resolve_inputs,
+)
+from data_tools.shards import ShardInputs, resolve_shard
 from megatron_exaone.data.indexed import (
     IndexedDatasetWriter,
     dataset_paths,
@@ -48,8 +59,11 @@ from megatron_exaone.errors import UserError
 from megatron_exaone.files import write_json_atomic
 
 log = logging.getLogger("exaone_data")
+# the CPUs this process may use: a Slurm job's allocation, not the whole node
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 STAT_KEYS = ("records", "documents", "tokens", "bytes", "empty_documents", "bad_lines")
 MAX_BAD_EXAMPLES = 20
+ARRAY_TASK = "SLURM_ARRAY_TASK_ID"
 
 
 class BadInputError(UserError, ValueError):
@@ -61,7 +75,7 @@ class TokenizeConfig:
     inputs: Sequence[str | os.PathLike]
     tokenizer: str | os.PathLike
     output_prefix: str | os.PathLike
-    workers: int = max(1, os.cpu_count() or 1)
+    workers: int = CPUS
     text_field: str = "text"
     split: str | None = None  # split of a saved DatasetDict
     append_eod: bool = True
@@ -72,6 +86,8 @@ class TokenizeConfig:
     split_chars: int = 16_384  # longer documents are cut at safe points (pieces encode in parallel)
     overwrite: bool = False
     show_progress: bool = True
+    num_shards: int | None = None  # None: tokenize everything into output_prefix itself
+    shard_index: int | None = None  # None: $SLURM_ARRAY_TASK_ID
 
 
 class _InlineExecutor:
@@ -179,13 +195,15 @@ class _PartWriter:
 
 
 def _input_manifest(
-    inputs: list[InputFile], tokenizer: Path, cfg: TokenizeConfig, eod_id: int | None, dtype
+    reader: ShardInputs, tokenizer: Path, cfg: TokenizeConfig, eod_id: int | None, dtype
 ) -> dict:
+    shard = reader.shard
     return {
         "inputs": [
             {"path": str(i.path.resolve()), "size": i.size, "mtime_ns": i.path.stat().st_mtime_ns}
-            for i in inputs
+            for i in reader.inputs
         ],
+        "shard": [shard.index, shard.count] if shard else None,
         "tokenizer_sha256": file_sha256(tokenizer),
         "text_field": cfg.text_field,
         "split": cfg.split,
@@ -196,13 +214,15 @@ def _input_manifest(
 
 
 def tokenize(cfg: TokenizeConfig) -> dict:
-    """Tokenize `cfg.inputs` into PREFIX.bin/.idx + PREFIX.stats.json; returns the stats."""
+    """Tokenize `cfg.inputs`, or one shard of them, into PREFIX.bin/.idx + PREFIX.stats.json (a
+    shard's PREFIX is `Shard.prefix` of `cfg.output_prefix`); returns the stats."""
+    shard = resolve_shard(cfg.num_shards, cfg.shard_index)
     if cfg.on_bad_line not in ("skip", "fail"):
         raise ValueError(f"--on-bad-line must be skip or fail, not {cfg.on_bad_line!r}")
     if cfg.workers < 1 or cfg.docs_per_shard < 1:
         raise ValueError("--workers and --docs-per-shard must be at least 1")
     started = time.time()
-    inputs = resolve_inputs(cfg.inputs)
+    reader = ShardInputs(resolve_inputs(cfg.inputs), shard)
     tok_path = tokenizer_json_path(cfg.tokenizer)
     tokenizer = load_tokenizer(tok_path)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -210,20 +230,13 @@ def tokenize(cfg: TokenizeConfig) -> dict:
     eod_token, eod_id = (
         resolve_eod(tok_path, tokenizer, cfg.eod_token) if cfg.append_eod else (None, None)
     )
-    prefix = Path(cfg.output_prefix)
-    out_bin, out_idx = dataset_paths(prefix)
-    if (out_bin.exists() or out_idx.exists()) and not cfg.overwrite:
-        raise FileExistsError(
-            f"{out_bin} / {out_idx} already exist; pass --overwrite to replace them"
-        )
-    parts = _Parts(prefix, _input_manifest(inputs, tok_path, cfg, eod_id, dtype))
+    prefix = shard.prefix(cfg.output_prefix) if shard else Path(cfg.output_prefix)
+    check_new_output(prefix, cfg.overwrite)
+    parts = _Parts(prefix, _input_manifest(reader, tok_path, cfg, eod_id, dtype))
     done = set(parts.finished())
-    total_bytes = sum(i.size for i in inputs)
     log.info(
-        "tokenizing %d input(s), %.1f MB, with %d worker(s): %s (vocab %d -> %s), end-of-document "
-        "%s",
-        len(inputs),
-        total_bytes / 1e6,
+        "tokenizing %s with %d worker(s): %s (vocab %d -> %s), end-of-document %s",
+        reader.describe(),
         cfg.workers,
         tok_path,
         vocab_size,
@@ -239,22 +252,29 @@ def tokenize(cfg: TokenizeConfig) -> dict:
         eod_id,
         str(dtype),
         cfg.split_chars,
-        threads=0 if cfg.workers == 1 else max(1, (os.cpu_count() or 1) // cfg.workers),
+        threads=0 if cfg.workers == 1 else max(1, CPUS // cfg.workers),
     )
-    _encode_parts(cfg, settings, inputs, parts, done, dtype, total_bytes)
+    _encode_parts(cfg, settings, reader, parts, done, dtype)
     return _finalize(
-        parts, prefix, inputs, tok_path, eod_token, eod_id, dtype, vocab_size, cfg, started
+        parts, prefix, reader, tok_path, eod_token, eod_id, dtype, vocab_size, cfg, started
     )
+
+
+def check_new_output(prefix: Path, overwrite: bool) -> None:
+    out_bin, out_idx = dataset_paths(prefix)
+    if (out_bin.exists() or out_idx.exists()) and not overwrite:
+        raise FileExistsError(
+            f"{out_bin} / {out_idx} already exist; pass --overwrite to replace them"
+        )
 
 
 def _encode_parts(
     cfg: TokenizeConfig,
     settings: EncodeSettings,
-    inputs: list[InputFile],
+    reader: ShardInputs,
     parts: _Parts,
     done: set[int],
     dtype,
-    total_bytes: int,
 ) -> None:
     """Feed batches of unfinished parts to the workers and write their results in input order."""
     if cfg.workers == 1:
@@ -269,11 +289,11 @@ def _encode_parts(
             initializer=init_pool_worker,
             initargs=(os.getpid(), settings),
         )
-    bar = byte_progress(log, "tokenize", total_bytes, cfg.show_progress)
+    bar = byte_progress(log, "tokenize", reader.size, cfg.show_progress)
     open_parts: dict[int, _PartWriter] = {}
     pending: deque[tuple[int, int, bool, Future]] = deque()
     try:
-        records = iter_records(inputs, cfg.text_field, cfg.split, on_progress=bar.update)
+        records = reader.records(cfg.text_field, cfg.split, on_progress=bar.update)
         for part, batch, last in _batches(records, cfg.docs_per_shard, cfg.batch_bytes):
             if part in done:
                 continue
@@ -281,9 +301,9 @@ def _encode_parts(
             # Write what is ready at once (an interruption then loses little); wait only when too
             # much is queued.
             while pending and (pending[0][3].done() or len(pending) > 2 * cfg.workers):
-                _collect(pending.popleft(), open_parts, parts, inputs, cfg, dtype, bar)
+                _collect(pending.popleft(), open_parts, parts, reader, cfg, dtype, bar)
         while pending:
-            _collect(pending.popleft(), open_parts, parts, inputs, cfg, dtype, bar)
+            _collect(pending.popleft(), open_parts, parts, reader, cfg, dtype, bar)
     except BaseException:
         for writer in open_parts.values():
             writer.writer.abort()
@@ -303,7 +323,7 @@ def _collect(
     item: tuple[int, int, bool, Future],
     open_parts: dict[int, _PartWriter],
     parts: _Parts,
-    inputs: list[InputFile],
+    reader: ShardInputs,
     cfg: TokenizeConfig,
     dtype,
     bar: ByteProgress,
@@ -312,7 +332,7 @@ def _collect(
     result: EncodedBatch = future.result()
     writer = open_parts.get(part) or open_parts.setdefault(part, _PartWriter(parts, part, dtype))
     for source, line, problem in result.bad:
-        where = f"{inputs[source].path}:{line}"
+        where = reader.where(source, line)
         if cfg.on_bad_line == "fail":
             raise BadInputError(
                 f"{where}: {problem}; fix the input or pass --on-bad-line skip to skip such lines"
@@ -329,7 +349,7 @@ def _collect(
 def _finalize(
     parts: _Parts,
     prefix: Path,
-    inputs: list[InputFile],
+    reader: ShardInputs,
     tok_path: Path,
     eod_token: str | None,
     eod_id: int | None,
@@ -346,20 +366,22 @@ def _finalize(
     part_stats = [parts.stats(p) for p in finished]
     totals = {k: sum(s[k] for s in part_stats) for k in STAT_KEYS}
     if not finished:
-        log.warning("no documents in the inputs; writing an empty dataset")
+        log.warning("no documents in %s; writing an empty dataset", reader.describe())
         IndexedDatasetWriter(prefix, dtype).finish()
     elif len(finished) == 1:  # nothing to concatenate: the part becomes the output
         for src, dst in zip(dataset_paths(parts.prefix(0)), dataset_paths(prefix)):
             os.replace(src, dst)
     else:
         merge_datasets([parts.prefix(p) for p in finished], prefix)
-    text_tokens = totals["tokens"] - (totals["documents"] if eod_id is not None else 0)
+    # every document but the empty ones ends with the end-of-document token
+    ends = totals["documents"] - totals["empty_documents"] if eod_id is not None else 0
+    text_tokens = totals["tokens"] - ends
     stats = {
         "format": "megatron-mmidx-v1",
         "prefix": str(prefix),
         "dtype": str(dtype),
         "vocab_size": vocab_size,
-        "max_id": _max_id(part_stats),
+        "max_id": max_id(part_stats),
         **totals,
         "text_tokens": text_tokens,
         "bytes_per_token": totals["bytes"] / max(text_tokens, 1),
@@ -371,26 +393,31 @@ def _finalize(
             "eod_id": eod_id,
         },
         "text_field": cfg.text_field,
-        "inputs": [{"path": str(i.path), "size": i.size} for i in inputs],
+        "inputs": [{"path": str(i.path), "size": i.size} for i in reader.inputs],
+        **({"shard": reader.record()} if reader.shard else {}),
         "workers": cfg.workers,
         "seconds": round(time.time() - started, 3),
     }
     write_json_atomic(stats_path(prefix), stats)
     shutil.rmtree(parts.dir)
+    log_written(stats)
+    return stats
+
+
+def log_written(stats: dict) -> None:
     log.info(
         "wrote %s.{bin,idx}: %d documents, %d tokens, %.2f bytes/token, %d bad line(s) skipped, "
         "%.1f s",
-        prefix,
+        stats["prefix"],
         stats["documents"],
         stats["tokens"],
         stats["bytes_per_token"],
         stats["bad_lines"],
         stats["seconds"],
     )
-    return stats
 
 
-def _max_id(part_stats: list[dict]) -> int | None:
+def max_id(part_stats: list[dict]) -> int | None:
     """The largest token id over all parts; None when a part (from an older version of this tool)
     lacks it."""
     ids = [s.get("max_id") for s in part_stats]

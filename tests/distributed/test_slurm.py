@@ -3,7 +3,8 @@
 to the end; a second job is preempted twice, once by `scancel --signal=USR1` and once by a time
 limit that reaches the script's --signal lead time. Each time the ranks save a checkpoint and exit
 0, the script requeues the job, and the requeued job resumes: its losses equal the uninterrupted
-job's step for step.
+job's step for step. launch/tokenize.sbatch tokenizes the sample corpus as an array job of 3 shards
+and merges them in a dependent job into the bytes of one unsharded run.
 
 The cluster is one node with cons_tres, proctrack/linuxproc and munge authentication, with a requeue
 delay of 5 s (cred_expire) instead of 120 s and a 2 s scheduler interval, so the module runs in a
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from data_tools.sample_corpus import files
+from tests.commands import exaone_data
 from tests.runs import by_step, free_port, records
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -246,6 +249,50 @@ def test_a_job_trains_and_a_preempted_job_requeues_and_resumes_exactly(
     for step in expected:
         for key in ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm", "tokens", "lr"):
             assert metrics[step][key] == expected[step][key], (step, key)
+
+
+def test_a_tokenize_array_job_and_its_merge_write_the_bytes_of_one_run(
+    slurm, tmp_path, tokenizers_dir
+):
+    """launch/tokenize.sbatch submits 3 array tasks, one shard each, and the merge after them."""
+    env = slurm
+    tokenizer = tokenizers_dir["superbpe-default"]
+    common = ["--input", *map(str, files()), "--tokenizer", str(tokenizer), "--no-progress"]
+    single = exaone_data("tokenize", *common, "--output-prefix", str(tmp_path / "single"))
+    assert single.returncode == 0, single.stderr
+    # submitted from tmp_path: the script's logs/ folder goes there
+    submitted = subprocess.run(
+        [str(ROOT / "launch" / "tokenize.sbatch"), f"--chdir={ROOT}", "--cpus-per-task=1"]
+        + ["--time=10", f"--output={tmp_path}/%x-%j.out", "--", *common, "--num-shards", "3"]
+        + ["--output-prefix", str(tmp_path / "out" / "web")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    [merge] = re.findall(r"merge job (\d+)", submitted.stdout)
+    info = wait_until(
+        lambda: (
+            (
+                (info := job(merge, env))["JobState"] in ("COMPLETED", "FAILED", "CANCELLED")
+                or info["Reason"] == "DependencyNeverSatisfied"
+            )
+            and info
+        ),
+        f"merge job {merge} to end",
+    )
+    logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("*.out")))
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, logs)
+    for ext in ("bin", "idx"):
+        assert (tmp_path / "out" / f"web.{ext}").read_bytes() == (
+            tmp_path / f"single.{ext}"
+        ).read_bytes()
+    assert [p.name for p in sorted((tmp_path / "out").glob("*.stats.json"))] == [
+        f"web-0000{i}-of-00003.stats.json" for i in range(3)
+    ] + ["web.stats.json"]
+    assert logs.count("wrote ") == 4, logs
 
 
 def _output(run_dir: Path) -> str:

@@ -104,3 +104,20 @@ def test_log_says_when_the_cap_cut_the_corpus_short(tmp_path, caplog):
         "capped by --max-bytes 40.0 KiB: the inputs hold more than that" in caplog.text
     )
     assert "capped by --stage2-max-bytes 20.0 KiB" in caplog.text
+
+
+def test_files_an_input_directory_does_not_read_are_reported(tmp_path, tokenizers_dir):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text('{"text": "read me"}\n')
+    (corpus / "b.txt").write_text("plain text that is not read\n")
+    (corpus / "c.csv").write_text("text\nnot read either\n")
+    done = exaone_data(
+        "tokenize", "--input", str(corpus), "--tokenizer", str(tokenizers_dir["superbpe-default"]),
+        "--output-prefix", str(tmp_path / "out"), "--workers", "1",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (
+        f"{corpus}: skipping 2 file(s) that are not .jsonl[.gz|.zst] or .parquet: b.txt, c.csv"
+        in done.stderr
+    )
