@@ -26,6 +26,7 @@ from megatron_exaone.checkpoint.resume import resume_source
 from megatron_exaone.config.schema import TrainConfig
 from megatron_exaone.curriculum import Curriculum, StepPlan
 from megatron_exaone.data.loader import DataStage, MixtureLoader
+from megatron_exaone.data.mixture import normalize_weights
 from megatron_exaone.errors import UserError
 from megatron_exaone.evaluation import Evaluator, gate_failures
 from megatron_exaone.files import write_json_atomic
@@ -315,7 +316,7 @@ class Trainer:
             f"{self.progress.tokens:,}",
             stage.seq_len,
             stage.global_batch_size,
-            stage.mixture or "uniform",
+            _mixture_text(stage.mixture),
             stage.mtp_loss_weight,
             stage.aux_loss_coeff,
             stage.bias_update_rate,
@@ -664,6 +665,19 @@ def build_model(
         params / 1e6,
     )
     return build, chunks
+
+
+def _mixture_text(mixture: dict[str, float]) -> str:
+    """A stage's mixture for the log, with the shares the loader samples when the weights do not
+    sum to 1."""
+    if not mixture:
+        return "uniform"
+    shares = normalize_weights(list(mixture.values()))
+    text = ", ".join(f"{name} {weight:g}" for name, weight in mixture.items())
+    if abs(sum(mixture.values()) - 1) > 1e-9:
+        normalised = ", ".join(f"{name} {share:.3g}" for name, share in zip(mixture, shares))
+        text += f" (weights sum to {sum(mixture.values()):g}: sampled as {normalised})"
+    return text
 
 
 def _set_mtp_weight(chunk: nn.Module, weight: float) -> None:

@@ -108,3 +108,13 @@ def test_stage_gates_are_checked():
     for bad, match in ((Gate(eval="mmlu"), "gate eval='mmlu'"), (Gate(on_fail="pause"), "on_fail")):
         with pytest.raises(CurriculumError, match=match):
             Curriculum([Stage("s", tokens=64, seq_len=64, global_batch_size=1, gates=[bad])])
+
+
+def test_the_log_shows_the_shares_of_weights_that_do_not_sum_to_one():
+    from megatron_exaone.training.trainer import _mixture_text
+
+    assert _mixture_text({"web": 2, "code": 1}) == (
+        "web 2, code 1 (weights sum to 3: sampled as web 0.667, code 0.333)"
+    )
+    assert _mixture_text({"web": 0.7, "code": 0.3}) == "web 0.7, code 0.3"
+    assert _mixture_text({}) == "uniform"
