@@ -15,6 +15,7 @@ from data_tools.sample_corpus import files
 from data_tools.shards import Shard
 from megatron_exaone.data.indexed import dataset_paths
 from tests.commands import exaone_data
+from tests.tokenizing import interrupt_encoding
 
 ARRAY_VARIABLES = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX")
 # differ between a merge and a single run by nature
@@ -124,19 +125,11 @@ def test_a_record_belongs_to_the_range_holding_its_first_byte(
 def test_an_interrupted_shard_resumes(corpus, tokenizers_dir, tmp_path, monkeypatch):
     tok = tokenizers_dir["superbpe-default"]
     tokenize(corpus, tok, tmp_path / "full", num_shards=3, shard_index=2)
-    real, calls = tc.encode_records, []
-
-    def interrupted(records):  # stops in the third part (one batch per part)
-        calls.append(len(records))
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(records)
-
-    monkeypatch.setattr(tc, "encode_records", interrupted)
+    restore = interrupt_encoding(monkeypatch)  # in the third part (one batch per part)
     with pytest.raises(KeyboardInterrupt):
         tokenize(corpus, tok, tmp_path / "web", num_shards=3, shard_index=2, batch_bytes=1 << 30)
     assert (tmp_path / "web-00002-of-00003.parts" / "part-00001.json").is_file()
-    monkeypatch.setattr(tc, "encode_records", real)
+    restore()
     tokenize(corpus, tok, tmp_path / "web", num_shards=3, shard_index=2, batch_bytes=1 << 30)
     assert same_dataset(tmp_path / "web-00002-of-00003", tmp_path / "full-00002-of-00003")
     assert not (tmp_path / "web-00002-of-00003.parts").exists()

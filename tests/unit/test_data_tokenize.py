@@ -17,6 +17,7 @@ from data_tools.cli import main
 from data_tools.encode_worker import safe_split, without_nfc
 from data_tools.sample_corpus import iter_texts
 from megatron_exaone.data.indexed import IndexedDataset
+from tests.tokenizing import interrupt_encoding
 
 SPECIAL_DOCS = [
     "",
@@ -227,16 +228,7 @@ def test_interrupted_run_resumes_without_redoing_finished_parts(
     path, docs = corpus
     tok_dir = tokenizers_dir["superbpe-default"]
     run([path], tok_dir, tmp_path / "full", workers=1, docs_per_shard=60, batch_bytes=1 << 30)
-    calls = []
-    real = tc.encode_records
-
-    def interrupted(records):
-        calls.append(len(records))
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(records)
-
-    monkeypatch.setattr(tc, "encode_records", interrupted)
+    restore = interrupt_encoding(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run([path], tok_dir, tmp_path / "r", workers=1, docs_per_shard=60, batch_bytes=1 << 30)
     parts = sorted(p.name for p in (tmp_path / "r.parts").iterdir())
@@ -252,7 +244,8 @@ def test_interrupted_run_resumes_without_redoing_finished_parts(
     assert not (tmp_path / "r.bin").exists()
     with pytest.raises(ValueError, match=r"different settings \(text_field\)"):
         run([path], tok_dir, tmp_path / "r", workers=1, docs_per_shard=60, text_field="body")
-    calls.clear()
+    restore()
+    calls, real = [], tc.encode_records
     monkeypatch.setattr(
         tc, "encode_records", lambda records: calls.append(len(records)) or real(records)
     )
