@@ -27,6 +27,17 @@ def _size(text: str) -> int:
     return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
 
 
+def _add_input(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help=".jsonl[.gz|.zst], .parquet, a saved HF dataset directory, or a directory of such "
+        "files",
+    )
+
+
 def _add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
     from data_tools.train_tokenizer import DEFAULT_SPECIAL_TOKENS
 
@@ -37,14 +48,7 @@ def _add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
         "point; stage 2: superword merges across single spaces. Prints bytes/token "
         "against stage-1-only BPE of the same size on held-out text, per language.",
     )
-    p.add_argument(
-        "--input",
-        nargs="+",
-        required=True,
-        metavar="FILE",
-        help=".jsonl[.gz|.zst], .parquet, a saved HF dataset directory, or a directory of such "
-        "files",
-    )
+    _add_input(p)
     p.add_argument(
         "--vocab-size",
         type=int,
@@ -136,14 +140,7 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
         help="tokenize documents into Megatron PREFIX.bin/.idx + PREFIX.stats.json",
         description="Parallel, resumable tokenization. The output prefix is a Megatron data path.",
     )
-    p.add_argument(
-        "--input",
-        nargs="+",
-        required=True,
-        metavar="FILE",
-        help=".jsonl[.gz|.zst], .parquet, a saved HF dataset directory, or a directory of such "
-        "files",
-    )
+    _add_input(p)
     p.add_argument(
         "--tokenizer",
         required=True,

@@ -3,33 +3,14 @@
 composition, `--help` the recipe groups; each exits 0 without training, and a bad flag or override
 is one line on stderr with exit 2."""
 
-import os
 import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from megatron_exaone.cli.args import parse_command_line
-from megatron_exaone.config.load import RECIPES_ENV
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def exaone_train(*args: str) -> subprocess.CompletedProcess:
-    """The real command, from the repository root, with the default recipes."""
-    env = {k: v for k, v in os.environ.items() if k != RECIPES_ENV}
-    return subprocess.run(
-        [sys.executable, "-m", "megatron_exaone.cli.train", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+from tests.commands import REPO, exaone_train
 
 
 def printed(*args: str) -> str:
