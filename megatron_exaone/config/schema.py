@@ -431,3 +431,22 @@ class TrainConfig:
                 f"({', '.join(sorted(self.data.datasets)) or 'none'}); hold out part of a training "
                 "dataset."
             )
+        self._check_niah()
+
+    def _check_niah(self) -> None:
+        """Before a run that will need it: the needle-in-a-haystack evaluation writes its needle and
+        question with the tokenizer, and cuts its haystacks from a dataset the run knows."""
+        niah = self.eval.niah
+        if not (niah.enabled or any(stage.gates for stage in self.curriculum.stages)):
+            return
+        if self.data.tokenizer is None:
+            raise ValueError(
+                "the needle-in-a-haystack evaluation (eval.niah.enabled or a stage's gates) needs "
+                "the tokenizer to write its needle and question: set data.tokenizer."
+            )
+        known = [*self.eval.dataset_names(), *self.data.datasets]
+        if niah.dataset is not None and niah.dataset not in known:
+            raise ValueError(
+                f"eval.niah.dataset={niah.dataset!r} is neither an evaluation nor a training "
+                f"dataset ({', '.join(known) or 'none'})."
+            )

@@ -390,3 +390,21 @@ def test_wandb_mode_follows_the_api_key():
     assert WandbConfig().resolved_mode({}) == "offline"
     assert WandbConfig().resolved_mode({"WANDB_API_KEY": "x"}) == "online"
     assert WandbConfig(mode="disabled").resolved_mode({"WANDB_API_KEY": "x"}) == "disabled"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["eval.niah.enabled=true", "data.tokenizer=null"],
+            "needs the tokenizer .*: set data.tokenizer",
+        ),
+        (
+            ["eval.niah.enabled=true", "eval.niah.dataset=web"],
+            r"eval.niah.dataset='web' is neither an evaluation nor a training dataset \(sample\)",
+        ),
+    ],
+)
+def test_a_run_that_will_need_niah_is_checked_before_it_starts(overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        load_config(["experiment=cpu_tiny", *overrides])
