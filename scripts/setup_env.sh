@@ -10,3 +10,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 echo "Installing megatron-exaone and its pinned CPU dependencies (constraints-cpu.txt)"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints-cpu.txt -e '.[dev]'
+echo "Building DeepSpeed's CPU Adam op for optim.offload=cpu (about a minute the first time, then cached)"
+.venv/bin/python -m megatron_exaone.training.offload

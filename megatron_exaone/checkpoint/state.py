@@ -268,12 +268,26 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------------- model
-def model_state(chunks: Sequence[nn.Module], mesh: ParallelMesh) -> dict[str, Any]:
+def _masters(optimizer: Any) -> dict[int, torch.Tensor]:
+    """The FP32 masters an optimizer keeps off the parameters (`optim.offload=cpu`), else none."""
+    return optimizer.master_weights() if hasattr(optimizer, "master_weights") else {}
+
+
+def model_state(
+    chunks: Sequence[nn.Module],
+    mesh: ParallelMesh,
+    masters: dict[int, torch.Tensor] | None = None,
+) -> dict[str, Any]:
     """Every parameter and persistent buffer of this rank's chunks as a DCP tensor (aliasing the
     local storage) keyed by its full-model name. `dcp.save` writes it; `dcp.load` into it loads in
-    place."""
+    place. `masters` (id(parameter) -> its FP32 master's local tensor, kept by an optimizer that
+    offloads them) stand in for their parameters: the weights saved and loaded are the masters."""
+    masters = masters or {}
     with torch.no_grad():
-        return {name: view.wrap(_local(t)) for name, (t, view) in _entries(chunks, mesh).items()}
+        return {
+            name: view.wrap(masters.get(id(t), _local(t)))
+            for name, (t, view) in _entries(chunks, mesh).items()
+        }
 
 
 def load_model_state(
@@ -313,7 +327,7 @@ def _optimizer_entries(chunks, optimizer, mesh) -> dict[str, tuple[torch.nn.Para
                     full_key = f"{OPTIM_PREFIX}{name}.{key}"
                     if (
                         isinstance(value, torch.Tensor)
-                        and tuple(value.shape) == tuple(p.shape)
+                        and tuple(_local(value).shape) == tuple(_local(p).shape)
                         and value.ndim
                     ):
                         out[full_key] = p, key, view.wrap(_local(value))
@@ -528,7 +542,7 @@ def save(
     once it is visible."""
     rank, _ = _rank_world()
     extra = dict(extra or {})
-    state = model_state(chunks, mesh)
+    state = model_state(chunks, mesh, _masters(optimizer))
     if optimizer is not None:
         state.update(optimizer_state(chunks, optimizer, mesh))
     if rank == 0:
@@ -605,7 +619,7 @@ def _load_one(
     meta = store.read_meta(checkpoint)
     rank, _ = _rank_world()
     saved = store.saved_tensors(checkpoint)
-    state = model_state(chunks, mesh)
+    state = model_state(chunks, mesh, _masters(optimizer))
     finish = None
     if optimizer is not None:
         optim_state, finish = _prepare_optimizer_load(chunks, optimizer, mesh, set(saved))
@@ -643,6 +657,8 @@ def _load_one(
         store.load_checkpoint(checkpoint, state)
     if finish is not None:
         finish(state)
+    if hasattr(optimizer, "load_masters_into_params"):
+        optimizer.load_masters_into_params()
     if rng_restored:
         set_rng_state(from_json_tensor(state[rng_key(rank)]))
     if same_layout and own_te:

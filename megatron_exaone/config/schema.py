@@ -159,6 +159,9 @@ class OptimConfig:
     router and norm gains, as in Moonlight / Kimi K2. `muon_adjust_lr`: "match_rms_adamw" scales the
     update by 0.2 * sqrt(max(A, B)) so AdamW's LR and weight decay carry over (Moonlight);
     "original" by sqrt(max(1, A/B)). `clip_grad`: global gradient-norm clip (0 = off).
+    `offload`: "cpu" keeps the AdamW groups' FP32 master weights and moments in host memory and
+    steps them in DeepSpeed's CPU Adam (`training.offload`; the `[deepspeed]` extra); "none" keeps
+    everything on the device.
     """
 
     name: str = "adamw"
@@ -170,9 +173,11 @@ class OptimConfig:
     muon_nesterov: bool = True
     muon_ns_steps: int = 5
     muon_adjust_lr: str = "match_rms_adamw"
+    offload: str = "none"
 
     def __post_init__(self) -> None:
         _one_of("optim.name", self.name, ("adamw", "muon"))
+        _one_of("optim.offload", self.offload, ("none", "cpu"))
         _one_of("optim.muon_adjust_lr", self.muon_adjust_lr, ("match_rms_adamw", "original"))
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(

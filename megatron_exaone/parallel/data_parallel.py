@@ -15,8 +15,12 @@ from megatron_exaone.model.moe import MoEBlock
 from .mesh import ParallelMesh
 
 
-def mixed_precision(device_type: str, bf16: bool) -> MixedPrecisionPolicy:
-    if bf16 and device_type == "cuda":
+def mixed_precision(
+    device_type: str, bf16: bool, param_dtype: torch.dtype = torch.float32
+) -> MixedPrecisionPolicy:
+    """BF16 compute with FP32 gradient accumulation and reduction, or FP32 throughout. Parameters
+    stored in BF16 (their FP32 masters on the host) compute in BF16 on any device."""
+    if (bf16 and device_type == "cuda") or param_dtype == torch.bfloat16:
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
 
@@ -40,14 +44,21 @@ def _shard(
 
 
 def apply_data_parallel(
-    root: nn.Module, mesh: ParallelMesh, bf16: bool = True, reshard_after_forward: bool = True
+    root: nn.Module,
+    mesh: ParallelMesh,
+    bf16: bool = True,
+    reshard_after_forward: bool = True,
+    param_dtype: torch.dtype = torch.float32,
 ) -> None:
     """Wrap `root` (materialized, after the TP/EP passes) with FSDP2: each decoder layer and the
     root over dp x cp, the routed experts over edp. Under tp, ep or etp > 1 the experts are units of
     their own (edp is another group: different ep ranks hold different experts); otherwise edp is
     the dp x cp group and they stay in their layer's unit. A group of one rank is still wrapped
-    under BF16 mixed precision on GPU (FSDP2 does the casting); otherwise it is skipped."""
-    policy = mixed_precision(mesh.dense.device_type, bf16)
+    under BF16 mixed precision on GPU (FSDP2 does the casting); otherwise it is skipped.
+    `param_dtype`: the dtype the (sharded) parameters are stored in; buffers keep theirs."""
+    for param in root.parameters():
+        param.data = param.data.to(param_dtype)
+    policy = mixed_precision(mesh.dense.device_type, bf16, param_dtype)
     casting = policy.param_dtype is not None
     # With tp = ep = etp = 1 the edp group is the dense dp x cp group itself (same ranks, same
     # order), so the experts stay in their layer's unit. A unit of their own puts FSDP hooks inside

@@ -36,7 +36,9 @@ from .tensor_parallel import apply_tensor_parallel
 class Build:
     """What a rank builds: the model, the layout (`parallel`, its dp resolved in `dims`), the
     precision, and where (`device_type` "cpu"/"cuda"; None when validating without a machine: the
-    checks that depend on one are skipped). `seed`: the initialization seed (layout-invariant)."""
+    checks that depend on one are skipped). `seed`: the initialization seed (layout-invariant).
+    `param_dtype`: what the device parameters are stored in under FSDP2; FP32 (they are the master
+    weights) unless the optimizer keeps FP32 masters on the host (`training.offload`)."""
 
     model: ModelConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -44,12 +46,14 @@ class Build:
     dims: ParallelDims = field(default_factory=ParallelDims)
     device_type: str | None = None
     seed: int = 0
+    param_dtype: torch.dtype = torch.float32
 
     @property
     def bf16(self) -> bool:
         """Whether FSDP2 computes in bf16 over fp32 parameters (on CUDA unless fp32; CPU runs
-        compute in fp32)."""
-        return self.precision.name != "fp32" and self.device_type == "cuda"
+        compute in fp32, unless the parameters are stored in bf16)."""
+        stored_bf16 = self.param_dtype == torch.bfloat16
+        return stored_bf16 or (self.precision.name != "fp32" and self.device_type == "cuda")
 
     @property
     def activation_dtype(self) -> torch.dtype:
@@ -216,6 +220,7 @@ class DataParallel(Feature):
                 chunk,
                 mesh,
                 bf16=build.bf16,
+                param_dtype=build.param_dtype,
                 reshard_after_forward=p.reshard_after_forward
                 and not splits_weight_backward(p.pipeline_schedule),
             )

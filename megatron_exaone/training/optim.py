@@ -12,6 +12,7 @@ from torch import nn
 from megatron_exaone.parallel.sharding import layout_of
 
 from .muon import Muon, ShardedMatrix
+from .offload import CpuOffloadAdamW
 
 _ADAMW_ONLY = ("embed_tokens.weight", "lm_head.weight", "mlp.gate.weight")
 
@@ -78,6 +79,22 @@ class Optimizers:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
+    def master_weights(self) -> dict[int, torch.Tensor]:
+        """id(device parameter) -> its FP32 master on the host, for the parameters whose optimizer
+        keeps one (`optim.offload=cpu`); checkpoints save and load these as the weights."""
+        return {
+            id(p): master
+            for opt in self.optimizers
+            if isinstance(opt, CpuOffloadAdamW)
+            for p, master in opt.masters.items()
+        }
+
+    def load_masters_into_params(self) -> None:
+        """After a checkpoint loaded into the masters: the device parameters take their values."""
+        for opt in self.optimizers:
+            if isinstance(opt, CpuOffloadAdamW):
+                opt.load_masters_into_params()
+
 
 def build_optimizer(
     chunks: Iterable[nn.Module],
@@ -90,11 +107,14 @@ def build_optimizer(
     muon_nesterov: bool = True,
     muon_ns_steps: int = 5,
     muon_adjust_lr: str = "match_rms_adamw",
+    offload: str = "none",
     tp_group=None,
     tp_size: int = 1,
 ) -> Optimizers:
     """AdamW over everything (`name="adamw"`), or Muon over hidden matrices plus AdamW
-    (`name="muon"`)."""
+    (`name="muon"`). `offload="cpu"`: the AdamW groups step on the host (`offload`)."""
+    if offload not in ("none", "cpu"):
+        raise ValueError(f"optim.offload={offload!r}: use 'none' or 'cpu'.")
     if name not in ("adamw", "muon"):
         raise ValueError(f"optimizer {name!r}: use 'adamw' or 'muon'.")
     named = _named_params(chunks)
@@ -118,7 +138,9 @@ def build_optimizer(
     # foreach on CPU.
     on_gpu = any(p.is_cuda for _, _, p in named)
     optimizers: list[torch.optim.Optimizer] = [
-        torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True if on_gpu else None)
+        CpuOffloadAdamW(groups, lr=lr, betas=betas, eps=eps)
+        if offload == "cpu"
+        else torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True if on_gpu else None)
     ]
     if muon:
         matrices = {p: ShardedMatrix(p, layout_of(c, n, p), tp_group, tp_size) for c, n, p in muon}

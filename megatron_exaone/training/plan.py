@@ -21,6 +21,8 @@ from megatron_exaone.model.config import ConfigError, ModelConfig
 from megatron_exaone.parallel.features import Build, Shapes, validate_build
 from megatron_exaone.parallel.mesh import LayoutError, ParallelDims
 
+from .offload import offload_unavailable
+
 
 @dataclass(frozen=True)
 class ValidatedConfig:
@@ -89,6 +91,10 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str | None = None) 
             "tensorboard.enabled=true but the tensorboard package is not installed: install it "
             "with `pip install 'megatron-exaone[tensorboard]'`, or set tensorboard.enabled=false."
         )
+    if cfg.optim.offload == "cpu" and device_type is not None:
+        reason = offload_unavailable()
+        if reason:
+            raise RecipeError(f"{reason}, or set optim.offload=none.")
     _check_resume(cfg, model)
     return ValidatedConfig(
         config=cfg, model=model, dims=dims, curriculum=curriculum, stage_parallel=stage_parallel
