@@ -12,11 +12,13 @@ over N forward + backward passes per optimizer step, as pretraining does (the op
 gradient reduction then run once per N micro-batches). Run on a GPU, from the repository root:
   PYTHONPATH=. python benchmarks/bench_train_gpu.py \
       [--variants bf16,bf16+compile,fp8_torch+compile] [--seq-len 4096]
+  (the proxy's step with and without optimizer offload: --variants bf16,bf16+offload)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import socket
@@ -38,6 +40,7 @@ from megatron_exaone.parallel.features import Build
 from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
 from megatron_exaone.precision import is_fp8, mark_fp8_weights_stale
 from megatron_exaone.training.flops import H100_BF16_DENSE_PEAK, flops_per_token, fp8_matmul_flops
+from megatron_exaone.training.offload import device_param_dtype
 from megatron_exaone.training.optim import build_optimizer
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "model" / "proxy_2b.yaml"
@@ -101,7 +104,15 @@ def measure_variants(
             yield variant, seconds, peak, f"{baseline[1] / seconds:.2f}x the speed of {baseline[0]}"
 
 
-VARIANT_OPTIONS = ("compile", "fp8_wgrad", "keep_gathered", "weight_cache", "fp8_mtp", "fp8_head")
+VARIANT_OPTIONS = (
+    "compile",
+    "fp8_wgrad",
+    "keep_gathered",
+    "weight_cache",
+    "fp8_mtp",
+    "fp8_head",
+    "offload",
+)
 
 
 def parse_variant(variant: str) -> tuple[PrecisionConfig, set[str]]:
@@ -111,7 +122,8 @@ def parse_variant(variant: str) -> tuple[PrecisionConfig, set[str]]:
     to backward: parallel.reshard_after_forward=false), weight_cache (FP8 weights quantized once per
     optimizer step: precision.fp8_weight_cache), fp8_mtp (the MTP module's projections in FP8 too:
     precision.fp8_mtp), fp8_head (the output head's logits and hidden-state gradient in FP8:
-    precision.fp8_lm_head)."""
+    precision.fp8_lm_head), offload (AdamW's masters and moments on the host, BF16 parameters on
+    the GPU: optim.offload=cpu)."""
     name, *options = variant.split("+")
     unknown = set(options) - set(VARIANT_OPTIONS)
     if unknown:
@@ -178,8 +190,13 @@ def time_steps(
         compile="compile" in options, reshard_after_forward="keep_gathered" not in options
     )
     # as the trainer builds
-    (model,) = build_chunks(Build(config, layout, plan, mesh.dims, "cuda", seed=0), mesh)
-    optimizer = build_optimizer([model], "adamw", lr=1e-4)
+    offload = "cpu" if "offload" in options else "none"
+    build = Build(config, layout, plan, mesh.dims, "cuda", seed=0)
+    build = dataclasses.replace(
+        build, param_dtype=device_param_dtype(offload, "adamw", layout.fsdp, build.bf16)
+    )
+    (model,) = build_chunks(build, mesh)
+    optimizer = build_optimizer([model], "adamw", lr=1e-4, offload=offload)
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randint(0, config.vocab_size, (micro_batch, seq_len), device="cuda", generator=gen)
     labels = shift_left(x, 1, -100)

@@ -3,10 +3,11 @@ per token.
 
     python tools/planner.py --model k_exaone_236b --tp 4 --pp 8 --ep 8 --dp 2 --seq-len 4096 \
         --micro-batch 1 --precision bf16 --recompute full [--vpp N] \
-        [--zero1 | --fsdp | --no-sharding] [--optimizer adamw|muon]
+        [--zero1 | --fsdp | --no-sharding] [--optimizer adamw|muon] \
+        [--offload cpu [--host-memory 1024 --gpus-per-node 8]]
     # a layout of recipes/parallel/<name>.yaml:
     python tools/planner.py --layout k_exaone_236b_h100x64 [--seq-len 32768 ...]
-    # the published K-EXAONE layouts:
+    # the K-EXAONE layouts (recipes/parallel/k_exaone_236b_*: the published ones and ours):
     python tools/planner.py --all-published
     # each stage of recipes/experiment/<name>.yaml:
     python tools/planner.py --experiment k_exaone_236b_h100x64
@@ -42,6 +43,14 @@ and optimizer state as bf16; with --fp8-weight-cache (precision.fp8_weight_cache
 adds the FP8 copies of each FP8 layer's weights that the step keeps (forward's and the transposed
 one for backward: 2 B per element), and of the head's with --fp8-lm-head (precision.fp8_lm_head;
 without the cache the loss makes those 2 B per head weight as a transient).
+
+`--offload cpu` (optim.offload=cpu, `training/offload.py`) moves the AdamW groups' fp32 master
+weights, gradients and moments to the host: 16 B per local element there, summed over the
+--gpus-per-node ranks of a node (each counted as the worst rank) against --host-memory (default 1
+TiB per node of 8 GPUs). With AdamW under FSDP2 the GPU then stores bf16 parameters (2 B, sharded)
+and the reduced bf16 gradient (2 B, sharded; the unsharded accumulation stays fp32) and holds no
+optimizer state; the step converts one bucket of 2^25 elements each way (8 B each). Under Muon only
+the AdamW groups' moments leave the GPU; without sharding only the moments do.
 
 Activations per micro-batch and decoder layer are what autograd saves in this model's code, with b*s
 tokens, s/tp per rank under sequence parallel, a = 2 B (bf16):
@@ -123,6 +132,7 @@ from megatron_exaone.parallel.pipeline import (
     pipeline_layout,
 )
 from megatron_exaone.training.flops import attended_keys, flops_per_token, fp8_matmul_flops
+from megatron_exaone.training.offload import BUCKET_ELEMENTS
 
 REPO = Path(__file__).resolve().parent.parent
 PARALLEL_RECIPES = REPO / "recipes" / "parallel"
@@ -132,6 +142,8 @@ RUNTIME_OVERHEAD_GIB = 2.0
 # as training/optim.py _ADAMW_ONLY
 ADAMW_ONLY = ("embed_tokens.weight", "lm_head.weight", "mlp.gate.weight")
 SHARDINGS = ("fsdp", "zero1", "none")
+# --all-published: each layout with these (optimizer, offload)
+OPTIMIZER_ROWS = (("adamw", "none"), ("muon", "none"), ("adamw", "cpu"))
 PUBLISHED_PREFIX = "k_exaone_236b_"
 
 ROWS = (
@@ -163,6 +175,9 @@ class PlanInput:
     fp8_mtp: bool = False  # fp8: precision.fp8_mtp
     fp8_lm_head: bool = False  # fp8: precision.fp8_lm_head
     optimizer: str = "adamw"  # adamw | muon
+    offload: str = "none"  # none | cpu: optim.offload
+    host_gib: float = 1024.0  # host memory per node, for --offload cpu
+    gpus_per_node: int = 8
     sequence_parallel: bool = True
     packed: bool = True
     bf16_layers: tuple[int, int] = (1, 1)  # fp8: decoder layers kept bf16 at each end
@@ -185,6 +200,8 @@ class RankMemory:
     bytes: dict[str, float] = field(default_factory=dict)
     # parameters + gradients + optimizer state as the optimizer step holds them
     step_states: float = 0.0
+    # host memory of optim.offload=cpu: masters, gradients and moments
+    host_bytes: float = 0.0
 
     @property
     def peak(self) -> float:
@@ -211,8 +228,17 @@ class Plan:
         return max(self.ranks, key=lambda r: r.peak)
 
     @property
+    def host_per_node(self) -> float:
+        """Host bytes per node for optim.offload=cpu: the worst rank's, times the GPUs of a node."""
+        return self.inp.gpus_per_node * max(r.host_bytes for r in self.ranks)
+
+    @property
+    def fits_host(self) -> bool:
+        return self.host_per_node <= self.inp.host_gib * GIB
+
+    @property
     def fits(self) -> bool:
-        return self.worst.peak <= self.inp.gpu_gib * GIB
+        return self.worst.peak <= self.inp.gpu_gib * GIB and self.fits_host
 
 
 # --------------------------------------------------------------------------------------- parameters
@@ -448,6 +474,11 @@ def validate_layout(inp: PlanInput) -> None:
     if d.pp > 1:
         check_schedule(_schedule(d), d.pp, d.vpp, d.pp * d.vpp)
     pipeline_layout(inp.model, d.pp, d.vpp)
+    if inp.offload == "cpu" and inp.sharding == "zero1":
+        raise LayoutError(
+            "--offload cpu with --zero1: zero1 is Megatron's distributed optimizer, shown for "
+            "comparison; this trainer offloads under FSDP2 (--fsdp) or without sharding."
+        )
     if inp.seq_len % (d.tp * d.cp) and inp.sequence_parallel:
         raise LayoutError(
             f"seq_len={inp.seq_len} does not split over tp*cp={d.tp * d.cp} for sequence parallel."
@@ -598,6 +629,31 @@ def _state_bytes(
     r.bytes["optimizer step temporaries"] = 4 * adamw_local
     if inp.sharding != "fsdp":
         r.step_states = r.bytes["parameters"] + r.bytes["gradients"] + r.bytes["optimizer state"]
+    if inp.offload == "cpu":
+        _offload(r, inp, dense_adamw / dense_shards if inp.sharding == "fsdp" else dense_adamw)
+
+
+def _offload(r: RankMemory, inp: PlanInput, local_dense_adamw: float) -> None:
+    """optim.offload=cpu: the AdamW groups' state moves to the host (see the module docstring)."""
+    if inp.optimizer == "muon":  # the AdamW groups' moments and their step temporary leave
+        host = local_dense_adamw
+        r.bytes["optimizer state"] -= 8 * host
+        r.bytes["optimizer step temporaries"] -= 4 * host
+        r.step_states -= 8 * host
+    elif inp.sharding == "fsdp":  # bf16 parameters and reduced gradients over host masters
+        d = inp.dims
+        dense, expert = r.dense_params, r.expert_params
+        host = dense / (d.dp * d.cp) + expert / d.edp
+        r.bytes["parameters"] = 2 * host + (2 * (dense + expert) if _holds_gathered(inp) else 0)
+        r.bytes["gradients"] = 4 * (dense + expert) if _accumulates(inp) else 2 * host
+        r.bytes["optimizer state"] = 0
+        r.bytes["optimizer step temporaries"] = 8 * min(BUCKET_ELEMENTS, host)
+        r.step_states = 4 * host
+    else:  # no sharding: fp32 parameters and gradients stay, the moments leave
+        host = r.dense_params + r.expert_params
+        r.step_states -= r.bytes["optimizer state"]
+        r.bytes["optimizer state"] = r.bytes["optimizer step temporaries"] = 0
+    r.host_bytes = 16 * host
 
 
 def _accumulates(inp: PlanInput) -> bool:
@@ -691,7 +747,8 @@ def describe(inp: PlanInput) -> str:
     return (
         f"{inp.model_name or 'model'}{' / ' + inp.layout_name if inp.layout_name else ''}: "
         f"{layout}\n  seq {inp.seq_len}, micro-batch {inp.micro_batch}, {inp.precision}, recompute "
-        f"{recompute}, {sharding}, {inp.optimizer}, "
+        f"{recompute}, {sharding}, {inp.optimizer}"
+        f"{' (offloaded to the host)' if inp.offload == 'cpu' else ''}, "
         f"{_schedule(d) if d.pp > 1 else 'no pipeline'}{'' if inp.sequence_parallel else ', no SP'}"
     )
 
@@ -726,11 +783,22 @@ def format_plan(p: Plan) -> str:
         + "".join(f"{'yes' if r.peak <= inp.gpu_gib * GIB else 'NO':>9}" for r in ranks)
     )
     w = p.worst
-    verdict = "fits" if p.fits else "DOES NOT FIT"
+    if inp.offload == "cpu":
+        lines.append(
+            f"  {'host memory (optimizer offload)':<34}"
+            + "".join(f"  {_gib(r.host_bytes)}" for r in ranks)
+        )
+    verdict = "fits" if w.peak <= inp.gpu_gib * GIB else "DOES NOT FIT"
     lines.append(
         f"  => {verdict}: worst pipeline rank {w.pp_rank} needs {w.peak / GIB:.1f} GiB of "
         f"{inp.gpu_gib:g} GiB"
     )
+    if inp.offload == "cpu":
+        lines.append(
+            f"  => host memory {'fits' if p.fits_host else 'DOES NOT FIT'}: "
+            f"{p.host_per_node / GIB:.0f} GiB per node of {inp.gpus_per_node} GPUs (worst rank x "
+            f"{inp.gpus_per_node}) of {inp.host_gib:g} GiB"
+        )
     return "\n".join(lines)
 
 
@@ -809,6 +877,9 @@ def build_input(
         fp8_lm_head=args.fp8_lm_head,
         reduce_each_micro_batch=reduce_each,
         optimizer=args.optimizer,
+        offload=args.offload,
+        host_gib=args.host_memory,
+        gpus_per_node=args.gpus_per_node,
         sequence_parallel=layout.get("sequence_parallel", True) and not args.no_sequence_parallel,
         packed=not args.no_packing,
         bf16_layers=tuple(args.bf16_layers),
@@ -832,7 +903,9 @@ def parser() -> argparse.ArgumentParser:
         "--layout", help="a recipes/parallel/<name>.yaml (flags given explicitly override it)"
     )
     p.add_argument(
-        "--all-published", action="store_true", help="summarise the published K-EXAONE layouts"
+        "--all-published",
+        action="store_true",
+        help="summarise the K-EXAONE layouts (recipes/parallel/k_exaone_236b_*)",
     )
     p.add_argument(
         "--experiment",
@@ -881,6 +954,20 @@ def parser() -> argparse.ArgumentParser:
         help="fp8: the output head's logits and input gradient in FP8 (precision.fp8_lm_head)",
     )
     p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
+    p.add_argument(
+        "--offload",
+        choices=("none", "cpu"),
+        default="none",
+        help="optim.offload: cpu keeps the AdamW groups' masters and moments in host memory",
+    )
+    p.add_argument(
+        "--host-memory",
+        type=float,
+        default=1024.0,
+        metavar="GIB",
+        help="host memory per node to fit with --offload cpu (GiB; default 1 TiB)",
+    )
+    p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--no-sequence-parallel", action="store_true")
     p.add_argument(
         "--no-packing", action="store_true", help="one document per sequence (no global-layer mask)"
@@ -900,7 +987,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def experiment_plans(name: str, world_size: int | None = None, gpu_gib: float = 80.0) -> list[Plan]:
+def experiment_plans(
+    name: str, world_size: int | None = None, gpu_gib: float = 80.0, host_gib: float = 1024.0
+) -> list[Plan]:
     """One plan per curriculum stage of the experiment recipe `name`
     (recipes/experiment/<name>.yaml): the stage's layout and sequence length with the recipe's
     micro-batch, precision, optimizer, recompute and FSDP settings, on `world_size` GPUs (default:
@@ -931,6 +1020,8 @@ def experiment_plans(name: str, world_size: int | None = None, gpu_gib: float = 
             fp8_mtp=precision.fp8_mtp,
             fp8_lm_head=precision.fp8_lm_head,
             optimizer=cfg.optim.name,
+            offload=cfg.optim.offload,
+            host_gib=host_gib,
             sequence_parallel=layout.sequence_parallel,
             bf16_layers=(precision.keep_bf16_first_layers, precision.keep_bf16_last_layers),
             gpu_gib=gpu_gib,
@@ -946,8 +1037,8 @@ def _tokens(n: int) -> str:
 
 
 SUMMARY_HEADER = (
-    f"{'layout':<30}{'GPUs':>5}  {'parallel':<22}{'prec':<6}{'optim':<7}{'GiB/GPU':>8}  "
-    f"{'fits':<5}{'FLOPs/token':>11}"
+    f"{'layout':<30}{'GPUs':>5}  {'parallel':<22}{'prec':<6}{'optim':<11}{'GiB/GPU':>8}  "
+    f"{'host GiB/node':>13}  {'fits':<5}{'FLOPs/token':>11}"
 )
 
 
@@ -959,10 +1050,12 @@ def summary_row(p: Plan) -> str:
         + f" dp{d.dp}"
         + (f" vpp{d.vpp}" if d.vpp > 1 else "")
     )
+    optimizer = p.inp.optimizer + ("+cpu" if p.inp.offload == "cpu" else "")
+    host = f"{p.host_per_node / GIB:.0f}" if p.inp.offload == "cpu" else "-"
     return (
         f"{p.inp.layout_name:<30}{d.world_size:>5}  "
-        f"{layout:<22}{p.inp.precision:<6}{p.inp.optimizer:<7}{w.peak / GIB:>8.1f}  "
-        f"{'yes' if p.fits else 'NO':<5}{p.flops_per_token:>11.3e}"
+        f"{layout:<22}{p.inp.precision:<6}{optimizer:<11}{w.peak / GIB:>8.1f}  "
+        f"{host:>13}  {'yes' if p.fits else 'NO':<5}{p.flops_per_token:>11.3e}"
     )
 
 
@@ -973,7 +1066,9 @@ def main(argv: list[str] | None = None) -> int:
             from megatron_exaone.config.schema import RecipeError
 
             try:
-                plans = experiment_plans(args.experiment, args.world_size, args.gpu_gib)
+                plans = experiment_plans(
+                    args.experiment, args.world_size, args.gpu_gib, args.host_memory
+                )
             except RecipeError as exc:
                 print(f"invalid recipe: {exc}", file=sys.stderr)
                 return 2
@@ -989,10 +1084,11 @@ def main(argv: list[str] | None = None) -> int:
             print(SUMMARY_HEADER)
             for name in published_layouts():
                 for precision in ("bf16", "fp8"):
-                    for optimizer in ("adamw", "muon"):
+                    for optimizer, offload in OPTIMIZER_ROWS:
                         inp = dataclasses.replace(
                             build_input(args, load_layout(name), name, precision),
                             optimizer=optimizer,
+                            offload=offload,
                         )
                         print(summary_row(plan(inp)))
             print(

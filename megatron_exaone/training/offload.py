@@ -144,7 +144,7 @@ class CpuOffloadAdamW(torch.optim.Optimizer):
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0))
         pin = torch.cuda.is_available()
         self.masters: dict[torch.Tensor, torch.Tensor] = {}
-        self._host_grads: dict[torch.Tensor, torch.Tensor] = {}
+        self.host_grads: dict[torch.Tensor, torch.Tensor] = {}
         master_groups = []
         for group in self.param_groups:
             host_params = []
@@ -153,7 +153,7 @@ class CpuOffloadAdamW(torch.optim.Optimizer):
                 master = torch.empty(local.shape, dtype=torch.float32, pin_memory=pin)
                 master.copy_(local)
                 self.masters[p] = master
-                self._host_grads[p] = torch.empty_like(master, pin_memory=pin)
+                self.host_grads[p] = torch.empty_like(master, pin_memory=pin)
                 host_params.append(master)
             master_groups.append({"params": host_params, "weight_decay": group["weight_decay"]})
         cpu_adam = load_cpu_adam()
@@ -180,13 +180,13 @@ class CpuOffloadAdamW(torch.optim.Optimizer):
         arrived = []
         for bucket in buckets:  # every gradient copy is queued before the CPU starts stepping
             for p in bucket:
-                self._host_grads[p].copy_(_local(p.grad), non_blocking=True)
+                self.host_grads[p].copy_(_local(p.grad), non_blocking=True)
             arrived.append(_event_after_copies(bucket[0].device))
         for bucket, event in zip(buckets, arrived):
             if event is not None:
                 event.synchronize()
             for p in bucket:
-                self.masters[p].grad = self._host_grads[p]
+                self.masters[p].grad = self.host_grads[p]
             self.host_adam.step()
             for p in bucket:
                 self.masters[p].grad = None

@@ -28,6 +28,7 @@ from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
 from megatron_exaone.parallel.testing import run_distributed
 from megatron_exaone.training.optim import build_optimizer
 from tests.runs import by_step, overrides, train
+from tools import planner
 
 STEPS = 20
 OFFLOAD = "optim.offload=cpu"
@@ -173,6 +174,14 @@ def _bf16_storage(rank: int, world: int, root: str) -> dict:
         optimizer.step()
         optimizer.zero_grad()
     masters = optimizer.master_weights()
+    (offloaded,) = optimizer.optimizers
+    host_bytes = sum(
+        4 * t.numel()
+        for p, master in offloaded.masters.items()
+        for t in (master, offloaded.host_grads[p], *optimizer.state[p].values())
+        if isinstance(t, torch.Tensor)
+    )
+    device_bytes = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
     stored = {p.dtype for p in model.parameters()}
     follow = all(
         torch.equal(p.to_local(), masters[id(p)].to(torch.bfloat16)) for p in model.parameters()
@@ -192,12 +201,18 @@ def _bf16_storage(rank: int, world: int, root: str) -> dict:
     dist.barrier()
     return dict(
         stored=stored, grads=grad_dtypes, follow=follow, sub_bf16=sub_bf16, loaded=loaded,
-        losses=losses,
+        losses=losses, host_bytes=host_bytes, device_bytes=device_bytes,
     )  # fmt: skip
 
 
 def test_bf16_parameters_step_in_fp32_and_checkpoint_their_masters(tmp_path):
+    (counted,) = planner.plan(
+        planner.PlanInput(model=tiny(vocab_size=128), dims=ParallelDims(dp=2), offload="cpu")
+    ).ranks
     for result in run_distributed(_bf16_storage, 2, str(tmp_path), timeout_s=120):
+        # what the planner counts: 16 B per local element on the host, 2 B on the device
+        assert result["host_bytes"] == counted.host_bytes
+        assert result["device_bytes"] == counted.bytes["parameters"]
         # the device holds BF16 weights and (reduced in FP32) BF16 gradients
         assert result["stored"] == {torch.bfloat16} and result["grads"] == {torch.bfloat16}
         # each weight is its FP32 master rounded, and the masters hold more than BF16 can

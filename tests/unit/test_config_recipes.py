@@ -48,6 +48,7 @@ CASES = {
     "experiment/cpu_tiny": ([], 4),
     "experiment/k_exaone_236b_h100x64": ([], 64),
     "experiment/k_exaone_236b_h100x256": ([], 256),
+    "experiment/k_exaone_236b_h100x64_adamw_offload": ([], 64),
     **{f"precision/{name}": ([], 1) for name in PRECISIONS},
 }
 

@@ -34,7 +34,7 @@ def hand_params(c):
     return dense, moe_layers * experts
 
 
-def run(model, sharding="fsdp", optimizer="adamw", **dims):
+def run(model, sharding="fsdp", optimizer="adamw", offload="none", **dims):
     dims.setdefault("dp", 1)
     return planner.plan(
         planner.PlanInput(
@@ -43,6 +43,7 @@ def run(model, sharding="fsdp", optimizer="adamw", **dims):
             seq_len=64,
             sharding=sharding,
             optimizer=optimizer,
+            offload=offload,
         )
     )
 
@@ -251,7 +252,8 @@ def test_all_published_lists_every_k_exaone_layout(capsys):
     assert planner.main(["--all-published"]) == 0
     out = capsys.readouterr().out
     for name in ("k_exaone_236b_h100x64", "k_exaone_236b_h100x256"):
-        assert out.count(name) == 4  # bf16/fp8 x adamw/muon
+        assert out.count(name) == 6  # bf16/fp8 x adamw/muon/adamw offloaded
+    assert out.count("adamw+cpu") == 4
 
 
 def test_invalid_layout_prints_the_mesh_message(capsys):
@@ -263,3 +265,51 @@ def test_invalid_layout_prints_the_mesh_message(capsys):
     assert "expert tensor parallelism is not implemented" in capsys.readouterr().err
     assert planner.main(["--tp", "4", "--pp", "64", "--ep", "8", "--dp", "2"]) == 2
     assert "decoder layers" in capsys.readouterr().err
+
+
+def test_offload_moves_adamw_state_to_the_host_by_hand():
+    """optim.offload=cpu under FSDP2: bf16 sharded parameters and reduced gradients on the GPU (the
+    unsharded accumulation stays fp32), no optimizer state; 16 B per local element on the host."""
+    config = tiny()
+    dense, experts = hand_params(config)
+    local = dense / 2 + experts / 2  # dp2: dense and experts (edp = 2) sharded in two
+    (device,) = run(config, dp=2).ranks
+    (rank,) = run(config, offload="cpu", dp=2).ranks
+    assert rank.bytes["parameters"] == 2 * local
+    assert rank.bytes["gradients"] == device.bytes["gradients"] == 4 * (dense + experts)
+    assert rank.bytes["optimizer state"] == 0 and rank.host_bytes == 16 * local
+    assert rank.peak < device.peak and device.host_bytes == 0
+    # Muon: only the AdamW groups' moments leave the GPU
+    (muon,) = run(config, optimizer="muon", dp=2).ranks
+    (muon_offloaded,) = run(config, optimizer="muon", offload="cpu", dp=2).ranks
+    adamw_local = muon_offloaded.host_bytes / 16
+    assert 0 < adamw_local < local
+    assert muon.bytes["parameters"] == muon_offloaded.bytes["parameters"] == 4 * local
+    assert muon.bytes["optimizer state"] - muon_offloaded.bytes["optimizer state"] == (
+        8 * adamw_local
+    )
+    # without sharding the parameters and gradients stay fp32 on the GPU
+    (plain,) = run(config, sharding="none", offload="cpu").ranks
+    assert plain.bytes["parameters"] == 4 * (dense + experts)
+    assert plain.bytes["optimizer state"] == 0
+    with pytest.raises(LayoutError, match="zero1"):
+        run(config, sharding="zero1", offload="cpu", dp=2)
+
+
+def test_offload_fits_k_exaone_on_fewer_gpus_and_flags_the_host(capsys):
+    """AdamW on the published 64-H100 layout does not fit at 8K; offloaded it does on every stage of
+    the experiment. TP8 x PP4 x EP8 on 32 H100s fits only offloaded, with 928 GiB of host memory per node:
+    flagged on nodes of 512 GiB."""
+    assert planner.main(["--layout", "k_exaone_236b_h100x64", "--seq-len", "8192"]) == 1
+    assert planner.main(["--experiment", "k_exaone_236b_h100x64_adamw_offload"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("adamw+cpu") == 5 and "DOES NOT FIT" in out
+    layout = ["--tp", "8", "--pp", "4", "--ep", "8", "--dp", "1", "--seq-len", "8192"]
+    assert planner.main(layout) == 1
+    assert planner.main([*layout, "--offload", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "=> host memory fits: 928 GiB per node of 8 GPUs" in out
+    assert planner.main([*layout, "--offload", "cpu", "--host-memory", "512"]) == 1
+    out = capsys.readouterr().out
+    assert "=> fits: worst pipeline rank" in out
+    assert "=> host memory DOES NOT FIT: 928 GiB per node of 8 GPUs (worst rank x 8) of 512" in out
