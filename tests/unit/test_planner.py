@@ -298,8 +298,8 @@ def test_offload_moves_adamw_state_to_the_host_by_hand():
 
 def test_offload_fits_k_exaone_on_fewer_gpus_and_flags_the_host(capsys):
     """AdamW on the published 64-H100 layout does not fit at 8K; offloaded it does on every stage of
-    the experiment. TP8 x PP4 x EP8 on 32 H100s fits only offloaded, with 928 GiB of host memory per node:
-    flagged on nodes of 512 GiB."""
+    the experiment. TP8 x PP4 x EP8 on 32 H100s fits only offloaded, with 928 GiB of host memory
+    per node: flagged on nodes of 512 GiB."""
     assert planner.main(["--layout", "k_exaone_236b_h100x64", "--seq-len", "8192"]) == 1
     assert planner.main(["--experiment", "k_exaone_236b_h100x64_adamw_offload"]) == 0
     out = capsys.readouterr().out
