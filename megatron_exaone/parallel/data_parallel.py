@@ -16,7 +16,7 @@ from .mesh import ParallelMesh
 
 
 def mixed_precision(
-    device_type: str, bf16: bool, param_dtype: torch.dtype = torch.float32
+    device_type: str, bf16: bool, param_dtype: torch.dtype | None = None
 ) -> MixedPrecisionPolicy:
     """BF16 compute with FP32 gradient accumulation and reduction, or FP32 throughout. Parameters
     stored in BF16 (their FP32 masters on the host) compute in BF16 on any device."""
@@ -48,15 +48,16 @@ def apply_data_parallel(
     mesh: ParallelMesh,
     bf16: bool = True,
     reshard_after_forward: bool = True,
-    param_dtype: torch.dtype = torch.float32,
+    param_dtype: torch.dtype | None = None,
 ) -> None:
     """Wrap `root` (materialized, after the TP/EP passes) with FSDP2: each decoder layer and the
     root over dp x cp, the routed experts over edp. Under tp, ep or etp > 1 the experts are units of
     their own (edp is another group: different ep ranks hold different experts); otherwise edp is
     the dp x cp group and they stay in their layer's unit. A group of one rank is still wrapped
     under BF16 mixed precision on GPU (FSDP2 does the casting); otherwise it is skipped.
-    `param_dtype`: the dtype the (sharded) parameters are stored in; buffers keep theirs."""
-    for param in root.parameters():
+    `param_dtype`: the dtype to store the (sharded) parameters in (None: as they are); buffers keep
+    theirs."""
+    for param in root.parameters() if param_dtype is not None else ():
         param.data = param.data.to(param_dtype)
     policy = mixed_precision(mesh.dense.device_type, bf16, param_dtype)
     casting = policy.param_dtype is not None
