@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import time
 
 import torch
@@ -63,10 +62,10 @@ def time_layer(
     steps: int,
     warmup: int,
     profile: bool = False,
-) -> tuple[float, float]:
-    """(median seconds per forward + backward, peak GiB). A step accumulates gradients over
-    `micro_batches` forward + backward passes of the same weights (the FP8 weight cache,
-    `+weight_cache`, quantizes them on the first)."""
+) -> tuple[list[float], float]:
+    """(seconds per forward + backward of each timed step, peak GiB). A step accumulates
+    gradients over `micro_batches` forward + backward passes of the same weights (the FP8 weight
+    cache, `+weight_cache`, quantizes them on the first)."""
     plan, options = parse_variant(variant)
     torch.manual_seed(0)
     with torch.device(DEVICE):
@@ -113,7 +112,7 @@ def time_layer(
     peak = torch.cuda.max_memory_allocated() / 2**30
     if profile:
         print_kernel_profile(step, f"one {variant} step of {micro_batches} forward + backward")
-    return statistics.median(times), peak
+    return times, peak
 
 
 def main() -> None:
@@ -129,7 +128,7 @@ def main() -> None:
         default=1,
         help="forward + backward passes per step (weights unchanged within a step)",
     )
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument(
         "--profile",
@@ -149,7 +148,7 @@ def main() -> None:
         "backward"
     )
 
-    def measure(variant: str) -> tuple[float, float]:
+    def measure(variant: str) -> tuple[list[float], float]:
         return time_layer(
             config,
             variant,
@@ -161,9 +160,10 @@ def main() -> None:
             profile=variant in args.profile.split(","),
         )
 
-    for variant, seconds, peak, ratio in measure_variants(args.variants.split(","), measure):
+    for variant, timing, peak, ratio in measure_variants(args.variants.split(","), measure):
         print(
-            f"{variant}: {seconds * 1e3:.1f} ms, {flops / seconds / 1e12:.0f} TFLOP/s, peak memory "
+            f"{variant}: {timing.ms()}, {flops / timing.median / 1e12:.0f} TFLOP/s "
+            f"({flops / timing.high / 1e12:.0f}-{flops / timing.low / 1e12:.0f}), peak memory "
             f"{peak:.1f} GiB ({ratio})",
             flush=True,
         )

@@ -1,18 +1,25 @@
-"""Single-GPU training step of the ~2B proxy model (recipes/model/proxy_2b.yaml) in BF16 and in FP8
-(torch-native backend), through the real training path: the parallel builder (precision pass), FSDP2
-mixed precision (BF16 compute, FP32 master weights and gradient reduction), fused output-projection
-loss, AdamW.
+"""Training step of the ~2B proxy model (recipes/model/proxy_2b.yaml) in BF16 and in FP8
+(torch-native backend) on one GPU, as the trainer runs it: the parallel builder (precision pass),
+FSDP2 mixed precision (BF16 compute, FP32 master weights and gradient reduction), the step runner
+(micro-batch accumulation, one metric reduction), gradient clipping, the expert-bias update and the
+optimizer, on packed batches of the bundled sample corpus (real documents: FlexAttention document
+masks), a different batch every step.
 
 Each variant is a precision with options (`parse_variant`), e.g. `fp8_torch:rowwise+compile`
-(`+compile`: `parallel.compile`, every decoder layer compiled). Prints tokens/s and MFU against the
-H100 dense BF16 peak (989 TFLOP/s) with the device name, and each variant's speed-up over the first
-one, measured in the same process: `name: value (ratio vs baseline)`. `--profile VARIANT` adds a
-table of the CUDA kernels of one step of that variant. `--micro-batches N` accumulates gradients
-over N forward + backward passes per optimizer step, as pretraining does (the optimizer and FSDP's
-gradient reduction then run once per N micro-batches). Run on a GPU, from the repository root:
+(`+compile`: `parallel.compile`, every decoder layer compiled; `+muon`: Muon instead of AdamW;
+`+offload`: `optim.offload=cpu`). Prints, with the device name, each variant's tokens/s and ms per
+step (median and min-max of --steps timed steps after --warmup), MFU against the H100 dense BF16
+peak (989 TFLOP/s) counted our way (`training.flops.flops_per_token`: sliding windows, router) and
+Megatron-LM's way (`megatron_flops_per_token`: every layer causal over the whole sequence, no
+router), and its speed against the first variant, measured in the same process; a ratio whose
+step times overlap the baseline's range is reported as no difference. `--profile VARIANT` adds a
+table of the CUDA kernels of one step. `--micro-batches N` accumulates gradients over N forward +
+backward passes per optimizer step, as pretraining does. Run on a GPU, from the repository root:
   PYTHONPATH=. python benchmarks/bench_train_gpu.py \
       [--variants bf16,bf16+compile,fp8_torch+compile] [--seq-len 4096]
   (the proxy's step with and without optimizer offload: --variants bf16,bf16+offload)
+`--device cpu --model tiny` runs the same path on the CPU (a check that it runs; its times mean
+nothing).
 """
 
 from __future__ import annotations
@@ -20,34 +27,50 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import os
 import socket
 import statistics
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import yaml
+from torch import nn
 
+from data_tools.sample_data import prepare_sample_data
 from megatron_exaone.config.schema import ParallelConfig, PrecisionConfig
+from megatron_exaone.data.loader import DataStage, MixtureLoader
 from megatron_exaone.model import ModelConfig
-from megatron_exaone.model.mtp import shift_left
+from megatron_exaone.model.moe import update_expert_bias
 from megatron_exaone.parallel.build import build_chunks
+from megatron_exaone.parallel.comm import all_reduce_
 from megatron_exaone.parallel.features import Build
+from megatron_exaone.parallel.grad_norm import clip_grad_norm_
 from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
+from megatron_exaone.parallel.pipeline import embedding_copies
+from megatron_exaone.parallel.step import step_runner
 from megatron_exaone.precision import is_fp8, mark_fp8_weights_stale
-from megatron_exaone.training.flops import H100_BF16_DENSE_PEAK, flops_per_token, fp8_matmul_flops
+from megatron_exaone.training.flops import (
+    flops_per_token,
+    fp8_matmul_flops,
+    megatron_flops_per_token,
+    peak_flops,
+)
 from megatron_exaone.training.offload import device_param_dtype
 from megatron_exaone.training.optim import build_optimizer
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "model" / "proxy_2b.yaml"
+MODEL_RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "model"
 
 
-def proxy_config(layers: int | None) -> ModelConfig:
-    fields = yaml.safe_load(RECIPE.read_text())
+def model_config(name: str, layers: int | None) -> ModelConfig:
+    """The model of recipes/model/<name>.yaml, with `layers` decoder layers if given."""
+    fields = yaml.safe_load((MODEL_RECIPES / f"{name}.yaml").read_text())
     if layers:
         fields["num_hidden_layers"] = layers
     return ModelConfig(**fields)
@@ -78,16 +101,42 @@ def print_kernel_profile(run: Callable[[], None], what: str, rows: int = 40) -> 
         )
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Seconds of the timed repeats: median and range."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, times: list[float]) -> Timing:
+        return cls(statistics.median(times), min(times), max(times))
+
+    def ms(self) -> str:
+        return f"{self.median * 1e3:.1f} ms ({self.low * 1e3:.1f}-{self.high * 1e3:.1f})"
+
+    def against(self, baseline: Timing, name: str) -> str:
+        """This timing's speed against `baseline`'s: a ratio, or no difference when the two ranges
+        overlap."""
+        ratio = f"{baseline.median / self.median:.2f}x the speed of {name}"
+        if self.low <= baseline.high and baseline.low <= self.high:
+            return f"{ratio}: no difference, inside the spread"
+        return ratio
+
+
 def measure_variants(
-    variants: list[str], measure: Callable[[str], tuple[float, float]]
-) -> Iterator[tuple[str, float, float, str]]:
-    """(variant, seconds, peak GiB, its speed against the first variant that ran) for each variant;
-    `measure` returns the first two. A variant that fails is reported and the others still run;
-    compiled graphs (and what they hold) are dropped between variants."""
-    baseline: tuple[str, float] | None = None
+    variants: list[str], measure: Callable[[str], tuple[list[float], float]]
+) -> Iterator[tuple[str, Timing, float, str]]:
+    """(variant, its timing, peak GiB, its speed against the first variant that ran) for each
+    variant; `measure` returns the timed repeats' seconds and the peak. A variant that fails is
+    reported and the others still run; compiled graphs (and what they hold) are dropped between
+    variants."""
+    baseline: tuple[str, Timing] | None = None
     for variant in variants:
         try:
-            seconds, peak = measure(variant)
+            times, peak = measure(variant)
+            timing = Timing.of(times)
         except Exception:
             print(f"{variant}: failed:\n{traceback.format_exc(limit=-4)}", flush=True)
             continue
@@ -96,12 +145,13 @@ def measure_variants(
             if breaks:
                 print(f"{variant}: torch.compile graph breaks: {dict(breaks)}", flush=True)
             torch._dynamo.reset()
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         if baseline is None:
-            baseline = variant, seconds
-            yield variant, seconds, peak, "baseline"
+            baseline = variant, timing
+            yield variant, timing, peak, "baseline"
         else:
-            yield variant, seconds, peak, f"{baseline[1] / seconds:.2f}x the speed of {baseline[0]}"
+            yield variant, timing, peak, timing.against(baseline[1], baseline[0])
 
 
 VARIANT_OPTIONS = (
@@ -112,6 +162,8 @@ VARIANT_OPTIONS = (
     "fp8_mtp",
     "fp8_head",
     "offload",
+    "muon",
+    "no_bf16_layers",
 )
 
 
@@ -123,7 +175,9 @@ def parse_variant(variant: str) -> tuple[PrecisionConfig, set[str]]:
     optimizer step: precision.fp8_weight_cache), fp8_mtp (the MTP module's projections in FP8 too:
     precision.fp8_mtp), fp8_head (the output head's logits and hidden-state gradient in FP8:
     precision.fp8_lm_head), offload (AdamW's masters and moments on the host, BF16 parameters on
-    the GPU: optim.offload=cpu)."""
+    the GPU: optim.offload=cpu), muon (Muon on the hidden matrices, as the K-EXAONE recipes),
+    no_bf16_layers (no decoder layer kept in BF16 at either end: precision.keep_bf16_first_layers
+    and keep_bf16_last_layers 0)."""
     name, *options = variant.split("+")
     unknown = set(options) - set(VARIANT_OPTIONS)
     if unknown:
@@ -138,6 +192,11 @@ def parse_variant(variant: str) -> tuple[PrecisionConfig, set[str]]:
         fp8_weight_cache="weight_cache" in options,
         fp8_mtp="fp8_mtp" in options,
         fp8_lm_head="fp8_head" in options,
+        **(
+            dict(keep_bf16_first_layers=0, keep_bf16_last_layers=0)
+            if "no_bf16_layers" in options
+            else {}
+        ),
     )
     return plan, set(options)
 
@@ -161,69 +220,104 @@ def fp8_share(config: ModelConfig, seq_len: int, plan: PrecisionConfig) -> str:
     )
 
 
-def train_step(model, optimizer, x, labels, micro_batches: int) -> None:
-    """One optimizer step over `micro_batches` forward + backward passes of (x, labels)."""
-    mark_fp8_weights_stale(model)
-    for micro in range(micro_batches):
-        model.set_requires_gradient_sync(micro == micro_batches - 1)
-        model(x, labels=labels, return_logits=False).loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
+def packed_batches(
+    config: ModelConfig, seq_len: int, global_batch: int, count: int, device: torch.device
+) -> list[dict[str, torch.Tensor]]:
+    """`count` global batches of the bundled sample corpus packed as the trainer's loader packs them
+    (documents concatenated, position ids restarting at each document), on `device`. The corpus
+    tokenizer's 4096 ids are valid ids of any larger vocabulary; the output head costs the same."""
+    data_dir = Path(tempfile.gettempdir()) / "megatron-exaone-bench-data"
+    _tokenizer, prefix = prepare_sample_data(data_dir, 4096)
+    loader = MixtureLoader(
+        {"sample": [str(prefix)]},
+        [DataStage({"sample": 1.0}, seq_len, global_batch)],
+        seq_len=seq_len,
+        global_batch_size=global_batch,
+        vocab_size=config.vocab_size,
+        cache_dir=data_dir / "index",
+    )
+    return [
+        {k: v.to(device) for k, v in loader.next_batch(global_batch).items()} for _ in range(count)
+    ]
+
+
+def trainer_step(
+    model: nn.Module, optimizer, mesh, config: ModelConfig, micro_batches: int
+) -> Callable[[dict[str, torch.Tensor]], None]:
+    """One optimizer step as `training.trainer` runs it: the step runner over `micro_batches`
+    (FSDP2 reduces after the last; one metric reduction), the global-norm clip, the expert-bias
+    update (counts summed over the ranks) and the optimizer."""
+    runner = step_runner([model], mesh, "1f1b", micro_batches)
+    group = mesh.tp_cp_dp_group
+
+    def step(batch: dict[str, torch.Tensor]) -> None:
+        mark_fp8_weights_stale(model)
+        runner.step(batch["input_ids"], batch["labels"], batch["position_ids"])
+        clip_grad_norm_([model], 1.0, mesh, embedding_copies(config, 1)).item()
+        update_expert_bias(model, 1e-3, lambda t: all_reduce_(t, group))
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
 
 
 def time_steps(
     config: ModelConfig,
     variant: str,
-    seq_len: int,
-    micro_batch: int,
+    batches: list[dict[str, torch.Tensor]],
     micro_batches: int,
-    steps: int,
     warmup: int,
     profile: bool,
-) -> tuple[float, float]:
-    """(median seconds per optimizer step, peak GiB) for one variant (see `parse_variant`). A step
-    accumulates gradients over `micro_batches` forward + backward passes as the trainer does (FSDP2
-    reduces them after the last one), then runs the optimizer."""
+    device: torch.device,
+) -> tuple[list[float], float]:
+    """(seconds of each timed optimizer step, peak GiB) for one variant (see `parse_variant`): one
+    step per batch of `batches`, the first `warmup` untimed."""
     plan, options = parse_variant(variant)
-    mesh = build_mesh(ParallelDims(), "cuda")
+    mesh = build_mesh(ParallelDims(), device.type)
     layout = ParallelConfig(
         compile="compile" in options, reshard_after_forward="keep_gathered" not in options
     )
     # as the trainer builds
+    optimizer_name = "muon" if "muon" in options else "adamw"
     offload = "cpu" if "offload" in options else "none"
-    build = Build(config, layout, plan, mesh.dims, "cuda", seed=0)
+    build = Build(config, layout, plan, mesh.dims, device.type, seed=0)
     build = dataclasses.replace(
-        build, param_dtype=device_param_dtype(offload, "adamw", layout.fsdp, build.bf16)
+        build, param_dtype=device_param_dtype(offload, optimizer_name, layout.fsdp, build.bf16)
     )
     (model,) = build_chunks(build, mesh)
-    optimizer = build_optimizer([model], "adamw", lr=1e-4, offload=offload)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randint(0, config.vocab_size, (micro_batch, seq_len), device="cuda", generator=gen)
-    labels = shift_left(x, 1, -100)
-
-    step = functools.partial(train_step, model, optimizer, x, labels, micro_batches)
-    torch.cuda.reset_peak_memory_stats()
+    optimizer = build_optimizer([model], optimizer_name, lr=1e-4, offload=offload)
+    step = trainer_step(model, optimizer, mesh, config, micro_batches)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
-    for index in range(warmup + steps):
-        torch.cuda.synchronize()
+    for index, batch in enumerate(batches):
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
+        step(batch)
+        if cuda:
+            torch.cuda.synchronize()
         if index >= warmup:
             times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0
     # the allocator freed its cache to satisfy an allocation: slows the steps, near the memory limit
     if retries:
         print(f"{variant}: {retries} allocator retries (memory pressure)", flush=True)
-    if profile:
-        print_kernel_profile(step, f"one {variant} step")
+    if profile and cuda:
+        print_kernel_profile(functools.partial(step, batches[-1]), f"one {variant} step")
     del step, model, optimizer
-    torch.cuda.empty_cache()
-    return statistics.median(times), peak
+    if cuda:
+        torch.cuda.empty_cache()
+    return times, peak
 
 
-def main() -> None:
+def _gib(memory: float) -> str:
+    return "n/a" if math.isnan(memory) else f"{memory:.1f} GiB"
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -235,9 +329,11 @@ def main() -> None:
         default=1,
         help="forward + backward passes per optimizer step (gradient accumulation)",
     )
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps (at least 8 to compare)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--layers", type=int, default=None, help="override the proxy's layer count")
+    parser.add_argument("--layers", type=int, default=None, help="override the model's layer count")
+    parser.add_argument("--model", default="proxy_2b", help="a recipes/model/<name>.yaml")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument(
         "--variants",
         default="bf16,bf16+compile,fp8_torch+compile",
@@ -249,48 +345,63 @@ def main() -> None:
         metavar="VARIANTS",
         help="comma-separated variants whose kernel table to print",
     )
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_train_gpu needs a CUDA GPU.")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_train_gpu needs a CUDA GPU (--device cpu checks that it runs).")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    torch.cuda.set_device(0)
-    config = proxy_config(args.layers)
-    tokens = args.micro_batches * args.micro_batch * args.seq_len
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo", rank=0, world_size=1)
+    if args.device == "cuda":
+        torch.cuda.set_device(0)
+    device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
+    config = model_config(args.model, args.layers)
+    global_batch = args.micro_batches * args.micro_batch
+    tokens = global_batch * args.seq_len
+    count = args.warmup + args.steps
+    batches = packed_batches(config, args.seq_len, global_batch, count, device)
     flops = flops_per_token(config, args.seq_len)
-    name = torch.cuda.get_device_name(0)
+    megatron_flops = megatron_flops_per_token(config, args.seq_len)
+    name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    peak = peak_flops(name)
     print(
-        f"device: {name}; torch {torch.__version__}; proxy model {config.num_hidden_layers} "
-        f"layers, {config.num_experts} experts top-{config.num_experts_per_tok}; "
-        f"{args.micro_batches} x {args.micro_batch} x {args.seq_len} tokens per optimizer step; "
-        f"{flops / 1e9:.2f} GFLOP per token (model FLOPs)"
+        f"device: {name}; torch {torch.__version__}; {args.model} model "
+        f"{config.num_hidden_layers} layers, {config.num_experts} experts "
+        f"top-{config.num_experts_per_tok}; {args.micro_batches} x {args.micro_batch} x "
+        f"{args.seq_len} tokens per optimizer step, packed sample-corpus documents; "
+        f"{flops / 1e9:.2f} GFLOP per token (model FLOPs; as Megatron-LM counts them "
+        f"{megatron_flops / 1e9:.2f}); {args.steps} timed steps after {args.warmup}"
     )
 
-    def measure(variant: str) -> tuple[float, float]:
+    def measure(variant: str) -> tuple[list[float], float]:
         return time_steps(
             config,
             variant,
-            args.seq_len,
-            args.micro_batch,
+            batches,
             args.micro_batches,
-            args.steps,
             args.warmup,
             profile=variant in args.profile.split(","),
+            device=device,
         )
 
-    for variant, seconds, peak, ratio in measure_variants(args.variants.split(","), measure):
-        rate = tokens / seconds
-        mfu = flops * rate / H100_BF16_DENSE_PEAK
-        share = fp8_share(config, args.seq_len, parse_variant(variant)[0])
-        print(
-            f"{variant}: {rate:,.0f} tokens/s, {seconds * 1e3:.1f} ms/step, MFU {100 * mfu:.1f}% "
-            f"of 989 TFLOP/s, peak memory {peak:.1f} GiB ({ratio}{share})",
-            flush=True,
-        )
-    dist.destroy_process_group()
+    try:
+        for variant, timing, memory, ratio in measure_variants(args.variants.split(","), measure):
+            rates = [tokens / t for t in (timing.median, timing.high, timing.low)]
+            mfu = (
+                f"MFU {100 * flops * rates[0] / peak:.1f}% (Megatron-LM's counting "
+                f"{100 * megatron_flops * rates[0] / peak:.1f}%) of {peak / 1e12:.0f} TFLOP/s"
+                if peak
+                else "MFU n/a"
+            )
+            share = fp8_share(config, args.seq_len, parse_variant(variant)[0])
+            print(
+                f"{variant}: {rates[0]:,.0f} tokens/s ({rates[1]:,.0f}-{rates[2]:,.0f}), "
+                f"{timing.ms()}/step, {mfu}, peak memory {_gib(memory)} ({ratio}{share})",
+                flush=True,
+            )
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -69,6 +69,38 @@ def flops_per_token(c: ModelConfig, seq_len: int) -> float:
     return 6 * active_matmul_weights(c) + attention
 
 
+def megatron_flops_per_token(c: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token as Megatron-LM counts them (`num_floating_point_operations` in
+    `megatron/training/training.py`, dense-attention path), to compare MFU with Megatron's published
+    figures. Unlike `flops_per_token`: every attention layer is causal over the whole sequence
+    (sliding windows are ignored), the router is not counted, and the MTP layer counts as one more
+    decoder layer of the last layer's MLP type, plus its 2 h^2 projection and 3 h of norms."""
+    h, q, kv = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    mtp = c.num_nextn_predict_layers if c.num_nextn_predict_layers and c.mtp_loss_weight > 0 else 0
+    moe_layers = sum(t != DENSE for t in c.mlp_layer_types)
+    dense_layers = len(c.mlp_layer_types) - moe_layers
+    if c.mlp_layer_types and c.mlp_layer_types[-1] != DENSE:
+        moe_layers += mtp
+    else:
+        dense_layers += mtp
+    layers = c.num_hidden_layers + mtp
+    shared = c.moe_intermediate_size * c.num_shared_experts
+    mlp = (
+        3
+        * h
+        * (
+            c.intermediate_size * dense_layers
+            + (c.moe_intermediate_size * c.num_experts_per_tok + shared) * moe_layers
+        )
+    )
+    projections = (h * (q + 2 * kv) + q * h) * layers
+    mtp_extra = (3 * h + 2 * h * h) * mtp
+    logits = h * c.vocab_size * (mtp + 1)
+    # QK^T and PV over a causal half of an S x S score matrix
+    core = q * seq_len * layers
+    return 6 * (mlp + projections + mtp_extra + logits + core)
+
+
 def fp8_matmul_flops(
     c: ModelConfig,
     keep_bf16_first_layers: int = 1,

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from megatron_exaone.config.schema import PrecisionConfig
@@ -8,6 +9,7 @@ from megatron_exaone.training.flops import (
     attended_keys,
     flops_per_token,
     fp8_matmul_flops,
+    megatron_flops_per_token,
 )
 
 
@@ -75,3 +77,36 @@ def test_fp8_matmul_flops_count_what_the_precision_pass_converts():
     share = fp8_matmul_flops(k_exaone_236b()) / flops_per_token(k_exaone_236b(), 8192)
     # 46 of 48 decoder layers' projections; head, router, attention scores stay BF16
     assert 0.6 < share < 0.7
+
+
+def test_megatron_counting_by_hand_for_the_tiny_model():
+    """Megatron-LM's count for tiny (h 64, 4 x 16 query and 2 x 16 KV dims, 1 dense + 3 MoE layers,
+    MTP after a MoE layer so counted as a fifth MoE layer, vocab 4096) at 256 tokens."""
+    s = 256
+    mlp = 3 * 64 * (128 * 1 + (32 * 2 + 32) * 4)
+    projections = (64 * (64 + 2 * 32) + 64 * 64) * 5
+    mtp = 3 * 64 + 2 * 64 * 64
+    logits = 64 * 4096 * 2
+    core = 64 * s * 5  # every layer causal over the whole sequence, sliding ones too
+    assert megatron_flops_per_token(tiny(), s) == 6 * (mlp + projections + mtp + logits + core)
+
+
+def test_megatron_counts_sliding_layers_as_global_and_no_router():
+    """Against ours: at a sequence no longer than the window the only differences are the router
+    (ours) and the MTP layer's norms (Megatron's); beyond it Megatron counts more."""
+    config = tiny()
+    short = config.sliding_window
+    router = 6 * config.num_experts * config.hidden_size * 3  # three MoE layers
+    # ours counts (S + 1) / 2 keys per query, Megatron S / 2; its MTP layer is MoE, ours dense
+    ours = flops_per_token(config, short)
+    keys = 6 * config.num_attention_heads * config.head_dim * 5  # (S + 1) / 2 - S / 2, five layers
+    h, e = config.hidden_size, config.moe_intermediate_size
+    mtp_mlp = 6 * 3 * h * (e * (config.num_experts_per_tok + 1) - config.intermediate_size)
+    expected = ours - router - keys + mtp_mlp + 6 * 3 * h
+    assert megatron_flops_per_token(config, short) == pytest.approx(expected, rel=1e-12)
+    longer = 8 * short
+    assert megatron_flops_per_token(config, longer) > flops_per_token(config, longer)
+    big = k_exaone_236b()
+    assert megatron_flops_per_token(big, 8192) / flops_per_token(big, 8192) == pytest.approx(
+        1.0945, abs=1e-4
+    )
