@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,19 +87,20 @@ def _chunk_statistics(
     return row_max, sum_exp, target
 
 
-def _logit_grads(
+def logit_grads(
     logits: torch.Tensor,
     lse: torch.Tensor,
     targets: torch.Tensor,
     is_target: torch.Tensor,
     valid: torch.Tensor,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """d(CE)/d(logits) = softmax - onehot(target), zero on ignored rows, in `logits`' dtype (one
-    kernel on GPU)."""
+    """d(CE)/d(logits) = softmax - onehot(target), zero on ignored rows, in `dtype` (default the
+    logits'; one kernel on GPU under `fused`). Every value lies in [-1, 1]."""
     columns = torch.arange(logits.shape[1], device=logits.device)
     onehot = (columns[None, :] == targets[:, None]) & is_target[:, None]
     probs = torch.exp(logits.float() - lse[:, None])
-    return ((probs - onehot.float()) * valid[:, None]).to(logits.dtype)
+    return ((probs - onehot.float()) * valid[:, None]).to(dtype or logits.dtype)
 
 
 def _add_matmul_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -113,10 +115,11 @@ def _add_matmul_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> No
 
 
 class HeadGemms:
-    """The output head's GEMMs that depend on how its weight [V, H] is stored for compute: the
-    logits and the hidden-state gradient. High precision here; `precision.fp8_ops.Fp8HeadGemms` runs
-    them in FP8 (precision.fp8_lm_head). The weight gradient always accumulates in fp32 from the
-    high-precision operands."""
+    """How the output head's loss computes with its weight [V, H]: the logits, the logit gradients
+    of a chunk (in whatever form its GEMMs take them), the hidden-state gradient and the fp32
+    weight gradient. High precision here; `precision.fp8_ops.Fp8HeadGemms` runs the logits and the
+    hidden-state gradient in FP8 (precision.fp8_lm_head). The weight gradient always accumulates in
+    fp32 from the high-precision operands."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight
@@ -125,9 +128,24 @@ class HeadGemms:
         """hidden [..., H] @ W^T -> [..., V]."""
         return hidden @ self.weight.T
 
-    def grad_hidden(self, grad_logits: torch.Tensor, out: torch.Tensor) -> None:
+    def logit_grads(
+        self,
+        logits: torch.Tensor,
+        lse: torch.Tensor,
+        targets: torch.Tensor,
+        is_target: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> Any:
+        """d(CE)/d(logits) of a chunk (`logit_grads`), for `grad_hidden` and `add_grad_weight`."""
+        return fused(logit_grads, logits)(logits, lse, targets, is_target, valid)
+
+    def grad_hidden(self, grad_logits: Any, out: torch.Tensor) -> None:
         """out [c, H] = grad_logits [c, V] @ W."""
         torch.mm(grad_logits, self.weight, out=out)
+
+    def add_grad_weight(self, acc: torch.Tensor, grad_logits: Any, hidden: torch.Tensor) -> None:
+        """acc [V, H] (fp32) += grad_logits^T @ hidden."""
+        _add_matmul_fp32_(acc, grad_logits.T, hidden)
 
 
 class ComputesHeadGemms:
@@ -209,9 +227,9 @@ def chunked_linear_cross_entropy(
         lse = torch.log(sum_exp) + row_max
         total += ((lse - target) * valid).sum()
         if needs_grad:
-            grad_logits = fused(_logit_grads, logits)(logits, lse, local_y, is_target, valid)
+            grad_logits = gemms.logit_grads(logits, lse, local_y, is_target, valid)
             gemms.grad_hidden(grad_logits, grad_hidden[rows])
-            _add_matmul_fp32_(grad_weight, grad_logits.T, h)
+            gemms.add_grad_weight(grad_weight, grad_logits, h)
     return total, grad_hidden, grad_weight
 
 

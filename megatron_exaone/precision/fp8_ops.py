@@ -25,6 +25,9 @@ element held through the step.
 
 With precision.fp8_lm_head the output head (`Fp8Head`) computes its logits and, in the fused loss,
 the hidden-state gradient in FP8 too (`Fp8HeadGemms`); its weight gradient stays in high precision.
+The loss's logit gradient softmax - onehot lies in [-1, 1], so tensorwise it is quantized with the
+static scale fp8_max (no amax pass, no reduction over the vocabulary shards), and rowwise with each
+row's amax, in the same fused kernel that computes the gradient (`_logit_grads_fp8`).
 
 A backend (`Fp8Gemms`) only supplies the GEMMs: `fp8_torch.TorchGemms` (scaled matmul kernels) or
 `fp8_emulated.EmulatedGemms` (dequantize, then fp64 matmul); quantization is the same code for both.
@@ -38,11 +41,14 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from megatron_exaone.model.loss import ComputesHeadGemms, HeadGemms
+from megatron_exaone.model.fused import fused
+from megatron_exaone.model.loss import ComputesHeadGemms, HeadGemms, logit_grads
 from megatron_exaone.model.moe import GroupedExperts, grouped_wgrad
 
 from .fp8_common import (
+    AMAX_EPS,
     E4M3,
+    FP8_MAX,
     Fp8Recipe,
     Quantized,
     per_group_scale,
@@ -397,14 +403,53 @@ class Fp8HeadGemms(HeadGemms):
         # CE) train too.
         return fp8_linear(hidden, self.weight, self.gemms, self.recipe, self.operands)
 
-    def grad_hidden(self, grad_logits: torch.Tensor, out: torch.Tensor) -> None:
-        recipe = self.recipe
-        q = to_fp8(grad_logits, recipe.grad_dtype, recipe.scaling, 1, recipe.amax_group)
-        out.copy_(
-            self.gemms.mm(
-                q, Quantized(self.operands[2], self.operands[3]), out.dtype, fast_accum=False
-            )
+    def logit_grads(
+        self,
+        logits: torch.Tensor,
+        lse: torch.Tensor,
+        targets: torch.Tensor,
+        is_target: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> tuple[torch.Tensor, Quantized]:
+        """(the logit gradients in the logits' dtype, for the weight gradient; the same quantized
+        for the hidden-state gradient's GEMM), from one fused kernel."""
+        dtype, rowwise = self.recipe.grad_dtype, self.recipe.scaling == "rowwise"
+        high, data, scale_inv = fused(_logit_grads_fp8, logits)(
+            logits, lse, targets, is_target, valid, dtype, rowwise
         )
+        return high, Quantized(data, scale_inv)
+
+    def grad_hidden(self, grad_logits: tuple[torch.Tensor, Quantized], out: torch.Tensor) -> None:
+        weight = Quantized(self.operands[2], self.operands[3])
+        out.copy_(self.gemms.mm(grad_logits[1], weight, out.dtype, fast_accum=False))
+
+    def add_grad_weight(
+        self, acc: torch.Tensor, grad_logits: tuple[torch.Tensor, Quantized], hidden: torch.Tensor
+    ) -> None:
+        super().add_grad_weight(acc, grad_logits[0], hidden)
+
+
+def _logit_grads_fp8(
+    logits: torch.Tensor,
+    lse: torch.Tensor,
+    targets: torch.Tensor,
+    is_target: torch.Tensor,
+    valid: torch.Tensor,
+    dtype: torch.dtype,
+    rowwise: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss's logit gradients (`model.loss.logit_grads`) in the logits' dtype and quantized to
+    `dtype` from fp32: rowwise with each row's amax; tensorwise with the static scale fp8_max, since
+    softmax - onehot lies in [-1, 1] (the amax a current scaling would find is at most 1, and close
+    to it while any target is uncertain). Returns (gradients, FP8 data, inverse scale)."""
+    grads = logit_grads(logits, lse, targets, is_target, valid, torch.float32)
+    limit = FP8_MAX[dtype]
+    if rowwise:
+        scale = limit / grads.abs().amax(dim=1, keepdim=True).clamp(min=AMAX_EPS)
+    else:
+        scale = torch.full((), limit, device=grads.device)
+    data = (grads * scale).clamp(-limit, limit).to(dtype)
+    return grads.to(logits.dtype), data, scale.reciprocal()
 
 
 class Fp8Head(CachesFp8Weights):

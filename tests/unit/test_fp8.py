@@ -270,8 +270,9 @@ def _head_case(seed: int = 3):
 @pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
 def test_fp8_head_loss_quantizes_logits_and_hidden_gradient(scaling):
     """precision.fp8_lm_head in the fused loss (chunks of 16 rows): logits = q(h) @ q(W)^T per
-    chunk, the hidden gradient q(dlogits) @ q(W along V) in E5M2, the weight gradient dlogits^T @ h
-    in high precision, against the same arithmetic written out in fp64."""
+    chunk, the hidden gradient q(dlogits) @ q(W along V) in E5M2 (dlogits = softmax - onehot lies in
+    [-1, 1]: tensorwise it takes the static scale fp8_max, rowwise each row's amax), the weight
+    gradient dlogits^T @ h in high precision, against the same arithmetic written out in fp64."""
     hidden, weight, labels = _head_case()
     recipe = Fp8Recipe(scaling, E5M2)
     gemms = Fp8HeadGemms(weight, EMULATED, recipe, linear_weight_operands(weight, recipe))
@@ -281,6 +282,12 @@ def test_fp8_head_loss_quantizes_logits_and_hidden_gradient(scaling):
     def deq(t, dtype, dim):
         return to_fp8(t.detach(), dtype, scaling, dim).dequantize().double()
 
+    def deq_logit_grads(t):
+        if scaling == "rowwise":
+            return deq(t, E5M2, 1)
+        static = torch.tensor(FP8_MAX[E5M2])
+        return quantize_with_scale(t.detach(), static, E5M2).dequantize().double()
+
     valid = labels != -100
     want_loss, want_gh, want_gw = 0.0, [], torch.zeros_like(weight, dtype=torch.float64)
     for rows in torch.arange(40).split(16):
@@ -289,7 +296,7 @@ def test_fp8_head_loss_quantizes_logits_and_hidden_gradient(scaling):
         lse = logits.logsumexp(-1)
         want_loss += ((lse - logits.gather(1, y.clamp(min=0)[:, None])[:, 0]) * valid[rows]).sum()
         dlogits = (logits.softmax(-1) - F.one_hot(y.clamp(min=0), 96)) * valid[rows, None]
-        want_gh.append(deq(dlogits, E5M2, 1) @ deq(weight, E4M3, 0))
+        want_gh.append(deq_logit_grads(dlogits) @ deq(weight, E4M3, 0))
         want_gw += dlogits.double().t() @ h.double()
     count = valid.sum()
     torch.testing.assert_close(loss, (want_loss / count).float())
