@@ -155,7 +155,10 @@ class TensorView:
     placements: tuple = ()
 
     def wrap(self, local: torch.Tensor) -> torch.Tensor:
-        """`local` as a DCP-saveable / -loadable tensor (aliases `local`'s storage)."""
+        """`local` as a DCP-saveable / -loadable tensor (aliases `local`'s storage, wherever it
+        lives: host tensors of a GPU run, such as offloaded master weights, get a host mesh, since
+        `DTensor.from_local` would copy them to the mesh's device and DCP would load into the
+        copy)."""
         if tuple(local.shape) != self.local_shape():
             raise CheckpointLayoutError(
                 f"local tensor of shape {tuple(local.shape)} does not fit {self}"
@@ -165,7 +168,7 @@ class TensorView:
         stride = torch.empty(self.full_shape, device="meta").stride()
         return DTensor.from_local(
             local,
-            self.mesh,
+            _on_device(self.mesh, local.device.type),
             self.placements,
             run_check=False,
             shape=torch.Size(self.full_shape),
@@ -183,6 +186,21 @@ class TensorView:
             self.full_shape, self.mesh, self.placements
         )
         return tuple(shape), tuple(offsets)
+
+
+@functools.cache
+def _twin(mesh: DeviceMesh, device_type: str, rank: int) -> DeviceMesh:
+    # `rank` is part of the key: meshes compare equal whatever rank they were built for
+    return DeviceMesh(
+        device_type, mesh.mesh, mesh_dim_names=mesh.mesh_dim_names, _init_backend=False, _rank=rank
+    )
+
+
+def _on_device(mesh: DeviceMesh, device_type: str) -> DeviceMesh:
+    """`mesh`, or the same view of the ranks for tensors on `device_type`."""
+    if mesh.device_type == device_type:
+        return mesh
+    return _twin(mesh, device_type, int(mesh.mesh[tuple(mesh.get_coordinate())]))
 
 
 def _cuts(

@@ -11,6 +11,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from megatron_exaone.checkpoint.state import (
     CheckpointLayoutError,
+    TensorView,
     _mesh_view,
     axis_index,
     init_optimizer_state,
@@ -241,6 +242,27 @@ def test_mesh_view_boxes_are_the_chunks_the_passes_take(dims, axes, rows):
         assert torch.equal(full[offset[0] : offset[0] + shape[0]], piece), (rank, shape, offset)
         seen[tuple(offset)] = tuple(shape)
     assert sum(math.prod(s) for s in seen.values()) == full.numel()
+
+
+def test_host_tensors_of_a_gpu_layout_are_saved_where_they_live():
+    """Offloaded master weights and moments (host tensors) under a GPU layout's view: the DCP
+    tensor aliases the host storage with the rank's box, instead of the copy on the GPU that
+    `DTensor.from_local` would make (and that a load would fill). No GPU is needed: the CUDA view
+    is never initialised."""
+    dims = ParallelDims(tp=2, dp=2)
+    for rank in range(dims.world_size):
+        on_gpu = _mesh_view(dims, 0, ("tp", "dp_cp"), "cuda", rank)
+        view = TensorView((8, 3), on_gpu, (DShard(0), DShard(0)))
+        host = torch.zeros(view.local_shape())
+        wrapped = view.wrap(host)
+        assert wrapped.device_mesh.device_type == "cpu"
+        assert wrapped.to_local().data_ptr() == host.data_ptr()
+        assert (
+            compute_local_shape_and_global_offset(
+                wrapped.shape, wrapped.device_mesh, wrapped.placements
+            )
+            == view.local_box()
+        )
 
 
 def test_init_optimizer_state_creates_zero_state_and_leaves_everything_else_alone():
