@@ -49,8 +49,9 @@ weights, gradients and moments to the host: 16 B per local element there, summed
 --gpus-per-node ranks of a node (each counted as the worst rank) against --host-memory (default 1
 TiB per node of 8 GPUs). With AdamW under FSDP2 the GPU then stores bf16 parameters (2 B, sharded)
 and the reduced bf16 gradient (2 B, sharded; the unsharded accumulation stays fp32) and holds no
-optimizer state; the step converts one bucket of 2^25 elements each way (8 B each). Under Muon only
-the AdamW groups' moments leave the GPU; without sharding only the moments do.
+optimizer state; the step's copies convert dtypes on the GPU, one parameter shard at a time (an fp32
+copy each way: 8 B per element of the largest shard). Under Muon only the AdamW groups' moments
+leave the GPU; without sharding only the moments do.
 
 Activations per micro-batch and decoder layer are what autograd saves in this model's code, with b*s
 tokens, s/tp per rank under sequence parallel, a = 2 B (bf16):
@@ -132,7 +133,6 @@ from megatron_exaone.parallel.pipeline import (
     pipeline_layout,
 )
 from megatron_exaone.training.flops import attended_keys, flops_per_token, fp8_matmul_flops
-from megatron_exaone.training.offload import BUCKET_ELEMENTS
 
 REPO = Path(__file__).resolve().parent.parent
 PARALLEL_RECIPES = REPO / "recipes" / "parallel"
@@ -295,6 +295,7 @@ class UnitParams:
     expert: int = 0
     dense_adamw: int = 0  # dense parameters in the AdamW group under Muon
     largest_matrix: int = 0
+    largest_local: int = 0  # elements of the largest parameter shard on a rank (after FSDP2)
 
 
 def unit_params(model: ModelConfig, dims: ParallelDims) -> dict[str, UnitParams]:
@@ -302,6 +303,8 @@ def unit_params(model: ModelConfig, dims: ParallelDims) -> dict[str, UnitParams]
     for name, shape in _model_params(model):
         u = units.setdefault(_unit_of(name), UnitParams())
         n = local_numel(name, shape, model, dims)
+        shards = dims.edp if is_stacked_experts(name) else dims.dp * dims.cp
+        u.largest_local = max(u.largest_local, -(-n // shards))
         if is_stacked_experts(name):
             u.expert += n
             u.largest_matrix = max(u.largest_matrix, math.prod(shape[1:]))
@@ -529,6 +532,8 @@ def plan(inp: PlanInput) -> Plan:
         r.expert_params = sum(u.expert for u in rank_units)
         dense_adamw = sum(u.dense_adamw for u in rank_units)
         _state_bytes(r, inp, dense_adamw, dense_shards, expert_shards)
+        if inp.offload == "cpu":
+            _offload(r, inp, dense_adamw, max(u.largest_local for u in rank_units))
         # forward's and backward's FP8 copies of every FP8 layer's weights
         if fp8 and inp.fp8_weight_cache:
             fp8_layers = [f"L{j}" for i in stage_ids for j in specs[i].layers if is_fp8_layer(j)]
@@ -629,25 +634,24 @@ def _state_bytes(
     r.bytes["optimizer step temporaries"] = 4 * adamw_local
     if inp.sharding != "fsdp":
         r.step_states = r.bytes["parameters"] + r.bytes["gradients"] + r.bytes["optimizer state"]
-    if inp.offload == "cpu":
-        _offload(r, inp, dense_adamw / dense_shards if inp.sharding == "fsdp" else dense_adamw)
 
 
-def _offload(r: RankMemory, inp: PlanInput, local_dense_adamw: float) -> None:
+def _offload(r: RankMemory, inp: PlanInput, dense_adamw: int, largest_local: int) -> None:
     """optim.offload=cpu: the AdamW groups' state moves to the host (see the module docstring)."""
+    d = inp.dims
     if inp.optimizer == "muon":  # the AdamW groups' moments and their step temporary leave
-        host = local_dense_adamw
+        host = dense_adamw / (d.dp * d.cp) if inp.sharding == "fsdp" else dense_adamw
         r.bytes["optimizer state"] -= 8 * host
         r.bytes["optimizer step temporaries"] -= 4 * host
         r.step_states -= 8 * host
     elif inp.sharding == "fsdp":  # bf16 parameters and reduced gradients over host masters
-        d = inp.dims
         dense, expert = r.dense_params, r.expert_params
         host = dense / (d.dp * d.cp) + expert / d.edp
         r.bytes["parameters"] = 2 * host + (2 * (dense + expert) if _holds_gathered(inp) else 0)
         r.bytes["gradients"] = 4 * (dense + expert) if _accumulates(inp) else 2 * host
         r.bytes["optimizer state"] = 0
-        r.bytes["optimizer step temporaries"] = 8 * min(BUCKET_ELEMENTS, host)
+        # the copies convert on the GPU: an fp32 copy of one parameter shard each way
+        r.bytes["optimizer step temporaries"] = 8 * largest_local
         r.step_states = 4 * host
     else:  # no sharding: fp32 parameters and gradients stay, the moments leave
         host = r.dense_params + r.expert_params
