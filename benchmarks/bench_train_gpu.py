@@ -134,6 +134,7 @@ def measure_variants(
     variants."""
     baseline: tuple[str, Timing] | None = None
     for variant in variants:
+        torch._dynamo.utils.counters.clear()  # this variant's graph breaks only
         try:
             times, peak = measure(variant)
             timing = Timing.of(times)
@@ -164,6 +165,7 @@ VARIANT_OPTIONS = (
     "offload",
     "muon",
     "no_bf16_layers",
+    "unfused",
 )
 
 
@@ -177,7 +179,8 @@ def parse_variant(variant: str) -> tuple[PrecisionConfig, set[str]]:
     precision.fp8_lm_head), offload (AdamW's masters and moments on the host, BF16 parameters on
     the GPU: optim.offload=cpu), muon (Muon on the hidden matrices, as the K-EXAONE recipes),
     no_bf16_layers (no decoder layer kept in BF16 at either end: precision.keep_bf16_first_layers
-    and keep_bf16_last_layers 0)."""
+    and keep_bf16_last_layers 0), unfused (q, k, v and gate, up as separate FP8 GEMMs:
+    precision.fp8_fuse_inputs=false)."""
     name, *options = variant.split("+")
     unknown = set(options) - set(VARIANT_OPTIONS)
     if unknown:
@@ -192,6 +195,7 @@ def parse_variant(variant: str) -> tuple[PrecisionConfig, set[str]]:
         fp8_weight_cache="weight_cache" in options,
         fp8_mtp="fp8_mtp" in options,
         fp8_lm_head="fp8_head" in options,
+        fp8_fuse_inputs="unfused" not in options,
         **(
             dict(keep_bf16_first_layers=0, keep_bf16_last_layers=0)
             if "no_bf16_layers" in options

@@ -130,7 +130,9 @@ class PrecisionConfig:
     each FP8 weight once per optimizer step, on its first micro-batch, and reuse the FP8 copies
     (forward's and backward's) for the step's other micro-batches, as Transformer Engine does with
     `is_first_microbatch`: same results, fewer casts, 2 bytes per FP8 weight element held through
-    the step. Transformer Engine only (fp8_te_*): `te_attention` runs the attention cores in TE's
+    the step. `fp8_fuse_inputs` (fp8_torch, fp8_emulated): a block whose input projections are all
+    in FP8 (q, k, v; gate, up) runs them as one GEMM, x quantized once (`precision.fp8_ops`).
+    Transformer Engine only (fp8_te_*): `te_attention` runs the attention cores in TE's
     DotProductAttention (its fused BF16 kernels: sliding window, packed documents as THD) instead of
     SDPA / FlexAttention.
     """
@@ -148,6 +150,7 @@ class PrecisionConfig:
     fp8_mtp: bool = False
     fp8_weight_cache: bool = False
     fp8_lm_head: bool = False
+    fp8_fuse_inputs: bool = True
 
 
 # ---------------------------------------------------------------------------------------- optimizer

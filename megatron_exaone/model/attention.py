@@ -134,13 +134,17 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values [B, heads, S, D] of `x` [B, S, H], normed and rotated."""
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        q, k, v = (
+            t.view(batch, seq, -1, self.head_dim).transpose(1, 2) for t in self.input_projections(x)
+        )
         q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return q, k, v
+
+    def input_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q_proj, k_proj and v_proj of `x` (one FP8 GEMM: `precision.fp8_ops.Fp8FusedInputs`)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
         """softmax(q k^T / sqrt(D) + mask) v, [B, heads, queries, D]."""

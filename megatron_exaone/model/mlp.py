@@ -13,4 +13,9 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.input_projections(x)
+        return self.down_proj(F.silu(gate) * up)
+
+    def input_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """gate_proj and up_proj of `x` (in FP8 one GEMM: `precision.fp8_ops.Fp8FusedInputs`)."""
+        return self.gate_proj(x), self.up_proj(x)

@@ -41,7 +41,7 @@ from megatron_exaone.model.loss import ComputesHeadGemms
 from megatron_exaone.model.moe import GroupedExperts
 
 from .fp8_common import E4M3, E5M2, Fp8Recipe
-from .fp8_ops import Fp8Gemms, convert_experts, convert_head, convert_linear
+from .fp8_ops import Fp8Gemms, convert_experts, convert_head, convert_linear, fuse_inputs
 
 if TYPE_CHECKING:
     from megatron_exaone.config.schema import PrecisionConfig
@@ -57,10 +57,12 @@ NOT_ALIGNED = "is not a multiple of"
 
 @dataclass
 class PrecisionReport:
-    """Module names switched to FP8, and those left in BF16 with the reason."""
+    """Module names switched to FP8, those left in BF16 with the reason, and the blocks whose input
+    projections run as one FP8 GEMM."""
 
     fp8: list[str] = field(default_factory=list)
     bf16: dict[str, str] = field(default_factory=dict)
+    fused: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -168,18 +170,22 @@ def convert_gemms(
             gemms.require_grouped()
         convert[c.kind](c.module)
         report.fp8.append(c.name)
+    if cfg.fp8_fuse_inputs:
+        report.fused = [name for name, block in root.named_modules() if fuse_inputs(block)]
     _log(cfg, recipe, report)
     return report
 
 
 def _log(cfg: PrecisionConfig, recipe: Fp8Recipe, report: PrecisionReport) -> None:
     log.info(
-        "precision %s (%s scaling, %s gradients%s): %d modules in FP8; in BF16: %s",
+        "precision %s (%s scaling, %s gradients%s): %d modules in FP8 (%d blocks with their input "
+        "projections in one GEMM); in BF16: %s",
         cfg.name,
         recipe.scaling,
         str(recipe.grad_dtype).removeprefix("torch."),
         ", amax reduced over TP" if recipe.amax_group else "",
         len(report.fp8),
+        len(report.fused),
         ", ".join(sorted(report.bf16)) or "none",
     )
     warn_misaligned(cfg.name, report)

@@ -23,6 +23,12 @@ optimizer step, on its first forward after `mark_fp8_weights_stale`, and reuses 
 `is_first_microbatch`; the values are the same as quantizing them again, for 2 bytes per weight
 element held through the step.
 
+A block whose input projections all run in FP8 with one recipe (attention's q, k and v; a SwiGLU
+MLP's gate and up) runs them as one GEMM over their weights concatenated along N
+(`Fp8FusedInputs`, precision.fp8_fuse_inputs): x is quantized once, and the GEMM is wider (k and v
+alone are 256 columns per rank in K-EXAONE at TP4). The parameters stay separate; under tensorwise
+scaling the concatenated weight takes one scale, as a fused QKV weight does in Megatron-LM.
+
 With precision.fp8_lm_head the output head (`Fp8Head`) computes its logits and, in the fused loss,
 the hidden-state gradient in FP8 too (`Fp8HeadGemms`); its weight gradient stays in high precision.
 The loss's logit gradient softmax - onehot lies in [-1, 1], so tensorwise it is quantized with the
@@ -41,8 +47,10 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from megatron_exaone.model.attention import Attention
 from megatron_exaone.model.fused import fused
 from megatron_exaone.model.loss import ComputesHeadGemms, HeadGemms, logit_grads
+from megatron_exaone.model.mlp import SwiGLUMLP
 from megatron_exaone.model.moe import GroupedExperts, grouped_wgrad
 
 from .fp8_common import (
@@ -341,6 +349,48 @@ class Fp8Linear(nn.Linear, CachesFp8Weights):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fp8={self.fp8_gemms.name}/{self.fp8_recipe.scaling}"
+
+
+# The input projections of a block, in its `input_projections` order.
+INPUT_PROJECTIONS: dict[type, tuple[str, ...]] = {
+    Attention: ("q_proj", "k_proj", "v_proj"),
+    SwiGLUMLP: ("gate_proj", "up_proj"),
+}
+
+
+class Fp8FusedInputs(CachesFp8Weights):
+    """Mixin that `fuse_inputs` puts in front of an attention or MLP block's class: its input
+    projections (`fp8_inputs`, all `Fp8Linear`s of one recipe) run as one FP8 GEMM over their
+    weights concatenated along N; the outputs are views of its result."""
+
+    fp8_inputs: tuple[str, ...]
+
+    def input_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        linears = [getattr(self, name) for name in self.fp8_inputs]
+        first: Fp8Linear = linears[0]
+        weight = torch.cat([linear.weight for linear in linears])
+        cached = self._fp8_operands(lambda: linear_weight_operands(weight, first.fp8_recipe))
+        y = fp8_linear(x, weight, first.fp8_gemms, first.fp8_recipe, cached)
+        return y.split([linear.weight.shape[0] for linear in linears], dim=-1)
+
+
+def fuse_inputs(block: nn.Module) -> bool:
+    """Switch `block` (an attention or SwiGLU MLP block) to `Fp8FusedInputs` in place when all its
+    input projections are bias-free `Fp8Linear`s of one backend and recipe; returns whether it
+    did."""
+    base = next((b for b in INPUT_PROJECTIONS if isinstance(block, b)), None)
+    if base is None or isinstance(block, Fp8FusedInputs):
+        return False
+    linears = [getattr(block, name) for name in INPUT_PROJECTIONS[base]]
+    if not all(type(m) is Fp8Linear and m.bias is None for m in linears):
+        return False
+    if len({(m.fp8_gemms.name, m.fp8_recipe, m.fp8_cache_weights) for m in linears}) != 1:
+        return False
+    cls = type(block)
+    block.__class__ = _fp8_class(cls, (Fp8FusedInputs, cls))
+    block.fp8_inputs = INPUT_PROJECTIONS[base]
+    block.fp8_cache_weights = linears[0].fp8_cache_weights
+    return True
 
 
 class Fp8GroupedExperts(GroupedExperts, CachesFp8Weights):

@@ -49,6 +49,7 @@ from megatron_exaone.precision.fp8_common import (
 )
 from megatron_exaone.precision.fp8_emulated import EmulatedGemms
 from megatron_exaone.precision.fp8_ops import (
+    Fp8FusedInputs,
     Fp8GroupedExperts,
     Fp8Head,
     Fp8HeadGemms,
@@ -459,6 +460,48 @@ def test_fp8_where_it_cannot_run_is_an_error():
         validate_precision(PrecisionConfig(name="fp8_torch"), "cpu")
     validate_precision(PrecisionConfig(name="fp8_torch"), None)  # this build ships the backend
     validate_precision(PrecisionConfig(name="fp8_emulated", recipe="rowwise"), "cpu")
+
+
+def test_input_projections_run_as_one_fp8_gemm():
+    """precision.fp8_fuse_inputs (the default): every FP8 layer's attention (q, k, v) and dense or
+    shared-expert MLP (gate, up) runs one GEMM over the concatenated weights, and the linears' own
+    forwards no longer run. Rowwise scales are per token and per output channel, so the forward
+    gives the numbers of three GEMMs; backward quantizes each token's output gradient over the
+    joint width, so the gradients are another FP8 rounding, as far from high precision as the
+    unfused ones. The parameters are unchanged; turned off, nothing is fused."""
+    cfg = config()
+    x = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    runs = {}
+    for fuse in (True, False, None):  # None: high precision
+        model = build_model(cfg, seed=0)
+        report = None
+        if fuse is not None:
+            plan = PrecisionConfig(
+                "fp8_emulated", recipe="rowwise", fp8_fuse_inputs=fuse, **ALL_FP8
+            )
+            report = apply_precision(model, plan, cfg.num_hidden_layers, "cpu")
+        calls: list[str] = []
+        for name in ("model.layers.1.self_attn.k_proj", "model.layers.0.mlp.up_proj"):
+            model.get_submodule(name).register_forward_hook(
+                lambda *_, n=name, seen=calls: seen.append(n)
+            )
+        out = model(x, labels=shift_left(x, 1, -100))
+        out.loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        runs[fuse] = out.loss.detach(), grads, report, calls, model
+    loss, grads, report, calls, model = runs[True]
+    blocks = {f"model.layers.{i}.self_attn" for i in range(cfg.num_hidden_layers)}
+    blocks |= {"model.layers.0.mlp"} | {
+        f"model.layers.{i}.mlp.shared_experts" for i in range(1, cfg.num_hidden_layers)
+    }
+    assert set(report.fused) == blocks and calls == []
+    assert all(isinstance(model.get_submodule(n), Fp8FusedInputs) for n in blocks)
+    assert not isinstance(model.mtp.layers[0].self_attn, Fp8FusedInputs)  # MTP stays BF16
+    unfused_loss, unfused_grads, unfused_report, unfused_calls, _ = runs[False]
+    assert unfused_report.fused == [] and len(unfused_calls) == 2
+    torch.testing.assert_close(loss, unfused_loss, rtol=1e-6, atol=0)
+    high = runs[None][1]
+    assert rel(grads, high) < 0.1 and rel(grads, high) < 1.25 * rel(unfused_grads, high)
 
 
 # ----------------------------------------------------------------------------------------- training
