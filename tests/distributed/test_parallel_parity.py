@@ -194,3 +194,54 @@ def test_tensor_parallel_refuses_a_parameter_it_cannot_classify():
     unknown."""
     messages = run_distributed(unknown_parameter_is_refused, 2, timeout_s=60)
     assert all(m and "self_attn.temperature" in m for m in messages), messages
+
+
+FP8 = dict(
+    name="fp8_emulated",
+    keep_bf16_first_layers=0,
+    keep_bf16_last_layers=0,
+    fp8_lm_head=True,
+    fp8_mtp=True,
+)
+
+
+def fp8_tp_parity(rank, world, recipe):
+    """Every layer, the MTP layer and the output head in FP8 (q, k, v and gate, up fused), under
+    tensor + sequence parallel: tensorwise amaxes are max-reduced over TP, so each rank quantizes
+    with the whole operand's scale, as the single process does."""
+    from megatron_exaone.config.schema import PrecisionConfig
+    from megatron_exaone.precision import apply_precision
+
+    plan = PrecisionConfig(recipe=recipe, **FP8)
+    ref = build_model(config(), seed=SEED)
+    report = apply_precision(ref, plan, config().num_hidden_layers, "cpu")
+    x, positions, labels = batch()
+    normalizer = (labels != -100).sum()
+    ref_out = ref(x, labels=labels, position_ids=positions, loss_normalizer=normalizer)
+    ref_out.loss.backward()
+    mesh = build_mesh(ParallelDims(tp=world), "cpu")
+    model = build_parallel_model(config(), mesh, seed=SEED, device="cpu", precision=plan)
+    out = model(x, labels=labels, position_ids=positions, loss_normalizer=normalizer)
+    out.loss.backward()
+    all_reduce_grads(model, mesh)
+    ref_params = dict(ref.named_parameters())
+    errors = {}
+    for n, p in model.named_parameters():
+        want = layout_of(model, n, p).slice_of(ref_params[n].grad)
+        errors[n] = ((p.grad - want).abs().max() / want.abs().max().clamp(min=1e-12)).item()
+    return report.fused, (out.loss.item(), ref_out.loss.item()), errors
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_fp8_under_tensor_parallel_matches_single_process_fp8(recipe):
+    """Tensorwise, every operand is quantized with the single process's scale: the same loss and
+    gradients up to the order of fp32 sums (a value at an FP8 rounding boundary can go the other
+    way: 4e-4 at worst). Rowwise, a row-parallel linear's input is scaled per token over its local
+    columns, so forward rounds differently and router near-ties can go the other way: the loss
+    agrees, the routed experts' gradients need not."""
+    for fused, (loss, want), errors in run_distributed(fp8_tp_parity, 2, recipe, timeout_s=120):
+        assert "model.layers.1.self_attn" in fused and "model.layers.1.mlp.shared_experts" in fused
+        assert abs(loss - want) < 1e-5 * want, (loss, want)
+        if recipe == "tensorwise":
+            worst = max(errors, key=errors.get)
+            assert errors[worst] < 1e-3, (worst, errors[worst])
