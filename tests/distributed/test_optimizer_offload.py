@@ -1,9 +1,9 @@
 """optim.offload=cpu through exaone-train: AdamW stepped by DeepSpeed's CPU Adam on host masters
-trains as torch's AdamW for 20 steps on one process, under FSDP2 with expert parallel (dp2 x ep2),
-through a pipeline (pp2) and with Muon on the matrices; checkpoints are the same with and
-without offload, so a run switches it on or off across a resume and continues, under another
-layout too. Parameters stored in BF16 under FSDP2 step in FP32 on the host and checkpoint their FP32
-masters.
+trains as torch's AdamW for 20 steps on one process, under FSDP2 with expert parallel (dp2 x ep2)
+and through a pipeline (pp2) (Muon with offload: tests/unit/test_offload.py); checkpoints are the
+same with and without offload, so a run switches it on or off across a resume and continues, under
+another layout too. Parameters stored in BF16 under FSDP2 step in FP32 on the host and checkpoint
+their FP32 masters.
 
 Runs go through the `exaone-train` code (`cli.train.main` in a forked process, `run_training` on
 forked gloo ranks) with the cpu_tiny experiment."""
@@ -118,9 +118,8 @@ def test_offloaded_adamw_trains_as_torch_adamw_for_20_steps(reference, offloaded
     [
         (2, ["parallel=single", "parallel.ep=2"]),  # FSDP2 over dp2, experts over ep2
         (2, ["parallel=single", "parallel.pp=2"]),  # a 1F1B pipeline of two stages
-        (1, ["optim=muon"]),  # Muon on the device, the AdamW groups on the host
     ],
-    ids=["fsdp_dp2_ep2", "pp2", "muon"],
+    ids=["fsdp_dp2_ep2", "pp2"],
 )
 def test_offload_trains_as_the_same_layout_without_it(tmp_path, sample_data, world, layout):
     expected = run(world, tmp_path / "device", sample_data, *layout)

@@ -137,3 +137,21 @@ def test_without_a_compiler_validation_says_the_op_cannot_be_built(monkeypatch):
 def test_a_recipe_checked_without_a_machine_skips_the_library_check(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)
     validate(_offload_config(), 1, None)
+
+
+def test_muon_keeps_its_matrices_on_the_device_and_offloads_the_adamw_groups():
+    """optim=muon with offload: Muon steps the hidden matrices where they are; the AdamW groups
+    (biases and norm gains here) step on the host; together they train as without offload for 20
+    steps."""
+    reference, offloaded = _model(), _model()
+    ref_opt = build_optimizer([reference], name="muon", lr=1e-2)
+    off_opt = build_optimizer([offloaded], name="muon", lr=1e-2, offload="cpu")
+    host, muon = off_opt.optimizers
+    matrices = {id(p) for p in offloaded.parameters() if p.ndim == 2}
+    assert isinstance(host, CpuOffloadAdamW) and type(muon).__name__ == "Muon"
+    assert {id(p) for p in host.masters} == {id(p) for p in offloaded.parameters()} - matrices
+    assert {id(p) for g in muon.param_groups for p in g["params"]} == matrices
+    _train(reference, ref_opt, 20)
+    _train(offloaded, off_opt, 20)
+    for (name, a), b in zip(reference.named_parameters(), offloaded.parameters()):
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=0, msg=name)
