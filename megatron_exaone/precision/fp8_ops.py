@@ -54,13 +54,14 @@ from megatron_exaone.model.mlp import SwiGLUMLP
 from megatron_exaone.model.moe import GroupedExperts, grouped_wgrad
 
 from .fp8_common import (
-    AMAX_EPS,
     E4M3,
     FP8_MAX,
     Fp8Recipe,
     Quantized,
+    current_scale,
     per_group_scale,
     quantize,
+    quantize_with_scale,
     to_fp8,
     to_fp8_per_group_columns,
 )
@@ -493,13 +494,12 @@ def _logit_grads_fp8(
     softmax - onehot lies in [-1, 1] (the amax a current scaling would find is at most 1, and close
     to it while any target is uncertain). Returns (gradients, FP8 data, inverse scale)."""
     grads = logit_grads(logits, lse, targets, is_target, valid, torch.float32)
-    limit = FP8_MAX[dtype]
     if rowwise:
-        scale = limit / grads.abs().amax(dim=1, keepdim=True).clamp(min=AMAX_EPS)
+        scale = current_scale(grads, dtype, "rowwise", 1)
     else:
-        scale = torch.full((), limit, device=grads.device)
-    data = (grads * scale).clamp(-limit, limit).to(dtype)
-    return grads.to(logits.dtype), data, scale.reciprocal()
+        scale = torch.full((), FP8_MAX[dtype], device=grads.device)
+    q = quantize_with_scale(grads, scale, dtype)
+    return grads.to(logits.dtype), q.data, q.scale_inv
 
 
 class Fp8Head(CachesFp8Weights):
