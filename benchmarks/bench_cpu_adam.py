@@ -30,11 +30,16 @@ from megatron_exaone.training.offload import CpuOffloadAdamW, load_cpu_adam
 from tools import planner
 
 
+def layout_dims(layout: str) -> ParallelDims:
+    """The sizes of recipes/parallel/<layout>.yaml."""
+    sizes = planner.load_layout(layout)
+    return ParallelDims(**{k: sizes[k] for k in ("tp", "pp", "vpp", "ep", "etp", "dp", "cp")})
+
+
 def layer_shapes(layout: str) -> list[tuple[int, ...]]:
     """The local shapes of one MoE decoder layer's parameters on a rank of `layout`."""
     model = k_exaone_236b()
-    sizes = planner.load_layout(layout)
-    dims = ParallelDims(**{k: sizes[k] for k in ("tp", "pp", "vpp", "ep", "etp", "dp", "cp")})
+    dims = layout_dims(layout)
     shapes = []
     for name, shape in planner._model_params(model):
         if not name.startswith("model.layers.1."):  # layer 1 is a MoE layer
@@ -47,9 +52,8 @@ def layer_shapes(layout: str) -> list[tuple[int, ...]]:
 
 def rank_elements(layout: str) -> float:
     """Local elements the worst rank of `layout` keeps on the host with AdamW offloaded."""
-    sizes = planner.load_layout(layout)
-    dims = ParallelDims(**{k: sizes[k] for k in ("tp", "pp", "vpp", "ep", "etp", "dp", "cp")})
-    result = planner.plan(planner.PlanInput(model=k_exaone_236b(), dims=dims, offload="cpu"))
+    inp = planner.PlanInput(model=k_exaone_236b(), dims=layout_dims(layout), offload="cpu")
+    result = planner.plan(inp)
     return max(r.host_bytes for r in result.ranks) / 16
 
 

@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from megatron_exaone.parallel.comm import all_gather_stack
-from megatron_exaone.parallel.sharding import ParamLayout
+from megatron_exaone.parallel.sharding import ParamLayout, local_tensor
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic, as torch.optim.Muon
 
@@ -137,21 +137,17 @@ class Muon(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 matrix = self.matrices[p]
-                grad = _local(p.grad)
+                grad = local_tensor(p.grad)
                 state = self.state[p]
                 # same type and layout as the parameter (checkpointable)
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
-                buf = _local(state["momentum_buffer"])
+                buf = local_tensor(state["momentum_buffer"])
                 buf.mul_(group["momentum"]).add_(grad)
                 update = grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
                 full = newton_schulz(matrix.full(update), group["ns_steps"])
                 scale = lr_scale(full.shape[-2], full.shape[-1], group["adjust_lr"])
-                weight = _local(p)
+                weight = local_tensor(p)
                 weight.mul_(1 - group["lr"] * group["weight_decay"])
                 weight.add_(matrix.local(full).to(weight.dtype), alpha=-group["lr"] * scale)
         return loss
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t

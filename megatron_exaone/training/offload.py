@@ -29,9 +29,9 @@ import shutil
 from collections.abc import Iterator, MutableMapping
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from megatron_exaone.errors import UserError
+from megatron_exaone.parallel.sharding import local_tensor
 
 log = logging.getLogger(__name__)
 EXTRA_HINT = "pip install 'megatron-exaone[deepspeed]'"
@@ -98,10 +98,6 @@ def device_param_dtype(offload: str, optimizer: str, fsdp: bool, bf16: bool) -> 
     return torch.float32
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 class _HostState(MutableMapping):
     """`optimizer.state` keyed by the device parameters: each one's state is CPU Adam's state of its
     host master (`step` an int, `exp_avg`, `exp_avg_sq` FP32 host tensors of the local shape)."""
@@ -149,7 +145,7 @@ class CpuOffloadAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             host_params = []
             for p in group["params"]:
-                local = _local(p.detach())
+                local = local_tensor(p.detach())
                 master = torch.empty(local.shape, dtype=torch.float32, pin_memory=pin)
                 master.copy_(local)
                 self.masters[p] = master
@@ -180,7 +176,7 @@ class CpuOffloadAdamW(torch.optim.Optimizer):
         arrived = []
         for bucket in buckets:  # every gradient copy is queued before the CPU starts stepping
             for p in bucket:
-                self.host_grads[p].copy_(_local(p.grad), non_blocking=True)
+                self.host_grads[p].copy_(local_tensor(p.grad), non_blocking=True)
             arrived.append(_event_after_copies(bucket[0].device))
         for bucket, event in zip(buckets, arrived):
             if event is not None:
@@ -190,7 +186,7 @@ class CpuOffloadAdamW(torch.optim.Optimizer):
             self.host_adam.step()
             for p in bucket:
                 self.masters[p].grad = None
-                _local(p.detach()).copy_(self.masters[p], non_blocking=True)
+                local_tensor(p.detach()).copy_(self.masters[p], non_blocking=True)
         return None
 
     def _buckets(self) -> list[list[torch.Tensor]]:
@@ -211,7 +207,7 @@ class CpuOffloadAdamW(torch.optim.Optimizer):
         """Copy the masters (just loaded from a checkpoint) to the device parameters."""
         with torch.no_grad():
             for p, master in self.masters.items():
-                _local(p.detach()).copy_(master)
+                local_tensor(p.detach()).copy_(master)
 
 
 def _event_after_copies(device: torch.device) -> torch.cuda.Event | None:
