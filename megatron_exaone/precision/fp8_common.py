@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_exaone.errors import UserError
+from megatron_exaone.model.fused import fused
 from megatron_exaone.model.moe import group_ids
 from megatron_exaone.parallel.comm import all_reduce_
 
@@ -86,14 +87,34 @@ def scale_from_amax(amax_value: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Saturating cast of x * scale to `dtype`."""
+    """Saturating cast of x * scale to `dtype` (NaN stays NaN)."""
     limit = FP8_MAX[dtype]
     with torch.no_grad():
-        return (x.float() * scale).clamp(-limit, limit).to(dtype)
+        scaled = x.float() * scale
+        if torch.compiler.is_compiling():
+            # Saturate through `where`, not clamp: inductor lowers clamp to the min.NaN/max.NaN PTX
+            # instructions, next to which Triton miscompiles a transposed FP8 store (garbage that
+            # decodes as NaN/Inf; triton-lang/triton#11111, worked around in torchao#4652), and a
+            # compiled cast-transpose stores exactly that. Eager keeps clamp's single kernel.
+            low = torch.where(scaled < -limit, -limit, scaled)
+            scaled = torch.where(scaled > limit, limit, low)
+        else:
+            scaled = scaled.clamp(-limit, limit)
+        return scaled.to(dtype)
 
 
 def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> Quantized:
     return Quantized(quantize(x, scale, dtype), scale.reciprocal())
+
+
+def quantize_both_layouts(
+    x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize(x, scale, dtype)` for a 2-D x, stored row-major and column-major (the same
+    values): the layouts a GEMM takes as its left operand and as its right one. Compiled (`fused`,
+    on CUDA) it is one cast-transpose kernel that reads x once, as Transformer Engine's."""
+    rows = quantize(x, scale, dtype)
+    return rows, rows.t().contiguous().t()
 
 
 def current_scale(
@@ -120,6 +141,19 @@ def to_fp8(
 ) -> Quantized:
     """`x` quantized with its current scale (see `current_scale`)."""
     return quantize_with_scale(x, current_scale(x, dtype, scaling, contraction_dim, group), dtype)
+
+
+def to_fp8_both_layouts(
+    x: torch.Tensor, dtype: torch.dtype, group: dist.ProcessGroup | None = None
+) -> tuple[Quantized, Quantized]:
+    """`x` [M, K] quantized with its current tensorwise scale (max-reduced over `group`), row-major
+    and column-major (`quantize_both_layouts`): a tensorwise scale does not depend on the GEMM's
+    axis, so one amax and one read of x give every layout its GEMMs need."""
+    scale = current_scale(x, dtype, "tensorwise", 1, group)
+    # dynamic: one kernel for every operand shape (a step has dozens; the curriculum changes them)
+    rows, cols = fused(quantize_both_layouts, x, dynamic=True)(x, scale, dtype)
+    scale_inv = scale.reciprocal()
+    return Quantized(rows, scale_inv), Quantized(cols, scale_inv)
 
 
 def per_group_scale(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

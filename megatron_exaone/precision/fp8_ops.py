@@ -7,8 +7,10 @@ Every GEMM of forward and backward runs in FP8 (as torchao's float8 training): f
   wgrad    dW = dY^T @ X
 Each operand is quantized along the axis its GEMM contracts: with rowwise scaling X and dY are
 re-quantized from the saved high-precision tensors in backward (the scales run along the other axis
-there); tensorwise scales do not depend on the axis, so forward's FP8 X and W are saved and reused
-(no second amax, cast or all-reduce).
+there); tensorwise scales do not depend on the axis, so X, W and dY are each cast once into both
+the row-major and the column-major layout their GEMMs take (`fp8_common.to_fp8_both_layouts`, one
+cast-transpose kernel on CUDA), and forward's are saved for backward (no second amax, cast,
+all-reduce or transpose).
 
 Routed experts run in E4M3 on `torch._scaled_grouped_mm`, whose scales are per row of X (per token:
 they do not depend on how tokens are spread over ranks) and per output column of W, given here as
@@ -63,6 +65,7 @@ from .fp8_common import (
     quantize,
     quantize_with_scale,
     to_fp8,
+    to_fp8_both_layouts,
     to_fp8_per_group_columns,
 )
 
@@ -106,9 +109,12 @@ def linear_weight_operands(weight: torch.Tensor, recipe: Fp8Recipe) -> tuple[tor
     under tensorwise scaling), stored column-major: the layout that GEMM's right operand needs, so
     the kernels do not transpose it at each use."""
     with torch.no_grad():
-        rows = to_fp8(weight, E4M3, recipe.scaling, 1, recipe.amax_group)
-        cols = rows if recipe.scaling == "tensorwise" else to_fp8(weight, E4M3, "rowwise", 0)
-    return rows.data, rows.scale_inv, cols.data.t().contiguous().t(), cols.scale_inv
+        if recipe.scaling == "tensorwise":
+            rows, cols = to_fp8_both_layouts(weight, E4M3, recipe.amax_group)
+        else:
+            rows, cols = to_fp8(weight, E4M3, "rowwise", 1), to_fp8(weight, E4M3, "rowwise", 0)
+            cols = Quantized(cols.data.t().contiguous().t(), cols.scale_inv)
+    return rows.data, rows.scale_inv, cols.data, cols.scale_inv
 
 
 class _Fp8Linear(torch.autograd.Function):
@@ -122,18 +128,24 @@ class _Fp8Linear(torch.autograd.Function):
         cached: tuple[torch.Tensor, ...] | None,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        qx = to_fp8(x2, E4M3, recipe.scaling, 1, recipe.amax_group)
-        if cached is None:
-            qw, w_cols = to_fp8(weight, E4M3, recipe.scaling, 1, recipe.amax_group), None
-        else:  # linear_weight_operands, made on the step's first micro-batch
-            qw, w_cols = Quantized(cached[0], cached[1]), Quantized(cached[2], cached[3])
-        y = gemms.mm(qx, qw.t(), x.dtype, fast_accum=True)
-        if recipe.scaling == "tensorwise":
+        tensorwise = recipe.scaling == "tensorwise"
+        if tensorwise:
             # A tensorwise scale does not depend on the GEMM's axis, so the backward GEMMs reuse
-            # these FP8 operands (the cached weight in its input-gradient layout): no second amax or
-            # cast, and X is saved at half its BF16 size.
-            w_back = qw if w_cols is None else w_cols
-            ctx.save_for_backward(qx.data, qx.scale_inv, w_back.data, w_back.scale_inv)
+            # forward's FP8 operands, each cast once in both layouts (`to_fp8_both_layouts`): no
+            # second amax, cast or transpose, and X is saved at half its BF16 size, in the
+            # column-major layout the weight gradient's GEMM takes.
+            qx, x_cols = to_fp8_both_layouts(x2, E4M3, recipe.amax_group)
+        else:
+            qx = to_fp8(x2, E4M3, "rowwise", 1)
+        if cached is not None:  # linear_weight_operands, made on the step's first micro-batch
+            qw, w_cols = Quantized(cached[0], cached[1]), Quantized(cached[2], cached[3])
+        elif tensorwise:
+            qw, w_cols = to_fp8_both_layouts(weight, E4M3, recipe.amax_group)
+        else:
+            qw, w_cols = to_fp8(weight, E4M3, "rowwise", 1), None
+        y = gemms.mm(qx, qw.t(), x.dtype, fast_accum=True)
+        if tensorwise:
+            ctx.save_for_backward(x_cols.data, x_cols.scale_inv, w_cols.data, w_cols.scale_inv)
         elif w_cols is None:
             ctx.save_for_backward(x2, weight)
         else:
@@ -147,9 +159,9 @@ class _Fp8Linear(torch.autograd.Function):
         gemms, recipe = ctx.gemms, ctx.recipe
         dy = grad_y.reshape(-1, grad_y.shape[-1])
         if recipe.scaling == "tensorwise":  # one dY scale serves both GEMMs
-            qx_data, x_scale_inv, qw_data, w_scale_inv = ctx.saved_tensors
-            x_cols, w_cols = Quantized(qx_data, x_scale_inv), Quantized(qw_data, w_scale_inv)
-            dy_rows = dy_cols = to_fp8(dy, recipe.grad_dtype, "tensorwise", 1, recipe.amax_group)
+            x_data, x_scale_inv, w_data, w_scale_inv = ctx.saved_tensors
+            x_cols, w_cols = Quantized(x_data, x_scale_inv), Quantized(w_data, w_scale_inv)
+            dy_rows, dy_cols = to_fp8_both_layouts(dy, recipe.grad_dtype, recipe.amax_group)
         # rowwise scales run along the other axis in backward: re-quantize from high precision
         else:
             x2, *w_saved = ctx.saved_tensors

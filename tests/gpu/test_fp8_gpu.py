@@ -14,7 +14,13 @@ from megatron_exaone.model import build_model, tiny
 from megatron_exaone.model.loss import linear_cross_entropy
 from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.precision import apply_precision
-from megatron_exaone.precision.fp8_common import E4M3, E5M2, Fp8Recipe, to_fp8
+from megatron_exaone.precision.fp8_common import (
+    E4M3,
+    E5M2,
+    Fp8Recipe,
+    quantize_both_layouts,
+    to_fp8,
+)
 from megatron_exaone.precision.fp8_emulated import EmulatedGemms
 from megatron_exaone.precision.fp8_ops import (
     Fp8GroupedExperts,
@@ -66,6 +72,25 @@ def test_scaled_mm_matches_emulation(scaling, a_dtype, out_dtype, k):
     assert rel(got, EMULATED.mm(a, b, torch.float32, False)) < (
         1e-3 if out_dtype == torch.float32 else 5e-3
     )
+
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+def test_compiled_cast_transpose_stores_what_eager_casts(dtype):
+    """The compiled cast-transpose (one value stored row-major and transposed) writes the same bytes
+    as eager and no NaN/Inf: Triton miscompiles a transposed FP8 store next to min.NaN/max.NaN
+    instructions (triton-lang/triton#11111, torchao#4652), which clamp lowers to; `quantize`
+    saturates through `where` when compiled. The corruption depends on the kernel's block sizes, so
+    several shapes, each compiled for its own."""
+    for rows, cols in ((128, 256), (1000, 768), (4096, 2048), (257, 4096), (8192, 512)):
+        x = randn(rows, cols, seed=rows, scale=4.0, dtype=torch.bfloat16)
+        scale = torch.tensor(200.0 if dtype == E4M3 else 2e4, device=DEVICE)
+        compiled = torch.compile(quantize_both_layouts, dynamic=False)
+        eager = quantize_both_layouts(x, scale, dtype)
+        for got, want in zip(compiled(x, scale, dtype), eager):
+            assert got.stride() == want.stride(), (rows, cols)
+            assert torch.isfinite(got.float()).all(), (rows, cols)
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (rows, cols)
+        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])

@@ -42,9 +42,11 @@ from megatron_exaone.precision.fp8_common import (
     current_scale,
     per_group_scale,
     quantize,
+    quantize_both_layouts,
     quantize_with_scale,
     scale_from_amax,
     to_fp8,
+    to_fp8_both_layouts,
     to_fp8_per_group_columns,
 )
 from megatron_exaone.precision.fp8_emulated import EmulatedGemms
@@ -113,6 +115,31 @@ def test_amax_and_scales_tensorwise_vs_rowwise():
     assert (q.data[2].float() == 0).all()
     cols = to_fp8(x, E4M3, "rowwise", 0)
     assert cols.scale_inv.shape == (1, 3) and cols.t().scale_inv.shape == (3, 1)
+
+
+def test_cast_transpose_is_one_quantization_in_both_layouts():
+    """Tensorwise operands are cast once into row-major and column-major storage: the same bytes as
+    `to_fp8`, the strides each GEMM operand takes; compiled by inductor (which saturates through
+    `where` instead of clamp, see `quantize`) the bytes are the same as eager, out-of-range values,
+    infinities and NaN included."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 80, generator=gen) * 3
+    rows, cols = to_fp8_both_layouts(x, E4M3)
+    want = to_fp8(x, E4M3, "tensorwise", 1)
+    assert rows.data.stride() == (80, 1) and cols.data.stride() == (1, 48)
+    for q in (rows, cols):
+        assert torch.equal(q.data.view(torch.uint8), want.data.view(torch.uint8))
+        assert torch.equal(q.scale_inv, want.scale_inv)
+    x[0, :4] = torch.tensor([float("inf"), -float("inf"), float("nan"), 1e9])
+    compiled = torch.compile(quantize_both_layouts, dynamic=False)
+    for dtype, scale in ((E4M3, torch.tensor(100.0)), (E5M2, torch.tensor(1e4))):
+        eager = quantize_both_layouts(x, scale, dtype)
+        for got, expected in zip(compiled(x, scale, dtype), eager):
+            assert got.stride() == expected.stride()
+            assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+    saturated = eager[0][0, :4].float()
+    assert saturated.tolist()[:2] == [57344.0, -57344.0] and saturated[2].isnan()
+    torch._dynamo.reset()
 
 
 def test_per_group_column_scales():
