@@ -162,8 +162,8 @@ def test_an_untrained_model_fails_its_gate_and_a_relaunch_checks_it_again(sample
 
 
 def test_the_gate_passes_once_the_model_has_learnt_to_fetch_a_pass_key(sample_data, tmp_path):
-    """The tiny model trained for 1000 steps (of 4 x 64 tokens) on pass-key text passes the gate it
-    failed untrained (above)."""
+    """The tiny model trained for 700 steps (of 4 x 64 tokens) on pass-key text passes the gate it
+    failed untrained (above): accuracy 1.0 here, against 0.9 after 500-600 steps."""
     from data_tools.tokenize_corpus import TokenizeConfig, tokenize
 
     tokenizer = next(o.split("=", 1)[1] for o in sample_data if o.startswith("data.tokenizer="))
@@ -172,8 +172,8 @@ def test_the_gate_passes_once_the_model_has_learnt_to_fetch_a_pass_key(sample_da
         shards[path.stem] = str(tmp_path / path.stem)
         tokenize(TokenizeConfig([str(path)], tokenizer, shards[path.stem], workers=1))
     stage = (
-        "{name:passkey,tokens:256000,seq_len:64,global_batch_size:4,mixture:{passkey:1.0},"
-        "lr:{kind:constant,peak_lr:1.0e-3,min_lr:0.0,warmup_tokens:2560},"
+        "{name:passkey,tokens:179200,seq_len:64,global_batch_size:4,mixture:{passkey:1.0},"
+        "lr:{kind:constant,peak_lr:1.5e-3,min_lr:0.0,warmup_tokens:2560},"
         "gates:[{eval:niah,min:0.9,on_fail:stop}]}"
     )
     run_dir = tmp_path / "run"
@@ -187,7 +187,7 @@ def test_the_gate_passes_once_the_model_has_learnt_to_fetch_a_pass_key(sample_da
     )  # fmt: skip
     train(argv, timeout=600)
     (niah,) = [r for r in records(run_dir) if "eval/niah/acc" in r]
-    assert niah["step"] == 1000 and niah["eval/niah/acc"] >= 0.9, niah
+    assert niah["step"] == 700 and niah["eval/niah/acc"] >= 0.9, niah
     assert json.loads((run_dir / "launch_status.json").read_text())["reason"] == (
         "curriculum finished"
     )
