@@ -120,3 +120,17 @@ def all_reduce_grads(model: nn.Module | Sequence[nn.Module], mesh: ParallelMesh)
                 continue
             all_reduce_(param.grad, mesh.edp_group if ".experts." in name else mesh.dp_cp_group)
     sync_embedding_grads(chunks, mesh)
+
+
+def reduce_grads(model: nn.Module | Sequence[nn.Module], mesh: ParallelMesh, fsdp: bool) -> None:
+    """Finish the gradients' reduction after backward, for a model or this rank's pipeline chunks.
+    Under FSDP2 (`fsdp`), which reduced dense gradients over dp x cp and routed experts over edp in
+    backward: the TP-partial gradients over tp and the pipeline's two embedding copies. Otherwise
+    all of it (`all_reduce_grads`)."""
+    chunks = [model] if isinstance(model, nn.Module) else list(model)
+    if not fsdp:
+        all_reduce_grads(chunks, mesh)
+        return
+    for chunk in chunks:
+        reduce_tp_partial_grads(chunk, mesh.tp_group)
+    sync_embedding_grads(chunks, mesh)

@@ -32,14 +32,13 @@ from megatron_exaone.evaluation import Evaluator, gate_failures
 from megatron_exaone.files import write_json_atomic
 from megatron_exaone.model import ModelConfig, update_expert_bias
 from megatron_exaone.model.moe import MoEBlock
-from megatron_exaone.parallel.build import all_reduce_grads, build_chunks
+from megatron_exaone.parallel.build import build_chunks, reduce_grads
 from megatron_exaone.parallel.comm import all_gather_objects, all_reduce_, barrier
 from megatron_exaone.parallel.features import Build
 from megatron_exaone.parallel.grad_norm import clip_grad_norm_
 from megatron_exaone.parallel.mesh import ParallelDims, ParallelMesh, build_mesh
-from megatron_exaone.parallel.pipeline import embedding_copies, sync_embedding_grads
+from megatron_exaone.parallel.pipeline import embedding_copies
 from megatron_exaone.parallel.step import step_runner
-from megatron_exaone.parallel.tensor_parallel import reduce_tp_partial_grads
 from megatron_exaone.precision import mark_fp8_weights_stale
 
 from .flops import flops_per_token, peak_flops
@@ -336,7 +335,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         losses = self._forward_backward(batch, plan)
-        self._reduce_grads()
+        reduce_grads(self.chunks, self.mesh, self.cfg.parallel.fsdp)
         grad_norm = clip_grad_norm_(
             self.chunks,
             self.cfg.optim.clip_grad,
@@ -370,15 +369,6 @@ class Trainer:
             batch["position_ids"],
             n_microbatches=self._microbatches(plan.global_batch_size),
         )
-
-    def _reduce_grads(self) -> None:
-        # FSDP2 reduced dense grads over dp x cp and experts over edp in backward
-        if self.cfg.parallel.fsdp:
-            for chunk in self.chunks:
-                reduce_tp_partial_grads(chunk, self.mesh.tp_group)
-            sync_embedding_grads(self.chunks, self.mesh)
-        else:
-            all_reduce_grads(self.chunks, self.mesh)
 
     def _update_expert_bias(self, rate: float) -> dict[str, float]:
         group = self.mesh.tp_cp_dp_group

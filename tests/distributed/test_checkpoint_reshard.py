@@ -25,11 +25,10 @@ from megatron_exaone.checkpoint.store import find_checkpoint, read_meta
 from megatron_exaone.model import tiny
 from megatron_exaone.model.moe import update_expert_bias
 from megatron_exaone.model.mtp import shift_left
-from megatron_exaone.parallel.build import all_reduce_grads, build_parallel_model
+from megatron_exaone.parallel.build import build_parallel_model, reduce_grads
 from megatron_exaone.parallel.data_parallel import apply_data_parallel
 from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
 from megatron_exaone.parallel.sharding import layout_of
-from megatron_exaone.parallel.tensor_parallel import reduce_tp_partial_grads
 from megatron_exaone.parallel.testing import run_distributed
 
 SEED = 3
@@ -99,10 +98,7 @@ def train_step(layout: str, mesh, model, optimizer, index: int) -> float:
         aux_loss_scale=per / x.shape[0],
     )
     out.loss.backward()
-    if fsdp:
-        reduce_tp_partial_grads(model, mesh.tp_group)
-    else:
-        all_reduce_grads(model, mesh)
+    reduce_grads(model, mesh, fsdp)
     update_expert_bias(
         model, 1e-3, reduce_counts=lambda t: dist.all_reduce(t, group=mesh.tp_cp_dp_group)
     )

@@ -6,11 +6,10 @@ from torch.distributed.tensor import DTensor
 
 from megatron_exaone.model import build_model, tiny
 from megatron_exaone.model.mtp import shift_left
-from megatron_exaone.parallel.build import all_reduce_grads, build_parallel_model
+from megatron_exaone.parallel.build import build_parallel_model, reduce_grads
 from megatron_exaone.parallel.data_parallel import apply_data_parallel
 from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
 from megatron_exaone.parallel.sharding import layout_of
-from megatron_exaone.parallel.tensor_parallel import reduce_tp_partial_grads
 from megatron_exaone.parallel.testing import run_distributed
 from megatron_exaone.training.optim import build_optimizer
 
@@ -47,7 +46,7 @@ def run_layout(rank, world, dims_kw, kv_heads, fsdp):
     opt = build_optimizer([model], "muon", lr=0.01, tp_group=mesh.tp_group, tp_size=mesh.dims.tp)
     per = 4 // mesh.dims.dp
     one_step(model, x, labels, slice(mesh.dp_rank * per, (mesh.dp_rank + 1) * per), per, opt)
-    reduce_tp_partial_grads(model, mesh.tp_group) if fsdp else all_reduce_grads(model, mesh)
+    reduce_grads(model, mesh, fsdp)
     opt.step()
     ref_params = dict(ref.named_parameters())
     errors = {}

@@ -13,14 +13,13 @@ from torch.distributed.tensor import DTensor
 
 from megatron_exaone.model import build_model, tiny
 from megatron_exaone.model.mtp import shift_left
-from megatron_exaone.parallel.build import all_reduce_grads, build_parallel_model
+from megatron_exaone.parallel.build import all_reduce_grads, build_parallel_model, reduce_grads
 from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.parallel.data_parallel import apply_data_parallel
 from megatron_exaone.parallel.grad_norm import clip_grad_norm_
 from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
 from megatron_exaone.parallel.recompute import apply_recompute
 from megatron_exaone.parallel.sharding import layout_of
-from megatron_exaone.parallel.tensor_parallel import reduce_tp_partial_grads
 from megatron_exaone.parallel.testing import run_distributed
 
 SEED = 3
@@ -111,10 +110,7 @@ def run_layout(rank, world, name, dims_kw, sequence_parallel, fsdp, recompute, c
         aux_loss_scale=per / x.shape[0],
     )
     out.loss.backward()
-    if fsdp:
-        reduce_tp_partial_grads(model, mesh.tp_group)
-    else:
-        all_reduce_grads(model, mesh)
+    reduce_grads(model, mesh, fsdp)
     grad_errors = {}
     for n, p in model.named_parameters():
         got = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad

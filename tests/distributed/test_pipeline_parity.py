@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from megatron_exaone.model import build_model, k_exaone_236b, tiny
 from megatron_exaone.model.mtp import shift_left
-from megatron_exaone.parallel.build import all_reduce_grads, build_pipeline_chunks
+from megatron_exaone.parallel.build import build_pipeline_chunks, reduce_grads
 from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.parallel.data_parallel import apply_data_parallel
 from megatron_exaone.parallel.grad_norm import clip_grad_norm_
@@ -32,12 +32,10 @@ from megatron_exaone.parallel.pipeline import (
     local_stage_indices,
     pipeline_layout,
     splits_weight_backward,
-    sync_embedding_grads,
 )
 from megatron_exaone.parallel.recompute import apply_recompute
 from megatron_exaone.parallel.sharding import layout_of
 from megatron_exaone.parallel.step import PipelineRunner
-from megatron_exaone.parallel.tensor_parallel import reduce_tp_partial_grads
 from megatron_exaone.parallel.testing import run_distributed
 
 SEED = 3
@@ -143,12 +141,7 @@ def run_layout(
     )
     with counting_fsdp_reductions() as reductions:
         losses = runner.step(x[rows], labels[rows], positions[rows])
-    if fsdp:  # FSDP2 reduced over dp during backward
-        for chunk in chunks:
-            reduce_tp_partial_grads(chunk, mesh.tp_group)
-        sync_embedding_grads(chunks, mesh)
-    else:
-        all_reduce_grads(chunks, mesh)
+    reduce_grads(chunks, mesh, fsdp)
     grad_errors = {}
     for chunk, lay in zip(chunks, layouts):
         for n, p in chunk.named_parameters():

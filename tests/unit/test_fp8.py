@@ -19,13 +19,12 @@ from megatron_exaone.model import ExaoneMoeForCausalLM, build_model, tiny
 from megatron_exaone.model.loss import linear_cross_entropy
 from megatron_exaone.model.moe import GroupedExperts, Router, grouped_wgrad
 from megatron_exaone.model.mtp import shift_left
-from megatron_exaone.parallel.build import all_reduce_grads, build_parallel_model
+from megatron_exaone.parallel.build import build_parallel_model, reduce_grads
 from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.parallel.data_parallel import apply_data_parallel
 from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
 from megatron_exaone.parallel.pipeline import PipelineChunk, StageSpec
 from megatron_exaone.parallel.sharding import layout_of, materialize
-from megatron_exaone.parallel.tensor_parallel import reduce_tp_partial_grads
 from megatron_exaone.parallel.testing import run_distributed
 from megatron_exaone.precision import (
     Fp8Unavailable,
@@ -649,10 +648,7 @@ def _run_layouts(rank, world):
         rows = slice(mesh.dp_rank * 4 // mesh.dims.dp, (mesh.dp_rank + 1) * 4 // mesh.dims.dp)
         out = model(x[rows], labels=labels[rows], loss_normalizer=(labels != -100).sum())
         out.loss.backward()
-        if fsdp:
-            reduce_tp_partial_grads(model, mesh.tp_group)
-        else:
-            all_reduce_grads(model, mesh)
+        reduce_grads(model, mesh, fsdp)
         want_loss, want_grads = _single_process(recipe, mesh.dims.dp)
         grads = {}
         for n, p in model.named_parameters():
