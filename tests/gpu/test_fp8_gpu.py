@@ -76,12 +76,14 @@ def test_scaled_mm_matches_emulation(scaling, a_dtype, out_dtype, k):
 
 
 @pytest.mark.parametrize("dtype", [E4M3, E5M2])
+@torch._inductor.config.patch(force_disable_caches=True)
 def test_compiled_cast_transpose_stores_what_eager_casts(dtype):
     """The compiled cast-transpose (one value stored row-major and transposed) writes the same bytes
     as eager and no NaN/Inf: Triton miscompiles a transposed FP8 store next to min.NaN/max.NaN
     instructions (triton-lang/triton#11111, torchao#4652), which clamp lowers to; `quantize`
     saturates through `where` when compiled. The corruption depends on the kernel's block sizes, so
-    several shapes, each compiled for its own. Inductor makes it one kernel: x is read once."""
+    several shapes, each compiled for its own (no cache: each run tunes and generates its kernels
+    again). Inductor makes it one kernel: x is read once."""
     for rows, cols in ((128, 256), (1000, 768), (4096, 2048), (257, 4096), (8192, 512)):
         x = randn(rows, cols, seed=rows, scale=4.0, dtype=torch.bfloat16)
         scale = torch.tensor(200.0 if dtype == E4M3 else 2e4, device=DEVICE)
