@@ -51,7 +51,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from megatron_exaone.errors import UserError
 from megatron_exaone.model.init import is_stacked_experts
 from megatron_exaone.parallel.mesh import ParallelDims, ParallelMesh, rank_coordinates
-from megatron_exaone.parallel.sharding import layout_of, plan_of
+from megatron_exaone.parallel.sharding import layout_of, local_tensor, plan_of
 from megatron_exaone.precision import load_te_extra_state, te_extra_state
 
 from . import store
@@ -282,7 +282,7 @@ def _entries(
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return (t.to_local() if isinstance(t, DTensor) else t).detach()
+    return local_tensor(t).detach()
 
 
 # -------------------------------------------------------------------------------------------- model
