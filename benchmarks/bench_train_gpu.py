@@ -25,7 +25,6 @@ nothing).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import math
 import os
@@ -62,7 +61,7 @@ from megatron_exaone.training.flops import (
     megatron_flops_per_token,
     peak_flops,
 )
-from megatron_exaone.training.offload import device_param_dtype
+from megatron_exaone.training.offload import build_for_optimizer
 from megatron_exaone.training.optim import build_optimizer
 
 MODEL_RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "model"
@@ -285,9 +284,7 @@ def time_steps(
     optimizer_name = "muon" if "muon" in options else "adamw"
     offload = "cpu" if "offload" in options else "none"
     build = Build(config, layout, plan, mesh.dims, device.type, seed=0)
-    build = dataclasses.replace(
-        build, param_dtype=device_param_dtype(offload, optimizer_name, layout.fsdp, build.bf16)
-    )
+    build = build_for_optimizer(build, offload, optimizer_name)
     (model,) = build_chunks(build, mesh)
     optimizer = build_optimizer([model], optimizer_name, lr=1e-4, offload=offload)
     step = trainer_step(model, optimizer, mesh, config, micro_batches)

@@ -22,6 +22,7 @@ without offload and a run can switch it across a resume.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -31,6 +32,7 @@ from collections.abc import Iterator, MutableMapping
 import torch
 
 from megatron_exaone.errors import UserError
+from megatron_exaone.parallel.features import Build
 from megatron_exaone.parallel.sharding import local_tensor
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,13 @@ def device_param_dtype(offload: str, optimizer: str, fsdp: bool, bf16: bool) -> 
     if offload == "cpu" and optimizer == "adamw" and fsdp and bf16:
         return torch.bfloat16
     return torch.float32
+
+
+def build_for_optimizer(build: Build, offload: str, optimizer: str) -> Build:
+    """`build` with the device parameters stored in the dtype `device_param_dtype` gives for this
+    optimizer and offload (what the trainer builds)."""
+    dtype = device_param_dtype(offload, optimizer, build.parallel.fsdp, build.bf16)
+    return dataclasses.replace(build, param_dtype=dtype)
 
 
 class _HostState(MutableMapping):

@@ -43,7 +43,7 @@ from megatron_exaone.precision import mark_fp8_weights_stale
 
 from .flops import flops_per_token, peak_flops
 from .metrics import MetricsLogger
-from .offload import device_param_dtype
+from .offload import build_for_optimizer
 from .optim import build_optimizer
 
 log = logging.getLogger("megatron_exaone.train")
@@ -639,10 +639,7 @@ def build_model(
     build = Build(
         model_config, cfg.parallel, cfg.precision, mesh.dims, device.type, cfg.trainer.seed
     )
-    o = cfg.optim
-    build = dataclasses.replace(
-        build, param_dtype=device_param_dtype(o.offload, o.name, cfg.parallel.fsdp, build.bf16)
-    )
+    build = build_for_optimizer(build, cfg.optim.offload, cfg.optim.name)
     rank = dist.get_rank()
     if cfg.parallel.compile:
         log.info(

@@ -5,8 +5,6 @@ loaded back. One process, its own NCCL group (tests/distributed checks every lay
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -18,7 +16,7 @@ from megatron_exaone.model.mtp import shift_left
 from megatron_exaone.parallel.build import build_chunks
 from megatron_exaone.parallel.features import Build
 from megatron_exaone.parallel.mesh import ParallelDims, build_mesh
-from megatron_exaone.training.offload import device_param_dtype, offload_unavailable
+from megatron_exaone.training.offload import build_for_optimizer, offload_unavailable
 from megatron_exaone.training.optim import build_optimizer
 from tests.runs import free_port
 
@@ -42,8 +40,7 @@ def nccl_group(monkeypatch):
 def _build(mesh, offload: str):
     config = tiny(vocab_size=256)
     build = Build(config, ParallelConfig(), dims=mesh.dims, device_type="cuda")
-    dtype = device_param_dtype(offload, "adamw", True, build.bf16)
-    (model,) = build_chunks(dataclasses.replace(build, param_dtype=dtype), mesh)
+    (model,) = build_chunks(build_for_optimizer(build, offload, "adamw"), mesh)
     return config, model, build_optimizer([model], lr=1e-3, offload=offload)
 
 
