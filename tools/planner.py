@@ -236,9 +236,12 @@ class Plan:
     def fits_host(self) -> bool:
         return self.host_per_node <= self.inp.host_gib * GIB
 
+    def fits_gpu(self, rank: RankMemory) -> bool:
+        return rank.peak <= self.inp.gpu_gib * GIB
+
     @property
     def fits(self) -> bool:
-        return self.worst.peak <= self.inp.gpu_gib * GIB and self.fits_host
+        return self.fits_gpu(self.worst) and self.fits_host
 
 
 # --------------------------------------------------------------------------------------- parameters
@@ -784,7 +787,7 @@ def format_plan(p: Plan) -> str:
     lines.append(f"  {'peak':<34}" + "".join(f"  {_gib(r.peak)}" for r in ranks))
     lines.append(
         f"  {'fits ' + format(inp.gpu_gib, 'g') + ' GiB':<34}"
-        + "".join(f"{'yes' if r.peak <= inp.gpu_gib * GIB else 'NO':>9}" for r in ranks)
+        + "".join(f"{'yes' if p.fits_gpu(r) else 'NO':>9}" for r in ranks)
     )
     w = p.worst
     if inp.offload == "cpu":
@@ -792,7 +795,7 @@ def format_plan(p: Plan) -> str:
             f"  {'host memory (optimizer offload)':<34}"
             + "".join(f"  {_gib(r.host_bytes)}" for r in ranks)
         )
-    verdict = "fits" if w.peak <= inp.gpu_gib * GIB else "DOES NOT FIT"
+    verdict = "fits" if p.fits_gpu(w) else "DOES NOT FIT"
     lines.append(
         f"  => {verdict}: worst pipeline rank {w.pp_rank} needs {w.peak / GIB:.1f} GiB of "
         f"{inp.gpu_gib:g} GiB"
