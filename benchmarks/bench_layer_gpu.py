@@ -11,6 +11,8 @@ precision.fp8_weight_cache, amortizes) and reports the time per pass. Run on a G
 repository root:
   PYTHONPATH=. python benchmarks/bench_layer_gpu.py \
       [--variants bf16+compile,fp8_torch+compile] [--batch 4] [--micro-batches 4]
+`--device cpu --model tiny` runs the same path on the CPU (a check that it runs; its times mean
+nothing).
 """
 
 from __future__ import annotations
@@ -22,16 +24,21 @@ import time
 import torch
 from torch import nn
 
-from benchmarks.bench_train_gpu import measure_variants, parse_variant, print_kernel_profile
+from benchmarks.bench_train_gpu import (
+    gib,
+    measure_variants,
+    model_config,
+    parse_variant,
+    print_kernel_profile,
+    synchronize,
+)
 from megatron_exaone.model.attention import attention_mask
-from megatron_exaone.model.config import SLIDING, SPARSE, k_exaone_236b
+from megatron_exaone.model.config import SLIDING, SPARSE
 from megatron_exaone.model.layers import DecoderLayer
 from megatron_exaone.model.rope import rope_cos_sin
 from megatron_exaone.parallel.compile import apply_compile
 from megatron_exaone.precision import apply_precision, mark_fp8_weights_stale
 from megatron_exaone.training.flops import attended_keys, attention_weights, moe_active_weights
-
-DEVICE = "cuda"
 
 
 class OneLayer(nn.Module):
@@ -61,14 +68,15 @@ def time_layer(
     micro_batches: int,
     steps: int,
     warmup: int,
+    device: torch.device,
     profile: bool = False,
 ) -> tuple[list[float], float]:
-    """(seconds per forward + backward of each timed step, peak GiB). A step accumulates
-    gradients over `micro_batches` forward + backward passes of the same weights (the FP8 weight
-    cache, `+weight_cache`, quantizes them on the first)."""
+    """(seconds per forward + backward of each timed step, peak GiB; NaN on the CPU). A step
+    accumulates gradients over `micro_batches` forward + backward passes of the same weights (the
+    FP8 weight cache, `+weight_cache`, quantizes them on the first)."""
     plan, options = parse_variant(variant)
     torch.manual_seed(0)
-    with torch.device(DEVICE):
+    with device:
         layer = DecoderLayer(config, SLIDING, SPARSE).to(torch.bfloat16)
     for name, param in layer.named_parameters():
         if "norm" in name:
@@ -81,15 +89,15 @@ def time_layer(
             root,
             dataclasses.replace(plan, keep_bf16_first_layers=0, keep_bf16_last_layers=0),
             1,
-            DEVICE,
+            device.type,
         )
     if "compile" in options:
         apply_compile(root)
-    positions = torch.arange(seq_len, device=DEVICE).expand(batch, seq_len)
+    positions = torch.arange(seq_len, device=device).expand(batch, seq_len)
     rope = rope_cos_sin(positions, config.head_dim, config.rope_theta, torch.bfloat16)
     masks = {SLIDING: attention_mask(positions, config.sliding_window)}
     x = torch.randn(
-        batch, seq_len, config.hidden_size, device=DEVICE, dtype=torch.bfloat16, requires_grad=True
+        batch, seq_len, config.hidden_size, device=device, dtype=torch.bfloat16, requires_grad=True
     )
     grad = torch.randn_like(x)
 
@@ -100,22 +108,24 @@ def time_layer(
         for param in layer.parameters():
             param.grad = None
 
-    torch.cuda.reset_peak_memory_stats()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for index in range(warmup + steps):
-        torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         step()
-        torch.cuda.synchronize()
+        synchronize(device)
         if index >= warmup:
             times.append((time.perf_counter() - start) / micro_batches)
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    if profile:
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    if profile and cuda:
         print_kernel_profile(step, f"one {variant} step of {micro_batches} forward + backward")
     return times, peak
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -131,21 +141,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument(
+        "--model",
+        default="k_exaone_236b",
+        help="a recipes/model/<name>.yaml whose sliding MoE layer to time",
+    )
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument(
         "--profile",
         default="",
         metavar="VARIANTS",
         help="comma-separated variants whose kernel table to print",
     )
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_layer_gpu needs a CUDA GPU.")
-    config = k_exaone_236b()
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_layer_gpu needs a CUDA GPU (--device cpu checks that it runs).")
+    device = torch.device(args.device)
+    config = model_config(args.model, None)
     tokens = args.batch * args.seq_len
     flops = layer_flops_per_token(config, args.seq_len) * tokens
+    name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     print(
-        f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; one K-EXAONE sliding "
-        f"MoE layer, {args.batch} x {args.seq_len} tokens, {flops / 1e12:.1f} TFLOP per forward + "
-        "backward"
+        f"device: {name}; torch {torch.__version__}; one {args.model} sliding MoE layer, "
+        f"{args.batch} x {args.seq_len} tokens, {flops / 1e12:.1f} TFLOP per forward + backward"
     )
 
     def measure(variant: str) -> tuple[list[float], float]:
@@ -157,6 +174,7 @@ def main() -> None:
             args.micro_batches,
             args.steps,
             args.warmup,
+            device,
             profile=variant in args.profile.split(","),
         )
 
@@ -164,7 +182,7 @@ def main() -> None:
         print(
             f"{variant}: {timing.ms()}, {flops / timing.median / 1e12:.0f} TFLOP/s "
             f"({flops / timing.high / 1e12:.0f}-{flops / timing.low / 1e12:.0f}), peak memory "
-            f"{peak:.1f} GiB ({ratio})",
+            f"{gib(peak)} ({ratio})",
             flush=True,
         )
 

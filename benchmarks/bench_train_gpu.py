@@ -100,6 +100,13 @@ def print_kernel_profile(run: Callable[[], None], what: str, rows: int = 40) -> 
         )
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels (a timer around GPU work needs it; the CPU runs
+    synchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 @dataclass(frozen=True)
 class Timing:
     """Seconds of the timed repeats: median and range."""
@@ -293,12 +300,10 @@ def time_steps(
         torch.cuda.reset_peak_memory_stats()
     times = []
     for index, batch in enumerate(batches):
-        if cuda:
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         step(batch)
-        if cuda:
-            torch.cuda.synchronize()
+        synchronize(device)
         if index >= warmup:
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
@@ -314,7 +319,7 @@ def time_steps(
     return times, peak
 
 
-def _gib(memory: float) -> str:
+def gib(memory: float) -> str:
     return "n/a" if math.isnan(memory) else f"{memory:.1f} GiB"
 
 
@@ -398,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
             share = fp8_share(config, args.seq_len, parse_variant(variant)[0])
             print(
                 f"{variant}: {rates[0]:,.0f} tokens/s ({rates[1]:,.0f}-{rates[2]:,.0f}), "
-                f"{timing.ms()}/step, {mfu}, peak memory {_gib(memory)} ({ratio}{share})",
+                f"{timing.ms()}/step, {mfu}, peak memory {gib(memory)} ({ratio}{share})",
                 flush=True,
             )
     finally:
