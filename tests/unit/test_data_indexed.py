@@ -2,6 +2,7 @@
 layout."""
 
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,9 +137,41 @@ def test_missing_files(tmp_path):
         IndexedDataset(tmp_path / "c.idx")
 
 
-def test_megatron_core_reads_our_shards(tmp_path):
+@pytest.mark.parametrize("vocab_size", [4000, 153600])
+def test_megatron_core_writes_our_bytes_and_each_reads_the_other(tmp_path, vocab_size):
+    """Megatron-Core's own IndexedDatasetBuilder (as its preprocess_data.py drives it: one
+    sequence per document, none for an empty one) writes the bytes our writer writes, each reader
+    reads the other's shards, and its add_index concatenates to the bytes of our merge."""
     mcore = pytest.importorskip("megatron.core.datasets.indexed_dataset")
-    docs = [[1, 2, 3], [], [153599, 70000]]
-    write(tmp_path / "c", docs, np.int32)
-    theirs = mcore.IndexedDataset(str(tmp_path / "c"))
-    assert [theirs[i].tolist() for i in range(len(theirs))] == docs
+    dtype = np.dtype(optimal_dtype(vocab_size)).type  # Megatron takes the scalar type
+    parts = {"a": [[1, 2, 3], [], [vocab_size - 1, 70]], "b": [[0], [], [5] * 7]}
+
+    def megatron_write(prefix, docs):
+        builder = mcore.IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
+        for doc in docs:  # preprocess_data.py passes the token list and its sentence lengths
+            builder.add_document(doc, [len(doc)] if doc else [])
+        builder.finalize(f"{prefix}.idx")
+
+    def megatron_merge(prefix, prefixes):
+        builder = mcore.IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
+        for part in prefixes:
+            builder.add_index(str(part))
+        builder.finalize(f"{prefix}.idx")
+
+    def same_bytes(ours, theirs):
+        for suffix in (".bin", ".idx"):
+            assert Path(f"{ours}{suffix}").read_bytes() == Path(f"{theirs}{suffix}").read_bytes()
+
+    for name, docs in parts.items():
+        write(tmp_path / name, docs, dtype)
+        megatron_write(tmp_path / f"mcore_{name}", docs)
+        same_bytes(tmp_path / name, tmp_path / f"mcore_{name}")
+        seqs = [d for d in docs if d]
+        theirs = mcore.IndexedDataset(str(tmp_path / name))
+        assert [theirs[i].tolist() for i in range(len(theirs))] == seqs
+        assert theirs.document_indices.tolist() == [0, 1, 1, 2]
+        ours = IndexedDataset(tmp_path / f"mcore_{name}")
+        assert [ours.get(i).tolist() for i in range(len(ours))] == seqs
+    merge_datasets([tmp_path / "a", tmp_path / "b"], tmp_path / "merged")
+    megatron_merge(tmp_path / "mcore_merged", [tmp_path / "a", tmp_path / "b"])
+    same_bytes(tmp_path / "merged", tmp_path / "mcore_merged")
