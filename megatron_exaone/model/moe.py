@@ -58,7 +58,6 @@ def route(
 
 def sequence_aux_loss(
     scores: torch.Tensor,
-    indices: torch.Tensor,
     batch: int,
     top_k: int,
     reduce_stats: StatsReducer | None = None,
@@ -66,19 +65,20 @@ def sequence_aux_loss(
     """DeepSeek-V3 sequence-level balance loss (without its coefficient), averaged over sequences.
 
     Per sequence: f_i = E / (k * T) * count_i, P_i = mean_t of the scores normalised over experts;
-    loss = sum_i f_i * P_i. `reduce_stats(counts, prob_sums, tokens)` sums the per-sequence
-    statistics over ranks that each hold part of every sequence (sequence parallel); None in a
-    single process.
+    loss = sum_i f_i * P_i. count_i counts the tokens whose k highest scores include expert i: the
+    scores alone, not the bias-steered choice that dispatches the tokens (DeepSeek-V3's eq. 18, and
+    Megatron-Core's `compute_routing_scores_for_aux_loss`), so the loss measures the imbalance the
+    router itself produces, which the bias is there to hide. `reduce_stats(counts, prob_sums,
+    tokens)` sums the per-sequence statistics over ranks that each hold part of every sequence
+    (sequence parallel); None in a single process.
     """
     num_experts = scores.shape[-1]
     scores = scores.view(batch, -1, num_experts)
     seq = scores.shape[1]
-    counts = torch.zeros(batch, num_experts, device=scores.device, dtype=scores.dtype)
-    counts.scatter_add_(
-        1,
-        indices.view(batch, -1),
-        torch.ones(batch, seq * top_k, device=scores.device, dtype=scores.dtype),
-    )
+    with torch.no_grad():
+        top = scores.topk(top_k, dim=-1, sorted=False).indices.view(batch, -1)
+        counts = torch.zeros(batch, num_experts, device=scores.device, dtype=scores.dtype)
+        counts.scatter_add_(1, top, torch.ones_like(top, dtype=scores.dtype))
     prob_sums = (scores / scores.sum(dim=-1, keepdim=True)).sum(dim=1)
     tokens = torch.tensor(float(seq), device=scores.device)
     if reduce_stats is not None:
@@ -332,7 +332,7 @@ class MoEBlock(nn.Module):
         self.last_aux_loss = None
         if self.aux_loss_coeff > 0:
             aux = self.aux_loss_coeff * sequence_aux_loss(
-                scores, indices, batch, self.router.top_k, self.reduce_aux_stats
+                scores, batch, self.router.top_k, self.reduce_aux_stats
             )
             self.last_aux_loss = aux.detach() * aux_loss_scale
             if torch.is_grad_enabled():
